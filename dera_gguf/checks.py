@@ -1,0 +1,153 @@
+"""Input checks that run in Python before anything reaches llama.cpp.
+
+Every failure is a :class:`DeRaError` whose message says what is wrong, where, and
+what to do, so bad input never crashes the process inside C.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from .errors import DeRaError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Any, role: str) -> str:
+    """Return ``path`` as a string after checking it names a readable GGUF file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeRaError(f"the {role} must be a path to a .gguf file, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DeRaError(f"{role} not found: {path}: check the path, or download / convert the model first")
+    if os.path.isdir(path):
+        raise DeRaError(f"{role} {path} is a folder: give the path of a .gguf file inside it")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DeRaError(f"{role} {path} cannot be read ({e.strerror}): check its permissions") from None
+    if magic != GGUF_MAGIC:
+        raise DeRaError(
+            f"{role} {path} is not a GGUF file (it does not start with the GGUF magic bytes): "
+            "convert it to GGUF first (dera-convert, or llama.cpp's convert_hf_to_gguf.py)"
+        )
+    return path
+
+
+def gguf_general_type(path: str) -> str:
+    """``general.type`` from a GGUF header ("model", "adapter", ...); "model" when absent."""
+    import gguf  # gguf-py parses the header without touching llama.cpp
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or corrupt header
+        raise DeRaError(f"{path} is not a readable GGUF file ({e}): re-download or re-convert it") from None
+    field = reader.get_field("general.type")
+    return field.contents() if field is not None else "model"
+
+
+def load_vocab_only(path: str, role: str, verbose: bool) -> internals.LlamaModel:
+    """Load only the vocabulary of a GGUF model (fast: no weights are read)."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        return internals.LlamaModel(path_model=path, params=params, verbose=verbose)
+    except ValueError:
+        raise DeRaError(
+            f"llama.cpp could not load the {role} {path}: the file may be truncated, corrupt or of an "
+            "architecture this llama.cpp build does not know; re-download or re-convert it"
+        ) from None
+
+
+def vocab_signature(model: internals.LlamaModel) -> tuple:
+    """Everything about a vocabulary that must agree for logits to be blended token by token."""
+    vocab = model.vocab
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    texts = [llama_cpp.llama_vocab_get_text(vocab, i) for i in range(n)]
+    attrs = [int(llama_cpp.llama_vocab_get_attr(vocab, i)) for i in range(n)]
+    return n, texts, attrs, model.token_bos(), model.token_eos()
+
+
+def check_same_vocab(ref_path: str, ref_sig: tuple, path: str, sig: tuple) -> None:
+    """Refuse a pair whose vocabularies differ in size, any token's text or type, or BOS/EOS."""
+    (n_a, texts_a, attrs_a, bos_a, eos_a), (n_b, texts_b, attrs_b, bos_b, eos_b) = ref_sig, sig
+    where = f"{path} and the reference {ref_path}"
+    if n_a != n_b:
+        raise DeRaError(f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: "
+                        "DeRa needs models that share one tokenizer")
+    for i, (ta, tb, aa, ab) in enumerate(zip(texts_a, texts_b, attrs_a, attrs_b)):
+        if ta != tb or aa != ab:
+            raise DeRaError(f"token {i} differs between {where} ({tb!r} vs {ta!r}): "
+                            "DeRa needs models that share one tokenizer")
+    if (bos_a, eos_a) != (bos_b, eos_b):
+        raise DeRaError(f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): "
+                        "DeRa needs models that share one tokenizer")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DeRaError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DeRaError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _in_range(name: str, value: Any, lo: float, hi: float) -> None:
+    if not lo <= _number(name, value) <= hi:
+        raise DeRaError(f"{name} must lie in [{lo}, {hi}], got {value!r}")
+
+
+def check_sampling(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) -> None:
+    """Check the sampling arguments of a completion call (only those given)."""
+    get = kwargs.get
+    if get("temperature") is not None:
+        _number("temperature", get("temperature"))
+    for name in ("top_p", "min_p"):
+        if get(name) is not None:
+            _in_range(name, get(name), 0.0, 1.0)
+    if get("typical_p") is not None and not 0.0 < _number("typical_p", get("typical_p")) <= 1.0:
+        raise DeRaError(f"typical_p must lie in (0, 1], got {get('typical_p')!r}")
+    if get("top_k") is not None and _integer("top_k", get("top_k")) < 0:
+        raise DeRaError(f"top_k must be >= 0 (0 turns top-k off), got {get('top_k')!r}")
+    if get("repeat_penalty") is not None and _number("repeat_penalty", get("repeat_penalty")) <= 0:
+        raise DeRaError(f"repeat_penalty must be > 0 (1.0 turns it off), got {get('repeat_penalty')!r}")
+    for name in ("frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"):
+        if get(name) is not None:
+            _number(name, get(name))
+    if get("mirostat_mode") is not None and get("mirostat_mode") not in (0, 1, 2):
+        raise DeRaError(f"mirostat_mode must be 0, 1 or 2, got {get('mirostat_mode')!r}")
+    if get("max_tokens") is not None:
+        _integer("max_tokens", get("max_tokens"))
+    seed = get("seed")
+    if seed is not None and not 0 <= _integer("seed", seed) < 2**32:
+        raise DeRaError(f"seed must lie in [0, 2**32), got {seed!r}")
+    _check_logprobs(kwargs, n_vocab, logits_all)
+    stop = get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+        isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)
+    ):
+        raise DeRaError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+def _check_logprobs(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) -> None:
+    logprobs = kwargs.get("logprobs")
+    if logprobs is None or logprobs is False:
+        return  # top_logprobs alone is ignored, as in llama-cpp-python
+    for name in ("logprobs", "top_logprobs"):
+        value = kwargs.get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        if not 0 <= _integer(name, value) <= n_vocab:
+            raise DeRaError(f"{name} must lie in [0, {n_vocab}], got {value!r}")
+    if not logits_all:
+        raise DeRaError("logprobs need the logits of every position: create the DeRaLlama with logits_all=True")

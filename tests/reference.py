@@ -1,0 +1,74 @@
+"""The independent computation the engine is checked against.
+
+Plain ``llama_cpp.Llama`` instances, one per model, each evaluates the tokens on its
+own; their logits are blended here in float64 numpy. Nothing from ``dera_gguf`` is
+used, so a bug in the engine cannot hide in the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import List, Sequence
+
+import llama_cpp
+import numpy as np
+
+
+def plain(path, n_ctx: int = 256, **kwargs) -> llama_cpp.Llama:
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("logits_all", True)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, **kwargs)
+
+
+def step_logits(models: Sequence[llama_cpp.Llama], tokens: Sequence[int]) -> List[np.ndarray]:
+    """Evaluate ``tokens`` in every model; return each model's logits for them (float64)."""
+    out = []
+    for m in models:
+        start = m.n_tokens
+        m.eval(list(tokens))
+        out.append(np.array(m.scores[start : m.n_tokens], dtype=np.float64))
+    return out
+
+
+def blend(rows: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    return sum(w * r for w, r in zip(weights, rows))
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def greedy(models: Sequence[llama_cpp.Llama], weights: Sequence[float], prompt: Sequence[int], n: int,
+           stop: Sequence[int] = ()) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decoding of the blend; returns the tokens and the blended logits of each step."""
+    for m in models:
+        m.reset()
+    rows = [r[-1] for r in step_logits(models, prompt)]
+    tokens, logits = [], []
+    for _ in range(n):
+        z = blend(rows, weights)
+        token = int(np.argmax(z))
+        tokens.append(token)
+        logits.append(z)
+        if token in stop:
+            break
+        rows = [r[-1] for r in step_logits(models, [token])]
+    return tokens, logits
+
+
+def sample_with_chain(chain_owner: llama_cpp.Llama, logits: np.ndarray, **sampling) -> tuple:
+    """One token from llama.cpp's own sampler chain (built by plain llama-cpp-python) on ``logits``.
+
+    Returns ``(token, chain)``; pass ``chain=`` back in ``sampling`` to keep its state.
+    """
+    chain = sampling.pop("chain", None) or chain_owner._init_sampler(**sampling)
+    n = len(logits)
+    data = (llama_cpp.llama_token_data * n)()
+    for i in range(n):
+        data[i].id, data[i].logit, data[i].p = i, float(np.float32(logits[i])), 0.0
+    arr = llama_cpp.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(arr))
+    token = int(arr.data[arr.selected].id)
+    llama_cpp.llama_sampler_accept(chain.sampler, token)
+    return token, chain

@@ -1,0 +1,200 @@
+"""DeRaLlama against plain llama_cpp.Llama instances blended in numpy (tests/reference.py)."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import reference as R
+from dera_gguf import DeRaLlama
+from llama_cpp import LlamaGrammar, llama_chat_format
+
+PROMPT = "hello world, tell me about the cat"
+LAMS = [-0.5, 0.0, 0.3, 1.0, 1.5, 3.0]
+
+
+def dera(ref_path, aligned, lam=1.0, **kw) -> DeRaLlama:
+    kw.setdefault("n_ctx", 256)
+    kw.setdefault("verbose", False)
+    return DeRaLlama(str(ref_path), aligned, lam=lam, **kw)
+
+
+@pytest.fixture(scope="module")
+def pair(ref_path, aligned_path):
+    return R.plain(ref_path), R.plain(aligned_path)
+
+
+@pytest.fixture(scope="module")
+def engine(ref_path, aligned_path):
+    return dera(ref_path, str(aligned_path), logits_all=True)
+
+
+def prompt_tokens(llm) -> list[int]:
+    return llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_greedy_tokens_are_the_argmax_of_the_blend(engine, pair, lam):
+    prompt = prompt_tokens(engine)
+    expected, _ = R.greedy(pair, [1 - lam, lam], prompt, 12)
+    got = []
+    engine.lam = lam
+    for token in engine.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected
+
+
+@pytest.mark.parametrize("lam", [-0.5, 0.7, 2.0])
+def test_logprobs_are_the_log_softmax_of_the_blend(engine, pair, lam):
+    out = engine.create_completion(PROMPT, max_tokens=8, temperature=0.0, logprobs=3, lam=lam)
+    lp = out["choices"][0]["logprobs"]
+    tokens, logits = R.greedy(pair, [1 - lam, lam], prompt_tokens(engine), len(lp["token_logprobs"]))
+    expected = [R.log_softmax(z) for z in logits]
+    for i, (token, row) in enumerate(zip(tokens, expected)):
+        assert lp["token_logprobs"][i] == pytest.approx(row[token], abs=2e-4)
+        # top_logprobs is keyed by token text, and byte tokens share the text "": compare values
+        best = np.sort(row)[::-1][:4]
+        for value in lp["top_logprobs"][i].values():
+            assert np.min(np.abs(best - value)) < 2e-4
+
+
+@pytest.mark.parametrize("lam,which", [(0.0, 0), (1.0, 1)])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)])
+def test_lam_0_and_1_equal_plain_llama(ref_path, aligned_path, lam, which, sampling):
+    plain = llama_cpp.Llama(model_path=str([ref_path, aligned_path][which]), n_ctx=256, verbose=False)
+    llm = dera(ref_path, str(aligned_path), lam=lam)
+    expected = plain.create_completion(PROMPT, max_tokens=24, **sampling)["choices"][0]["text"]
+    assert llm.create_completion(PROMPT, max_tokens=24, **sampling)["choices"][0]["text"] == expected
+    messages = [{"role": "user", "content": "tell me about the dog"}]
+    expected = plain.create_chat_completion(messages, max_tokens=16, **sampling)["choices"][0]["message"]
+    assert llm.create_chat_completion(messages, max_tokens=16, **sampling)["choices"][0]["message"] == expected
+
+
+def test_only_one_model_decodes_at_lam_0_and_1(ref_path, aligned_path):
+    llm = dera(ref_path, str(aligned_path), lam=1.0)
+    ref_ctx, aligned_ctx = (m.ctx.ctx for m in llm._lockstep.members)
+    decoded = lambda ctx: (lambda d: d.n_p_eval + d.n_eval)(llama_cpp.llama_perf_context(ctx))
+    at_start = decoded(ref_ctx)
+    llm.create_completion(PROMPT, max_tokens=10, temperature=0.0)
+    assert decoded(ref_ctx) == at_start and decoded(aligned_ctx) > 0
+    before = decoded(aligned_ctx)
+    llm.create_completion(PROMPT, max_tokens=10, temperature=0.0, lam=0.0)
+    assert decoded(aligned_ctx) == before and decoded(ref_ctx) > at_start
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0])
+def test_seeded_sampling_is_llama_cpp_chain_on_the_blend(ref_path, aligned_path, pair, lam):
+    settings = dict(temp=0.9, top_k=50, top_p=0.95, min_p=0.05, typical_p=1.0, repeat_penalty=1.0)
+    llm = dera(ref_path, str(aligned_path), lam=lam)
+    prompt = prompt_tokens(llm)
+    llm.set_seed(1234)
+    got = []
+    for token in llm.generate(prompt, **settings):
+        got.append(token)
+        if len(got) == 12:
+            break
+    owner = pair[1]
+    owner.set_seed(1234)
+    for m in pair:
+        m.reset()
+    rows = [r[-1] for r in R.step_logits(pair, prompt)]
+    chain, expected = None, []
+    for _ in range(12):
+        token, chain = R.sample_with_chain(owner, R.blend(rows, [1 - lam, lam]), chain=chain, **settings)
+        expected.append(token)
+        rows = [r[-1] for r in R.step_logits(pair, [token])]
+    assert got == expected
+
+
+def test_seeded_sampling_is_reproducible(ref_path, aligned_path):
+    llm = dera(ref_path, str(aligned_path), lam=1.5)
+    run = lambda seed: llm.create_completion(PROMPT, max_tokens=20, temperature=1.0, seed=seed)["choices"][0]["text"]
+    first = run(11)
+    assert run(11) == first
+    assert any(run(s) != first for s in (12, 13, 14))
+
+
+@pytest.mark.parametrize("lam", [0.6, 1.8])
+def test_streaming_equals_non_streaming(ref_path, aligned_path, lam):
+    # An ASCII grammar: llama-cpp-python itself assembles split multi-byte characters
+    # differently when streaming, and random tiny models emit many byte tokens.
+    ascii_only = LlamaGrammar.from_string('root ::= [a-z ,.]+', verbose=False)
+    llm = dera(ref_path, str(aligned_path))
+    kw = dict(max_tokens=20, temperature=0.8, seed=3, lam=lam, grammar=ascii_only)
+    whole = llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
+    streamed = "".join(c["choices"][0]["text"] for c in llm.create_completion(PROMPT, stream=True, **kw))
+    assert streamed == whole and len(whole) > 5
+    messages = [{"role": "user", "content": "write a short answer"}]
+    whole = llm.create_chat_completion(messages, **kw)["choices"][0]["message"]["content"]
+    chunks = llm.create_chat_completion(messages, stream=True, **kw)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+
+
+@pytest.mark.parametrize("lam", [-1.0, 0.5, 2.5])
+def test_grammar_constrains_the_blend(ref_path, aligned_path, lam):
+    llm = dera(ref_path, str(aligned_path))
+    yes_no = LlamaGrammar.from_string('root ::= "yes" | "no"', verbose=False)
+    for seed in range(4):
+        out = llm.create_completion(PROMPT, max_tokens=8, temperature=1.0, seed=seed, lam=lam, grammar=yes_no)
+        assert out["choices"][0]["text"] in ("yes", "no")
+
+
+def test_stream_keeps_its_lam_while_other_defaults_change(ref_path, aligned_path):
+    llm = dera(ref_path, str(aligned_path), lam=0.0)
+    kw = dict(max_tokens=16, temperature=0.0)
+    expected = llm.create_completion(PROMPT, lam=2.0, **kw)["choices"][0]["text"]
+    chunks = llm.create_completion(PROMPT, stream=True, lam=2.0, **kw)
+    llm.lam = -1.0  # changing the default mid-stream must not leak into the stream
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+
+
+def test_several_aligned_models(ref_path, aligned_path, aligned2_path):
+    lams = [0.7, 0.6]
+    llm = dera(ref_path, [str(aligned_path), str(aligned2_path)], lam=lams)
+    models = [R.plain(ref_path), R.plain(aligned_path), R.plain(aligned2_path)]
+    prompt = prompt_tokens(llm)
+    expected, _ = R.greedy(models, [1 - sum(lams), *lams], prompt, 10)
+    got = []
+    for token in llm.generate(prompt, temp=0.0):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected
+    # Weight zero on the reference: it must not decode at all.
+    llm.create_completion(PROMPT, max_tokens=4, temperature=0.0, lam=[0.5, 0.5])
+
+
+def test_prefix_reuse_across_turns_and_lam_changes(ref_path, aligned_path, pair):
+    """A growing chat decodes only new tokens, and stays exact when lam changes between turns."""
+    llm = dera(ref_path, str(aligned_path))
+    ctxs = [m.ctx.ctx for m in llm._lockstep.members]
+    decoded = lambda: [(lambda d: d.n_p_eval + d.n_eval)(llama_cpp.llama_perf_context(c)) for c in ctxs]
+    history = [{"role": "user", "content": "hello, write about the sun"}]
+    held: list[int] = []  # tokens every context holds after the previous turn
+    for turn, lam in enumerate([1.5, 1.5, 0.5, 1.0, 2.0]):
+        before = decoded()
+        out = llm.create_chat_completion(history, max_tokens=6, temperature=0.0, lam=lam)
+        answer = out["choices"][0]["message"]["content"]
+        n_new = out["usage"]["completion_tokens"]
+        # Independent: greedy on the blend over the whole rendered prompt.
+        rendered = _render(llm, history)
+        tokens, _ = R.greedy(pair, [1 - lam, lam], rendered, n_new)
+        assert llm.detokenize(tokens).decode(errors="ignore").startswith(answer)
+        if turn == 1:  # same lam, grown history: only the tokens after the shared prefix are decoded
+            shared = next((i for i, (a, b) in enumerate(zip(held, rendered)) if a != b), min(len(held), len(rendered)))
+            assert shared > len(rendered) // 2
+            for after, was in zip(decoded(), before):
+                assert after - was <= len(rendered) - shared + n_new
+        held = rendered + tokens[:-1]
+        history += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"more {turn}"}]
+
+
+def _render(llm, messages) -> list[int]:
+    """The prompt tokens as llama-cpp-python's own Jinja2 chat formatter makes them."""
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+    result = formatter(messages=messages)
+    return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)

@@ -1,0 +1,127 @@
+"""Bad input: one exception type (a ValueError subclass), a message that names the problem, no crash."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import tiny_vocab
+from dera_gguf import DeRaError, DeRaLlama
+from tiny_models import write_tiny_llama
+
+
+def make(ref, aligned, lam=1.0, **kw):
+    return DeRaLlama(str(ref), aligned, lam=lam, n_ctx=128, verbose=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def llm(ref_path, aligned_path):
+    return make(ref_path, str(aligned_path))
+
+
+def test_error_type_is_a_value_error():
+    assert issubclass(DeRaError, ValueError)
+
+
+def test_missing_file_is_named(ref_path, tmp_path):
+    missing = tmp_path / "nope" / "aligned.gguf"
+    with pytest.raises(DeRaError, match=str(missing)):
+        make(ref_path, str(missing))
+    with pytest.raises(DeRaError, match=str(missing)):
+        make(missing, str(ref_path))
+
+
+def test_non_gguf_file_is_named(ref_path, tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    with pytest.raises(DeRaError, match=f"{bogus}.*not a GGUF"):
+        make(ref_path, str(bogus))
+    with pytest.raises(DeRaError, match="folder"):
+        make(ref_path, str(tmp_path))
+
+
+def test_truncated_gguf_is_refused(ref_path, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(ref_path.read_bytes()[:200])
+    with pytest.raises(DeRaError, match=str(cut)):
+        make(ref_path, str(cut))
+
+
+@pytest.mark.parametrize("change", ["size", "text", "type", "bos", "eos"])
+def test_incompatible_vocabularies(ref_path, tmp_path, change):
+    vocab = tiny_vocab()
+    if change == "size":
+        vocab.add("\u2581extra", 0.0, 1)
+    elif change == "text":
+        vocab.tokens[300] = vocab.tokens[300] + "x"
+    elif change == "type":
+        vocab.types[300] = 4  # USER_DEFINED instead of NORMAL
+    elif change == "bos":
+        vocab.bos = 3
+    else:
+        vocab.eos = 4
+    other = write_tiny_llama(tmp_path / f"{change}.gguf", seed=5, vocab=vocab)
+    with pytest.raises(DeRaError, match="tokenizer"):
+        make(ref_path, str(other))
+
+
+@pytest.mark.parametrize("lam", [math.nan, math.inf, -math.inf, "1.0", None, True])
+def test_bad_lam(ref_path, aligned_path, llm, lam):
+    with pytest.raises(DeRaError, match="lam"):
+        make(ref_path, str(aligned_path), lam=lam)
+    with pytest.raises(DeRaError, match="lam"):
+        llm.create_completion("hello", max_tokens=2, lam=lam if lam is not None else math.nan)
+    with pytest.raises(DeRaError, match="lam"):
+        llm.lam = lam
+
+
+def test_lam_list_must_match_aligned_models(ref_path, aligned_path, aligned2_path, llm):
+    with pytest.raises(DeRaError, match="2 aligned"):
+        make(ref_path, [str(aligned_path), str(aligned2_path)], lam=[0.5])
+    with pytest.raises(DeRaError, match="1 aligned"):
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], lam=[0.5, 0.5])
+
+
+def test_prompt_longer_than_n_ctx(llm):
+    with pytest.raises(DeRaError, match="n_ctx"):
+        llm.create_completion("the cat " * 200, max_tokens=2)
+    with pytest.raises(DeRaError, match="n_ctx"):
+        llm.create_chat_completion([{"role": "user", "content": "the dog " * 200}], max_tokens=2)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=math.nan), dict(top_p=1.5), dict(min_p=-0.1), dict(top_k=-3), dict(top_k=2.5),
+    dict(repeat_penalty=0.0), dict(typical_p=0.0), dict(seed=-1), dict(seed=2**40), dict(mirostat_mode=3),
+    dict(max_tokens="ten"), dict(stop=[1, 2]), dict(frequency_penalty=math.inf),
+])
+def test_invalid_sampling_values(llm, bad):
+    name = next(iter(bad))
+    with pytest.raises(DeRaError, match=name):
+        llm.create_completion("hello", **bad)
+    with pytest.raises(DeRaError, match=name):
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], **bad)
+
+
+def test_logprobs_need_logits_all(llm):
+    with pytest.raises(DeRaError, match="logits_all"):
+        llm.create_completion("hello", max_tokens=2, logprobs=2)
+
+
+@pytest.mark.parametrize("prompt", [[-1], [10**6], 3.5, [1, "a"]])
+def test_bad_prompt_tokens(llm, prompt):
+    with pytest.raises(DeRaError, match="prompt"):
+        llm.create_completion(prompt, max_tokens=2)
+
+
+@pytest.mark.parametrize("kw", [dict(model_path="x"), dict(draft_model=object()), dict(embedding=True)])
+def test_refused_llama_kwargs(ref_path, aligned_path, kw):
+    with pytest.raises(DeRaError, match=next(iter(kw))):
+        make(ref_path, str(aligned_path), **kw)
+
+
+def test_engine_still_works_after_errors(llm):
+    for bad in (dict(top_p=2.0), dict(lam=math.nan)):
+        with pytest.raises(DeRaError):
+            llm.create_completion("hello", **bad)
+    assert llm.create_completion("hello", max_tokens=3, temperature=0.0)["choices"][0]["text"] is not None
