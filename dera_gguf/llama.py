@@ -89,6 +89,25 @@ class DeRaLlama(Llama):
         self._lockstep = Lockstep(members, self.n_batch)
         self._lockstep.target = members[1]
 
+    @classmethod
+    def from_pair(cls, name: Optional[str] = None, lam: Optional[Lam] = None, models: Optional[PathLike] = None,
+                  **llama_kwargs: Any) -> "DeRaLlama":
+        """A DeRaLlama for a pair named in models.toml (``None``: its default pair).
+
+        ``models`` (or ``$DERA_MODELS``) points at another models.toml. Hub files are
+        fetched through huggingface_hub; missing local files raise a DeRaError that says
+        how to make them.
+        """
+        from .registry import load_registry
+
+        registry = load_registry(models)
+        pair = registry.get(name) if name is not None else registry.default_pair()
+        ref, aligned = pair.resolve()
+        if lam is None:
+            lam = pair.lam if pair.lam is not None else [1.0] * len(aligned)
+        lams = list(lam) if isinstance(lam, (list, tuple)) else [lam]
+        return cls(ref, aligned, lam=lams if len(aligned) > 1 else lams[0], **llama_kwargs)
+
     # ----------------------------------------------------------------- set-up
 
     def _build_members(self, ref_path: str, aligned_paths: List[str], is_adapter: List[bool]) -> List[Member]:

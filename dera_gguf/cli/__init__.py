@@ -1,0 +1,1 @@
+"""Command-line fronts (click): dera-chat, dera-eval, dera-convert."""

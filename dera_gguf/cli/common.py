@@ -1,0 +1,96 @@
+"""What the dera-* commands share: model selection flags, lam lists, error reporting.
+
+Every command is a front over the Python API: these helpers only turn flags into a
+``DeRaLlama`` (or its paths) and turn :class:`DeRaError` into a one-line message on
+stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, List, Optional, Sequence
+
+import click
+
+from ..errors import DeRaError
+from ..registry import Pair, load_registry
+
+
+def parse_lams(text: str) -> List[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; every value must be a finite number."""
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise DeRaError(f"lam {part.strip()!r} is not a number (give e.g. 0.5 or 0,0.5,1)") from None
+        if not math.isfinite(value):
+            raise DeRaError(f"lam must be finite, got {part.strip()}")
+        values.append(value)
+    return values
+
+
+def model_options(fn: Callable) -> Callable:
+    """Flags that choose the models and how llama.cpp runs them."""
+    options = [
+        click.option("--pair", "pair_name", default=None, help="A pair named in models.toml (default: its `default`)."),
+        click.option("--ref", "ref_path", type=click.Path(dir_okay=False), default=None,
+                     help="Reference (SFT) model GGUF, instead of --pair."),
+        click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False),
+                     help="Aligned model GGUF or LoRA adapter GGUF; repeat for several aligned models."),
+        click.option("--models", "models_file", type=click.Path(dir_okay=False), default=None,
+                     envvar="DERA_MODELS", help="models.toml to read pairs from [env: DERA_MODELS]."),
+        click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),
+        click.option("--n-gpu-layers", type=int, default=-1, show_default=True,
+                     help="Layers to offload to the GPU (-1: all, when the llama.cpp build has a GPU)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: llama.cpp's)."),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed."),
+        click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def choose_pair(pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str],
+                models_file: Optional[str]) -> tuple[str, List[str], Optional[Pair]]:
+    """Resolve the model flags to ``(reference path, aligned paths, pair or None)``."""
+    if ref_path or aligned_paths:
+        if pair_name:
+            raise DeRaError("give either --pair or --ref/--aligned, not both")
+        if not (ref_path and aligned_paths):
+            raise DeRaError("--ref and --aligned go together: give the reference and at least one aligned model")
+        return ref_path, list(aligned_paths), None
+    registry = load_registry(models_file)
+    pair = registry.get(pair_name) if pair_name else registry.default_pair()
+    ref, aligned = pair.resolve()
+    return ref, aligned, pair
+
+
+def open_engine(pair_name, ref_path, aligned_paths, models_file, lam, n_ctx, n_gpu_layers, threads, seed,
+                verbose, **llama_kwargs):
+    """A DeRaLlama for the model flags (lam: a float or one per aligned model)."""
+    from ..llama import DeRaLlama
+
+    ref, aligned, _ = choose_pair(pair_name, ref_path, aligned_paths, models_file)
+    kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose, **llama_kwargs)
+    if seed is not None:
+        kwargs["seed"] = seed
+    lams = lam if isinstance(lam, (list, tuple)) else [lam]
+    if len(lams) == 1 and len(aligned) > 1:
+        raise DeRaError(f"{len(aligned)} aligned models need {len(aligned)} comma-separated --lam values")
+    return DeRaLlama(ref, aligned, lam=lams if len(aligned) > 1 else lams[0], **kwargs)
+
+
+def reports_errors(fn: Callable) -> Callable:
+    """Turn DeRaError (and a missing file) into click's one-line error and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DeRaError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
