@@ -8,14 +8,20 @@ used, so a bug in the engine cannot hide in the reference.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import List, Sequence
 
 import llama_cpp
 import numpy as np
 
 
+# Set on a GPU machine to run every test model offloaded (CUDA / Metal builds).
+N_GPU_LAYERS = int(os.environ.get("DERA_TEST_N_GPU_LAYERS", "0"))
+
+
 def plain(path, n_ctx: int = 256, **kwargs) -> llama_cpp.Llama:
     kwargs.setdefault("verbose", False)
+    kwargs.setdefault("n_gpu_layers", N_GPU_LAYERS)
     kwargs.setdefault("logits_all", True)
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, **kwargs)
 

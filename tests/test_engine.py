@@ -17,6 +17,7 @@ LAMS = [-0.5, 0.0, 0.3, 1.0, 1.5, 3.0]
 def dera(ref_path, aligned, lam=1.0, **kw) -> DeRaLlama:
     kw.setdefault("n_ctx", 256)
     kw.setdefault("verbose", False)
+    kw.setdefault("n_gpu_layers", R.N_GPU_LAYERS)
     return DeRaLlama(str(ref_path), aligned, lam=lam, **kw)
 
 
@@ -64,7 +65,7 @@ def test_logprobs_are_the_log_softmax_of_the_blend(engine, pair, lam):
 @pytest.mark.parametrize("lam,which", [(0.0, 0), (1.0, 1)])
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)])
 def test_lam_0_and_1_equal_plain_llama(ref_path, aligned_path, lam, which, sampling):
-    plain = llama_cpp.Llama(model_path=str([ref_path, aligned_path][which]), n_ctx=256, verbose=False)
+    plain = R.plain([ref_path, aligned_path][which], logits_all=False)
     llm = dera(ref_path, str(aligned_path), lam=lam)
     expected = plain.create_completion(PROMPT, max_tokens=24, **sampling)["choices"][0]["text"]
     assert llm.create_completion(PROMPT, max_tokens=24, **sampling)["choices"][0]["text"] == expected

@@ -31,7 +31,7 @@ def greedy_tokens(llm, prompt, n):
 
 @pytest.mark.parametrize("lam", [-0.5, 0.5, 1.0, 2.0])
 def test_adapter_pair_equals_independent_blend(ref_path, adapter_path, lam):
-    llm = DeRaLlama(str(ref_path), str(adapter_path), lam=lam, n_ctx=256, verbose=False)
+    llm = DeRaLlama(str(ref_path), str(adapter_path), lam=lam, n_ctx=256, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
     models = [R.plain(ref_path), R.plain(ref_path, lora_path=str(adapter_path))]
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     expected, _ = R.greedy(models, [1 - lam, lam], prompt, 10)
@@ -49,7 +49,7 @@ def test_adapter_changes_the_model(ref_path, adapter_path):
 def test_mixed_full_model_and_adapter(ref_path, aligned_path, adapter_path, adapter2_path):
     lams = [0.4, 0.8, -0.3]
     llm = DeRaLlama(str(ref_path), [str(adapter_path), str(aligned_path), str(adapter2_path)], lam=lams,
-                    n_ctx=256, verbose=False)
+                    n_ctx=256, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
     models = [R.plain(ref_path), R.plain(ref_path, lora_path=str(adapter_path)), R.plain(aligned_path),
               R.plain(ref_path, lora_path=str(adapter2_path))]
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)

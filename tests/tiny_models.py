@@ -35,7 +35,8 @@ class TinyVocab:
     eos: int = 2
 
     @classmethod
-    def default(cls) -> "TinyVocab":
+    def default(cls, n_vocab: int = 0) -> "TinyVocab":
+        """The base vocabulary, padded with filler words up to ``n_vocab`` tokens if larger."""
         v = cls()
         T = gguf.TokenType
         for text, kind in [("<unk>", T.UNKNOWN), ("<s>", T.CONTROL), ("</s>", T.CONTROL),
@@ -47,6 +48,8 @@ class TinyVocab:
         pieces += ["\u2581" + w for w in WORDS] + list(string.digits) + list(".,!?:\n")
         for i, p in enumerate(dict.fromkeys(pieces)):
             v.add(p, -float(i) if len(p) < 3 else float(len(p)), T.NORMAL)
+        for i in range(len(v.tokens), n_vocab):
+            v.add(f"\u2581w{i}", -1000.0 - i, T.NORMAL)
         return v
 
     def add(self, text: str, score: float, kind: int) -> None:
