@@ -199,3 +199,28 @@ def _render(llm, messages) -> list[int]:
         template=llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
     result = formatter(messages=messages)
     return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+
+
+def test_small_batches_and_echoed_prompt_logprobs(ref_path, aligned_path, pair):
+    """Prompts longer than n_batch decode in chunks; every echoed prompt row is the blend too."""
+    lam = 1.7
+    llm = dera(ref_path, str(aligned_path), lam=lam, n_batch=4, n_ubatch=4, logits_all=True)
+    out = llm.create_completion(PROMPT, max_tokens=3, temperature=0.0, logprobs=1, echo=True)
+    prompt = prompt_tokens(llm)
+    for m in pair:
+        m.reset()
+    rows = R.blend(R.step_logits(pair, prompt), [1 - lam, lam])
+    expected = [R.log_softmax(rows[i - 1])[t] for i, t in enumerate(prompt) if i > 0]
+    got = out["choices"][0]["logprobs"]["token_logprobs"][: len(expected)]
+    assert got[0] is None  # the OpenAI convention for the first echoed token
+    assert got[1:] == pytest.approx(expected[1:], abs=2e-4)
+
+
+def test_pickle_round_trip(ref_path, aligned_path):
+    import pickle
+
+    llm = dera(ref_path, str(aligned_path), lam=0.4)
+    clone = pickle.loads(pickle.dumps(llm))
+    assert clone.lam == 0.4
+    kw = dict(max_tokens=8, temperature=0.0)
+    assert clone.create_completion(PROMPT, **kw)["choices"][0]["text"] == llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
