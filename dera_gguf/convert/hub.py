@@ -1,0 +1,106 @@
+"""Fetch only the files a conversion needs from the Hugging Face Hub.
+
+``snapshot_download`` with ``allow_patterns`` does the work: it uses and fills
+the HF cache (so a second run downloads nothing), resumes interrupted
+downloads, shows progress bars and honours ``HF_HUB_OFFLINE`` / ``HF_HOME`` /
+``HF_HUB_CACHE``. PyTorch ``.bin`` weights are never fetched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DeRaError
+
+# Everything the converter reads; weights as safetensors only.
+NEEDED_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file a download would need, and whether the cache already has it."""
+
+    filename: str
+    size: int
+    cached: bool
+
+
+def looks_like_repo_id(src: str) -> bool:
+    """``org/name`` that is not an existing local path."""
+    return bool(_REPO_ID.match(src)) and not Path(src).exists()
+
+
+def _hub_error(repo_id: str, error: Exception) -> DeRaError:
+    """Translate huggingface_hub failures into one actionable message."""
+    from huggingface_hub import constants, errors
+
+    if isinstance(error, errors.LocalEntryNotFoundError) or constants.HF_HUB_OFFLINE:
+        return DeRaError(
+            f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
+            "reached (HF_HUB_OFFLINE is set or there is no network); download it once while online"
+        )
+    if isinstance(error, (errors.RepositoryNotFoundError, errors.GatedRepoError)):
+        return DeRaError(f"{repo_id}: repository not found or access denied on the Hugging Face Hub; check the id and your token")
+    return DeRaError(f"downloading {repo_id} failed: {error}")
+
+
+def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the cache) the needed files of a hub repo; return the snapshot folder."""
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS)
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.HFValidationError, OSError) as e:
+        raise _hub_error(repo_id, e) from e
+    folder = Path(path)
+    if not any(folder.glob("*.safetensors")):
+        raise DeRaError(
+            f"{repo_id} has no .safetensors weights (PyTorch .bin checkpoints are not supported: they can "
+            "run code when loaded); use a revision that ships safetensors"
+        )
+    return folder
+
+
+def plan_download(repo_id: str, revision: str | None = None) -> list[PlannedFile]:
+    """The files a download would fetch, with sizes; works offline from the cache."""
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        infos = snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, dry_run=True)
+        return [PlannedFile(i.filename, i.file_size or 0, i.is_cached) for i in infos]
+    except errors.DryRunError:
+        pass  # offline: the cached snapshot is the whole plan
+    except (errors.HfHubHTTPError, errors.HFValidationError) as e:
+        raise _hub_error(repo_id, e) from e
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, local_files_only=True))
+    except (errors.LocalEntryNotFoundError, OSError) as e:
+        raise _hub_error(repo_id, e) from e
+    return [PlannedFile(p.name, p.stat().st_size, True) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def resolve_source(src: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local checkpoint folder, or a hub repo id downloaded into the HF cache."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DeRaError(f"{path} is a file; SRC must be a checkpoint folder or a hub repo id like org/name")
+        return path
+    if looks_like_repo_id(str(src)):
+        return download_checkpoint(str(src), revision)
+    raise DeRaError(f"{src}: no such folder, and not a hub repo id (org/name)")

@@ -1,0 +1,93 @@
+"""One conversion, start to finish: checks first, then F16 GGUF, then quantization.
+
+Every check that can fail (architecture, weights format, headers, tokenizer,
+output folder, free disk) runs before the first byte is written, so bad input
+costs seconds and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DeRaError
+from .hparams import HParams, read_hparams
+from .hub import resolve_source
+from .quantize import estimated_size, normalize_quant, quantize_gguf
+from .safetensors_reader import has_only_pickle_weights, list_tensors
+from .tensors import PlannedTensor, plan_tensors
+from .vocab import TokenizerData, load_tokenizer
+from .writer import atomic_output, check_free_disk, check_writable_folder, temp_path_for, write_f16_gguf
+
+_MARGIN = 64 * 1024**2  # header, tokenizer and filesystem slack
+
+
+@dataclass
+class Conversion:
+    """A checked checkpoint, ready to write: hyperparameters, tensor plan, tokenizer."""
+
+    folder: Path
+    name: str
+    hp: HParams
+    plan: list[PlannedTensor]
+    tok: TokenizerData
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.source.n_elements for p in self.plan)
+
+    def disk_needed(self, quant: str) -> int:
+        """Bytes the output folder must have free: the F16 file, plus the quantized one."""
+        f16 = sum(p.nbytes for p in self.plan) + _MARGIN
+        return f16 if quant == "F16" else f16 + estimated_size(self.n_params, quant) + _MARGIN
+
+
+def prepare(folder: Path, name: str | None = None) -> Conversion:
+    """Read and check a local checkpoint folder without writing anything."""
+    folder = Path(folder)
+    hp = read_hparams(folder)
+    if has_only_pickle_weights(folder):
+        raise DeRaError(
+            f"{folder} holds only PyTorch .bin weights; dera-convert reads safetensors only "
+            "(re-save the model with save_pretrained(safe_serialization=True))"
+        )
+    plan = plan_tensors(list_tensors(folder), hp)
+    tok = load_tokenizer(folder, hp)
+    return Conversion(folder, name or folder.name, hp, plan, tok)
+
+
+def write(conv: Conversion, out: Path, quant: str) -> Path:
+    """Write the GGUF at ``out`` atomically; the F16 intermediate is a hidden temp file."""
+    check_free_disk(out.parent, conv.disk_needed(quant))
+    with atomic_output(out) as tmp:
+        if quant == "F16":
+            write_f16_gguf(tmp, conv.hp, conv.tok, conv.plan, conv.name)
+        else:
+            f16 = temp_path_for(out.with_name(out.name + ".f16"))
+            try:
+                write_f16_gguf(f16, conv.hp, conv.tok, conv.plan, conv.name)
+                quantize_gguf(f16, tmp, quant)
+            finally:
+                f16.unlink(missing_ok=True)
+    return out
+
+
+def check_output_path(out: str | os.PathLike[str]) -> Path:
+    """The output must be a .gguf path in an existing, writable folder."""
+    out = Path(out).expanduser()
+    if out.suffix != ".gguf":
+        raise DeRaError(f"output {out} must end in .gguf")
+    if out.is_dir():
+        raise DeRaError(f"output {out} is a folder; give a file name ending in .gguf")
+    check_writable_folder(out.parent.resolve())
+    return out
+
+
+def convert_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], quant: str = "Q4_K_M") -> Path:
+    """Convert a local checkpoint folder or hub repo id to a (quantized) GGUF at ``out``."""
+    quant = normalize_quant(quant)
+    out_path = check_output_path(out)  # before any download
+    folder = resolve_source(src)
+    name = str(src) if not Path(src).exists() else folder.name
+    return write(prepare(folder, name), out_path, quant)
