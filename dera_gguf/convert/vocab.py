@@ -12,6 +12,7 @@ tokenizer_config.json has none.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,17 @@ def _chat_template(folder: Path, special: gguf.SpecialVocab) -> str | None:
     return template
 
 
+def _special_vocab(folder: Path, n_tokens: int) -> gguf.SpecialVocab:
+    """gguf-py's reading of special ids, add flags and template, minus its post-processor chatter."""
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)  # it warns about HF template heuristics users cannot act on
+    try:
+        return gguf.SpecialVocab(folder, load_merges=False, n_vocab=n_tokens)
+    finally:
+        log.setLevel(level)
+
+
 def load_tokenizer(folder: Path, hp: HParams) -> TokenizerData:
     """Collect the tokenizer of a checkpoint folder, or explain what is missing."""
     folder = Path(folder)
@@ -162,7 +174,7 @@ def load_tokenizer(folder: Path, hp: HParams) -> TokenizerData:
             "download the tokenizer files with the weights"
         )
     _pad(tokens, scores, types, hp.n_vocab, folder)
-    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+    special = _special_vocab(folder, len(tokens))
     ids = {k: v for k, v in special.special_token_ids.items() if k in ("bos", "eos", "unk", "pad")}
     for typ, tid in (("bos", hp.bos_token_id), ("eos", hp.eos_token_id)):
         if tid is not None and tid < len(tokens):

@@ -1,0 +1,113 @@
+"""The converted GGUF behaves like the checkpoint, with transformers as the reference."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import load_llama, run_cli
+from tiny_checkpoint import CHAT, ZEPHYR_TEMPLATE, hf_logits, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(mistral_ckpt):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(mistral_ckpt)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(hf_tokenizer):
+    """The HF tokenizer's ids for a Zephyr chat prompt (BOS added by the tokenizer)."""
+    text = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    return text, hf_tokenizer(text).input_ids
+
+
+@pytest.fixture(scope="module")
+def reference_logits(mistral_ckpt, prompt_ids):
+    return hf_logits(mistral_ckpt, prompt_ids[1])
+
+
+def llama_logits(path, ids):
+    llm = load_llama(path)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def test_tokenization_matches_transformers(converted, prompt_ids):
+    text, hf_ids = prompt_ids
+    llm = load_llama(converted("F16"), vocab_only=True)
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf_ids
+    assert hf_ids[0] == llm.token_bos() == 1
+
+
+def test_special_tokens_and_flags(converted, hf_tokenizer):
+    llm = load_llama(converted("F16"), vocab_only=True)
+    assert llm.token_bos() == hf_tokenizer.bos_token_id
+    assert llm.token_eos() == hf_tokenizer.eos_token_id
+    assert llm.metadata["tokenizer.ggml.add_bos_token"] == "true"
+    assert llm.metadata["tokenizer.ggml.add_eos_token"] == "false"
+    assert llm.n_vocab() == len(hf_tokenizer)
+
+
+def test_chat_template_survives(converted, hf_tokenizer):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = load_llama(converted("F16"), vocab_only=True)
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == ZEPHYR_TEMPLATE
+    rendered = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(messages=CHAT).prompt
+    assert rendered == hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+
+
+def test_f16_logits_match_transformers(converted, prompt_ids, reference_logits):
+    ours = llama_logits(converted("F16"), prompt_ids[1])
+    assert ours.shape == reference_logits.shape
+    np.testing.assert_array_equal(ours.argmax(-1), reference_logits.argmax(-1))
+    scale = np.abs(reference_logits).max()
+    assert np.abs(ours - reference_logits).max() < 0.01 * scale + 1e-3
+
+
+def test_q8_0_logits_close(converted, prompt_ids, reference_logits):
+    ours = llama_logits(converted("Q8_0"), prompt_ids[1])
+    scale = np.abs(reference_logits).max()
+    assert np.abs(ours - reference_logits).max() < 0.05 * scale
+    assert (ours.argmax(-1) == reference_logits.argmax(-1)).mean() > 0.9
+
+
+def test_q4_k_m_runs_and_is_smaller(converted, prompt_ids, reference_logits):
+    """Default quant: llama.cpp accepts it (with its fallbacks for tiny shapes) and it is smaller."""
+    q4 = converted("Q4_K_M")
+    assert q4.stat().st_size < converted("F16").stat().st_size
+    ours = llama_logits(q4, prompt_ids[1])
+    assert np.isfinite(ours).all()
+    assert np.corrcoef(ours.ravel(), reference_logits.ravel())[0, 1] > 0.9
+
+
+def test_llama_arch_with_tied_embeddings(tmp_path, spm_model, hf_tokenizer, prompt_ids):
+    """LlamaForCausalLM, no GQA, tied embeddings, template in tokenizer_config.json."""
+    ckpt = make_checkpoint(tmp_path / "tiny-llama", spm_model, arch="llama", seed=1, tie=True, template_in="config")
+    out = tmp_path / "tiny-llama.gguf"
+    assert run_cli(str(ckpt), str(out), "--quant", "F16").exit_code == 0
+    ids = prompt_ids[1]
+    ref = hf_logits(ckpt, ids)
+    ours = llama_logits(out, ids)
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    assert np.abs(ours - ref).max() < 0.01 * np.abs(ref).max() + 1e-3
+    assert load_llama(out, vocab_only=True).metadata["tokenizer.chat_template"] == ZEPHYR_TEMPLATE
+
+
+def test_tokenizer_json_only(tmp_path, mistral_ckpt, prompt_ids):
+    """Without tokenizer.model the vocabulary comes from tokenizer.json and still tokenizes the same."""
+    ckpt = tmp_path / "no-spm"
+    shutil.copytree(mistral_ckpt, ckpt)
+    (ckpt / "tokenizer.model").unlink()
+    out = tmp_path / "no-spm.gguf"
+    result = run_cli(str(ckpt), str(out), "--quant", "F16")
+    assert result.exit_code == 0, result.output
+    llm = load_llama(out, vocab_only=True)
+    text, hf_ids = prompt_ids
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf_ids
+    assert llm.metadata["tokenizer.chat_template"] == ZEPHYR_TEMPLATE
