@@ -30,6 +30,19 @@ def reference_logits(mistral_ckpt, prompt_ids):
     return hf_logits(mistral_ckpt, prompt_ids[1])
 
 
+def assert_same_argmax(ours, ref) -> None:
+    """Same argmax at every position whose reference top-2 gap exceeds twice the worst logit error.
+
+    Random tiny models have occasional near-ties (gaps of 1e-4) that F16 rounding may flip on
+    another CPU; only those positions are excluded, and they must stay rare.
+    """
+    noise = 2 * np.abs(ours - ref).max()
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > noise
+    assert decisive.mean() > 0.9
+    np.testing.assert_array_equal(ours.argmax(-1)[decisive], ref.argmax(-1)[decisive])
+
+
 def llama_logits(path, ids):
     llm = load_llama(path)
     llm.eval(ids)
@@ -65,9 +78,9 @@ def test_chat_template_survives(converted, hf_tokenizer):
 def test_f16_logits_match_transformers(converted, prompt_ids, reference_logits):
     ours = llama_logits(converted("F16"), prompt_ids[1])
     assert ours.shape == reference_logits.shape
-    np.testing.assert_array_equal(ours.argmax(-1), reference_logits.argmax(-1))
     scale = np.abs(reference_logits).max()
     assert np.abs(ours - reference_logits).max() < 0.01 * scale + 1e-3
+    assert_same_argmax(ours, reference_logits)
 
 
 def test_q8_0_logits_close(converted, prompt_ids, reference_logits):
@@ -94,8 +107,8 @@ def test_llama_arch_with_tied_embeddings(tmp_path, spm_model, hf_tokenizer, prom
     ids = prompt_ids[1]
     ref = hf_logits(ckpt, ids)
     ours = llama_logits(out, ids)
-    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
     assert np.abs(ours - ref).max() < 0.01 * np.abs(ref).max() + 1e-3
+    assert_same_argmax(ours, ref)
     assert load_llama(out, vocab_only=True).metadata["tokenizer.chat_template"] == ZEPHYR_TEMPLATE
 
 
