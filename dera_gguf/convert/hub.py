@@ -91,7 +91,10 @@ def plan_download(repo_id: str, revision: str | None = None) -> list[PlannedFile
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, local_files_only=True))
     except (errors.LocalEntryNotFoundError, OSError) as e:
         raise _hub_error(repo_id, e) from e
-    return [PlannedFile(p.name, p.stat().st_size, True) for p in sorted(folder.iterdir()) if p.is_file()]
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = filter_repo_objects(sorted(p.name for p in folder.iterdir() if p.is_file()), allow_patterns=NEEDED_PATTERNS)
+    return [PlannedFile(name, (folder / name).stat().st_size, True) for name in names]
 
 
 def resolve_source(src: str | os.PathLike[str], revision: str | None = None) -> Path:

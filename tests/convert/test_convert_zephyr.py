@@ -69,6 +69,7 @@ def test_dry_run_lists_files_and_writes_nothing(tmp_path, hf_home):
     assert proc.returncode == 0, proc.stderr
     assert "model.safetensors.index.json" in proc.stdout and "cached" in proc.stdout
     assert "tokenizer.model" in proc.stdout
+    assert "pytorch_model.bin" not in proc.stdout  # only what the converter reads
     assert "download: 0.0 MB" in proc.stdout and "conversion: about" in proc.stdout
     assert list(tmp_path.iterdir()) == []
 
