@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -92,14 +91,26 @@ def write_checkpoint(folder: Path, layers: int) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+# Runs dera-convert as its own child and reports only that child's peak RSS (KiB on Linux),
+# so processes the caller started earlier (a test session's) do not count.
+_WRAPPER = """
+import resource, subprocess, sys
+subprocess.run([sys.executable, "-m", "dera_gguf.cli.convert", *sys.argv[1:]], check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
 def measure(folder: Path, out: Path, quant: str) -> tuple[int, float]:
-    """Run dera-convert in a child; return (peak RSS of the child in bytes, seconds)."""
+    """Convert in a fresh process tree; return (peak RSS of the converter in bytes, seconds)."""
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dera_gguf.cli.convert", str(folder), str(out), "--quant", quant], check=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, str(folder), str(out), "--quant", quant],
+        check=True, env=env, stdout=subprocess.PIPE, text=True,
+    )
     seconds = time.perf_counter() - start
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, seconds  # Linux: KiB
+    return int(proc.stdout.strip().splitlines()[-1]) * 1024, seconds
 
 
 @click.command()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import click
 
 from ..convert import DEFAULT_QUANT, QUANT_TYPES, convert_checkpoint
@@ -20,6 +23,8 @@ from ..errors import DeRaError
 )
 def main(src: str, out: str, quant: str) -> None:
     """Convert SRC (a local Llama/Mistral checkpoint folder or a hub repo id) to OUT.gguf."""
+    # a kill (SIGTERM) unwinds like Ctrl-C, so the temp files are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         path = convert_checkpoint(src, out, quant)
     except DeRaError as e:

@@ -78,21 +78,25 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
 
 def plan_download(repo_id: str, revision: str | None = None) -> list[PlannedFile]:
     """The files a download would fetch, with sizes; works offline from the cache."""
-    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub import HfApi, constants, errors, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.utils import filter_repo_objects
 
-    try:
-        infos = snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, dry_run=True)
-        return [PlannedFile(i.filename, i.file_size or 0, i.is_cached) for i in infos]
-    except errors.DryRunError:
-        pass  # offline: the cached snapshot is the whole plan
-    except (errors.HfHubHTTPError, errors.HFValidationError) as e:
-        raise _hub_error(repo_id, e) from e
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+            siblings = filter_repo_objects(info.siblings or [], allow_patterns=NEEDED_PATTERNS, key=lambda s: s.rfilename)
+            return [
+                PlannedFile(s.rfilename, s.size or 0, isinstance(try_to_load_from_cache(repo_id, s.rfilename, revision=info.sha), str))
+                for s in siblings
+            ]
+        except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.HFValidationError) as e:
+            raise _hub_error(repo_id, e) from e
+        except Exception:  # no network (the exception type depends on the HTTP stack): use the cache
+            pass
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, local_files_only=True))
     except (errors.LocalEntryNotFoundError, OSError) as e:
         raise _hub_error(repo_id, e) from e
-    from huggingface_hub.utils import filter_repo_objects
-
     names = filter_repo_objects(sorted(p.name for p in folder.iterdir() if p.is_file()), allow_patterns=NEEDED_PATTERNS)
     return [PlannedFile(name, (folder / name).stat().st_size, True) for name in names]
 

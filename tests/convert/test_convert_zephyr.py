@@ -109,6 +109,20 @@ def test_end_to_end_offline(tmp_path, hf_home):
     assert toml.read_text() == text
 
 
+def test_cli_accepts_hub_repo_id(tmp_path, hf_home):
+    """dera-convert SRC may be a repo id: resolved through the (offline) HF cache."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "z.gguf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dera_gguf.cli.convert", ALIGNED, str(out), "--quant", "q8_0"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    llm = load_llama(out, vocab_only=True)
+    assert llm.metadata["general.name"] == ALIGNED
+    assert llm.metadata["general.file_type"] == "7"  # LLAMA_FTYPE_MOSTLY_Q8_0
+
+
 def test_missing_from_cache_offline(tmp_path):
     empty = tmp_path / "hf"
     (empty / "hub").mkdir(parents=True)
