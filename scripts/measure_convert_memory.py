@@ -67,7 +67,8 @@ def _tokenizer_json() -> dict:
     """A byte-fallback BPE tokenizer: <unk>, <s>, </s> and the 256 byte tokens."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
     added = [{"id": i, "content": t, "special": True} for t, i in list(vocab.items())[:3]]
-    return {"added_tokens": added, "model": {"type": "BPE", "byte_fallback": True, "vocab": vocab, "merges": [], "unk_token": "<unk>"}}
+    model = {"type": "BPE", "byte_fallback": True, "vocab": vocab, "merges": [], "unk_token": "<unk>"}
+    return {"added_tokens": added, "model": model}
 
 
 def write_checkpoint(folder: Path, layers: int) -> int:

@@ -85,10 +85,8 @@ def plan_download(repo_id: str, revision: str | None = None) -> list[PlannedFile
         try:
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
             siblings = filter_repo_objects(info.siblings or [], allow_patterns=NEEDED_PATTERNS, key=lambda s: s.rfilename)
-            return [
-                PlannedFile(s.rfilename, s.size or 0, isinstance(try_to_load_from_cache(repo_id, s.rfilename, revision=info.sha), str))
-                for s in siblings
-            ]
+            cached = lambda name: isinstance(try_to_load_from_cache(repo_id, name, revision=info.sha), str)  # noqa: E731
+            return [PlannedFile(s.rfilename, s.size or 0, cached(s.rfilename)) for s in siblings]
         except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.HFValidationError) as e:
             raise _hub_error(repo_id, e) from e
         except Exception:  # no network (the exception type depends on the HTTP stack): use the cache

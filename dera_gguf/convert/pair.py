@@ -36,7 +36,7 @@ def _first_difference(a: list, b: list) -> str:
     """Describe where two token lists part ways."""
     if len(a) != len(b):
         return f"{len(a)} vs {len(b)} entries"
-    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
     return f"first difference at id {i}: {a[i]!r} vs {b[i]!r}"
 
 

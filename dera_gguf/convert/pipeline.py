@@ -15,10 +15,10 @@ from ..errors import DeRaError
 from .hparams import HParams, read_hparams
 from .hub import resolve_source
 from .quantize import estimated_size, normalize_quant, quantize_gguf
-from .safetensors_reader import has_only_pickle_weights, list_tensors
+from .safetensors_reader import TensorEntry, has_only_pickle_weights, list_tensors
 from .tensors import PlannedTensor, plan_tensors
 from .vocab import TokenizerData, load_tokenizer
-from .writer import atomic_output, check_free_disk, check_writable_folder, temp_path_for, write_f16_gguf
+from .writer import atomic_output, check_free_disk, check_writable_folder, temp_path_for, write_unquantized_gguf
 
 _MARGIN = 64 * 1024**2  # header, tokenizer and filesystem slack
 
@@ -30,17 +30,21 @@ class Conversion:
     folder: Path
     name: str
     hp: HParams
-    plan: list[PlannedTensor]
+    entries: dict[str, TensorEntry]
     tok: TokenizerData
+
+    def plan(self, quant: str) -> list[PlannedTensor]:
+        """F16 output converts; for quantization bf16 stays bf16 (exact input for llama.cpp)."""
+        return plan_tensors(self.entries, self.hp, keep_bf16=quant != "F16")
 
     @property
     def n_params(self) -> int:
-        return sum(p.source.n_elements for p in self.plan)
+        return sum(p.source.n_elements for p in self.plan("F16"))
 
     def disk_needed(self, quant: str) -> int:
-        """Bytes the output folder must have free: the F16 file, plus the quantized one."""
-        f16 = sum(p.nbytes for p in self.plan) + _MARGIN
-        return f16 if quant == "F16" else f16 + estimated_size(self.n_params, quant) + _MARGIN
+        """Bytes the output folder must have free: the unquantized file, plus the quantized one."""
+        unquantized = sum(p.nbytes for p in self.plan(quant)) + _MARGIN
+        return unquantized if quant == "F16" else unquantized + estimated_size(self.n_params, quant) + _MARGIN
 
 
 def prepare(folder: Path, name: str | None = None) -> Conversion:
@@ -52,24 +56,25 @@ def prepare(folder: Path, name: str | None = None) -> Conversion:
             f"{folder} holds only PyTorch .bin weights; dera-convert reads safetensors only "
             "(re-save the model with save_pretrained(safe_serialization=True))"
         )
-    plan = plan_tensors(list_tensors(folder), hp)
+    entries = list_tensors(folder)
+    plan_tensors(entries, hp)  # checks names, completeness and shapes before the tokenizer
     tok = load_tokenizer(folder, hp)
-    return Conversion(folder, name or folder.name, hp, plan, tok)
+    return Conversion(folder, name or folder.name, hp, entries, tok)
 
 
 def write(conv: Conversion, out: Path, quant: str) -> Path:
-    """Write the GGUF at ``out`` atomically; the F16 intermediate is a hidden temp file."""
+    """Write the GGUF at ``out`` atomically; the unquantized intermediate is a hidden temp file."""
     check_free_disk(out.parent, conv.disk_needed(quant))
     with atomic_output(out) as tmp:
         if quant == "F16":
-            write_f16_gguf(tmp, conv.hp, conv.tok, conv.plan, conv.name)
+            write_unquantized_gguf(tmp, conv.hp, conv.tok, conv.plan(quant), conv.name)
         else:
-            f16 = temp_path_for(out.with_name(out.name + ".f16"))
+            source = temp_path_for(out.with_name(out.name + ".unquantized"))
             try:
-                write_f16_gguf(f16, conv.hp, conv.tok, conv.plan, conv.name)
-                quantize_gguf(f16, tmp, quant)
+                write_unquantized_gguf(source, conv.hp, conv.tok, conv.plan(quant), conv.name)
+                quantize_gguf(source, tmp, quant)
             finally:
-                f16.unlink(missing_ok=True)
+                source.unlink(missing_ok=True)
     return out
 
 

@@ -137,14 +137,17 @@ def read_raw(entry: TensorEntry, begin: int = 0, count: int | None = None) -> np
 
 
 def read_tensor(entry: TensorEntry, out_dtype: type) -> np.ndarray:
-    """Read a tensor as ``out_dtype`` (float16 or float32), widening bf16 chunk by chunk."""
-    if entry.dtype != "BF16":
-        return read_raw(entry).astype(out_dtype, copy=False).reshape(entry.shape)
-    out = np.empty(entry.n_elements, dtype=out_dtype)
-    for begin in range(0, entry.n_elements, _CHUNK_ELEMENTS):
-        raw = read_raw(entry, begin, min(_CHUNK_ELEMENTS, entry.n_elements - begin))
-        wide = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[begin : begin + raw.size] = wide
+    """Read a tensor as ``out_dtype`` (float16 or float32), widening bf16 chunk by chunk.
+
+    Values beyond float16's range become inf without a warning; the caller checks.
+    """
+    with np.errstate(over="ignore"):
+        if entry.dtype != "BF16":
+            return read_raw(entry).astype(out_dtype, copy=False).reshape(entry.shape)
+        out = np.empty(entry.n_elements, dtype=out_dtype)
+        for begin in range(0, entry.n_elements, _CHUNK_ELEMENTS):
+            raw = read_raw(entry, begin, min(_CHUNK_ELEMENTS, entry.n_elements - begin))
+            out[begin : begin + raw.size] = (raw.astype(np.uint32) << 16).view(np.float32)
     return out.reshape(entry.shape)
 
 

@@ -18,25 +18,34 @@ import numpy as np
 
 from ..errors import DeRaError
 from .hparams import HParams
-from .safetensors_reader import TensorEntry, read_tensor
+from .safetensors_reader import TensorEntry, read_raw, read_tensor
 
 ARCH = gguf.MODEL_ARCH.LLAMA
 # Buffers some older checkpoints saved alongside the weights; llama.cpp recomputes them.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+QType = gguf.GGMLQuantizationType
+# numpy container for each output type; bf16 travels as its raw 16-bit patterns
+_NP_DTYPES = {QType.F32: np.dtype(np.float32), QType.F16: np.dtype(np.float16), QType.BF16: np.dtype(np.uint16)}
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One GGUF tensor to write: its source, output dtype and optional head permutation."""
+    """One GGUF tensor to write: its source, output type and optional head permutation."""
 
     gguf_name: str
     source: TensorEntry
-    out_dtype: type  # np.float16 or np.float32
+    out_type: gguf.GGMLQuantizationType  # F32 (norms), F16, or BF16 (copied bit for bit)
     permute_heads: int | None = None
 
     @property
+    def np_dtype(self) -> np.dtype:
+        return _NP_DTYPES[self.out_type]
+
+    @property
     def nbytes(self) -> int:
-        return self.source.n_elements * np.dtype(self.out_dtype).itemsize
+        return self.source.n_elements * self.np_dtype.itemsize
 
 
 def permute_qk(weights: np.ndarray, n_heads: int) -> np.ndarray:
@@ -68,8 +77,27 @@ def _permutation(gguf_name: str, hp: HParams) -> int | None:
     return None
 
 
-def plan_tensors(entries: dict[str, TensorEntry], hp: HParams) -> list[PlannedTensor]:
-    """Decide every output tensor (name, dtype, permutation) from headers alone."""
+def _out_type(entry: TensorEntry, keep_bf16: bool) -> gguf.GGMLQuantizationType:
+    """F32 for vectors (norms); matrices F16, or BF16 kept as is when allowed (exact, no overflow)."""
+    if len(entry.shape) == 1:
+        return QType.F32
+    return QType.BF16 if keep_bf16 and entry.dtype == "BF16" else QType.F16
+
+
+def _order(planned: PlannedTensor) -> tuple[int, str]:
+    """llama.cpp's usual order: embedding, blocks by number, final norm and output."""
+    name = planned.gguf_name
+    if name.startswith("blk."):
+        return 1 + int(name.split(".")[1]), name
+    return (0 if name.startswith("token_embd") else 1 << 30), name
+
+
+def plan_tensors(entries: dict[str, TensorEntry], hp: HParams, keep_bf16: bool = False) -> list[PlannedTensor]:
+    """Decide every output tensor (name, type, permutation) from headers alone.
+
+    ``keep_bf16`` writes bf16 matrices unchanged: the right intermediate for llama.cpp's
+    quantizer (no rounding, no float16 overflow). The F16 output uses ``keep_bf16=False``.
+    """
     name_map = gguf.get_tensor_name_map(ARCH, hp.n_layer)
     plan = []
     for hf_name in sorted(entries):
@@ -79,10 +107,9 @@ def plan_tensors(entries: dict[str, TensorEntry], hp: HParams) -> list[PlannedTe
         gguf_name = _gguf_name(name_map, hf_name)
         if gguf_name == "output.weight" and hp.tie_embeddings:
             continue
-        out_dtype = np.float32 if len(entry.shape) == 1 else np.float16
-        plan.append(PlannedTensor(gguf_name, entry, out_dtype, _permutation(gguf_name, hp)))
+        plan.append(PlannedTensor(gguf_name, entry, _out_type(entry, keep_bf16), _permutation(gguf_name, hp)))
     _check_complete(plan, hp)
-    return plan
+    return sorted(plan, key=_order)
 
 
 def _expected_names(hp: HParams) -> list[str]:
@@ -108,7 +135,15 @@ def _check_complete(plan: list[PlannedTensor], hp: HParams) -> None:
 
 def load_planned(planned: PlannedTensor) -> np.ndarray:
     """Read one planned tensor from disk, converted and permuted, ready to write."""
-    data = read_tensor(planned.source, planned.out_dtype)
+    if planned.out_type == QType.BF16:
+        data = read_raw(planned.source).reshape(planned.source.shape)
+    else:
+        data = read_tensor(planned.source, planned.np_dtype.type)
+        if planned.out_type == QType.F16 and planned.source.dtype != "F16" and np.isinf(data).any():
+            raise DeRaError(
+                f"tensor {planned.source.name!r} has values beyond the float16 range; convert with a "
+                "quantized type (e.g. --quant Q8_0), which keeps bf16 weights exact"
+            )
     if planned.permute_heads is not None:
         data = permute_qk(data, planned.permute_heads)
     return data

@@ -89,10 +89,16 @@ def atomic_output(final: Path) -> Iterator[Path]:
         raise
 
 
-def _add_hparams(writer: gguf.GGUFWriter, hp: HParams, name: str) -> None:
+def _file_type(plan: list[PlannedTensor]) -> gguf.LlamaFileType:
+    """MOSTLY_BF16 when matrices stayed bf16, else MOSTLY_F16."""
+    bf16 = any(p.out_type == gguf.GGMLQuantizationType.BF16 for p in plan)
+    return gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.MOSTLY_F16
+
+
+def _add_hparams(writer: gguf.GGUFWriter, hp: HParams, name: str, file_type: gguf.LlamaFileType) -> None:
     """The ``general.*`` and ``llama.*`` keys llama.cpp needs to build the graph."""
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(file_type)
     writer.add_vocab_size(hp.n_vocab)
     writer.add_context_length(hp.n_ctx_train)
     writer.add_embedding_length(hp.n_embd)
@@ -111,15 +117,14 @@ def _add_hparams(writer: gguf.GGUFWriter, hp: HParams, name: str) -> None:
         writer.add_rope_scaling_factor(hp.rope_linear_factor)
 
 
-def write_f16_gguf(path: Path, hp: HParams, tok: TokenizerData, plan: list[PlannedTensor], name: str) -> None:
-    """Stream the planned tensors into an F16 GGUF file at ``path`` (norms stay F32)."""
+def write_unquantized_gguf(path: Path, hp: HParams, tok: TokenizerData, plan: list[PlannedTensor], name: str) -> None:
+    """Stream the planned tensors into an F16 (or BF16) GGUF file at ``path``; norms stay F32."""
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        _add_hparams(writer, hp, name)
+        _add_hparams(writer, hp, name, _file_type(plan))
         tok.add_to_writer(writer)
-        for planned in plan:
-            shape = planned.source.shape
-            writer.add_tensor_info(planned.gguf_name, shape, np.dtype(planned.out_dtype), planned.nbytes)
+        for p in plan:
+            writer.add_tensor_info(p.gguf_name, p.source.shape, p.np_dtype, p.nbytes, raw_dtype=p.out_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

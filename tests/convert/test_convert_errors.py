@@ -88,6 +88,18 @@ def test_truncated_shard(ckpt, tmp_path):
     convert_fails(ckpt, tmp_path / "out", "truncated or corrupt")
 
 
+def test_float16_overflow_is_refused_but_quantizing_keeps_bf16(ckpt, tmp_path):
+    """A bf16 weight beyond the float16 range: F16 output refuses, quantization reads bf16 exactly."""
+    entry = list_tensors(ckpt)["model.layers.0.mlp.up_proj.weight"]
+    big = np.array([1e6], dtype=np.float32).view(np.uint32) >> 16
+    with open(entry.path, "r+b") as f:
+        f.seek(entry.offset)
+        f.write(big.astype(np.uint16).tobytes())
+    convert_fails(ckpt, tmp_path / "out", "beyond the float16 range", quant="F16")
+    out = convert_checkpoint(ckpt, tmp_path / "q8.gguf", "Q8_0")
+    assert out.is_file()
+
+
 def test_output_folder_missing(mistral_ckpt, tmp_path):
     with pytest.raises(DeRaError, match="does not exist"):
         convert_checkpoint(mistral_ckpt, tmp_path / "nope" / "model.gguf", "F16")

@@ -90,11 +90,12 @@ def test_q8_0_logits_close(converted, prompt_ids, reference_logits):
     assert (ours.argmax(-1) == reference_logits.argmax(-1)).mean() > 0.9
 
 
-def test_q4_k_m_runs_and_is_smaller(converted, prompt_ids, reference_logits):
-    """Default quant: llama.cpp accepts it (with its fallbacks for tiny shapes) and it is smaller."""
-    q4 = converted("Q4_K_M")
-    assert q4.stat().st_size < converted("F16").stat().st_size
-    ours = llama_logits(q4, prompt_ids[1])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M"])
+def test_k_quants_run_and_are_smaller(converted, prompt_ids, reference_logits, quant):
+    """K-quants: llama.cpp accepts them (with its fallbacks for tiny shapes) and they are smaller."""
+    path = converted(quant)
+    assert path.stat().st_size < converted("F16").stat().st_size
+    ours = llama_logits(path, prompt_ids[1])
     assert np.isfinite(ours).all()
     assert np.corrcoef(ours.ravel(), reference_logits.ravel())[0, 1] > 0.9
 
