@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
+
+from transformers import AutoTokenizer
 
 from conftest import load_llama, run_cli
 from tiny_checkpoint import CHAT, ZEPHYR_TEMPLATE, hf_logits, make_checkpoint
@@ -13,8 +16,6 @@ from tiny_checkpoint import CHAT, ZEPHYR_TEMPLATE, hf_logits, make_checkpoint
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(mistral_ckpt):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(mistral_ckpt)
 
 
@@ -125,3 +126,19 @@ def test_tokenizer_json_only(tmp_path, mistral_ckpt, prompt_ids):
     text, hf_ids = prompt_ids
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf_ids
     assert llm.metadata["tokenizer.chat_template"] == ZEPHYR_TEMPLATE
+
+
+def test_embedding_padded_beyond_tokenizer(tmp_path, spm_model, prompt_ids):
+    """vocab_size larger than the tokenizer: padded with unused tokens, same ids, same logits."""
+    ckpt = make_checkpoint(tmp_path / "padded", spm_model, seed=2, extra_vocab=20)
+    out = tmp_path / "padded.gguf"
+    result = run_cli(str(ckpt), str(out), "--quant", "F16")
+    assert result.exit_code == 0, result.output
+    text, ids = prompt_ids
+    llm = load_llama(out)
+    n_vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    assert llm.n_vocab() == n_vocab == len(AutoTokenizer.from_pretrained(ckpt)) + 20
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+    ref = hf_logits(ckpt, ids)
+    ours = llama_logits(out, ids)
+    assert np.abs(ours - ref).max() < 0.01 * np.abs(ref).max() + 1e-3

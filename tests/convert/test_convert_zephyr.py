@@ -123,6 +123,25 @@ def test_cli_accepts_hub_repo_id(tmp_path, hf_home):
     assert llm.metadata["general.file_type"] == "7"  # LLAMA_FTYPE_MOSTLY_Q8_0
 
 
+def test_bin_only_repo_is_refused(tmp_path, mistral_ckpt):
+    """A hub repo with only PyTorch .bin weights: clear refusal, nothing written."""
+    hf = tmp_path / "hf"
+    only_config = tmp_path / "bin-only"
+    only_config.mkdir()
+    shutil.copy(mistral_ckpt / "config.json", only_config)
+    put_in_hub_cache(hf / "hub", "someone/bin-only", only_config, "c" * 40)  # adds pytorch_model.bin
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"), HF_HUB_OFFLINE="1")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dera_gguf.cli.convert", "someone/bin-only", str(out_dir / "m.gguf")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "no .safetensors weights" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(out_dir.iterdir()) == []
+
+
 def test_missing_from_cache_offline(tmp_path):
     empty = tmp_path / "hf"
     (empty / "hub").mkdir(parents=True)

@@ -83,8 +83,12 @@ def make_checkpoint(
     template_in: str = "jinja",
     tie: bool = False,
     shard_size: str = "60KB",
+    extra_vocab: int = 0,
 ) -> Path:
-    """Write a tiny random bf16 checkpoint (sharded safetensors + tokenizer) into ``folder``."""
+    """Write a tiny random bf16 checkpoint (sharded safetensors + tokenizer) into ``folder``.
+
+    ``extra_vocab`` pads the embedding beyond the tokenizer, as many released models do.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -93,7 +97,7 @@ def make_checkpoint(
     n_vocab = _save_tokenizer(folder, spm_model, template_in)
     config_cls, model_cls = (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
     config = config_cls(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=n_vocab + extra_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2 if arch == "mistral" else 4,
         max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=tie, initializer_range=0.08,
