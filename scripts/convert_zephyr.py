@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def _existing_parent(path: Path) -> Path:
 def main(out_dir: Path, quant: str, models_toml: Path, dry_run: bool, force: bool) -> None:
     """Build the zephyr-7b DeRa pair (reference: SFT, aligned: DPO beta=0.1) as GGUF files."""
     quant = quant.upper()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind like Ctrl-C: temp files removed
     try:
         if dry_run:
             show_plan(out_dir, quant)

@@ -55,7 +55,10 @@ def _hub_error(repo_id: str, error: Exception) -> DeRaError:
             "reached (HF_HUB_OFFLINE is set or there is no network); download it once while online"
         )
     if isinstance(error, (errors.RepositoryNotFoundError, errors.GatedRepoError)):
-        return DeRaError(f"{repo_id}: repository not found or access denied on the Hugging Face Hub; check the id and your token")
+        return DeRaError(
+            f"{repo_id}: no such local folder, and no such repository (or access denied) on the "
+            "Hugging Face Hub; check the path or repo id and your token"
+        )
     return DeRaError(f"downloading {repo_id} failed: {error}")
 
 

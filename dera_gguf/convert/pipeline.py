@@ -1,4 +1,4 @@
-"""One conversion, start to finish: checks first, then F16 GGUF, then quantization.
+"""One conversion, start to finish: checks first, then an unquantized GGUF, then quantization.
 
 Every check that can fail (architecture, weights format, headers, tokenizer,
 output folder, free disk) runs before the first byte is written, so bad input
@@ -25,7 +25,7 @@ _MARGIN = 64 * 1024**2  # header, tokenizer and filesystem slack
 
 @dataclass
 class Conversion:
-    """A checked checkpoint, ready to write: hyperparameters, tensor plan, tokenizer."""
+    """A checked checkpoint, ready to write: hyperparameters, tensor headers, tokenizer."""
 
     folder: Path
     name: str
