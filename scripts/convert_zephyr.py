@@ -152,9 +152,12 @@ def _existing_parent(path: Path) -> Path:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("models"), show_default=True)
-@click.option("--quant", type=click.Choice(list(QUANT_TYPES), case_sensitive=False), default=DEFAULT_QUANT, show_default=True)
-@click.option("--models-toml", type=click.Path(dir_okay=False, path_type=Path), default=Path("models.toml"), show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("models"), show_default=True,
+              help="Folder for the two GGUF files.")
+@click.option("--quant", type=click.Choice(list(QUANT_TYPES), case_sensitive=False), default=DEFAULT_QUANT,
+              show_default=True, help="Same type for both models (llama.cpp's quantizer).")
+@click.option("--models-toml", type=click.Path(dir_okay=False, path_type=Path), default=Path("models.toml"),
+              show_default=True, help="Registry file whose [pairs.zephyr-7b] entry is written.")
 @click.option("--dry-run", is_flag=True, help="List downloads and disk needs; write nothing.")
 @click.option("--force", is_flag=True, help="Convert again even if the GGUF files exist.")
 def main(out_dir: Path, quant: str, models_toml: Path, dry_run: bool, force: bool) -> None:

@@ -3,16 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
-
-from tiny_checkpoint import make_checkpoint, train_sentencepiece
-
-
-def run_cli(*args: str):
-    """Run dera-convert in-process; return the click Result."""
-    from dera_gguf.cli.convert import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from tiny_checkpoint import make_checkpoint, run_cli, train_sentencepiece
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +32,6 @@ def converted(tmp_path_factory, mistral_ckpt):
         return cache[quant]
 
     return get
-
-
-def load_llama(path, **kw):
-    """A plain llama_cpp.Llama with every position's logits kept."""
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, **kw)
 
 
 def pytest_configure(config):

@@ -7,11 +7,15 @@ import shutil
 
 import numpy as np
 import pytest
-
+from tiny_checkpoint import (
+    CHAT,
+    ZEPHYR_TEMPLATE,
+    hf_logits,
+    load_llama,
+    make_checkpoint,
+    run_cli,
+)
 from transformers import AutoTokenizer
-
-from conftest import load_llama, run_cli
-from tiny_checkpoint import CHAT, ZEPHYR_TEMPLATE, hf_logits, make_checkpoint
 
 
 @pytest.fixture(scope="module")

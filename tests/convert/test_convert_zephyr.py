@@ -7,14 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import load_llama, run_cli
-from tiny_checkpoint import make_checkpoint
+import tomllib
+from tiny_checkpoint import load_llama, make_checkpoint, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "convert_zephyr.py"

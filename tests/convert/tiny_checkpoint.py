@@ -90,7 +90,12 @@ def make_checkpoint(
     ``extra_vocab`` pads the embedding beyond the tokenizer, as many released models do.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,3 +126,19 @@ def hf_logits(folder: Path, ids: list[int]):
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def run_cli(*args: str):
+    """Run dera-convert in-process; return the click Result."""
+    from click.testing import CliRunner
+
+    from dera_gguf.cli.convert import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def load_llama(path, **kw):
+    """A plain llama_cpp.Llama with every position's logits kept."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, **kw)
