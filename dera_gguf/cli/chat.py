@@ -79,7 +79,7 @@ def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, t
 def _one_shot_text(prompt: Optional[str], as_json: bool) -> Optional[str]:
     """The one-shot message: --prompt, else all of a non-terminal stdin; None: interactive."""
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().strip()  # `echo text |` adds a newline the user did not type
     if prompt is None:
         if as_json:
             raise DeRaError("--json needs one-shot mode: give --prompt TEXT or pipe the prompt on stdin")
@@ -141,7 +141,8 @@ def _interactive(session: ChatSession, name: str) -> None:
             else:
                 _answer(session, line)
         except (DeRaError, ValueError) as e:  # bad command argument, or llama.cpp refusing the history
-            click.echo(f"error: {e}", err=True)
+            hint = "; in dera-chat: /reset, or start again with a larger --n-ctx" if "n_ctx" in str(e) else ""
+            click.echo(f"error: {e}{hint}", err=True)
 
 
 def _answer(session: ChatSession, text: str) -> None:

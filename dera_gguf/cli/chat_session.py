@@ -69,18 +69,27 @@ class Answer:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class _TokenCounter:
-    """A logits processor that leaves the logits alone and counts sampling steps.
+class _TokenWatch:
+    """A logits processor that counts sampling steps and carries out a stop request.
 
-    Streamed chunks do not map one to one onto tokens (multi-byte characters are held
-    back), so this is the one exact count available from the public API.
+    Streamed chunks do not map one to one onto tokens (llama-cpp-python holds back
+    text that is not yet valid UTF-8), so this is the one exact count the public API
+    gives, and the one place a stop can act at the very next token however the text
+    is chunked: once ``should_stop()`` is true, only the end-of-text token is left, so
+    the answer ends cleanly and llama-cpp-python flushes the text it holds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, should_stop: ShouldStop, eos: int) -> None:
+        self.should_stop, self.eos = should_stop, eos
         self.n = 0
+        self.stopped = False
 
     def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
         self.n += 1
+        self.stopped = self.stopped or bool(self.should_stop())
+        if self.stopped:
+            logits[:] = -np.inf
+            logits[self.eos] = 0.0
         return logits
 
 
@@ -158,13 +167,13 @@ class ChatSession:
 
     def generate(self, messages: List[dict], lam: Lam, on_text: OnText, should_stop: ShouldStop,
                  seed: Optional[int] = None) -> Answer:
-        """Stream one ``create_chat_completion``; stop cleanly between chunks if asked."""
-        counter = _TokenCounter()
+        """Stream one ``create_chat_completion``; a stop request ends it at the next token."""
+        watch = _TokenWatch(should_stop, self.llm.token_eos())
         kwargs = self.sampling.call_kwargs(self.sampling.next_seed() if seed is None else seed)
         start = time.perf_counter()
-        stream = self.llm.create_chat_completion(messages, lam=lam, stream=True, logits_processor=[counter], **kwargs)
-        text, finish = _consume(stream, on_text, should_stop)
-        return Answer("".join(text), lam, counter.n, time.perf_counter() - start, finish)
+        stream = self.llm.create_chat_completion(messages, lam=lam, stream=True, logits_processor=[watch], **kwargs)
+        text, finish = _consume(stream, on_text)
+        return Answer("".join(text), lam, watch.n, time.perf_counter() - start, INTERRUPTED if watch.stopped else finish)
 
     def _through_last_user(self) -> List[dict]:
         for i in range(len(self.history) - 1, -1, -1):
@@ -173,7 +182,7 @@ class ChatSession:
         raise DeRaError("nothing to sweep yet: ask something first")
 
 
-def _consume(stream: Iterator[dict], on_text: OnText, should_stop: ShouldStop) -> tuple[List[str], Optional[str]]:
+def _consume(stream: Iterator[dict], on_text: OnText) -> tuple[List[str], Optional[str]]:
     """Pass streamed pieces to ``on_text``; returns the pieces and the finish reason."""
     pieces: List[str] = []
     finish = None
@@ -185,13 +194,10 @@ def _consume(stream: Iterator[dict], on_text: OnText, should_stop: ShouldStop) -
                 pieces.append(piece)
                 on_text(piece)
             finish = choice.get("finish_reason") or finish
-            if finish is None and should_stop():
-                finish = INTERRUPTED
-                break
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
-            close()  # ends llama-cpp-python's generator at a token boundary
+            close()  # on an error midway, end llama-cpp-python's generator now
     return pieces, finish
 
 
