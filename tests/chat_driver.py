@@ -66,7 +66,8 @@ class Terminal:
         first = self.child.after
         self.child.sendintr()
         self.child.expect(STATUS)
-        return _answer_text(first + self.child.before), self.child.match
+        # the terminal echoes the key as "^C" (ECHOCTL) somewhere in the streamed text
+        return _answer_text((first + self.child.before).replace("^C", "", 1)), self.child.match
 
     def command(self, line: str) -> str:
         """Run a slash command; return what it printed up to the next prompt."""

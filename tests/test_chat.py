@@ -238,7 +238,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_it_marked(env, plain_aligned):
     partial, status = chat.interrupt_answer("hello there")
     assert status.group(3) == " · interrupted"
     full = streamed(plain_aligned, [user("hello there")], **settings)
-    assert full.startswith(partial) and 0 < len(partial) < len(full)
+    assert full.startswith(partial) and 0 < len(partial) < len(full), (partial, full)
     assert f"assistant: {partial} [interrupted]" in chat.command("/history")
 
     history = [user("hello there"), assistant(partial), user("tell me more")]
