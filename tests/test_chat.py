@@ -17,8 +17,8 @@ from llama_cpp import llama_chat_format
 import reference as R
 from chat_driver import PAPER, Terminal, cli_env, run_cli, streamed
 from conftest import tiny_vocab
-from dera_gguf import DeRaLlama
-from dera_gguf.cli.chat import main
+from dera_gguf import DeRaError, DeRaLlama
+from dera_gguf.cli.chat import _sweep_lams, main
 from tiny_models import CHAT_TEMPLATE, write_tiny_llama
 
 
@@ -157,13 +157,23 @@ def _chat_prompt_tokens(llm, messages):
     return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
 
 
-def test_several_aligned_models_take_a_lam_list(env, ref_path, aligned_path, aligned2_path):
-    result = run_cli(["--pair", "tiny2", "--lam", "0.5,0.8", "--prompt", "hello", "--seed", "4", "--max-tokens", "16",
+@pytest.mark.parametrize("models", ["pair", "paths"])
+def test_several_aligned_models_take_a_lam_list(env, ref_path, aligned_path, aligned2_path, models):
+    chosen = (["--pair", "tiny2"] if models == "pair" else
+              ["--ref", str(ref_path), "--aligned", str(aligned_path), "--aligned", str(aligned2_path)])
+    result = run_cli([*chosen, "--lam", "0.5,0.8", "--prompt", "hello", "--seed", "4", "--max-tokens", "16",
                       "--n-ctx", "256"], env)
     assert result.returncode == 0, result.stderr
     llm = DeRaLlama(str(ref_path), [str(aligned_path), str(aligned2_path)], lam=[0.5, 0.8], n_ctx=256, verbose=False)
     expected = streamed(llm, [user("hello")], seed=4, max_tokens=16, **PAPER)
     assert expected and result.stdout == expected + "\n"
+
+
+def test_sweep_entries_for_one_and_several_aligned_models():
+    assert _sweep_lams("0,0.5, 1 2", 1.0) == [0.0, 0.5, 1.0, 2.0]
+    assert _sweep_lams("0,0 0.5,1;2,2", (1.0, 1.0)) == [(0.0, 0.0), (0.5, 1.0), (2.0, 2.0)]
+    with pytest.raises(DeRaError, match="2 comma-separated"):
+        _sweep_lams("0.5 1", (1.0, 1.0))
 
 
 def test_default_pair_falls_back_and_says_what_is_missing(tmp_path, models_toml, plain_aligned):

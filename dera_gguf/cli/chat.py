@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -207,7 +208,7 @@ def _cmd_sweep(session: ChatSession, arg: str):
 def _sweep_lams(arg: str, current) -> list:
     """``0,0.5,1`` for one aligned model; ``0,1 0.5,0.5`` (one comma list each) for several."""
     if not isinstance(current, tuple):
-        return parse_lams(arg.replace(" ", ","))
+        return parse_lams(",".join(re.split(r"[\s,]+", arg.strip())))
     groups = [tuple(parse_lams(group)) for group in arg.replace(";", " ").split()]
     for group in groups:
         if len(group) != len(current):
