@@ -52,7 +52,9 @@ def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, t
     """Chat with a DeRa-realigned model; /help inside the chat lists the commands.
 
     Reads one prompt from --prompt or from a non-terminal stdin (one-shot mode), or
-    else starts an interactive chat with streamed answers.
+    else starts an interactive chat with streamed answers. With --seed every answer
+    is sampled with that seed (reproducible from the history alone); without it each
+    answer draws a fresh one.
     """
     lams = parse_lams(lam_text) if lam_text is not None else None  # refuse bad lam before loading
     one_shot_text = _one_shot_text(prompt, as_json)
