@@ -329,6 +329,10 @@ def test_flags_that_contradict_each_other(env, ref_path):
     assert_one_line_error(invoke(["--prompt", "   "], env), "empty")
 
 
+def test_one_shot_prompt_longer_than_the_context(env):
+    assert_one_line_error(invoke(["--n-ctx", "256", "--prompt", "tell me " * 150], env), "--n-ctx")
+
+
 def test_errors_in_a_real_process_exit_non_zero_without_traceback(tmp_path, models_toml):
     text = models_toml.read_text().replace('default = "tiny"', 'default = "absent"')
     (tmp_path / "models.toml").write_text(text)

@@ -75,6 +75,13 @@ def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, t
             _interactive(session, name)
     except KeyboardInterrupt:  # Ctrl-C outside an answer in one-shot mode
         sys.exit(130)
+    except ValueError as e:  # DeRaError, or llama-cpp-python refusing the prompt
+        raise DeRaError(f"{e}{_n_ctx_hint(e, '--n-ctx')}") from None
+
+
+def _n_ctx_hint(error: Exception, remedy: str) -> str:
+    """The engine's advice about n_ctx, said in dera-chat's own terms."""
+    return f" (dera-chat: {remedy})" if "n_ctx" in str(error) or "context window" in str(error) else ""
 
 
 # ------------------------------------------------------------------- set-up
@@ -144,8 +151,7 @@ def _interactive(session: ChatSession, name: str) -> None:
             else:
                 _answer(session, line)
         except (DeRaError, ValueError) as e:  # bad command argument, or llama.cpp refusing the history
-            hint = "; in dera-chat: /reset, or start again with a larger --n-ctx" if "n_ctx" in str(e) else ""
-            click.echo(f"error: {e}{hint}", err=True)
+            click.echo(f"error: {e}{_n_ctx_hint(e, '/reset, or start again with a larger --n-ctx')}", err=True)
 
 
 def _answer(session: ChatSession, text: str) -> None:
