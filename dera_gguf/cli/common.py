@@ -94,3 +94,28 @@ def reports_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def choose_models(pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str],
+                  models_file: Optional[str]) -> tuple[str, List[str], Optional[Pair], Optional[str]]:
+    """Like :func:`choose_pair`, plus a note when the default pair's files are missing.
+
+    The note (say it on stderr) names the missing files, how to make them, and the
+    fallback pair used instead, so a newcomer learns how to get the real pair.
+    """
+    if ref_path or aligned_paths or pair_name:
+        return (*choose_pair(pair_name, ref_path, aligned_paths, models_file), None)
+    pair, note = load_registry(models_file).choose_default()
+    ref, aligned = pair.resolve()
+    return ref, aligned, pair, note
+
+
+def new_engine(ref: str, aligned: Sequence[str], lam, n_ctx: int, n_gpu_layers: int, threads: Optional[int],
+               seed: Optional[int], verbose: bool, **llama_kwargs):
+    """A DeRaLlama on resolved paths (lam: a float, or a tuple with one value per aligned model)."""
+    from ..llama import DeRaLlama
+
+    kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose, **llama_kwargs)
+    if seed is not None:
+        kwargs["seed"] = seed
+    return DeRaLlama(ref, list(aligned), lam=lam, **kwargs)

@@ -1,0 +1,271 @@
+"""dera-chat: chat with a realigned model, lam changed live.
+
+    dera-chat --lam 1.5                       the default pair of models.toml
+    dera-chat --pair smollm2-demo --lam 2
+    dera-chat --ref sft.gguf --aligned dpo.gguf --lam 0.5
+    echo "Write a haiku" | dera-chat --lam 2   one-shot: only the answer on stdout
+
+The terminal loop lives here; the conversation itself (history, lam, settings,
+answers) is a :class:`~dera_gguf.cli.chat_session.ChatSession`, whose answers are
+plain ``DeRaLlama.create_chat_completion`` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import sys
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+import click
+
+from ..errors import DeRaError
+from .chat_session import Answer, ChatSession, Sampling, format_lam
+from .common import choose_models, model_options, new_engine, parse_lams, reports_errors
+
+PROMPT = "you> "
+QUIT = object()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_options
+@click.option("--lam", "lam_text", default=None,
+              help="Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
+                   "several aligned models.  [default: the pair's lam, else 1.0]")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True)
+@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="1.0 turns it off, as in the paper.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per answer.")
+@click.option("--prompt", default=None, help="One-shot: answer this one message, print only the answer, exit.")
+@click.option("--json", "as_json", is_flag=True, help="One-shot: print the OpenAI-shaped completion as JSON.")
+@reports_errors
+def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, seed, verbose, lam_text,
+         system, temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, prompt, as_json):
+    """Chat with a DeRa-realigned model; /help inside the chat lists the commands.
+
+    Reads one prompt from --prompt or from a non-terminal stdin (one-shot mode), or
+    else starts an interactive chat with streamed answers. With --seed every answer
+    is sampled with that seed (reproducible from the history alone); without it each
+    answer draws a fresh one.
+    """
+    lams = parse_lams(lam_text) if lam_text is not None else None  # refuse bad lam before loading
+    one_shot_text = _one_shot_text(prompt, as_json)
+    ref, aligned, pair, note = choose_models(pair_name, ref_path, aligned_paths, models_file)
+    if note:
+        click.echo(note, err=True)
+    lam = _initial_lam(lams, pair, len(aligned))
+    name = f"pair {pair.name!r}" if pair else "the given models"
+    if one_shot_text is None:
+        click.echo(f"loading {name} ...", err=True)
+    llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose)
+    sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed)
+    session = ChatSession(llm, lam=lam, system=system, sampling=sampling)
+    try:
+        if one_shot_text is not None:
+            _one_shot(session, one_shot_text, as_json)
+        else:
+            _interactive(session, name)
+    except KeyboardInterrupt:  # Ctrl-C outside an answer in one-shot mode
+        sys.exit(130)
+    except ValueError as e:  # DeRaError, or llama-cpp-python refusing the prompt
+        raise DeRaError(f"{e}{_n_ctx_hint(e, '--n-ctx')}") from None
+
+
+def _n_ctx_hint(error: Exception, remedy: str) -> str:
+    """The engine's advice about n_ctx, said in dera-chat's own terms."""
+    return f" (dera-chat: {remedy})" if "n_ctx" in str(error) or "context window" in str(error) else ""
+
+
+# ------------------------------------------------------------------- set-up
+
+def _one_shot_text(prompt: Optional[str], as_json: bool) -> Optional[str]:
+    """The one-shot message: --prompt, else all of a non-terminal stdin; None: interactive."""
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()  # `echo text |` adds a newline the user did not type
+    if prompt is None:
+        if as_json:
+            raise DeRaError("--json needs one-shot mode: give --prompt TEXT or pipe the prompt on stdin")
+        return None
+    if not prompt.strip():
+        raise DeRaError("the prompt is empty (from --prompt or stdin)")
+    return prompt
+
+
+def _initial_lam(lams: Optional[List[float]], pair, n_aligned: int):
+    """--lam, else the pair's own lam, else 1.0 per aligned model; one value per aligned model."""
+    if lams is None:
+        lams = list(pair.lam) if pair and pair.lam else [1.0] * n_aligned
+    if len(lams) != n_aligned:
+        raise DeRaError(f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), "
+                        f"got {len(lams)}")
+    return lams[0] if n_aligned == 1 else tuple(lams)
+
+
+# ------------------------------------------------------------------ one-shot
+
+def _one_shot(session: ChatSession, text: str, as_json: bool) -> None:
+    """Print only the answer (streamed) or, with --json, the whole completion."""
+    if as_json:
+        click.echo(json.dumps(session.complete(text), ensure_ascii=False))
+        return
+    session.ask(text, on_text=_write)
+    click.echo()
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------- interactive
+
+def _interactive(session: ChatSession, name: str) -> None:
+    """Read lines until Ctrl-D or /quit; slash commands, else a message to answer."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    click.echo(f"chatting with {name} at lam {format_lam(session.lam)}; /help for commands, Ctrl-D to leave",
+               err=True)
+    while True:
+        try:
+            line = input(PROMPT).strip()
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo("\n(Ctrl-D or /quit leaves)", err=True)
+            continue
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if run_command(session, line) is QUIT:
+                    return
+            else:
+                _answer(session, line)
+        except (DeRaError, ValueError) as e:  # bad command argument, or llama.cpp refusing the history
+            click.echo(f"error: {e}{_n_ctx_hint(e, '/reset, or start again with a larger --n-ctx')}", err=True)
+
+
+def _answer(session: ChatSession, text: str) -> None:
+    with stop_on_ctrl_c() as should_stop:
+        answer = session.ask(text, on_text=_write, should_stop=should_stop)
+    _finish(answer)
+
+
+def _finish(answer: Answer) -> None:
+    """End the streamed answer's line and show the status line on stderr."""
+    click.echo(" [interrupted]" if answer.interrupted else "")
+    status = (f"lam {format_lam(answer.lam)} · {answer.tokens} tokens · {answer.tokens_per_second:.1f} tok/s"
+              + (" · interrupted" if answer.interrupted else ""))
+    click.secho(status, err=True, dim=True)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """While an answer streams, Ctrl-C sets a flag (checked between chunks) instead of raising.
+
+    A KeyboardInterrupt raised inside llama-cpp-python could leave its state half
+    updated; stopping between chunks ends the generator at a token boundary.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------ slash commands
+
+def run_command(session: ChatSession, line: str):
+    """Run one slash command; returns QUIT to leave the chat."""
+    name, _, arg = line.partition(" ")
+    entry = COMMANDS.get(name)
+    if entry is None:
+        raise DeRaError(f"unknown command {name}: /help lists the commands")
+    return entry[0](session, arg.strip())
+
+
+def _cmd_lam(session: ChatSession, arg: str):
+    if arg:
+        lams = parse_lams(arg)
+        session.set_lam(lams[0] if len(lams) == 1 else tuple(lams))
+    click.echo(f"lam {format_lam(session.lam)}", err=True)
+
+
+def _cmd_sweep(session: ChatSession, arg: str):
+    if not arg:
+        raise DeRaError("give the lams to sweep, e.g. /sweep 0,0.5,1,2")
+    lams = _sweep_lams(arg, session.lam)
+    with stop_on_ctrl_c() as should_stop:
+        session.sweep(lams, on_start=lambda lam: click.secho(f"--- lam {format_lam(lam)} ---", bold=True),
+                      on_text=_write, should_stop=should_stop, on_answer=_finish)
+
+
+def _sweep_lams(arg: str, current) -> list:
+    """``0,0.5,1`` for one aligned model; ``0,1 0.5,0.5`` (one comma list each) for several."""
+    if not isinstance(current, tuple):
+        return parse_lams(",".join(re.split(r"[\s,]+", arg.strip())))
+    groups = [tuple(parse_lams(group)) for group in arg.replace(";", " ").split()]
+    for group in groups:
+        if len(group) != len(current):
+            raise DeRaError(f"each /sweep entry needs {len(current)} comma-separated lams (one per aligned "
+                            "model), entries separated by spaces, e.g. /sweep 0,0 0.5,0.5")
+    return groups
+
+
+def _cmd_system(session: ChatSession, arg: str):
+    session.set_system(arg)
+    click.echo(f"system prompt set: {arg}" if arg else "system prompt cleared", err=True)
+
+
+def _cmd_reset(session: ChatSession, arg: str):
+    session.reset()
+    click.echo("conversation cleared", err=True)
+
+
+def _cmd_history(session: ChatSession, arg: str):
+    labels = {"system": "system", "user": "you", "assistant": "assistant"}
+    if session.system:
+        click.echo(f"system: {session.system}")
+    for i, message in enumerate(session.history):
+        mark = " [interrupted]" if i in session.partial else ""
+        click.echo(f"{labels.get(message['role'], message['role'])}: {message['content']}{mark}")
+    if not session.history:
+        click.echo("(no messages yet)", err=True)
+
+
+def _cmd_help(session: ChatSession, arg: str):
+    for name, (_, text) in COMMANDS.items():
+        click.echo(f"  {name:<9} {text}")
+    click.echo("  Ctrl-C stops an answer (kept, marked interrupted); Ctrl-D leaves.")
+
+
+def _cmd_quit(session: ChatSession, arg: str):
+    return QUIT
+
+
+COMMANDS: Dict[str, Tuple[Callable, str]] = {
+    "/lam": (_cmd_lam, "X: change lam for the following answers (comma list for several aligned models)"),
+    "/sweep": (_cmd_sweep, "0,0.5,1,2: answer the last message once per lam; the history is unchanged"),
+    "/system": (_cmd_system, "TEXT: set the system prompt (no TEXT: clear it)"),
+    "/reset": (_cmd_reset, "forget the conversation"),
+    "/history": (_cmd_history, "show the conversation"),
+    "/help": (_cmd_help, "this list"),
+    "/quit": (_cmd_quit, "leave (Ctrl-D too)"),
+}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""A chat conversation over a DeRaLlama: the history, lam and sampling settings.
+
+Kept apart from the terminal loop (``chat.py``) so that every answer is, by
+construction, one ``DeRaLlama.create_chat_completion`` call on the history as it
+stands: the CLI is a front, not a second engine. Nothing here touches a terminal;
+callers pass ``on_text`` (print a streamed piece) and ``should_stop`` (Ctrl-C seen).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Set
+
+import numpy as np
+
+from ..blend import Lam
+from ..errors import DeRaError
+
+OnText = Callable[[str], None]
+ShouldStop = Callable[[], bool]
+INTERRUPTED = "interrupted"  # finish_reason of an answer stopped by the user
+
+
+@dataclass
+class Sampling:
+    """Sampling settings of every answer; the defaults are the paper's Zephyr settings.
+
+    ``min_p`` defaults to 0 (off), unlike llama-cpp-python's 0.05, because the paper
+    sampled with Hugging Face ``generate``, which applies no min-p. ``seed=None``
+    draws a fresh seed per answer; a fixed seed makes every answer reproducible from
+    the history alone (the same seed is passed to each call).
+    """
+
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    max_tokens: int = 256
+    seed: Optional[int] = None
+
+    def call_kwargs(self, seed: int) -> dict:
+        """Keyword arguments of ``create_chat_completion`` for one answer."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens, seed=seed)
+
+    def next_seed(self) -> int:
+        return self.seed if self.seed is not None else secrets.randbelow(2**32)
+
+
+@dataclass
+class Answer:
+    """One generated answer and what the status line reports about it."""
+
+    text: str
+    lam: Lam
+    tokens: int  # tokens sampled, the end-of-turn token included
+    seconds: float
+    finish_reason: Optional[str]
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finish_reason == INTERRUPTED
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _TokenWatch:
+    """A logits processor that counts sampling steps and carries out a stop request.
+
+    Streamed chunks do not map one to one onto tokens (llama-cpp-python holds back
+    text that is not yet valid UTF-8), so this is the one exact count the public API
+    gives, and the one place a stop can act at the very next token however the text
+    is chunked: once ``should_stop()`` is true, only the end-of-text token is left, so
+    the answer ends cleanly and llama-cpp-python flushes the text it holds.
+    """
+
+    def __init__(self, should_stop: ShouldStop, eos: int) -> None:
+        self.should_stop, self.eos = should_stop, eos
+        self.n = 0
+        self.stopped = False
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        self.n += 1
+        self.stopped = self.stopped or bool(self.should_stop())
+        if self.stopped:
+            logits[:] = -np.inf
+            logits[self.eos] = 0.0
+        return logits
+
+
+@dataclass
+class ChatSession:
+    """History, lam and settings of one conversation with a DeRaLlama ``llm``."""
+
+    llm: object
+    lam: Lam = 1.0
+    system: Optional[str] = None
+    sampling: Sampling = field(default_factory=Sampling)
+    history: List[dict] = field(default_factory=list)  # user/assistant messages, as sent
+    partial: Set[int] = field(default_factory=set)  # history indices of interrupted answers
+
+    # ------------------------------------------------------------ settings
+
+    def set_lam(self, lam: Lam) -> None:
+        """Change lam for the following answers; checked now (count, finiteness)."""
+        from ..blend import as_lams
+
+        lams = as_lams(lam, _n_lams(self.lam))
+        self.lam = lams[0] if len(lams) == 1 else lams
+
+    def set_system(self, text: Optional[str]) -> None:
+        self.system = text or None
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and lam stay)."""
+        self.history.clear()
+        self.partial.clear()
+
+    def messages(self, history: Optional[Sequence[dict]] = None) -> List[dict]:
+        """What the model sees: the system prompt (if any), then ``history``."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [dict(m) for m in (self.history if history is None else history)]
+
+    # ------------------------------------------------------------- answers
+
+    def ask(self, text: str, on_text: OnText = lambda s: None, should_stop: ShouldStop = lambda: False) -> Answer:
+        """Add a user message and answer it; an interrupted answer is kept, marked partial."""
+        self.history.append({"role": "user", "content": text})
+        try:
+            answer = self.generate(self.messages(), self.lam, on_text, should_stop)
+        except BaseException:
+            self.history.pop()  # nothing was answered: the turn did not happen
+            raise
+        self.history.append({"role": "assistant", "content": answer.text})
+        if answer.interrupted:
+            self.partial.add(len(self.history) - 1)
+        return answer
+
+    def sweep(self, lams: Sequence[Lam], on_start: Callable[[Lam], None] = lambda lam: None,
+              on_text: OnText = lambda s: None, should_stop: ShouldStop = lambda: False,
+              on_answer: Callable[[Answer], None] = lambda answer: None) -> List[Answer]:
+        """Answer the last user message once per lam (one seed for all), history unchanged.
+
+        Stops after the answer during which ``should_stop`` turned true.
+        """
+        messages = self.messages(self._through_last_user())
+        seed = self.sampling.next_seed()
+        answers = []
+        for lam in lams:
+            on_start(lam)
+            answers.append(self.generate(messages, lam, on_text, should_stop, seed=seed))
+            on_answer(answers[-1])
+            if answers[-1].interrupted:
+                break
+        return answers
+
+    def complete(self, text: str) -> dict:
+        """One-shot, not streamed: the OpenAI-shaped completion for one user message."""
+        messages = self.messages([{"role": "user", "content": text}])
+        kwargs = self.sampling.call_kwargs(self.sampling.next_seed())
+        return self.llm.create_chat_completion(messages, lam=self.lam, **kwargs)
+
+    def generate(self, messages: List[dict], lam: Lam, on_text: OnText, should_stop: ShouldStop,
+                 seed: Optional[int] = None) -> Answer:
+        """Stream one ``create_chat_completion``; a stop request ends it at the next token."""
+        watch = _TokenWatch(should_stop, self.llm.token_eos())
+        kwargs = self.sampling.call_kwargs(self.sampling.next_seed() if seed is None else seed)
+        start = time.perf_counter()
+        stream = self.llm.create_chat_completion(messages, lam=lam, stream=True, logits_processor=[watch], **kwargs)
+        text, finish = _consume(stream, on_text)
+        return Answer("".join(text), lam, watch.n, time.perf_counter() - start, INTERRUPTED if watch.stopped else finish)
+
+    def _through_last_user(self) -> List[dict]:
+        for i in range(len(self.history) - 1, -1, -1):
+            if self.history[i]["role"] == "user":
+                return self.history[: i + 1]
+        raise DeRaError("nothing to sweep yet: ask something first")
+
+
+def _consume(stream: Iterator[dict], on_text: OnText) -> tuple[List[str], Optional[str]]:
+    """Pass streamed pieces to ``on_text``; returns the pieces and the finish reason."""
+    pieces: List[str] = []
+    finish = None
+    try:
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            piece = choice["delta"].get("content")
+            if piece:
+                pieces.append(piece)
+                on_text(piece)
+            finish = choice.get("finish_reason") or finish
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # on an error midway, end llama-cpp-python's generator now
+    return pieces, finish
+
+
+def _n_lams(lam: Lam) -> int:
+    return len(lam) if isinstance(lam, (list, tuple)) else 1
+
+
+def format_lam(lam: Lam) -> str:
+    """``1.5`` or ``0.5,1`` (several aligned models), as typed on the command line."""
+    values = lam if isinstance(lam, (list, tuple)) else [lam]
+    return ",".join(f"{float(v):g}" for v in values)

