@@ -16,10 +16,9 @@ from llama_cpp import llama_chat_format
 
 import reference as R
 from chat_driver import PAPER, Terminal, cli_env, run_cli, streamed
-from conftest import tiny_vocab
 from dera_gguf import DeRaError, DeRaLlama
 from dera_gguf.cli.chat import _sweep_lams, main
-from tiny_models import CHAT_TEMPLATE, write_tiny_llama
+from tiny_models import CHAT_TEMPLATE, tiny_vocab, write_tiny_llama
 
 
 def printable_vocab():
