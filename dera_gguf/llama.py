@@ -83,6 +83,9 @@ class DeRaLlama(Llama):
             super().__init__(model_path=ref_path, lora_path=aligned_paths[0], **llama_kwargs)
         else:
             super().__init__(model_path=aligned_paths[0], **llama_kwargs)
+        # llama.cpp may round the context up (to 256); Llama's token buffer keeps the size
+        # asked for, so that is the real limit.
+        self._n_ctx = min(self._n_ctx, len(self.input_ids))
         self._n_aligned = len(aligned_paths)
         self._eval_weights: Optional[np.ndarray] = None
         members = self._build_members(ref_path, aligned_paths, is_adapter)

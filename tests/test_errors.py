@@ -82,6 +82,13 @@ def test_lam_list_must_match_aligned_models(ref_path, aligned_path, aligned2_pat
         llm.create_chat_completion([{"role": "user", "content": "hi"}], lam=[0.5, 0.5])
 
 
+def test_prompt_between_asked_and_rounded_n_ctx(llm):
+    """llama.cpp rounds n_ctx=128 up to 256; a 200-token prompt must still be refused cleanly."""
+    prompt = [1] + [300] * 199
+    with pytest.raises(DeRaError, match="n_ctx"):
+        llm.create_completion(prompt, max_tokens=2)
+
+
 def test_prompt_longer_than_n_ctx(llm):
     with pytest.raises(DeRaError, match="n_ctx"):
         llm.create_completion("the cat " * 200, max_tokens=2)
