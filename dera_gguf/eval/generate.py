@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..blend import blend_logits, mixing_weights
+from ..errors import DeRaError
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
 from .models import EvalPair
@@ -108,7 +109,7 @@ def generate(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str]
     if not isinstance(data, Dataset):
         data = read_rows(data, "generate", limit)
     if samples < 1:
-        raise RowProblem(f"samples must be at least 1, got {samples}")
+        raise DeRaError(f"samples must be at least 1, got {samples}")
     n_seq = len(lams) * samples
     seqs = pair.sequences(n_seq=n_seq, n_extra=(n_seq - 1) * params.max_tokens)
     settings = {"command": "generate", "reference": os.path.abspath(pair.ref_path),

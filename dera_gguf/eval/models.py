@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Union
 
 import llama_cpp
 from llama_cpp import _internals as internals
+from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import checks
@@ -50,6 +51,7 @@ class EvalPair:
         if not self.is_adapter:
             _check_vocabularies(self.ref_path, [self.aligned_path], verbose)
         self.n_ctx, self.n_threads, self.verbose = n_ctx, n_threads, verbose
+        set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
         self._stack = contextlib.ExitStack()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers

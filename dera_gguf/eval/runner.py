@@ -34,10 +34,12 @@ class SweepResult:
     out_dir: Optional[str] = None
     plot_message: Optional[str] = None
 
-    def skipped_report(self) -> str:
+    def skipped_report(self, n_listed: int = 0) -> str:
+        """All skipped rows with line numbers; the first ``n_listed`` only counted (shown before)."""
         if not self.skipped:
             return ""
-        return "\n".join([f"skipped {len(self.skipped)} row(s):"] + [f"  {b}" for b in self.skipped])
+        head = f"skipped {len(self.skipped)} row(s)" + (f" ({n_listed} bad input row(s) listed above)" if n_listed else "")
+        return "\n".join([head + ":"] + [f"  {b}" for b in self.skipped[n_listed:]])
 
 
 def run_sweep(data: Dataset, lams: Sequence[float], work: Callable[[Row, List[float]], List[Dict[str, Any]]],
