@@ -85,7 +85,7 @@ def generate_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequen
         where = f"line {row.line} (lam {job.lam})"
         records.append({
             "row": row.id, "line": row.line, "lam": job.lam, "sample": job.sample, "seed": job.seed,
-            "prompt": prompt_text, "response": response, "length_tokens": len(job.tokens),
+            "prompt": prompt_text, "response": response, "tokens": job.tokens, "length_tokens": len(job.tokens),
             "finish_reason": job.finish, "kl_sum": float(np.sum(job.kl)), "kl_mean": float(np.mean(job.kl)),
             "reward": reward_of(reward, prompt_text, response, len(job.tokens), where),
         })

@@ -35,10 +35,12 @@ class EvalPair:
         n_ctx: tokens one sequence (prompt + response) may hold.
         n_gpu_layers: layers to offload (-1: all).
         n_threads: CPU threads (None: llama.cpp's default).
+        flash_attn: use flash attention (off by default, as in llama_cpp.Llama).
     """
 
     def __init__(self, reference_model_path: PathLike, aligned_model_path: Union[PathLike, Sequence[PathLike]],
-                 n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None, verbose: bool = False):
+                 n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
+                 flash_attn: bool = False, verbose: bool = False):
         aligned = aligned_model_path
         if isinstance(aligned, (list, tuple)):
             if len(aligned) != 1:
@@ -50,7 +52,7 @@ class EvalPair:
         self.is_adapter = checks.gguf_general_type(self.aligned_path) == "adapter"
         if not self.is_adapter:
             _check_vocabularies(self.ref_path, [self.aligned_path], verbose)
-        self.n_ctx, self.n_threads, self.verbose = n_ctx, n_threads, verbose
+        self.n_ctx, self.n_threads, self.flash_attn, self.verbose = n_ctx, n_threads, flash_attn, verbose
         set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
         self._stack = contextlib.ExitStack()
         params = llama_cpp.llama_model_default_params()
@@ -135,6 +137,9 @@ class EvalPair:
         params.n_batch = params.n_ubatch = max(min(n_batch, self.n_ctx), n_seq)
         params.n_seq_max = n_seq
         params.kv_unified = True
+        # as llama_cpp.Llama (and so DeRaLlama) by default: the same logits as there
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if self.n_threads:
             params.n_threads = params.n_threads_batch = self.n_threads
         contexts = []
