@@ -32,13 +32,13 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def pair(ref_path, aligned_path):
-    with EvalPair(ref_path, aligned_path, n_ctx=256) as p:
+    with EvalPair(ref_path, aligned_path, n_ctx=256, n_threads=1) as p:
         yield p
 
 
 @pytest.fixture(scope="module")
 def plain_pair(ref_path, aligned_path):
-    return R.plain(ref_path), R.plain(aligned_path)
+    return R.plain(ref_path, n_threads=1, n_threads_batch=1), R.plain(aligned_path, n_threads=1, n_threads_batch=1)
 
 
 def reference_stats(models, prompt: str, response: str, lams):
@@ -146,7 +146,7 @@ def test_resume_keeps_finished_results_and_matches_an_uninterrupted_run(pair, tm
 def test_resume_refuses_other_models(pair, ref_path, tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", ROWS[:1])
     score(pair, data, [1.0], out_dir=str(tmp_path / "out"))
-    with EvalPair(ref_path, ref_path, n_ctx=256) as other:
+    with EvalPair(ref_path, ref_path, n_ctx=256, n_threads=1) as other:
         with pytest.raises(DeRaError, match="other settings.*aligned"):
             score(other, data, [1.0], out_dir=str(tmp_path / "out"))
 
