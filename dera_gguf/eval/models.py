@@ -140,8 +140,10 @@ class EvalPair:
         # as llama_cpp.Llama (and so DeRaLlama) by default: the same logits as there
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        if self.n_threads:
-            params.n_threads = params.n_threads_batch = self.n_threads
+        # llama_cpp.Llama's defaults (llama.cpp's own, 4 threads, oversubscribes small machines)
+        cores = os.cpu_count() or 1
+        params.n_threads = self.n_threads or max(cores // 2, 1)
+        params.n_threads_batch = self.n_threads or cores
         contexts = []
         for name, model, adapter in (("reference model", self.ref_model, None),
                                      ("aligned model", self.aligned_model, self.adapter)):
