@@ -101,3 +101,36 @@ def test_other_settings_in_the_same_out_are_refused(ref_path, aligned_path, tmp_
     assert CliRunner().invoke(main, common).exit_code == 0
     result = CliRunner().invoke(main, common + ["--temperature", "0.2"])
     assert result.exit_code == 1 and "other settings" in result.output and "temperature" in result.output
+
+
+def test_ctrl_c_loses_nothing_written(ref_path, aligned_path, tmp_path):
+    """Interrupt a real dera-eval process mid-run; the re-run recomputes none of what it wrote."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    rows = [{"prompt": f"question {i}: tell me about the cat", "chosen": " the cat is short",
+             "rejected": " a dog"} for i in range(400)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "dera_gguf.cli.eval", "score", *models(ref_path, aligned_path), "--data", data,
+            "--lams", "0,1", "--out", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    results = out / "results.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not results.exists() or len(results.read_bytes().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    written = results.read_text().splitlines()
+    if len(written) == 2 * len(rows):
+        pytest.skip("the run finished before it could be interrupted")
+    assert written and all(json.loads(line) for line in written)
+    done = len(written) // 2 * 2  # whole rows
+    result = CliRunner().invoke(main, args[3:])
+    assert result.exit_code == 0, result.output
+    final = results.read_text().splitlines()
+    assert len(final) == 2 * len(rows) and final[: len(written)] == written
+    assert f"reused {done}" in result.output or f"reused {len(written)}" in result.output
