@@ -1,0 +1,144 @@
+"""dera-eval: sweep λ over validation data (score preference pairs, or generate and reward).
+
+    dera-eval score --ref sft.gguf --aligned dpo.gguf --data prefs.jsonl --lams 0,0.5,1,1.5,2 --out runs/s
+    dera-eval generate --pair zephyr --prompts prompts.jsonl --lams 0,1,2 --out runs/g --reward length
+
+Both write DIR/summary.json, DIR/summary.csv and DIR/sweep.png, print the best λ, and
+resume an interrupted run with the same --out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import DeRaError
+from .common import choose_pair, model_options, parse_lams, reports_errors
+
+DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
+
+
+def sweep_options(fn):
+    """Flags both subcommands share (besides the model flags)."""
+    options = [
+        click.option("--lams", default=DEFAULT_LAMS, show_default=True, help="Comma-separated λ values to sweep."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+                     help="Output folder; re-running with the same folder resumes."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N usable rows."),
+        click.option("--maximize/--minimize", "maximize", default=None,
+                     help="Direction of --metric (default: the metric's natural one)."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose):
+    from ..eval import EvalPair
+
+    ref, aligned, _ = choose_pair(pair_name, ref_path, aligned_paths, models_file)
+    return EvalPair(ref, aligned, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose)
+
+
+def report(result, metric: str, maximize, metrics, n_listed: int) -> None:
+    """Skipped rows, what was reused, the summary table, the plot, and the best λ."""
+    from ..eval import best_lam
+
+    if result.skipped:
+        click.echo(result.skipped_report(n_listed), err=True)
+    if result.reused:
+        click.echo(f"resumed: reused {result.reused} finished result(s) from {result.out_dir}", err=True)
+    names = list(metrics)
+    click.echo("lam\tn\t" + "\t".join(names))
+    for e in result.summary:
+        cells = ["-" if e[m] is None else f"{e[m]:.4g}±{e[m + '_stderr'] or 0:.2g}" for m in names]
+        click.echo(f"{e['lam']:g}\t{e['n']}\t" + "\t".join(cells))
+    click.echo(f"wrote {os.path.join(result.out_dir, 'summary.json')} and summary.csv")
+    if result.plot_message:
+        click.echo(result.plot_message, err=True)
+    else:
+        click.echo(f"wrote {os.path.join(result.out_dir, 'sweep.png')}")
+    best = best_lam(result.summary, metric, metrics, maximize)
+    if best is None:
+        click.echo(f"no results for {metric}: no best lam", err=True)
+    else:
+        click.echo(f"best lam by {metric}: {best['lam']:g} ({metric} = {best[metric]:.4g})")
+
+
+@click.group()
+def main():
+    """Sweep the DeRa strength λ over validation data, as the paper does to pick a KL strength."""
+
+
+@main.command()
+@model_options
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True,
+              help='prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.')
+@sweep_options
+@click.option("--metric", default="pairwise_accuracy", show_default=True, help="Metric that picks the best λ.")
+@reports_errors
+def score(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, seed, verbose,
+          data_path, lams, out_dir, limit, maximize, no_progress, metric):
+    """Pairwise accuracy (eq. 14), log-probs and KL to the reference on preference data."""
+    from ..eval import SCORE_METRICS, read_rows
+    from ..eval import score as run
+
+    lams = parse_lams(lams)
+    _check_metric(metric, SCORE_METRICS)
+    data = read_rows(data_path, "score", limit)
+    if data.bad:
+        click.echo(data.report(), err=True)
+    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair:
+        result = run(pair, data, lams, out_dir=out_dir, progress=not no_progress)
+    report(result, metric, maximize, SCORE_METRICS, len(data.bad))
+
+
+@main.command()
+@model_options
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), required=True,
+              help='prompts.jsonl: {"prompt"} or {"messages"} per line.')
+@sweep_options
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Responses per prompt and λ.")
+@click.option("--reward", "reward_spec", default="length", show_default=True,
+              help="'length' (eq. 10) or module:function, a callable f(prompt, response) -> float.")
+@click.option("--lmin", type=click.IntRange(min=0), default=20, show_default=True, help="Length reward: min tokens.")
+@click.option("--lmax", type=click.IntRange(min=0), default=60, show_default=True, help="Length reward: max tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
+              help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="New tokens per response.")
+@click.option("--metric", default="mean_reward", show_default=True, help="Metric that picks the best λ.")
+@reports_errors
+def generate(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, seed, verbose,
+             prompts_path, lams, out_dir, limit, maximize, no_progress, samples, reward_spec, lmin, lmax,
+             temperature, top_k, top_p, min_p, max_tokens, metric):
+    """Sample at every λ; length, reward and KL to the reference per λ (seed 0 unless --seed)."""
+    from ..eval import GENERATE_METRICS, SamplingParams, load_reward, read_rows
+    from ..eval import generate as run
+
+    lams = parse_lams(lams)
+    _check_metric(metric, GENERATE_METRICS)
+    reward = load_reward(reward_spec, lmin, lmax)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens)
+    data = read_rows(prompts_path, "generate", limit)
+    if data.bad:
+        click.echo(data.report(), err=True)
+    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair:
+        result = run(pair, data, lams, out_dir=out_dir, params=params, seed=0 if seed is None else seed,
+                     reward=reward, samples=samples, progress=not no_progress)
+    report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
+
+
+def _check_metric(metric: str, metrics) -> None:
+    if metric not in metrics:
+        raise DeRaError(f"--metric {metric}: choose one of {', '.join(metrics)}")
+
+
+if __name__ == "__main__":
+    main()

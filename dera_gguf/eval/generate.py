@@ -1,0 +1,124 @@
+"""dera-eval generate: sample responses at every λ, with length, KL to the reference and reward.
+
+All (λ, sample) sequences of one prompt decode together: the prompt is evaluated once
+per model and shared through the KV cache, then each step is one llama.cpp batch per
+model holding one token per live sequence. Each sequence blends its rows at its own
+λ and draws from its own seeded llama.cpp sampler chain.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..blend import blend_logits, mixing_weights
+from ..errors import DeRaError
+from .batch import ParallelSequences
+from .data import Dataset, Row, RowProblem, read_rows
+from .models import EvalPair
+from .rewards import LengthReward, describe_reward, reward_of
+from .runner import SweepResult, run_sweep
+from .sampling import RowSampler, SamplingParams, new_chain, sequence_seed
+from .summary import GENERATE_METRICS
+from .tokenstats import kl_rows
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+class _Sequence:
+    """One response being generated: its λ, sample index, chain and what it produced."""
+
+    def __init__(self, lam: float, sample: int, seed: int, params: SamplingParams):
+        self.lam, self.sample, self.seed = lam, sample, seed
+        self.weights = mixing_weights(lam)
+        self.chain = new_chain(params, seed)
+        self.tokens: List[int] = []
+        self.kl: List[float] = []
+        self.finish: Optional[str] = None
+
+
+def decode_batch(pair: EvalPair, seqs: ParallelSequences, prompt: Sequence[int], jobs: List[_Sequence],
+                 max_tokens: int) -> None:
+    """Generate every job's response in lockstep (one batch per model and step)."""
+    sampler = RowSampler(pair.n_vocab)
+    first = seqs.prefill(prompt, len(jobs))
+    rows = np.repeat(first[:, None, :], len(jobs), axis=1)  # (n_models, n_live, n_vocab)
+    live = list(range(len(jobs)))
+    position = len(prompt)
+    while live:
+        blended = np.stack([blend_logits([rows[0, k], rows[1, k]], jobs[i].weights) for k, i in enumerate(live)])
+        kls = kl_rows(blended, rows[0])
+        for k, i in enumerate(live):
+            job = jobs[i]
+            token = sampler.sample(job.chain, blended[k])
+            job.kl.append(float(kls[k]))
+            if pair.is_eog(token):
+                job.finish = "stop"
+            else:
+                job.tokens.append(token)
+                if len(job.tokens) >= max_tokens:
+                    job.finish = "length"
+        live = [i for i in live if jobs[i].finish is None]
+        if live:
+            rows = seqs.step([jobs[i].tokens[-1] for i in live], live, position)
+            position += 1
+
+
+def generate_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequence[float], samples: int,
+                 params: SamplingParams, seed: int, reward) -> List[Dict[str, Any]]:
+    """One record per (λ, sample) of this prompt."""
+    prompt_text = row.prompt if row.messages is None else pair.render_chat(row.messages)
+    prompt = pair.tokenize(prompt_text)
+    if not prompt:
+        raise RowProblem("the prompt has no tokens (and the model adds no BOS): nothing to condition on")
+    if len(prompt) + params.max_tokens > pair.n_ctx:
+        raise RowProblem(f"the prompt is {len(prompt)} tokens: with max {params.max_tokens} new tokens it needs "
+                         f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens")
+    jobs = [_Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
+            for lam in lams for s in range(samples)]
+    decode_batch(pair, seqs, prompt, jobs, params.max_tokens)
+    records = []
+    for job in jobs:
+        response = pair.detokenize(job.tokens)
+        where = f"line {row.line} (lam {job.lam})"
+        records.append({
+            "row": row.id, "line": row.line, "lam": job.lam, "sample": job.sample, "seed": job.seed,
+            "prompt": prompt_text, "response": response, "tokens": job.tokens, "length_tokens": len(job.tokens),
+            "finish_reason": job.finish, "kl_sum": float(np.sum(job.kl)), "kl_mean": float(np.mean(job.kl)),
+            "reward": reward_of(reward, prompt_text, response, len(job.tokens), where),
+        })
+    return records
+
+
+def generate(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = None,
+             params: SamplingParams = SamplingParams(), seed: int = 0, reward=LengthReward(), samples: int = 1,
+             limit: Optional[int] = None, progress: bool = False) -> SweepResult:
+    """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
+
+    Args:
+        pair: the models (:class:`EvalPair`).
+        data: a prompts.jsonl path or a :class:`Dataset` from :func:`read_rows`.
+        out_dir: where samples.jsonl, summary.json/csv and sweep.png go (None: in memory);
+            an earlier run there with the same settings is resumed.
+        params: sampling settings (default: the paper's Zephyr settings).
+        seed: every (row, λ, sample) draws from its own chain seeded from this.
+        reward: :class:`LengthReward` (eq. 10) or a callable ``f(prompt, response) -> float``.
+    """
+    if not isinstance(data, Dataset):
+        data = read_rows(data, "generate", limit)
+    if samples < 1:
+        raise DeRaError(f"samples must be at least 1, got {samples}")
+    n_seq = len(lams) * samples
+    seqs = pair.sequences(n_seq=n_seq, n_extra=(n_seq - 1) * params.max_tokens)
+    settings = {"command": "generate", "reference": os.path.abspath(pair.ref_path),
+                "aligned": os.path.abspath(pair.aligned_path), "sampling": params.as_dict(), "seed": seed,
+                "samples": samples, "reward": describe_reward(reward)}
+    work = lambda row, todo: generate_row(pair, seqs, row, todo, samples, params, seed, reward)
+    try:
+        return run_sweep(data, [float(x) for x in lams], work, per_lam=samples, metrics=GENERATE_METRICS,
+                         results_name=SAMPLES_FILE, out_dir=out_dir, settings=settings, progress=progress,
+                         label="generating")
+    finally:
+        seqs.close()

@@ -1,0 +1,153 @@
+"""The model pair of a sweep: weights loaded once, tokenizer, chat template, contexts.
+
+A sweep blends one reference and one aligned model (or a LoRA adapter on the
+reference). Unlike :class:`~dera_gguf.DeRaLlama`, which holds one sequence, the
+contexts made here hold several sequences on a unified KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import List, Optional, Sequence, Union
+
+import llama_cpp
+from llama_cpp import _internals as internals
+from llama_cpp._logger import set_verbose
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .. import checks
+from ..contexts import new_member
+from ..errors import DeRaError
+from ..llama import _check_vocabularies
+from .batch import ParallelSequences
+
+MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class EvalPair:
+    """A reference model and an aligned model (GGUF, or GGUF LoRA adapter) for λ sweeps.
+
+    Args:
+        reference_model_path: GGUF of the reference (SFT) model.
+        aligned_model_path: GGUF of the aligned model, or a LoRA adapter GGUF for the reference.
+        n_ctx: tokens one sequence (prompt + response) may hold.
+        n_gpu_layers: layers to offload (-1: all).
+        n_threads: CPU threads (None: llama.cpp's default).
+        flash_attn: use flash attention (off by default, as in llama_cpp.Llama).
+    """
+
+    def __init__(self, reference_model_path: PathLike, aligned_model_path: Union[PathLike, Sequence[PathLike]],
+                 n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
+                 flash_attn: bool = False, verbose: bool = False):
+        aligned = aligned_model_path
+        if isinstance(aligned, (list, tuple)):
+            if len(aligned) != 1:
+                raise DeRaError(f"a lam sweep blends one aligned model, got {len(aligned)}: "
+                                "give a single --aligned model")
+            aligned = aligned[0]
+        self.ref_path = checks.check_gguf_file(reference_model_path, "reference model")
+        self.aligned_path = checks.check_gguf_file(aligned, "aligned model")
+        self.is_adapter = checks.gguf_general_type(self.aligned_path) == "adapter"
+        if not self.is_adapter:
+            _check_vocabularies(self.ref_path, [self.aligned_path], verbose)
+        self.n_ctx, self.n_threads, self.flash_attn, self.verbose = n_ctx, n_threads, flash_attn, verbose
+        set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
+        self._stack = contextlib.ExitStack()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+        self.ref_model = self._load(self.ref_path, params, "reference model")
+        self.aligned_model = self.ref_model if self.is_adapter else self._load(self.aligned_path, params, "aligned model")
+        self.adapter = self._load_adapter() if self.is_adapter else None
+        self.n_vocab = self.ref_model.n_vocab()
+
+    def _load(self, path: str, params, role: str) -> internals.LlamaModel:
+        try:
+            model = internals.LlamaModel(path_model=path, params=params, verbose=self.verbose)
+        except ValueError:
+            raise DeRaError(f"llama.cpp could not load the {role} {path}: re-download or re-convert it") from None
+        self._stack.callback(model.close)
+        return model
+
+    def _load_adapter(self):
+        adapter = llama_cpp.llama_adapter_lora_init(self.ref_model.model, self.aligned_path.encode("utf-8"))
+        if adapter is None:
+            raise DeRaError(f"llama.cpp could not load the LoRA adapter {self.aligned_path} on the reference "
+                            "model: was it made for this reference model?")
+        self._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
+        return adapter
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "EvalPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- tokens
+
+    def tokenize(self, text: str) -> List[int]:
+        """Tokens of ``text`` with BOS (as the model adds it) and special tokens parsed."""
+        return self.aligned_model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.aligned_model.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.aligned_model.vocab, token))
+
+    def render_chat(self, messages: list) -> str:
+        """The aligned model's chat template applied to ``messages``, ready for a reply.
+
+        The rendered text is tokenized like a plain prompt (BOS added by the model's
+        rules), except that a template that writes the BOS text itself gets no second BOS.
+        """
+        model = self.ref_model if self.is_adapter else self.aligned_model
+        template = model.metadata().get("tokenizer.chat_template")
+        if not template:
+            raise DeRaError(f"{self.aligned_path} has no chat template (tokenizer.chat_template): "
+                            'give "prompt" strings instead of "messages"')
+        text = lambda t: model.token_get_text(t) if t >= 0 else ""
+        formatter = Jinja2ChatFormatter(template, eos_token=text(model.token_eos()), bos_token=text(model.token_bos()))
+        try:
+            prompt = formatter(messages=messages).prompt
+        except Exception as e:  # jinja errors, raise_exception() in the template
+            raise DeRaError(f"the chat template could not render these messages ({e})") from None
+        bos = text(model.token_bos())
+        return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+    def prompt_tokens(self, prompt: Optional[str], messages: Optional[list]) -> List[int]:
+        return self.tokenize(prompt if messages is None else self.render_chat(messages))
+
+    # ----------------------------------------------------------- contexts
+
+    def sequences(self, n_seq: int = 1, n_extra: int = 0, n_batch: int = 512) -> ParallelSequences:
+        """Reference and aligned contexts for ``n_seq`` sequences on one unified KV cache.
+
+        The cache holds n_ctx + n_extra cells: one sequence of n_ctx tokens plus the
+        responses of the others (whose prompt cells are shared).
+        """
+        if not 1 <= n_seq <= MAX_SEQ:
+            raise DeRaError(f"{n_seq} parallel sequences: llama.cpp allows 1 to {MAX_SEQ}; use fewer lams or samples")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx + n_extra
+        params.n_batch = params.n_ubatch = max(min(n_batch, self.n_ctx), n_seq)
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        # as llama_cpp.Llama (and so DeRaLlama) by default: the same logits as there
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        # llama_cpp.Llama's defaults (llama.cpp's own, 4 threads, oversubscribes small machines)
+        cores = os.cpu_count() or 1
+        params.n_threads = self.n_threads or max(cores // 2, 1)
+        params.n_threads_batch = self.n_threads or cores
+        contexts = []
+        for name, model, adapter in (("reference model", self.ref_model, None),
+                                     ("aligned model", self.aligned_model, self.adapter)):
+            ctx = new_member(name, model, params, params.n_batch, self.verbose, adapter).ctx
+            self._stack.callback(ctx.close)
+            contexts.append(ctx)
+        return ParallelSequences(contexts, self.n_vocab, params.n_batch, n_seq)

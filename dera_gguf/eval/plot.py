@@ -1,0 +1,36 @@
+"""sweep.png: each metric against λ with standard-error bars (matplotlib, the `plot` extra)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+PLOT_HINT = "pip install 'dera-gguf[plot]'"
+
+
+def plot_sweep(summary: List[Dict[str, Any]], metrics: Sequence[str], path: str, title: str = "") -> Optional[str]:
+    """Draw the sweep into ``path``; return None, or a message saying why there is no plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: works without a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"no sweep.png: matplotlib is missing ({PLOT_HINT})"
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), squeeze=False)
+    lams = [e["lam"] for e in summary]
+    for ax, metric in zip(axes[0], metrics):
+        y = [float("nan") if e[metric] is None else e[metric] for e in summary]
+        err = [0.0 if e[f"{metric}_stderr"] is None else e[f"{metric}_stderr"] for e in summary]
+        ax.errorbar(lams, y, yerr=err, marker="o", capsize=3)
+        ax.set_xlabel("λ")
+        ax.set_title(metric, fontsize=10)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-sweep.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return None

