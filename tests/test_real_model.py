@@ -13,12 +13,12 @@ MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
 
 @pytest.fixture(scope="module")
 def alone(smollm2_path):
-    return llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
+    return llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=1, verbose=False)
 
 
 @pytest.fixture(scope="module")
 def self_pair(smollm2_path):
-    return DeRaLlama(str(smollm2_path), str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
+    return DeRaLlama(str(smollm2_path), str(smollm2_path), n_ctx=512, n_threads=1, verbose=False)
 
 
 @pytest.mark.parametrize("lam", [-1.0, 0.5, 2.0])

@@ -67,12 +67,12 @@ def report(result, metric: str, maximize, metrics, n_listed: int) -> None:
         click.echo(f"best lam by {metric}: {best['lam']:g} ({metric} = {best[metric]:.4g})")
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Sweep the DeRa strength λ over validation data, as the paper does to pick a KL strength."""
 
 
-@main.command()
+@main.command(short_help="Pairwise accuracy, log-probs and KL per λ on preference data.")
 @model_options
 @click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True,
               help='prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.')
@@ -95,7 +95,7 @@ def score(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, 
     report(result, metric, maximize, SCORE_METRICS, len(data.bad))
 
 
-@main.command()
+@main.command(short_help="Sample per λ: length, reward and KL to the reference.")
 @model_options
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), required=True,
               help='prompts.jsonl: {"prompt"} or {"messages"} per line.')
