@@ -2,7 +2,8 @@
 
     python scripts/bench_memory.py [--model PATH] [--adapter PATH] [--n-ctx 2048]
 
-Each contender runs in its own fresh process (load, then a short greedy chat answer)
+A pair of two full model files (the model and a copy) is measured too, to show what
+sharing the weights saves. Each contender runs in its own fresh process (load, then a short greedy chat answer)
 and reports its peak resident set size, so the figures do not mix. The adapter is
 applied on the reference model: one copy of the weights, two contexts.
 """
@@ -13,8 +14,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -27,7 +30,7 @@ if kind == "alone":
     llm = llama_cpp.Llama(model_path=model, **kw)
 else:
     from dera_gguf import DeRaLlama
-    llm = DeRaLlama(model, adapter, lam=1.5, **kw)
+    llm = DeRaLlama(model, adapter, lam=1.5, **kw)  # adapter: a LoRA, or a copy of the model
 llm.create_chat_completion([{"role": "user", "content": "Name three colours."}], max_tokens=32, temperature=0.0)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -57,12 +60,16 @@ def main() -> None:
     if not os.path.isfile(args.adapter):
         raise SystemExit(f"adapter not found: {args.adapter}")
     alone = min(peak_rss("alone", model, args.adapter, args.n_ctx) for _ in range(args.rounds))
-    pair = min(peak_rss("pair", model, args.adapter, args.n_ctx) for _ in range(args.rounds))
+    pair = min(peak_rss("lora", model, args.adapter, args.n_ctx) for _ in range(args.rounds))
+    with tempfile.TemporaryDirectory() as tmp:  # a second file, so its pages are not shared
+        second = shutil.copy(model, os.path.join(tmp, "copy.gguf"))
+        copies = min(peak_rss("copies", model, second, args.n_ctx) for _ in range(args.rounds))
     print(f"model {os.path.basename(model)} ({os.path.getsize(model) / 2**20:.0f} MiB), "
           f"adapter {os.path.basename(args.adapter)} ({os.path.getsize(args.adapter) / 2**20:.1f} MiB), n_ctx {args.n_ctx}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"reference alone      peak RSS {alone:7.1f} MiB")
     print(f"DeRa pair (LoRA)     peak RSS {pair:7.1f} MiB   ratio {pair / alone:.3f}")
+    print(f"two full models      peak RSS {copies:7.1f} MiB   ratio {copies / alone:.3f}   (no sharing, for comparison)")
 
 
 if __name__ == "__main__":
