@@ -206,8 +206,8 @@ def stage_effect(args) -> None:
     from demo_adapter.verify import dera_greedy
 
     adapter = args.out_dir / f"{ADAPTER_NAME}.gguf"
-    ref = open_llama(reference_gguf())
-    aligned = open_llama(reference_gguf(), lora_path=adapter)
+    ref = open_llama(reference_gguf(), logits_all=True)
+    aligned = open_llama(reference_gguf(), lora_path=adapter, logits_all=True)
     prompts = load_prompts(args.prompts, split="heldout")[: args.n_effect]
     result = {"prompts": len(prompts), "max_tokens": args.effect_max_tokens, "lams": {}}
     for lam in args.lams:
@@ -248,11 +248,11 @@ def parse_args(argv=None):
     g = parser.add_argument_group("length reward (eq. 10) and DPO")
     g.add_argument("--l-min", type=int, default=20, help="shortest rewarded length (tokens)")
     g.add_argument("--l-max", type=int, default=60, help="longest rewarded length (tokens)")
-    g.add_argument("--max-pairs-per-prompt", type=int, default=3)
+    g.add_argument("--max-pairs-per-prompt", type=int, default=4)
     g.add_argument("--beta", type=float, default=0.1, help="DPO KL strength")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/rank)")
-    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--pairs-per-step", type=int, default=4)
     g.add_argument("--steps", type=int, default=300, help="most DPO steps")
     g.add_argument("--max-minutes", type=float, default=30.0, help="DPO time budget")

@@ -32,12 +32,12 @@ class DPOConfig:
     beta: float = 0.1
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 3e-4
+    lr: float = 5e-4
     pairs_per_step: int = 4
     steps: int = 300
     warmup: int = 10
     max_minutes: float = 30.0
-    save_every: int = 10
+    save_every: int = 5
     seed: int = 0
 
 
