@@ -124,7 +124,7 @@ def stage_export(args) -> None:
         "beta": args.beta, "seed": args.seed,
         "length_range": [args.l_min, args.l_max],
         "prompts": {"file": "demo_prompts.jsonl", "train_total": n_train,
-                    "train_sampled": min(args.n_prompts, n_train),
+                    "train_sampled": len({r["id"] for r in read_cache(samples_path(args))}),
                     "heldout": len(load_prompts(args.prompts, split="heldout")),
                     "with_pairs": summary["n_prompts_with_pairs"]},
         "sampling": {"samples_per_prompt": args.n_samples, "temperature": args.temperature,

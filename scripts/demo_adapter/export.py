@@ -41,6 +41,13 @@ def gguf_tensor_name(peft_key: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[module]}.weight.lora_{side.lower()}"
 
 
+def _as_numpy(tensor) -> np.ndarray:
+    """A torch tensor (detached to float32 on the CPU) or an array, as numpy."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().float().cpu().numpy()
+    return np.asarray(tensor, dtype=np.float32)
+
+
 def export_lora_gguf(lora_state: dict, alpha: float, out_path: Path, *,
                      arch: str = "llama", name: str = "", dtype=np.float16) -> dict:
     """Write ``lora_state`` (peft's adapter state dict) to ``out_path``; return name -> shape."""
@@ -54,7 +61,7 @@ def export_lora_gguf(lora_state: dict, alpha: float, out_path: Path, *,
         writer.add_name(name)
     shapes = {}
     for key in sorted(lora_state):
-        tensor = lora_state[key].detach().float().cpu().numpy().astype(dtype)
+        tensor = _as_numpy(lora_state[key]).astype(dtype)
         gname = gguf_tensor_name(key)
         writer.add_tensor(gname, np.ascontiguousarray(tensor))
         shapes[gname] = tuple(tensor.shape)
