@@ -139,7 +139,7 @@ def stage_export(args) -> None:
         "steps": summary["steps"],
         "final_dpo_loss": summary["final_loss"],
         "final_reward_accuracy": summary["final_reward_accuracy"],
-        "final_metrics_note": "mean over the last 20 steps",
+        "final_metrics_note": "mean over the last 5 steps (20 pairs)",
         "train_seconds": summary["train_seconds"],
         "machine": f"{MACHINE} ({platform.processor() or platform.machine()}, "
                    f"torch threads {args.threads})",

@@ -185,7 +185,7 @@ def train(model, pairs: list[dict], config: DPOConfig, checkpoint: Path, pad_id:
     return state
 
 
-def recent_metrics(state: TrainState, last: int = 20) -> dict:
+def recent_metrics(state: TrainState, last: int = 5) -> dict:
     """Loss and reward accuracy averaged over the last steps (single steps are noisy)."""
     tail = state.history[-last:]
     if not tail:
