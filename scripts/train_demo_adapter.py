@@ -162,6 +162,21 @@ def update_card(args, key: str, value) -> None:
     write_card(args, card)
 
 
+def verify_sequences(args, lora_llm) -> dict:
+    """Two sets of 200 positions: held-out greedy answers of base + adapter (the text the
+    demo shows) and temperature-1 reference samples (harder: many near-tied tokens)."""
+    from demo_adapter import verify
+
+    greedy = []
+    for p in load_prompts(args.prompts, split="heldout")[-12:]:
+        ptoks = chat_prompt_tokens(lora_llm, p["prompt"])
+        greedy.append((ptoks, verify.dera_greedy(lora_llm, lora_llm, ptoks, 1.0, 40)))
+    rows = read_cache(samples_path(args))
+    sampled = [(r["prompt_tokens"], r["response_tokens"]) for r in rows[::7]]
+    return {"heldout_greedy": verify.scored_positions(greedy, args.n_positions),
+            "reference_samples": verify.scored_positions(sampled, args.n_positions)}
+
+
 def stage_verify(args) -> None:
     """Argmax agreement llama.cpp (base + adapter) vs transformers (LoRA merged), 200 positions."""
     import torch
@@ -170,33 +185,35 @@ def stage_verify(args) -> None:
 
     torch.set_num_threads(args.threads)
     adapter = args.out_dir / f"{ADAPTER_NAME}.gguf"
-    rows = read_cache(samples_path(args))
-    picked = verify.scored_positions(
-        [(r["prompt_tokens"], r["response_tokens"]) for r in rows[::7]], args.n_positions)
-    base_llm = open_llama(reference_gguf(), logits_all=True)
-    base_cpp = [verify.llama_logits(base_llm, t) for t, _ in picked]
-    del base_llm
     lora_llm = open_llama(reference_gguf(), lora_path=adapter, logits_all=True)
-    lora_cpp = [verify.llama_logits(lora_llm, t) for t, _ in picked]
+    sets = verify_sequences(args, lora_llm)
+    lora_cpp = {k: [verify.llama_logits(lora_llm, t) for t, _ in v] for k, v in sets.items()}
     del lora_llm
+    base_llm = open_llama(reference_gguf(), logits_all=True)
+    base_cpp = {k: [verify.llama_logits(base_llm, t) for t, _ in v] for k, v in sets.items()}
+    del base_llm
     model = dpo.load_policy(reference_gguf(), dpo_config(args))
     dpo.load_checkpoint(args.work_dir / "checkpoint.pt", model)
     model.eval()
     with model.disable_adapter():
-        base_hf = [verify.torch_logits(model, t) for t, _ in picked]
+        base_hf = {k: [verify.torch_logits(model, t) for t, _ in v] for k, v in sets.items()}
     merged = model.merge_and_unload()
-    lora_hf = [verify.torch_logits(merged, t) for t, _ in picked]
-    result = {
-        "positions": sum(len(p) for _, p in picked),
-        "argmax_agreement_llamacpp_adapter_vs_transformers_merged":
-            round(verify.argmax_agreement(lora_cpp, lora_hf, picked), 4),
-        "argmax_agreement_llamacpp_base_vs_transformers_base":
-            round(verify.argmax_agreement(base_cpp, base_hf, picked), 4),
-        "argmax_agreement_llamacpp_adapter_vs_llamacpp_base":
-            round(verify.argmax_agreement(lora_cpp, base_cpp, picked), 4),
-        "max_abs_logit_change_from_adapter_llamacpp":
-            round(verify.max_abs_diff(lora_cpp, base_cpp, picked), 3),
-    }
+    lora_hf = {k: [verify.torch_logits(merged, t) for t, _ in v] for k, v in sets.items()}
+    result = {}
+    for k, picked in sets.items():
+        result[k] = {
+            "positions": sum(len(p) for _, p in picked),
+            "argmax_agreement_llamacpp_adapter_vs_transformers_merged":
+                round(verify.argmax_agreement(lora_cpp[k], lora_hf[k], picked), 4),
+            "argmax_agreement_llamacpp_base_vs_transformers_base":
+                round(verify.argmax_agreement(base_cpp[k], base_hf[k], picked), 4),
+            "argmax_agreement_llamacpp_adapter_vs_llamacpp_base":
+                round(verify.argmax_agreement(lora_cpp[k], base_cpp[k], picked), 4),
+            "adapter_logit_shift_slope_llamacpp_vs_transformers":
+                round(verify.shift_slope(lora_cpp[k], base_cpp[k], lora_hf[k], base_hf[k], picked), 3),
+            "max_abs_logit_change_from_adapter_llamacpp":
+                round(verify.max_abs_diff(lora_cpp[k], base_cpp[k], picked), 3),
+        }
     print(json.dumps(result, indent=1))
     update_card(args, "verification", result)
 

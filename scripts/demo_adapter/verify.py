@@ -56,6 +56,19 @@ def max_abs_diff(logits_a, logits_b, picked) -> float:
                for (_, pos), la, lb in zip(picked, logits_a, logits_b))
 
 
+def shift_slope(lora_a, base_a, lora_b, base_b, picked) -> float:
+    """Least-squares slope of the adapter's logit shift in source a against source b.
+
+    Near 1 when both apply the adapter at the same scale (a wrong alpha/rank shows here).
+    """
+    xs, ys = [], []
+    for (_, pos), la, ba, lb, bb in zip(picked, lora_a, base_a, lora_b, base_b):
+        ys.append((la[pos] - ba[pos]).ravel())
+        xs.append((lb[pos] - bb[pos]).ravel())
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return float(np.dot(x, y) / np.dot(x, x))
+
+
 def _last_logits(llm) -> np.ndarray:
     return np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
 
