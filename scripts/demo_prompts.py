@@ -69,8 +69,7 @@ def assign_split(rows: list[dict], n_heldout: int, seed: int) -> list[dict]:
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def load_prompts(path: Path = DEFAULT_OUT, split: str | None = None) -> list[dict]:

@@ -33,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demo_adapter.base import DATA_DIR, chat_prompt_tokens, open_llama, reference_gguf  # noqa: E402
-from demo_adapter.pairs import build_pairs, length_reward, length_stats  # noqa: E402
-from demo_adapter.sampling import SamplerSettings, read_cache, sample_prompts  # noqa: E402
-from demo_prompts import DEFAULT_OUT as PROMPTS_FILE  # noqa: E402
-from demo_prompts import load_prompts  # noqa: E402
+from demo_adapter.base import DATA_DIR, chat_prompt_tokens, open_llama, reference_gguf
+from demo_adapter.pairs import build_pairs, length_reward, length_stats
+from demo_adapter.sampling import SamplerSettings, read_cache, sample_prompts
+from demo_prompts import DEFAULT_OUT as PROMPTS_FILE
+from demo_prompts import load_prompts
 
 ADAPTER_NAME = "smollm2-demo-dpo-lora"
 MACHINE = "2-core x86_64 CPU container, no GPU"
@@ -86,7 +86,6 @@ def dpo_config(args):
 def stage_train(args) -> None:
     """Pairs from the length reward, then DPO (resumes from the checkpoint in --work-dir)."""
     import torch
-
     from demo_adapter import dpo
 
     torch.set_num_threads(args.threads)
@@ -106,7 +105,6 @@ def stage_train(args) -> None:
 def stage_export(args) -> None:
     """Write the adapter GGUF from the checkpoint, and the card from the run's numbers."""
     import torch
-
     from demo_adapter.export import export_lora_gguf
 
     ckpt = torch.load(args.work_dir / "checkpoint.pt", weights_only=False)
@@ -180,7 +178,6 @@ def verify_sequences(args, lora_llm) -> dict:
 def stage_verify(args) -> None:
     """Argmax agreement llama.cpp (base + adapter) vs transformers (LoRA merged), 200 positions."""
     import torch
-
     from demo_adapter import dpo, verify
 
     torch.set_num_threads(args.threads)

@@ -12,9 +12,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from demo_adapter.export import export_lora_gguf, gguf_tensor_name  # noqa: E402
+from demo_adapter.export import export_lora_gguf, gguf_tensor_name
 
-from dera_gguf.errors import DeRaError  # noqa: E402
+from dera_gguf.errors import DeRaError
 
 PREFIX = "base_model.model.model.layers"
 
