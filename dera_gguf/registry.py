@@ -196,8 +196,8 @@ def _parse_pair(name: str, entry: dict, path: Path) -> Pair:
     lam = entry.get("lam")
     return Pair(
         name=name,
-        reference=_parse_source(entry["reference"], f"{where}, reference", path.parent),
-        aligned=[_parse_source(a, f"{where}, aligned {i + 1}", path.parent) for i, a in enumerate(aligned)],
+        reference=_parse_source(entry["reference"], f"{where}, reference", path.resolve().parent),
+        aligned=[_parse_source(a, f"{where}, aligned {i + 1}", path.resolve().parent) for i, a in enumerate(aligned)],
         beta=entry.get("beta"),
         description=entry.get("description", ""),
         make=entry.get("make", ""),
