@@ -113,11 +113,6 @@ class Lockstep:
             return rows[0]
         return blend_logits(rows, [w for _, w in active], out=rows[0])
 
-    def forget(self) -> None:
-        """Mark every member's cache as empty (after a reset of the logical sequence)."""
-        for member in self.members:
-            member.n_past = 0
-
 
 def new_member(name: str, model: internals.LlamaModel, context_params, n_batch: int,
                verbose: bool, adapter: Optional["llama_cpp.llama_adapter_lora_p"] = None,

@@ -177,7 +177,7 @@ class DeRaLlama(Llama):
         """Run ``call`` under ``weights``; a stream keeps them while it is consumed."""
         with self._using(weights):
             result = call()
-        return self._stream(weights, result) if inspect.isgenerator(result) or isinstance(result, Iterator) else result
+        return self._stream(weights, result) if isinstance(result, Iterator) else result
 
     def _stream(self, weights: np.ndarray, chunks: Iterator) -> Iterator:
         while True:
