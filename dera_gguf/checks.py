@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from typing import Any, Mapping
 
 import llama_cpp
@@ -40,16 +41,58 @@ def check_gguf_file(path: Any, role: str) -> str:
     return path
 
 
-def gguf_general_type(path: str) -> str:
-    """``general.type`` from a GGUF header ("model", "adapter", ...); "model" when absent."""
-    import gguf  # gguf-py parses the header without touching llama.cpp
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
+_STRING, _ARRAY = 8, 9
 
+
+def gguf_general_type(path: str) -> str:
+    """``general.type`` from a GGUF header ("model", "adapter", ...); "model" when absent.
+
+    Reads the key/value section only, stopping at that key, so checking a multi-GB
+    model costs a few kilobytes of I/O and no parsing of its tokenizer arrays.
+    """
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or corrupt header
+        with open(path, "rb") as f:
+            f.read(4)  # magic, checked by check_gguf_file
+            version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+            for _ in range(n_kv):
+                key = _read_string(f)
+                kind = _read_u32(f)
+                if key == "general.type" and kind == _STRING:
+                    return _read_string(f)
+                _skip_value(f, kind)
+    except (struct.error, ValueError, OSError) as e:
         raise DeRaError(f"{path} is not a readable GGUF file ({e}): re-download or re-convert it") from None
-    field = reader.get_field("general.type")
-    return field.contents() if field is not None else "model"
+    return "model"
+
+
+def _read_u32(f) -> int:
+    return struct.unpack("<I", f.read(4))[0]
+
+
+def _read_string(f) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("truncated header")
+    return data.decode("utf-8", errors="replace")
+
+
+def _skip_value(f, kind: int) -> None:
+    if kind in _FIXED_SIZES:
+        f.seek(_FIXED_SIZES[kind], 1)
+    elif kind == _STRING:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, 1)
+    elif kind == _ARRAY:
+        item, (count,) = _read_u32(f), struct.unpack("<Q", f.read(8))
+        if item in _FIXED_SIZES:
+            f.seek(_FIXED_SIZES[item] * count, 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    else:
+        raise ValueError(f"unknown value type {kind}")
 
 
 def load_vocab_only(path: str, role: str, verbose: bool) -> internals.LlamaModel:

@@ -55,3 +55,19 @@ def test_mixed_full_model_and_adapter(ref_path, aligned_path, adapter_path, adap
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     expected, _ = R.greedy(models, [1 - sum(lams), *lams], prompt, 8)
     assert greedy_tokens(llm, prompt, len(expected)) == expected
+
+
+def test_adapter_detection_agrees_with_gguf_py(ref_path, adapter_path, smollm2_path, tmp_path):
+    """Our header scan for general.type against gguf-py's full reader."""
+    import gguf
+
+    from dera_gguf import DeRaError
+    from dera_gguf.checks import gguf_general_type
+
+    for path in (ref_path, adapter_path, smollm2_path):
+        field = gguf.GGUFReader(str(path)).get_field("general.type")
+        assert gguf_general_type(str(path)) == (field.contents() if field is not None else "model")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(adapter_path.read_bytes()[:60])
+    with pytest.raises(DeRaError, match="cut.gguf"):
+        gguf_general_type(str(cut))
