@@ -8,28 +8,13 @@ import numpy as np
 import pytest
 
 import reference as R
+from eval_fixtures import pair, plain_pair, write_jsonl  # noqa: F401 (fixtures)
 from dera_gguf import DeRaLlama
 from dera_gguf.eval import EvalPair, LengthReward, SamplingParams, generate
 
 LAMS = [-0.5, 0.0, 0.5, 1.0, 2.0]
 PROMPTS = [{"prompt": "hello world, tell me"}, {"prompt": "write a short answer about the sun:"}]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def pair(ref_path, aligned_path):
-    with EvalPair(ref_path, aligned_path, n_ctx=256, n_threads=1) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def plain_pair(ref_path, aligned_path):
-    return tuple(R.plain(p, n_threads=1, n_threads_batch=1) for p in (ref_path, aligned_path))
 
 
 def reference_greedy(models, prompt, lam, n, eos):

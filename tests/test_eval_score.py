@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from eval_fixtures import pair, plain_pair, write_jsonl  # noqa: F401 (fixtures)
 from dera_gguf import DeRaError
 from dera_gguf.eval import EvalPair, read_rows, score
 from tiny_models import CHAT_TEMPLATE
@@ -21,24 +22,6 @@ ROWS = [
      "rejected": "please write"},
     {"prompt": "question: cat or dog?", "chosen": " dog", "rejected": " cat!"},
 ]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def pair(ref_path, aligned_path):
-    with EvalPair(ref_path, aligned_path, n_ctx=256, n_threads=1) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def plain_pair(ref_path, aligned_path):
-    return R.plain(ref_path, n_threads=1, n_threads_batch=1), R.plain(aligned_path, n_threads=1, n_threads_batch=1)
 
 
 def reference_stats(models, prompt: str, response: str, lams):
