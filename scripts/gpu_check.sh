@@ -16,12 +16,22 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/bdeps "$carry"/*.wh
 export PYTHONPATH=/tmp/bdeps
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 start=$(date +%s)
-CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=off" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=off ${EXTRA_CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=16 \
   python3 -m pip wheel -q --no-build-isolation --no-deps -w /tmp/wheel /tmp/slim
 echo "CUDA build of llama-cpp-python: $(( $(date +%s) - start )) s"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/wheel/*.whl
 export PYTHONPATH=/tmp/site:/tmp/bdeps:$PWD
 python3 -c "import llama_cpp; print('GPU offload supported:', llama_cpp.llama_supports_gpu_offload())"
+python3 - <<'PY'  # smoke test first: load a tiny model offloaded, in verbose mode so a crash shows where
+import faulthandler, sys
+faulthandler.enable()
+sys.path.insert(0, "tests")
+from tiny_models import write_tiny_llama
+import llama_cpp
+write_tiny_llama("/tmp/smoke.gguf", seed=1)
+llm = llama_cpp.Llama("/tmp/smoke.gguf", n_gpu_layers=-1, n_ctx=256, verbose=True)
+print("smoke test:", repr(llm.create_completion("hello", max_tokens=4, temperature=0)["choices"][0]["text"]))
+PY
 DERA_TEST_N_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_lora.py tests/test_errors.py
 python3 - <<'PY'
 import sys
