@@ -32,7 +32,7 @@ write_tiny_llama("/tmp/smoke.gguf", seed=1)
 llm = llama_cpp.Llama("/tmp/smoke.gguf", n_gpu_layers=-1, n_ctx=256, verbose=True)
 print("smoke test:", repr(llm.create_completion("hello", max_tokens=4, temperature=0)["choices"][0]["text"]))
 PY
-DERA_TEST_N_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_lora.py tests/test_errors.py
+DERA_TEST_N_GPU_LAYERS=-1 python3 -m pytest -q -p no:cacheprovider -x ${GPU_TESTS:-tests/test_engine.py tests/test_lora.py tests/test_errors.py}
 python3 - <<'PY'
 import sys
 sys.path.insert(0, "tests")
@@ -40,4 +40,4 @@ from tiny_models import TinyVocab, write_tiny_llama
 write_tiny_llama("/tmp/bench.gguf", seed=0, vocab=TinyVocab.default(n_vocab=32000), n_embd=2048, n_layer=16,
                  n_head=16, n_head_kv=4, n_ff=5632, n_ctx_train=4096)
 PY
-python3 scripts/bench_decode.py --model /tmp/bench.gguf --n-gpu-layers -1 --rounds 5
+python3 scripts/bench_decode.py --model /tmp/bench.gguf --n-gpu-layers -1 --rounds ${ROUNDS:-5}
