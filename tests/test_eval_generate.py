@@ -106,3 +106,30 @@ def test_generate_resumes_by_row(pair, tmp_path):
     again = generate(pair, data, [0.0, 1.5], params=params, out_dir=str(tmp_path / "r"))
     assert again.computed == 2 and again.reused == 2
     assert again.summary == full.summary
+
+
+def test_batched_sampling_equals_llama_cpp_chain_on_the_blend(pair, plain_pair, tmp_path):
+    """Sampled (T > 0) batched responses equal one-sequence decoding where llama-cpp-python's own
+    chain (built by plain Llama, seeded with each response's recorded seed) samples the numpy blend."""
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.0, max_tokens=8)
+    settings = dict(temp=0.9, top_k=40, top_p=0.9, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+    result = generate(pair, write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1]), [-0.5, 0.5, 1.5], params=params, seed=5)
+    eos, owner = plain_pair[0].token_eos(), plain_pair[1]
+    prompt = plain_pair[0].tokenize(PROMPTS[0]["prompt"].encode(), add_bos=True, special=True)
+    outputs = set()
+    for record in result.records:
+        for m in plain_pair:
+            m.reset()
+        owner.set_seed(record["seed"])
+        rows = [r[-1] for r in R.step_logits(plain_pair, prompt)]
+        chain, tokens = None, []
+        for _ in range(params.max_tokens):
+            token, chain = R.sample_with_chain(owner, R.blend(rows, [1 - record["lam"], record["lam"]]),
+                                               chain=chain, **settings)
+            if token == eos:
+                break
+            tokens.append(token)
+            rows = [r[-1] for r in R.step_logits(plain_pair, [token])]
+        assert record["tokens"] == tokens
+        outputs.add(tuple(tokens))
+    assert len(outputs) > 1
