@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 import llama_cpp
 from llama_cpp import _internals as internals
@@ -131,6 +131,21 @@ def check_same_vocab(ref_path: str, ref_sig: tuple, path: str, sig: tuple) -> No
     if (bos_a, eos_a) != (bos_b, eos_b):
         raise DeRaError(f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): "
                         "DeRa needs models that share one tokenizer")
+
+
+def check_vocabularies(ref_path: str, model_paths: List[str], verbose: bool) -> None:
+    """Refuse before loading any weights if a model's tokenizer differs from the reference's."""
+    ref_sig = _signature(ref_path, "reference model", verbose)
+    for path in model_paths:
+        check_same_vocab(ref_path, ref_sig, path, _signature(path, "aligned model", verbose))
+
+
+def _signature(path: str, role: str, verbose: bool) -> tuple:
+    model = load_vocab_only(path, role, verbose)
+    try:
+        return vocab_signature(model)
+    finally:
+        model.close()
 
 
 def _number(name: str, value: Any) -> float:

@@ -77,7 +77,7 @@ class DeRaLlama(Llama):
         self._init_args = (ref_path, aligned_paths, lam, dict(llama_kwargs))
         verbose = llama_kwargs.get("verbose", True)
         is_adapter = [checks.gguf_general_type(p) == "adapter" for p in aligned_paths]
-        _check_vocabularies(ref_path, [p for p, a in zip(aligned_paths, is_adapter) if not a], verbose)
+        checks.check_vocabularies(ref_path, [p for p, a in zip(aligned_paths, is_adapter) if not a], verbose)
 
         if is_adapter[0]:  # this Llama is the reference with the adapter applied
             super().__init__(model_path=ref_path, lora_path=aligned_paths[0], **llama_kwargs)
@@ -283,18 +283,3 @@ def _as_path_list(aligned: Any) -> List[Any]:
     if isinstance(aligned, (list, tuple)) and aligned:
         return list(aligned)
     raise DeRaError(f"aligned_model_path must be a path or a non-empty list of paths, got {aligned!r}")
-
-
-def _check_vocabularies(ref_path: str, model_paths: List[str], verbose: bool) -> None:
-    """Refuse before loading any weights if a model's tokenizer differs from the reference's."""
-    ref_sig = _signature(ref_path, "reference model", verbose)
-    for path in model_paths:
-        checks.check_same_vocab(ref_path, ref_sig, path, _signature(path, "aligned model", verbose))
-
-
-def _signature(path: str, role: str, verbose: bool) -> tuple:
-    model = checks.load_vocab_only(path, role, verbose)
-    try:
-        return checks.vocab_signature(model)
-    finally:
-        model.close()

@@ -19,7 +19,6 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from .. import checks
 from ..contexts import new_member
 from ..errors import DeRaError
-from ..llama import _check_vocabularies
 from .batch import ParallelSequences
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
@@ -51,7 +50,7 @@ class EvalPair:
         self.aligned_path = checks.check_gguf_file(aligned, "aligned model")
         self.is_adapter = checks.gguf_general_type(self.aligned_path) == "adapter"
         if not self.is_adapter:
-            _check_vocabularies(self.ref_path, [self.aligned_path], verbose)
+            checks.check_vocabularies(self.ref_path, [self.aligned_path], verbose)
         self.n_ctx, self.n_threads, self.flash_attn, self.verbose = n_ctx, n_threads, flash_attn, verbose
         set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
         self._stack = contextlib.ExitStack()
