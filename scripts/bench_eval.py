@@ -1,23 +1,33 @@
 """Cost of a λ sweep against a single λ, side by side (dera-eval score and generate).
 
-    python scripts/bench_eval.py [--model PATH] [--aligned PATH] [--rounds 3] [--threads N]
+    python scripts/bench_eval.py [--model PATH] [--aligned PATH] [--rounds 3] [--threads N] [--requantize Q4_0]
 
 score: the same preference rows at 1 λ and at 11 λ (target: at most 1.2x), since one
 forward pass per model and sequence serves every λ. generate: one prompt, 1 λ against
 8 λ decoded as parallel sequences in one batch (target: at most 3x). Runs alternate
 round by round so machine noise hits both alike; medians are reported. Without
 --aligned the model is paired with itself (both contexts still do all the work).
+
+generate also reports llama.cpp's own floor: one llama_decode of 8 tokens (8 sequences)
+against one of 1 token, in the same contexts. No loop around llama.cpp can beat that
+ratio, and it depends on the hardware and on the weights' type (batched kernels exist
+for some types only), hence --requantize, which rewrites the model(s) into another type
+with llama.cpp's quantizer first.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
+import llama_cpp
+
+from dera_gguf.convert.quantize import QUANT_TYPES, quantize_gguf
 from dera_gguf.eval import EvalPair, SamplingParams, generate, read_rows, score
 
 STORY = "<|im_start|>user\nWrite a long story about a lighthouse keeper and the sea.<|im_end|>\n<|im_start|>assistant\n"
@@ -42,7 +52,7 @@ def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
     rows = [{"prompt": STORY, "chosen": ANSWER, "rejected": ANSWER[: len(ANSWER) // 2] + f" The end ({i})."}
             for i in range(n_rows)]
     path = folder / "prefs.jsonl"
-    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = read_rows(path, "score")
     sweeps = {"1 lam": [1.0], "11 lams": [round(0.2 * i, 1) for i in range(11)]}
     times = {name: [] for name in sweeps}
@@ -55,7 +65,7 @@ def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
 
 def bench_generate(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -> None:
     path = folder / "prompts.jsonl"
-    path.write_text(__import__("json").dumps({"prompt": STORY}) + "\n")
+    path.write_text(json.dumps({"prompt": STORY}) + "\n")
     data = read_rows(path, "generate")
     params = SamplingParams(max_tokens=max_tokens)
     sweeps = {"1 lam": [1.0], "8 lams": [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]}
@@ -72,6 +82,40 @@ def bench_generate(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -
     report("generate", times, "1 lam", 3.0,
            f"max {max_tokens} new tokens; mean tokens per response: "
            + ", ".join(f"{k} {v:.0f}" for k, v in per_seq.items()))
+    print(f"  llama.cpp floor: one 8-token llama_decode = {decode_floor(pair, rounds):.2f}x a 1-token one")
+
+
+def decode_floor(pair: EvalPair, rounds: int, n_seq: int = 8, steps: int = 16) -> float:
+    """Median time of one n_seq-token llama_decode over that of a 1-token one (both models)."""
+    seqs = pair.sequences(n_seq=n_seq, n_extra=n_seq * steps)
+    prompt = pair.tokenize(STORY)
+    seqs.prefill(prompt, n_seq)
+    at = len(prompt)
+    times = {1: [], n_seq: []}
+
+    def one_step(n: int, token: int) -> None:
+        start = time.perf_counter()
+        seqs.step([token] * n, list(range(n)), at)
+        times[n].append(time.perf_counter() - start)
+        for ctx in seqs.contexts:  # drop the new cells: every step decodes at the same position
+            for seq in range(n):
+                llama_cpp.llama_memory_seq_rm(ctx.memory, seq, at, -1)
+
+    try:
+        for r in range(rounds * steps):
+            for n in times:
+                one_step(n, prompt[r % len(prompt)])
+    finally:
+        seqs.close()
+    return statistics.median(times[n_seq]) / statistics.median(times[1])
+
+
+def requantized(path: str, quant: str, folder: Path) -> str:
+    """``path`` rewritten as ``quant`` by llama.cpp's quantizer (in ``folder``)."""
+    out = folder / f"{Path(path).stem}.{quant}.gguf"
+    if not out.exists():
+        quantize_gguf(Path(path), out, quant, requantize=True)
+    return str(out)
 
 
 def report(what: str, times: dict, base: str, target: float, note: str) -> None:
@@ -93,19 +137,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--only", choices=["score", "generate"], default=None)
+    parser.add_argument("--requantize", choices=list(QUANT_TYPES), default=None,
+                        help="first rewrite the model(s) in this type (llama.cpp's quantizer, into a temp dir)")
     args = parser.parse_args()
-    ref = args.model or smollm2_path()
-    aligned = args.aligned or ref
-    print(f"{platform.machine()}, {platform.processor() or 'cpu'}; reference {Path(ref).name}, "
-          f"aligned {Path(aligned).name}; threads {args.threads or 'default'}, n_gpu_layers {args.n_gpu_layers}")
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp, EvalPair(ref, aligned, n_ctx=1024, n_threads=args.threads,
-                                                        n_gpu_layers=args.n_gpu_layers) as pair:
-        if args.only in (None, "score"):
-            bench_score(pair, Path(tmp), args.rounds, args.rows)
-        if args.only in (None, "generate"):
-            bench_generate(pair, Path(tmp), args.rounds, args.max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = args.model or smollm2_path()
+        aligned = args.aligned or ref
+        if args.requantize:
+            ref, aligned = (requantized(p, args.requantize, Path(tmp)) for p in (ref, aligned))
+        print(f"{platform.machine()}, {platform.processor() or 'cpu'}; reference {Path(ref).name}, "
+              f"aligned {Path(aligned).name}; threads {args.threads or 'default'}, n_gpu_layers {args.n_gpu_layers}")
+        with EvalPair(ref, aligned, n_ctx=1024, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers) as pair:
+            run(pair, Path(tmp), args)
+
+
+def run(pair: EvalPair, tmp: Path, args) -> None:
+    if args.only in (None, "score"):
+        bench_score(pair, tmp, args.rounds, args.rows)
+    if args.only in (None, "generate"):
+        bench_generate(pair, tmp, args.rounds, args.max_tokens)
 
 
 if __name__ == "__main__":

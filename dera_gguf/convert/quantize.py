@@ -19,6 +19,7 @@ QUANT_TYPES: dict[str, tuple[int, float]] = {
     "Q8_0": (7, 8.5),
     "Q5_K_M": (17, 5.7),
     "Q4_K_M": (15, 4.9),
+    "Q4_0": (2, 4.5),  # CPUs with llama.cpp's repacked Q4_0 kernels (AVX2, ARM) batch it well
 }
 DEFAULT_QUANT = "Q4_K_M"
 
@@ -36,8 +37,12 @@ def estimated_size(n_params: int, quant: str) -> int:
     return int(n_params * QUANT_TYPES[normalize_quant(quant)][1] / 8)
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, n_threads: int | None = None) -> None:
-    """Quantize ``src`` (F16 GGUF) into ``dst`` with llama.cpp; raise DeRaError on failure."""
+def quantize_gguf(src: Path, dst: Path, quant: str, n_threads: int | None = None, requantize: bool = False) -> None:
+    """Quantize ``src`` (F16 GGUF) into ``dst`` with llama.cpp; raise DeRaError on failure.
+
+    ``requantize`` lets llama.cpp start from an already quantized file (lossy twice over:
+    for benchmarks of kernel speed, not for models people use).
+    """
     try:
         import llama_cpp
     except ImportError as e:  # pragma: no cover - llama-cpp-python is a main dependency
@@ -46,6 +51,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, n_threads: int | None = None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads or os.cpu_count() or 1
+    params.allow_requantize = requantize
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not Path(dst).is_file():
         raise DeRaError(f"llama.cpp failed to quantize {src} to {quant} (code {rc}); see the log above")

@@ -95,9 +95,9 @@ def test_q8_0_logits_close(converted, prompt_ids, reference_logits):
     assert (ours.argmax(-1) == reference_logits.argmax(-1)).mean() > 0.9
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M"])
-def test_k_quants_run_and_are_smaller(converted, prompt_ids, reference_logits, quant):
-    """K-quants: llama.cpp accepts them (with its fallbacks for tiny shapes) and they are smaller."""
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q4_0"])
+def test_4_and_5_bit_quants_run_and_are_smaller(converted, prompt_ids, reference_logits, quant):
+    """4/5-bit types: llama.cpp accepts them (with its fallbacks for tiny shapes) and they are smaller."""
     path = converted(quant)
     assert path.stat().st_size < converted("F16").stat().st_size
     ours = llama_logits(path, prompt_ids[1])
