@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,6 +65,7 @@ class Terminal:
         self._send(text)
         self.child.expect(r"(?s).")
         first = self.child.after
+        time.sleep(0.02)  # let unread output pile up in the terminal, as a slow screen would
         self.child.sendintr()
         self.child.expect(STATUS)
         # the terminal echoes the key as "^C" (ECHOCTL) somewhere in the streamed text

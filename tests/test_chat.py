@@ -241,19 +241,14 @@ def test_sweep_answers_the_last_message_per_lam_and_keeps_the_history(env, plain
     assert chat.quit() == 0
 
 
-def test_ctrl_c_stops_the_answer_and_keeps_it_marked(env, plain_aligned):
-    settings = dict(seed=2, max_tokens=450, **PAPER)
+def test_ctrl_c_stops_the_answer_and_keeps_it_marked(env, aligned_path):
+    # room for the partial answer (re-tokenized, it can take more tokens) and a full one after it
+    plain_aligned = llama_cpp.Llama(model_path=str(aligned_path), n_ctx=4096, verbose=False)
+    settings = dict(seed=2, max_tokens=400, **PAPER)
     full = streamed(plain_aligned, [user("hello there")], **settings)
-    # One retry, with a fresh terminal: once in about fifteen runs (never reproduced in
-    # isolation) the interrupted answer ended in a token the full answer does not have.
-    # A systematic fault still fails both tries.
-    for attempt in range(2):
-        chat = Terminal(["--seed", "2", "--max-tokens", "450", "--n-ctx", "512"], env)
-        partial, status = chat.interrupt_answer("hello there")
-        assert status.group(3) == " · interrupted"
-        if full.startswith(partial) and 0 < len(partial) < len(full) or attempt == 1:
-            break
-        chat.quit()
+    chat = Terminal(["--seed", "2", "--max-tokens", "400", "--n-ctx", "4096"], env)
+    partial, status = chat.interrupt_answer("hello there")
+    assert status.group(3) == " · interrupted"
     assert full.startswith(partial) and 0 < len(partial) < len(full), (partial, full)
     assert f"assistant: {partial} [interrupted]" in chat.command("/history")
 

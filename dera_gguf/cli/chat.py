@@ -181,9 +181,34 @@ def stop_on_ctrl_c():
     flag = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
     try:
-        yield flag.is_set
+        with _keep_output_on_ctrl_c():
+            yield flag.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _keep_output_on_ctrl_c():
+    """Set NOFLSH on the terminal meanwhile: by default Ctrl-C also discards output the
+    terminal has not shown yet, so the screen could miss text the answer (and /history) has."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError):  # stdin is not a terminal
+        yield
+        return
+    attrs = list(saved)
+    attrs[3] |= termios.NOFLSH
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 # ------------------------------------------------------------ slash commands
