@@ -8,7 +8,8 @@
 # (scikit-build-core, pathspec, packaging, diskcache, jinja2, markupsafe,
 # typing_extensions, gguf). The script builds llama-cpp-python with CUDA, runs the
 # exactness tests with every layer offloaded, and times decoding on a synthetic
-# ~0.9B-parameter model (random weights, 32k vocabulary) written with gguf-py.
+# ~0.9B-parameter model (random weights, 32k vocabulary) written with gguf-py, and
+# times dera-eval sweeps (scripts/bench_eval.py) on the same model.
 set -euo pipefail
 carry=${1:?usage: gpu_check.sh CARRY_DIR}
 tar xzf "$carry/llama_src.tgz" -C /tmp
@@ -41,3 +42,5 @@ write_tiny_llama("/tmp/bench.gguf", seed=0, vocab=TinyVocab.default(n_vocab=3200
                  n_head=16, n_head_kv=4, n_ff=5632, n_ctx_train=4096)
 PY
 python3 scripts/bench_decode.py --model /tmp/bench.gguf --n-gpu-layers -1 --rounds ${ROUNDS:-5}
+# dera-eval's sweep costs (issue: 8-λ generate ≤ 3x one generation), with llama.cpp's batch floor
+python3 scripts/bench_eval.py --model /tmp/bench.gguf --n-gpu-layers -1 --rounds ${ROUNDS:-5}
