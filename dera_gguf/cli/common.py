@@ -31,14 +31,22 @@ def parse_lams(text: str) -> List[float]:
     return values
 
 
-def model_options(fn: Callable) -> Callable:
-    """Flags that choose the models and how llama.cpp runs them."""
+def model_options(fn: Optional[Callable] = None, *, several_aligned: bool = True) -> Callable:
+    """Flags that choose the models and how llama.cpp runs them.
+
+    Use as ``@model_options``, or ``@model_options(several_aligned=False)`` for a command
+    that blends exactly one aligned model.
+    """
+    if fn is None:
+        return lambda f: model_options(f, several_aligned=several_aligned)
+    aligned_help = "Aligned model GGUF or LoRA adapter GGUF" + (
+        "; repeat for several aligned models." if several_aligned else ".")
     options = [
         click.option("--pair", "pair_name", default=None, help="A pair named in models.toml (default: its `default`)."),
         click.option("--ref", "ref_path", type=click.Path(dir_okay=False), default=None,
                      help="Reference (SFT) model GGUF, instead of --pair."),
         click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False),
-                     help="Aligned model GGUF or LoRA adapter GGUF; repeat for several aligned models."),
+                     help=aligned_help),
         click.option("--models", "models_file", type=click.Path(dir_okay=False), default=None,
                      envvar="DERA_MODELS", help="models.toml to read pairs from [env: DERA_MODELS]."),
         click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),

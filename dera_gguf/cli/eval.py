@@ -73,7 +73,7 @@ def main():
 
 
 @main.command(short_help="Pairwise accuracy, log-probs and KL per λ on preference data.")
-@model_options
+@model_options(several_aligned=False)
 @click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True,
               help='prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.')
 @sweep_options
@@ -96,7 +96,7 @@ def score(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, 
 
 
 @main.command(short_help="Sample per λ: length, reward and KL to the reference.")
-@model_options
+@model_options(several_aligned=False)
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), required=True,
               help='prompts.jsonl: {"prompt"} or {"messages"} per line.')
 @sweep_options
