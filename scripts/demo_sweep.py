@@ -1,6 +1,7 @@
 """The README's demo table: greedy answers of the smollm2-demo pair to the held-out prompts.
 
     python scripts/demo_sweep.py [--lams 0,0.5,1,2] [--out runs/demo] [--limit N]
+    python scripts/demo_sweep.py --write-prompts heldout.jsonl   # only the prompts, for dera-eval
 
 For each lam: mean answer length in tokens, the share of answers whose length lies
 in the adapter's training range [L_min, L_max] (the length reward of eq. 10 is 0
@@ -42,7 +43,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--write-prompts", metavar="PATH", default=None,
+                        help="only write the held-out prompts (chat messages, one per line) to PATH and stop")
     args = parser.parse_args()
+    if args.write_prompts:
+        print(heldout_prompts(Path(args.write_prompts)))
+        return
     card = json.loads((DATA / "smollm2-demo-dpo-lora.json").read_text())
     l_min, l_max = card["length_range"]
     lams = [float(x) for x in args.lams.split(",")]
