@@ -22,10 +22,9 @@ import importlib.util
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
-
-import llama_cpp
 
 from dera_gguf.convert.quantize import QUANT_TYPES, quantize_gguf
 from dera_gguf.eval import EvalPair, SamplingParams, generate, read_rows, score
@@ -99,7 +98,7 @@ def decode_floor(pair: EvalPair, rounds: int, n_seq: int = 8, steps: int = 16) -
         times[n].append(time.perf_counter() - start)
         for ctx in seqs.contexts:  # drop the new cells: every step decodes at the same position
             for seq in range(n):
-                llama_cpp.llama_memory_seq_rm(ctx.memory, seq, at, -1)
+                ctx.kv_cache_seq_rm(seq, at, -1)
 
     try:
         for r in range(rounds * steps):
@@ -140,8 +139,6 @@ def main() -> None:
     parser.add_argument("--requantize", choices=list(QUANT_TYPES), default=None,
                         help="first rewrite the model(s) in this type (llama.cpp's quantizer, into a temp dir)")
     args = parser.parse_args()
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         ref = args.model or smollm2_path()
         aligned = args.aligned or ref
