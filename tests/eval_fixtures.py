@@ -15,7 +15,7 @@ def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
+    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from dera_gguf.cli.eval import main
+from eval_fixtures import write_jsonl
 
 PREFS = [{"prompt": "hello world, tell me", "chosen": " about the cat", "rejected": " the dog is long"},
          {"prompt": "write a short answer:", "chosen": " the sun", "rejected": " rain, rain"}]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
 
 
 def models(ref_path, aligned_path):

@@ -10,7 +10,7 @@ import pytest
 import reference as R
 from eval_fixtures import pair, plain_pair, write_jsonl  # noqa: F401 (fixtures)
 from dera_gguf import DeRaLlama
-from dera_gguf.eval import EvalPair, LengthReward, SamplingParams, generate
+from dera_gguf.eval import LengthReward, SamplingParams, generate
 
 LAMS = [-0.5, 0.0, 0.5, 1.0, 2.0]
 PROMPTS = [{"prompt": "hello world, tell me"}, {"prompt": "write a short answer about the sun:"}]
