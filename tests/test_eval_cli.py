@@ -90,6 +90,14 @@ def test_errors_are_one_line(ref_path, aligned_path, tmp_path, args, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_several_aligned_models_are_refused_in_one_line(ref_path, aligned_path, aligned2_path, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", PREFS)
+    result = CliRunner().invoke(main, ["score", *models(ref_path, aligned_path), "--aligned", str(aligned2_path),
+                                       "--data", data, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "one aligned model, got 2" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_other_settings_in_the_same_out_are_refused(ref_path, aligned_path, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}])
     common = ["generate", *models(ref_path, aligned_path), "--prompts", data, "--lams", "1", "--out",

@@ -43,8 +43,8 @@ class EvalPair:
         aligned = aligned_model_path
         if isinstance(aligned, (list, tuple)):
             if len(aligned) != 1:
-                raise DeRaError(f"a lam sweep blends one aligned model, got {len(aligned)}: "
-                                "give a single --aligned model")
+                raise DeRaError(f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
+                                "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)")
             aligned = aligned[0]
         self.ref_path = checks.check_gguf_file(reference_model_path, "reference model")
         self.aligned_path = checks.check_gguf_file(aligned, "aligned model")
