@@ -12,7 +12,7 @@ import reference as R
 from eval_fixtures import pair, plain_pair, write_jsonl  # noqa: F401 (fixtures)
 from dera_gguf import DeRaError
 from dera_gguf.eval import EvalPair, read_rows, score
-from tiny_models import CHAT_TEMPLATE
+from tiny_models import CHAT_TEMPLATE, write_tiny_lora
 
 LAMS = [-0.5, 0.0, 0.4, 1.0, 1.7, 3.0]
 ROWS = [
@@ -70,6 +70,26 @@ def test_scores_at_every_lam_equal_plain_llama_logits(pair, plain_pair, tmp_path
         assert entry["pairwise_accuracy_stderr"] == pytest.approx(np.std(acc, ddof=1) / np.sqrt(len(acc)))
     # the sweep must see a difference between lams (else the comparison above proves little)
     assert len({round(e["mean_logprob_chosen"], 6) for e in result.summary}) == len(LAMS)
+
+
+def test_a_lora_adapter_as_aligned_model_scores_like_plain_llama_with_it(ref_path, models_dir, tmp_path):
+    """The demo pair's shape: the adapter applied on the reference (weights shared) in the sweep."""
+    adapter = write_tiny_lora(models_dir / "eval-adapter.gguf", seed=9)
+    plain = (R.plain(ref_path, n_threads=1, n_threads_batch=1),
+             R.plain(ref_path, lora_path=str(adapter), n_threads=1, n_threads_batch=1))
+    lams = [0.0, 1.0, 2.5]
+    with EvalPair(ref_path, adapter, n_ctx=256, n_threads=1) as lora_pair:
+        result = score(lora_pair, write_jsonl(tmp_path / "prefs.jsonl", ROWS), lams)
+    by_key = {(r["line"], r["lam"]): r for r in result.records}
+    for line, row in enumerate(ROWS, start=1):
+        chosen = reference_stats(plain, prompt_text(row), row["chosen"], lams)
+        rejected = reference_stats(plain, prompt_text(row), row["rejected"], lams)
+        for lam in lams:
+            got = by_key[(line, lam)]
+            assert got["logprob_chosen"] == pytest.approx(chosen[lam][0], abs=2e-4)
+            assert got["logprob_rejected"] == pytest.approx(rejected[lam][0], abs=2e-4)
+            assert got["kl_chosen"] == pytest.approx(chosen[lam][1], abs=2e-4)
+        assert chosen[1.0][1] > 1e-3  # the adapter does change the model
 
 
 def test_kl_is_zero_at_lam_0_only(pair, tmp_path):
