@@ -31,6 +31,7 @@ from dera_gguf.convert.pair import check_pair  # noqa: E402
 from dera_gguf.convert.pipeline import check_output_path, prepare, write  # noqa: E402
 from dera_gguf.convert.quantize import DEFAULT_QUANT, QUANT_TYPES, estimated_size  # noqa: E402
 from dera_gguf.convert.writer import format_size  # noqa: E402
+from dera_gguf.cli.common import reports_errors  # noqa: E402
 from dera_gguf.errors import DeRaError  # noqa: E402
 
 REFERENCE = "HuggingFaceH4/mistral-7b-sft-beta"
@@ -160,6 +161,7 @@ def _existing_parent(path: Path) -> Path:
               show_default=True, help="Registry file whose [pairs.zephyr-7b] entry is written.")
 @click.option("--dry-run", is_flag=True, help="List downloads and disk needs; write nothing.")
 @click.option("--force", is_flag=True, help="Convert again even if the GGUF files exist.")
+@reports_errors
 def main(out_dir: Path, quant: str, models_toml: Path, dry_run: bool, force: bool) -> None:
     """Build the zephyr-7b DeRa pair (reference: SFT, aligned: DPO beta=0.1) as GGUF files."""
     quant = quant.upper()
@@ -173,8 +175,6 @@ def main(out_dir: Path, quant: str, models_toml: Path, dry_run: bool, force: boo
         aligned = convert_one(ALIGNED, out_dir, quant, force)
         check_pair(reference, aligned)
         write_pair_entry(models_toml, PAIR_NAME, reference, [aligned], BETA)
-    except DeRaError as e:
-        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; unfinished files were removed") from None
     click.echo(f"{PAIR_NAME}: reference {reference}, aligned {aligned}; registered in {models_toml}")

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..convert import DEFAULT_QUANT, QUANT_TYPES, convert_checkpoint
-from ..errors import DeRaError
+from .common import reports_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,14 +21,13 @@ from ..errors import DeRaError
     show_default=True,
     help="Output type, produced by llama.cpp's own quantizer.",
 )
+@reports_errors
 def main(src: str, out: str, quant: str) -> None:
     """Convert SRC (a local Llama/Mistral checkpoint folder or a hub repo id) to OUT.gguf."""
     # a kill (SIGTERM) unwinds like Ctrl-C, so the temp files are removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         path = convert_checkpoint(src, out, quant)
-    except DeRaError as e:
-        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; no output was written") from None
     click.echo(f"wrote {path}")
