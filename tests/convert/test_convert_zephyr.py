@@ -177,3 +177,14 @@ def test_write_pair_entry_updates_in_place(tmp_path):
     assert data["zephyr-7b"]["aligned"] == [{"path": "m/a.gguf"}]
     assert data["next"] == {"beta": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["models.toml"]
+
+
+def test_a_models_toml_it_cannot_update_is_refused_and_left_as_it_was(tmp_path):
+    from dera_gguf.errors import DeRaError
+
+    toml = tmp_path / "models.toml"
+    broken = "[pairs.other]\nreference = { path = \"a.gguf\" \n"  # unclosed inline table
+    toml.write_text(broken)
+    with pytest.raises(DeRaError, match=r"could not update the \[pairs.zephyr-7b\] entry.*edit it by hand"):
+        load_script().write_pair_entry(toml, "zephyr-7b", tmp_path / "r.gguf", [tmp_path / "a.gguf"], 0.1)
+    assert toml.read_text() == broken
