@@ -1,16 +1,17 @@
-"""The DeRa mixing math, pure numpy (paper eq. 9, Proposition 1, Appendix B).
+"""The DeRa math in one place, pure numpy (paper eq. 9, Proposition 1, Appendix B).
 
 A model aligned with KL strength beta, realigned to beta / lam, is approximated
 token by token by ``softmax(lam * h_aligned + (1 - lam) * h_ref)``. With several
 aligned models the weights are ``lam_i`` on aligned model i and ``1 - sum(lam)``
 on the reference. Everything here works on float32 logits of shape
-``(..., n_vocab)``.
+``(..., n_vocab)``: the blend, log-softmax, KL, and the per-token statistics of a
+whole λ sweep from one pair of logits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,26 +19,34 @@ from .errors import DeRaError
 
 Lam = Union[float, Sequence[float]]
 
+SWEEP_BLOCK_ROWS = 8  # 8 rows x 49k vocab x 4 bytes x 3 arrays fit a typical L2 cache
+
+
+# ------------------------------------------------------------------ lam
 
 def as_lams(lam: Lam, n_aligned: int) -> tuple[float, ...]:
     """Check ``lam`` (a float, or one float per aligned model) and return it as a tuple."""
-    if isinstance(lam, (int, float, np.floating, np.integer)) and not isinstance(lam, bool):
+    if _is_number(lam):
         lams = (float(lam),)
     elif isinstance(lam, (list, tuple, np.ndarray)):
         lams = tuple(lam)
     else:
         raise DeRaError(f"lam must be a float or a list of floats, got {lam!r}")
     if len(lams) != n_aligned:
-        raise DeRaError(
-            f"lam has {len(lams)} value(s) but there are {n_aligned} aligned model(s): "
-            "give one lam per aligned model"
-        )
+        raise DeRaError(f"lam has {len(lams)} value(s) but there are {n_aligned} aligned model(s): "
+                        "give one lam per aligned model")
     for value in lams:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        if not _is_number(value):
             raise DeRaError(f"lam values must be numbers, got {value!r}")
         if not math.isfinite(float(value)):
             raise DeRaError(f"lam must be finite, got {value!r}")
     return tuple(float(v) for v in lams)
+
+
+def normalize_lam(lam: Lam, n_aligned: int) -> Union[float, tuple]:
+    """``lam`` checked, as a float for one aligned model or a tuple with one value per aligned model."""
+    lams = as_lams(lam, n_aligned)
+    return lams[0] if n_aligned == 1 else lams
 
 
 def mixing_weights(lam: Lam, n_aligned: int = 1) -> np.ndarray:
@@ -50,23 +59,38 @@ def mixing_weights(lam: Lam, n_aligned: int = 1) -> np.ndarray:
     return np.array((1.0 - math.fsum(lams),) + lams, dtype=np.float64)
 
 
-def blend_logits(logits: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray | None = None) -> np.ndarray:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- blend
+
+def blend_logits(logits: Sequence[np.ndarray], weights: Sequence, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Return ``sum_i weights[i] * logits[i]`` in float32, written into ``out`` if given.
 
-    ``out`` may be one of the inputs (the in-place blend the engine uses): that input is
-    read first, before anything is written.
+    A weight is a number, or a vector with one weight per row (rows of ``logits[i]``
+    blended each at its own lam). ``out`` may be one of the inputs (the in-place blend
+    the engine uses): that input is read first, before anything is written.
     """
     if len(logits) != len(weights) or not logits:
         raise DeRaError("blend_logits needs one weight per logits array")
     first = next((i for i, h in enumerate(logits) if h is out), 0)
     if out is None:
-        out = np.empty_like(logits[first], dtype=np.float32)
-    np.multiply(logits[first], np.float32(weights[first]), out=out)
+        out = np.empty(np.shape(logits[first]), dtype=np.float32)
+    np.multiply(logits[first], _as_factor(weights[first]), out=out)
     for i in range(len(logits)):
-        if i != first and weights[i] != 0.0:
-            out += np.float32(weights[i]) * logits[i]
+        if i != first and np.any(np.asarray(weights[i]) != 0.0):
+            out += _as_factor(weights[i]) * logits[i]
     return out
 
+
+def _as_factor(weight) -> np.ndarray:
+    """A float32 scalar, or a per-row column that broadcasts over the vocabulary."""
+    w = np.asarray(weight, dtype=np.float32)
+    return w if w.ndim == 0 else w[:, None]
+
+
+# ------------------------------------------------------- distributions
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax over the last axis, in float64."""
@@ -75,8 +99,76 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def logsumexp(z: np.ndarray) -> np.ndarray:
+    """logsumexp over the last axis (float64 result); ``z`` is left untouched."""
+    m = z.max(axis=-1, keepdims=True)
+    return m[..., 0].astype(np.float64) + np.log(np.exp(z - m).sum(axis=-1, dtype=np.float64))
+
+
 def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> np.ndarray:
-    """KL(p || q) over the last axis, where p and q are given by their logits."""
-    logp = log_softmax(logits_p)
-    logq = log_softmax(logits_q)
-    return (np.exp(logp) * (logp - logq)).sum(axis=-1)
+    """KL(p || q) over the last axis, p and q given by their logits: ``E_p[zp - zq] - lse(zp) + lse(zq)``.
+
+    One exp pass over the vocabulary (float32 values, float64 sums); clipped at 0.
+    """
+    zp = np.asarray(logits_p, dtype=np.float32)
+    zq = np.asarray(logits_q, dtype=np.float32)
+    m = zp.max(axis=-1, keepdims=True)
+    e = np.exp(zp - m)
+    s = e.sum(axis=-1, dtype=np.float64)
+    lse_p = m[..., 0].astype(np.float64) + np.log(s)
+    mean_diff = np.einsum("...v,...v->...", e, zp - zq, dtype=np.float64) / s
+    return np.maximum(mean_diff - lse_p + logsumexp(zq), 0.0)
+
+
+# ---------------------------------------------------------------- sweep
+
+def sweep_stats(h_ref: np.ndarray, h_aligned: np.ndarray, lams: Sequence[float],
+                tokens: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs of ``tokens`` and KL(p_λ ‖ π_ref) for every λ, shape (len(lams), n_rows) each.
+
+    ``h_ref``, ``h_aligned``: (n_rows, n_vocab) logits; row i predicts ``tokens[i]``.
+    With ``d = h_aligned - h_ref`` the blend is ``z_λ = h_ref + λ d`` and
+
+        log p_λ(t)      = z_λ[t] - lse(z_λ)
+        KL(p_λ ‖ π_ref) = λ E_{p_λ}[d] - lse(z_λ) + lse(h_ref)
+
+    so each λ costs a few passes over the vocabulary and no extra forward pass. Rows
+    are processed in small blocks that stay in the CPU cache while every λ is evaluated.
+    Without ``tokens`` the log-prob array is all NaN.
+    """
+    for lam in lams:
+        as_lams(lam, 1)  # the same checks as every other blend
+    h_ref = np.asarray(h_ref, dtype=np.float32)
+    d = np.asarray(h_aligned, dtype=np.float32) - h_ref
+    n_rows = h_ref.shape[0]
+    logp = np.full((len(lams), n_rows), np.nan)
+    kl = np.empty((len(lams), n_rows))
+    for start in range(0, n_rows, SWEEP_BLOCK_ROWS):
+        rows = slice(start, start + SWEEP_BLOCK_ROWS)
+        picked = None if tokens is None else tokens[rows]
+        logp[:, rows], kl[:, rows] = _sweep_block(h_ref[rows], d[rows], lams, picked)
+    return logp, kl
+
+
+def _sweep_block(r: np.ndarray, d: np.ndarray, lams: Sequence[float], tokens: Optional[np.ndarray]):
+    """:func:`sweep_stats` for one block of rows."""
+    lse_ref = logsumexp(r)
+    z = np.empty_like(r)
+    idx = np.arange(r.shape[0])
+    logp = np.full((len(lams), r.shape[0]), np.nan)
+    kl = np.empty((len(lams), r.shape[0]))
+    for j, lam in enumerate(lams):
+        np.multiply(d, np.float32(lam), out=z)
+        z += r
+        if tokens is not None:
+            picked = z[idx, tokens].astype(np.float64)
+        m = z.max(axis=-1, keepdims=True)
+        z -= m
+        np.exp(z, out=z)
+        s = z.sum(axis=-1, dtype=np.float64)
+        lse = m[:, 0].astype(np.float64) + np.log(s)
+        mean_d = np.einsum("tv,tv->t", z, d, dtype=np.float64) / s
+        kl[j] = np.maximum(lam * mean_d - lse + lse_ref, 0.0)
+        if tokens is not None:
+            logp[j] = picked - lse
+    return logp, kl

@@ -1,71 +1,137 @@
-"""The lockstep contexts: every model decodes the same tokens, logits are blended.
+"""llama.cpp contexts as DeRa drives them: decode, output rows, what each KV cache holds.
 
-Each :class:`Member` is one llama.cpp context (a model, or the reference model with
-a LoRA adapter) plus the tokens its KV cache holds. A :class:`Lockstep` group keeps
-the members on one logical token sequence:
+A :class:`Context` is one llama.cpp context (a model, or the reference model with a
+LoRA adapter). What its KV cache holds is read from llama.cpp every time: the
+memory's last position of sequence 0 gives the extent, and the token at each
+position is the one :meth:`Context.decode` last wrote there. That is exact whoever
+else touches the cache (llama-cpp-python trims its own context inside
+``generate()``), because llama.cpp only ever drops a suffix and every decode here
+appends right after what llama.cpp says is held.
 
-* only members whose weight is non-zero decode (at lam 0 or 1 a step costs one
-  model); a member left behind catches up in one batch the next time it is needed;
-* before decoding, each member drops the part of its KV cache that disagrees with
-  the logical sequence (prefix reuse: a chat growing turn by turn re-evaluates
-  nothing it already holds);
-* after a batch, the blended logits are written into the logits buffer of the
-  first active member, so llama.cpp's own sampler chain samples the blend.
+A :class:`Lockstep` keeps several contexts on one logical token sequence for
+:class:`~dera_gguf.DeRaLlama`: only contexts with a non-zero weight decode (at lam 0
+or 1 a step costs one model); a context left behind catches up in one batch the next
+time it is needed; after a batch the blended logits are written into the logits
+buffer of the first active context, so llama.cpp's own sampler chain samples the blend.
 """
 
 from __future__ import annotations
 
-import ctypes
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
 from .blend import blend_logits
+from .errors import ContextFullError, DecodeError
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest common prefix of two token arrays."""
     n = min(len(a), len(b))
-    mismatch = np.flatnonzero(a[:n] != b[:n])
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(mismatch[0]) if mismatch.size else n
 
 
-class Member:
-    """One llama.cpp context and the token sequence its KV cache holds."""
+class Context:
+    """One llama.cpp context, its batch, and the tokens its sequence 0 holds (read from llama.cpp).
 
-    def __init__(self, name: str, ctx: internals.LlamaContext, batch: internals.LlamaBatch, n_ctx: int, n_vocab: int):
+    Args:
+        name: what error messages call it ("reference model", ...).
+        ctx: the llama.cpp context.
+        n_vocab: logits row width.
+        batch: the batch to decode through (llama-cpp-python's own, or a new one).
+        batch_size: how many tokens ``batch`` holds.
+    """
+
+    def __init__(self, name: str, ctx: internals.LlamaContext, n_vocab: int, batch: internals.LlamaBatch,
+                 batch_size: int):
         self.name = name
         self.ctx = ctx
-        self.batch = batch
         self.n_vocab = n_vocab
-        self.ids = np.zeros(n_ctx, dtype=np.intc)
-        self.n_past = 0
+        self.batch = batch
+        self.batch_size = batch_size
+        self._written = np.zeros(ctx.n_ctx(), dtype=np.intc)  # last token decoded at each position, sequence 0
 
-    def sync_prefix(self, tokens: np.ndarray) -> None:
-        """Forget cached tokens that are not a prefix of ``tokens`` (the logical sequence)."""
-        keep = common_prefix(self.ids[: self.n_past], tokens)
-        # Always trim from ``keep``: llama-cpp-python may have trimmed this cache itself.
-        if not self.ctx.kv_cache_seq_rm(-1, keep, -1):
-            self.ctx.kv_cache_clear()  # recurrent caches cannot drop a suffix
-            keep = 0
-        self.n_past = keep
+    # ------------------------------------------------------------- state
 
-    def decode(self, tokens: Sequence[int], logits_all: bool) -> None:
-        """Decode ``tokens`` (at most n_batch) after what the cache holds."""
-        self.batch.set_batch(batch=tokens, n_past=self.n_past, logits_all=logits_all)
-        self.ctx.decode(self.batch)
-        self.ids[self.n_past : self.n_past + len(tokens)] = tokens
-        self.n_past += len(tokens)
+    def extent(self, seq: int = 0) -> int:
+        """Number of positions sequence ``seq`` holds, as llama.cpp's memory reports it."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self.ctx.memory, seq)) + 1
+
+    def held(self) -> np.ndarray:
+        """The tokens sequence 0 holds in the KV cache now."""
+        return self._written[: self.extent(0)]
+
+    def truncate(self, n: int) -> int:
+        """Keep the first ``n`` positions of every sequence; returns how many are kept.
+
+        A cache that cannot drop a suffix (recurrent models) is cleared: 0 kept.
+        """
+        if self.ctx.kv_cache_seq_rm(-1, n, -1):
+            return n
+        self.ctx.kv_cache_clear()
+        return 0
+
+    def keep_prefix(self, tokens: np.ndarray, limit: Optional[int] = None) -> int:
+        """Keep the longest held prefix of ``tokens`` (at most ``limit``); returns its length."""
+        keep = common_prefix(self.held(), tokens)
+        return self.truncate(keep if limit is None else min(keep, limit))
+
+    def clear(self) -> None:
+        self.ctx.kv_cache_clear()
+
+    def share_sequence(self, src: int, dst: int) -> None:
+        """Let sequence ``dst`` use the cells of ``src`` (a shared prompt; unified KV cache)."""
+        llama_cpp.llama_memory_seq_cp(self.ctx.memory, src, dst, -1, -1)
+
+    # ------------------------------------------------------------ decode
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+               outputs: Sequence[bool]) -> None:
+        """Decode one batch: token i at ``positions[i]`` of sequence ``seqs[i]``, logits where ``outputs[i]``."""
+        n = len(tokens)
+        if n > self.batch_size:
+            raise DecodeError(f"internal error: {n} tokens do not fit the {self.name}'s batch of {self.batch_size}")
+        self._check_appends(positions, seqs)
+        b = self.batch.batch
+        b.n_tokens = n
+        for i, (token, pos, seq, out) in enumerate(zip(tokens, positions, seqs, outputs)):
+            b.token[i], b.pos[i], b.seq_id[i][0], b.n_seq_id[i], b.logits[i] = token, pos, seq, 1, out
+        try:
+            self.ctx.decode(self.batch)
+        except RuntimeError as e:
+            raise DecodeError(f"llama.cpp could not decode {n} token(s) in the {self.name} ({e}); "
+                              "a smaller n_ctx or n_batch, or fewer parallel sequences, may help") from None
+        for token, pos, seq in zip(tokens, positions, seqs):
+            if seq == 0:
+                self._written[pos] = token
+
+    def _check_appends(self, positions: Sequence[int], seqs: Sequence[int]) -> None:
+        """Refuse, before llama.cpp does, a decode that would not append to sequence 0 or overflow."""
+        zero = [p for p, s in zip(positions, seqs) if s == 0]
+        if zero and zero[0] != self.extent(0):
+            raise DecodeError(f"internal error: the {self.name} holds {self.extent(0)} tokens but a decode "
+                              f"starts at position {zero[0]}; please report this")
+        top = max(positions, default=-1)
+        if top >= len(self._written):
+            raise ContextFullError(f"the sequence needs {top + 1} positions but the {self.name}'s context "
+                                   f"holds {len(self._written)} (n_ctx): use a larger n_ctx or a shorter text")
+
+    def decode_run(self, tokens: Sequence[int], start: int, all_outputs: bool) -> None:
+        """Decode ``tokens`` at positions start.. of sequence 0; logits for all or for the last only."""
+        n = len(tokens)
+        outputs = [all_outputs or i == n - 1 for i in range(n)]
+        self.decode(tokens, range(start, start + n), [0] * n, outputs)
 
     def catch_up(self, tokens: np.ndarray, n_batch: int) -> None:
-        """Decode the part of ``tokens`` this member has not seen yet (no logits kept)."""
-        for start in range(self.n_past, len(tokens), n_batch):
-            self.decode(tokens[start : start + n_batch], logits_all=False)
+        """Make sequence 0 hold exactly ``tokens``: keep the held prefix, decode the rest (no logits kept)."""
+        for start in range(self.keep_prefix(tokens), len(tokens), n_batch):
+            self.decode_run(tokens[start : start + n_batch], start, all_outputs=False)
 
-    def logits(self, n_rows: int) -> np.ndarray:
-        """The last ``n_rows`` output rows of the latest decode, as a writable view."""
+    def rows(self, n_rows: int) -> np.ndarray:
+        """The last ``n_rows`` output rows of the latest decode, as a writable view of llama.cpp's buffer."""
         if n_rows == 1:
             ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, -1)
             return np.ctypeslib.as_array(ptr, shape=(1, self.n_vocab))
@@ -74,55 +140,38 @@ class Member:
 
 
 class Lockstep:
-    """Members decoded in lockstep; ``members[0]`` is the reference model."""
+    """Contexts on one logical token sequence; ``contexts[0]`` is the reference model."""
 
-    def __init__(self, members: Sequence[Member], n_batch: int):
-        self.members = list(members)
+    def __init__(self, contexts: Sequence[Context], n_batch: int):
+        self.contexts = list(contexts)
         self.n_batch = n_batch
-        self.target: Optional[Member] = None  # member whose logits buffer holds the blend
 
     def eval(self, prefix: np.ndarray, tokens: Sequence[int], weights: Sequence[float],
-             scores: Optional[np.ndarray] = None) -> Member:
-        """Decode ``tokens`` after ``prefix`` in every member with a non-zero weight.
+             scores: Optional[np.ndarray] = None) -> Context:
+        """Decode ``tokens`` after ``prefix`` in every context with a non-zero weight.
 
-        Writes the blended logits of the last token (of every token when ``scores``,
-        the ``(len(tokens), n_vocab)`` destination rows, is given) into the logits
-        buffer of the first active member, and returns that member.
+        Writes the blended logits of the last token (of every token when ``scores``, the
+        ``(len(tokens), n_vocab)`` destination rows, is given) into the logits buffer of
+        the first active context, and returns that context (the one to sample from).
         """
-        active = [(m, w) for m, w in zip(self.members, weights) if w != 0.0]
-        for member, _ in active:
-            member.sync_prefix(prefix)
-            member.catch_up(prefix, self.n_batch)
+        active = [(c, w) for c, w in zip(self.contexts, weights) if w != 0.0]
+        for context, _ in active:
+            context.catch_up(prefix, self.n_batch)
         logits_all = scores is not None
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
-            for member, _ in active:
-                member.decode(chunk, logits_all)
+            for context, _ in active:
+                context.decode_run(chunk, len(prefix) + start, logits_all)
             if logits_all or start + self.n_batch >= len(tokens):
-                rows = self._blend_rows(active, len(chunk) if logits_all else 1)
+                rows = _blend_rows(active, len(chunk) if logits_all else 1)
                 if logits_all:
                     scores[start : start + len(chunk)] = rows
-        self.target = active[0][0]
-        return self.target
-
-    @staticmethod
-    def _blend_rows(active, n_rows: int) -> np.ndarray:
-        """Blend the newest output rows of the active members in place; return the rows."""
-        rows = [member.logits(n_rows) for member, _ in active]
-        if len(active) == 1:  # weight 1 on one model: leave llama.cpp's logits untouched
-            return rows[0]
-        return blend_logits(rows, [w for _, w in active], out=rows[0])
+        return active[0][0]
 
 
-def new_member(name: str, model: internals.LlamaModel, context_params, n_batch: int,
-               verbose: bool, adapter: Optional["llama_cpp.llama_adapter_lora_p"] = None,
-               scale: float = 1.0) -> Member:
-    """A fresh context on ``model`` (optionally with a LoRA adapter) as a lockstep member."""
-    ctx = internals.LlamaContext(model=model, params=context_params, verbose=verbose)
-    if adapter is not None:
-        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (ctypes.c_float * 1)(scale)
-        if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, scales):
-            raise RuntimeError(f"llama.cpp refused the LoRA adapter for {name}")
-    batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
-    return Member(name, ctx, batch, ctx.n_ctx(), model.n_vocab())
+def _blend_rows(active: List[tuple], n_rows: int) -> np.ndarray:
+    """Blend the newest output rows of the active contexts in place; return the rows."""
+    rows = [context.rows(n_rows) for context, _ in active]
+    if len(active) == 1:  # weight 1 on one model: leave llama.cpp's logits untouched
+        return rows[0]
+    return blend_logits(rows, [w for _, w in active], out=rows[0])

@@ -1,10 +1,18 @@
-"""The one exception type of dera-gguf."""
+"""The one exception type of dera-gguf, and the subclasses callers may catch by type."""
 
 
 class DeRaError(ValueError):
-    """Bad input or an incompatible model pair.
+    """Bad input, an incompatible model pair, or a failure of llama.cpp during a call.
 
     The message says what is wrong, where, and what to do. It subclasses
     ``ValueError`` so code written for ``llama_cpp.Llama`` that catches
     ``ValueError`` keeps working.
     """
+
+
+class ContextFullError(DeRaError):
+    """The tokens of a call do not fit the context (``n_ctx``): a front can name its own remedy."""
+
+
+class DecodeError(DeRaError):
+    """llama.cpp failed to decode a batch (``llama_decode`` returned an error)."""

@@ -12,7 +12,10 @@ change:
 * the public calls take ``lam=`` to override the default for one call.
 
 At lam 0 and 1 a single model decodes and its logits are left untouched, so outputs
-equal those of plain ``llama_cpp.Llama`` on that model exactly. This leans on
+equal those of plain ``llama_cpp.Llama`` on that model exactly. What each context
+holds is read from llama.cpp at every call (:mod:`dera_gguf.contexts`), so whatever
+llama-cpp-python does to its own context (it trims it inside ``generate``), the next
+call is exact. This leans on
 llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``, ``input_ids``,
 ``scores``); pyproject.toml pins the release line the tests cover.
 """
@@ -20,19 +23,19 @@ llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``, ``input_ids``,
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import os
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
-import llama_cpp
 import numpy as np
 from llama_cpp import Llama
-from llama_cpp import _internals as internals
 
 from . import checks
-from .blend import Lam, mixing_weights
-from .contexts import Lockstep, Member, new_member
-from .errors import DeRaError
+from .blend import Lam, mixing_weights, normalize_lam
+from .contexts import Context, Lockstep
+from .errors import ContextFullError, DeRaError
+from .models import PairFiles, PairModels, as_path_list
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -44,6 +47,9 @@ _REFUSED_KWARGS = {
     "lora_path": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
     "lora_base": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
 }
+# Every keyword llama_cpp.Llama names; Llama itself swallows unknown ones (**kwargs) without a word.
+_LLAMA_KWARGS = [n for n, p in inspect.signature(Llama.__init__).parameters.items()
+                 if n != "self" and p.kind is not p.VAR_KEYWORD]
 
 _DONE = object()
 
@@ -62,35 +68,28 @@ class DeRaLlama(Llama):
             extrapolates, < 0 moves away from the aligned model. One value per aligned
             model when there are several.
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
-            n_batch, seed, logits_all, verbose, ...), applied to every context.
+            n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
+            that ``llama_cpp.Llama`` does not name is refused.
     """
 
     def __init__(self, reference_model_path: PathLike, aligned_model_path: Union[PathLike, Sequence[PathLike]],
                  lam: Lam = 1.0, **llama_kwargs: Any):
-        for name, why in _REFUSED_KWARGS.items():
-            if name in llama_kwargs and llama_kwargs[name] not in (None, False):
-                raise DeRaError(f"DeRaLlama does not take {name}=: {why}")
-        ref_path = checks.check_gguf_file(reference_model_path, "reference model")
-        aligned = _as_path_list(aligned_model_path)
-        aligned_paths = [checks.check_gguf_file(p, f"aligned model {i + 1}") for i, p in enumerate(aligned)]
-        self._weights = mixing_weights(lam, len(aligned_paths))
-        self._init_args = (ref_path, aligned_paths, lam, dict(llama_kwargs))
-        verbose = llama_kwargs.get("verbose", True)
-        is_adapter = [checks.gguf_general_type(p) == "adapter" for p in aligned_paths]
-        checks.check_vocabularies(ref_path, [p for p, a in zip(aligned_paths, is_adapter) if not a], verbose)
-
-        if is_adapter[0]:  # this Llama is the reference with the adapter applied
-            super().__init__(model_path=ref_path, lora_path=aligned_paths[0], **llama_kwargs)
+        _check_llama_kwargs(llama_kwargs)
+        files = PairFiles.check(reference_model_path, as_path_list(aligned_model_path),
+                                llama_kwargs.get("verbose", True))
+        self._weights = mixing_weights(lam, len(files.aligned))
+        self._init_args = (files.reference, list(files.aligned), dict(llama_kwargs))
+        if files.is_adapter[0]:  # this Llama is the reference with the adapter applied
+            super().__init__(model_path=files.reference, lora_path=files.aligned[0], **llama_kwargs)
         else:
-            super().__init__(model_path=aligned_paths[0], **llama_kwargs)
+            super().__init__(model_path=files.aligned[0], **llama_kwargs)
         # llama.cpp may round the context up (to 256); Llama's token buffer keeps the size
         # asked for, so that is the real limit.
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
-        self._n_aligned = len(aligned_paths)
-        self._eval_weights: Optional[np.ndarray] = None
-        members = self._build_members(ref_path, aligned_paths, is_adapter)
-        self._lockstep = Lockstep(members, self.n_batch)
-        self._lockstep.target = members[1]
+        self._n_aligned = len(files.aligned)
+        self._eval_weights: Optional[np.ndarray] = None  # the blend in the logits buffers and scores
+        self._lockstep = Lockstep(self._open_contexts(files), self.n_batch)
+        self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
 
     @classmethod
     def from_pair(cls, name: Optional[str] = None, lam: Optional[Lam] = None, models: Optional[PathLike] = None,
@@ -108,50 +107,28 @@ class DeRaLlama(Llama):
         ref, aligned = pair.resolve()
         if lam is None:
             lam = pair.lam if pair.lam is not None else [1.0] * len(aligned)
-        lams = list(lam) if isinstance(lam, (list, tuple)) else [lam]
-        return cls(ref, aligned, lam=lams if len(aligned) > 1 else lams[0], **llama_kwargs)
+        return cls(ref, aligned, lam=normalize_lam(lam, len(aligned)), **llama_kwargs)
 
     # ----------------------------------------------------------------- set-up
 
-    def _build_members(self, ref_path: str, aligned_paths: List[str], is_adapter: List[bool]) -> List[Member]:
-        """Contexts in lockstep order: reference first, then the aligned models."""
-        own = Member("aligned model 1", self._ctx, self._batch, self._n_ctx, self._n_vocab)
-        models = {(ref_path if is_adapter[0] else aligned_paths[0]): self._model}
+    def _open_contexts(self, files: PairFiles) -> List[Context]:
+        """Contexts in lockstep order: reference first, then the aligned models.
 
-        def model_for(path: str) -> internals.LlamaModel:
-            if path not in models:
-                models[path] = internals.LlamaModel(path_model=path, params=self.model_params, verbose=self.verbose)
-                self._stack.callback(models[path].close)
-            return models[path]
-
-        def member(name: str, path: str, adapter_path: Optional[str] = None) -> Member:
-            model = model_for(path)
-            adapter = self._load_adapter(model, adapter_path) if adapter_path else None
-            m = new_member(name, model, self.context_params, self.n_batch, self.verbose, adapter, self.lora_scale)
-            self._stack.callback(m.ctx.close)
-            return m
-
-        members = [member("reference model", ref_path), own]
-        for i, (path, adapter) in enumerate(zip(aligned_paths[1:], is_adapter[1:]), start=2):
-            name = f"aligned model {i}"
-            members.append(member(name, ref_path, path) if adapter else member(name, path))
-        return members
-
-    def _load_adapter(self, model: internals.LlamaModel, path: str):
-        adapter = llama_cpp.llama_adapter_lora_init(model.model, path.encode("utf-8"))
-        if adapter is None:
-            raise DeRaError(f"llama.cpp could not load the LoRA adapter {path} on the reference model: "
-                            "was it made for this reference model?")
-        self._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
-        return adapter
+        Aligned model 1 is this Llama's own context; the others are made on the same
+        loaded weights (an adapter's reference is loaded once).
+        """
+        models = PairModels(files, self.model_params, self._stack, self.verbose,
+                            loaded={files.weights(0): self._model})
+        make = lambda member: models.context(member, self.context_params, self.n_batch, lora_scale=self.lora_scale)
+        own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch)
+        return [make(0), own] + [make(m) for m in range(2, len(files.aligned) + 1)]
 
     # ------------------------------------------------------------------ lam
 
     @property
     def lam(self) -> Union[float, tuple]:
         """The default realignment strength (one float, or one per aligned model)."""
-        lams = tuple(float(w) for w in self._weights[1:])
-        return lams[0] if len(lams) == 1 else lams
+        return normalize_lam(self._weights[1:], self._n_aligned)
 
     @lam.setter
     def lam(self, value: Lam) -> None:
@@ -164,9 +141,12 @@ class DeRaLlama(Llama):
 
     @contextlib.contextmanager
     def _using(self, weights: np.ndarray):
+        """Blend with ``weights`` inside; a llama.cpp failure in llama-cpp-python becomes a DeRaError."""
         saved, self._weights = self._weights, weights
         try:
             yield
+        except RuntimeError as e:  # llama-cpp-python raises RuntimeError for llama.cpp's failures
+            raise DeRaError(f"llama.cpp failed during the call ({e})") from None
         finally:
             self._weights = saved
 
@@ -192,21 +172,21 @@ class DeRaLlama(Llama):
     def create_completion(self, prompt: Union[str, List[int]], *args: Any, lam: Optional[Lam] = None, **kwargs: Any):
         """``llama_cpp.Llama.create_completion`` with ``lam=`` for this call."""
         weights = self._weights_for(lam)
-        bound = inspect.signature(Llama.create_completion).bind(self, prompt, *args, **kwargs).arguments
+        bound = _bind(Llama.create_completion, self, prompt, *args, **kwargs)
         checks.check_sampling(bound, self._n_vocab, self._logits_all)
         self._check_prompt_length(prompt)
         return self._run(weights, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
 
     def __call__(self, prompt: str, *args: Any, lam: Optional[Lam] = None, **kwargs: Any):
         """``llama_cpp.Llama.__call__`` with ``lam=`` for this call."""
-        bound = inspect.signature(Llama.__call__).bind(self, prompt, *args, **kwargs).arguments
+        bound = _bind(Llama.__call__, self, prompt, *args, **kwargs)
         bound.pop("self")
         return self.create_completion(lam=lam, **bound)
 
     def create_chat_completion(self, messages, *args: Any, lam: Optional[Lam] = None, **kwargs: Any):
         """``llama_cpp.Llama.create_chat_completion`` with ``lam=`` for this call."""
         weights = self._weights_for(lam)
-        bound = inspect.signature(Llama.create_chat_completion).bind(self, messages, *args, **kwargs).arguments
+        bound = _bind(Llama.create_chat_completion, self, messages, *args, **kwargs)
         checks.check_sampling(bound, self._n_vocab, self._logits_all)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DeRaError("messages must be a list of {'role': ..., 'content': ...} dicts")
@@ -222,24 +202,35 @@ class DeRaLlama(Llama):
         else:
             raise DeRaError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if n >= self._n_ctx:
-            raise DeRaError(f"the prompt is {n} tokens but the context holds {self._n_ctx} (n_ctx): "
-                            "shorten the prompt or create the DeRaLlama with a larger n_ctx")
+            raise ContextFullError(f"the prompt is {n} tokens but the context holds {self._n_ctx} (n_ctx): "
+                                   "shorten the prompt or create the DeRaLlama with a larger n_ctx")
 
     # ------------------------------------------------ llama-cpp-python seams
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
-        """``Llama.generate``, made to recompute cached logits when lam changed since."""
-        if self._eval_weights is not None and not np.array_equal(self._eval_weights, self._weights):
-            self._requires_eval = True  # the buffered last logits hold another blend
-            if self._logits_all:
-                self.reset()  # so do the score rows of the cached prefix
+        """``Llama.generate``, always refreshing the last prompt row through :meth:`eval`.
+
+        llama-cpp-python would sample an exactly cached prompt from the logits buffer as
+        it stands, but a context that caught up since may have overwritten it, and lam
+        may have changed; replaying one token costs one decode and is always exact.
+        """
+        self._requires_eval = True
+        if self._logits_all and not np.array_equal(self._eval_weights, self._weights):
+            self.reset()  # the score rows of the cached prefix hold another blend: recompute them
         return (yield from super().generate(tokens, *args, **kwargs))
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
+        tokens = list(tokens)
+        if not tokens and self.n_tokens:  # nothing new: refresh the last row instead
+            self.n_tokens -= 1
+            tokens = [int(self.input_ids[self.n_tokens])]
         start, n = self.n_tokens, len(tokens)
+        if start + n > len(self.input_ids):
+            raise ContextFullError(f"{start + n} tokens do not fit the context of {len(self.input_ids)} (n_ctx): "
+                                   "create the DeRaLlama with a larger n_ctx or start a shorter conversation")
         scores = self.scores[start : start + n] if self._logits_all else None
-        self._lockstep.eval(self.input_ids[:start], tokens, self._weights, scores)
+        self._target = self._lockstep.eval(self.input_ids[:start], tokens, self._weights, scores)
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False
@@ -247,7 +238,7 @@ class DeRaLlama(Llama):
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``Llama.sample`` on the context whose logits buffer holds the blend."""
-        own, self._ctx = self._ctx, self._lockstep.target.ctx
+        own, self._ctx = self._ctx, self._target.ctx
         try:
             return super().sample(*args, **kwargs)
         finally:
@@ -270,16 +261,36 @@ class DeRaLlama(Llama):
         raise DeRaError("load_state would restore one of the DeRa contexts only; it is not supported")
 
     def __getstate__(self):
-        ref, aligned, lam, kwargs = self._init_args
+        ref, aligned, kwargs = self._init_args
         return {"reference_model_path": ref, "aligned_model_path": aligned, "lam": self.lam, "llama_kwargs": kwargs}
 
     def __setstate__(self, state):
         self.__init__(state["reference_model_path"], state["aligned_model_path"], state["lam"], **state["llama_kwargs"])
 
 
-def _as_path_list(aligned: Any) -> List[Any]:
-    if isinstance(aligned, (str, os.PathLike)):
-        return [aligned]
-    if isinstance(aligned, (list, tuple)) and aligned:
-        return list(aligned)
-    raise DeRaError(f"aligned_model_path must be a path or a non-empty list of paths, got {aligned!r}")
+def _check_llama_kwargs(kwargs: dict) -> None:
+    """Refuse keywords that would break the pair, and any that ``llama_cpp.Llama`` does not name."""
+    for name, why in _REFUSED_KWARGS.items():
+        if name in kwargs and kwargs[name] not in (None, False):
+            raise DeRaError(f"DeRaLlama does not take {name}=: {why}")
+    for name in kwargs:
+        if name not in _LLAMA_KWARGS:
+            raise DeRaError(f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
+                            f"{_closest(name, _LLAMA_KWARGS + ['lam'])}")
+
+
+def _bind(method, *args: Any, **kwargs: Any) -> dict:
+    """The arguments of a call to ``method`` by name; an unknown keyword is refused by name."""
+    signature = inspect.signature(method)
+    try:
+        return signature.bind(*args, **kwargs).arguments
+    except TypeError as e:
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        names = [n for n in signature.parameters if n != "self"] + ["lam"]
+        hint = _closest(unknown[0], names) if unknown else ""
+        raise DeRaError(f"{method.__name__}: {e}{hint}") from None
+
+
+def _closest(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {close[0]}=?)" if close else ""

@@ -55,11 +55,11 @@ def test_logprobs_are_the_log_softmax_of_the_blend(engine, pair, lam):
     tokens, logits = R.greedy(pair, [1 - lam, lam], prompt_tokens(engine), len(lp["token_logprobs"]))
     expected = [R.log_softmax(z) for z in logits]
     for i, (token, row) in enumerate(zip(tokens, expected)):
-        assert lp["token_logprobs"][i] == pytest.approx(row[token], abs=2e-4)
+        assert lp["token_logprobs"][i] == pytest.approx(row[token], abs=R.LOGPROB_ATOL)
         # top_logprobs is keyed by token text, and byte tokens share the text "": compare values
         best = np.sort(row)[::-1][:4]
         for value in lp["top_logprobs"][i].values():
-            assert np.min(np.abs(best - value)) < 2e-4
+            assert np.min(np.abs(best - value)) < R.LOGPROB_ATOL
 
 
 @pytest.mark.parametrize("lam,which", [(0.0, 0), (1.0, 1)])
@@ -76,7 +76,7 @@ def test_lam_0_and_1_equal_plain_llama(ref_path, aligned_path, lam, which, sampl
 
 def test_only_one_model_decodes_at_lam_0_and_1(ref_path, aligned_path):
     llm = dera(ref_path, str(aligned_path), lam=1.0)
-    ref_ctx, aligned_ctx = (m.ctx.ctx for m in llm._lockstep.members)
+    ref_ctx, aligned_ctx = (m.ctx.ctx for m in llm._lockstep.contexts)
     decoded = lambda ctx: (lambda d: d.n_p_eval + d.n_eval)(llama_cpp.llama_perf_context(ctx))
     at_start = decoded(ref_ctx)
     llm.create_completion(PROMPT, max_tokens=10, temperature=0.0)
@@ -171,7 +171,7 @@ def test_several_aligned_models(ref_path, aligned_path, aligned2_path):
 def test_prefix_reuse_across_turns_and_lam_changes(ref_path, aligned_path, pair):
     """A growing chat decodes only new tokens, and stays exact when lam changes between turns."""
     llm = dera(ref_path, str(aligned_path))
-    ctxs = [m.ctx.ctx for m in llm._lockstep.members]
+    ctxs = [m.ctx.ctx for m in llm._lockstep.contexts]
     decoded = lambda: [(lambda d: d.n_p_eval + d.n_eval)(llama_cpp.llama_perf_context(c)) for c in ctxs]
     history = [{"role": "user", "content": "hello, write about the sun"}]
     held: list[int] = []  # tokens every context holds after the previous turn
@@ -213,7 +213,7 @@ def test_small_batches_and_echoed_prompt_logprobs(ref_path, aligned_path, pair):
     expected = [R.log_softmax(rows[i - 1])[t] for i, t in enumerate(prompt) if i > 0]
     got = out["choices"][0]["logprobs"]["token_logprobs"][: len(expected)]
     assert got[0] is None  # the OpenAI convention for the first echoed token
-    assert got[1:] == pytest.approx(expected[1:], abs=2e-4)
+    assert got[1:] == pytest.approx(expected[1:], abs=R.LOGPROB_ATOL)
 
 
 def test_pickle_round_trip(ref_path, aligned_path):

@@ -59,9 +59,9 @@ def test_scores_at_every_lam_equal_plain_llama_logits(pair, plain_pair, tmp_path
         for lam in LAMS:
             (lp_c, kl_c), (lp_r, _) = chosen[lam], rejected[lam]
             got = by_key[(line, lam)]
-            assert got["logprob_chosen"] == pytest.approx(lp_c, abs=2e-4)
-            assert got["logprob_rejected"] == pytest.approx(lp_r, abs=2e-4)
-            assert got["kl_chosen"] == pytest.approx(kl_c, abs=2e-4)
+            assert got["logprob_chosen"] == pytest.approx(lp_c, abs=R.LOGPROB_ATOL)
+            assert got["logprob_rejected"] == pytest.approx(lp_r, abs=R.LOGPROB_ATOL)
+            assert got["kl_chosen"] == pytest.approx(kl_c, abs=R.LOGPROB_ATOL)
             correct[lam].append(float(lp_c > lp_r))
     for entry in result.summary:
         acc = correct[entry["lam"]]
@@ -86,9 +86,9 @@ def test_a_lora_adapter_as_aligned_model_scores_like_plain_llama_with_it(ref_pat
         rejected = reference_stats(plain, prompt_text(row), row["rejected"], lams)
         for lam in lams:
             got = by_key[(line, lam)]
-            assert got["logprob_chosen"] == pytest.approx(chosen[lam][0], abs=2e-4)
-            assert got["logprob_rejected"] == pytest.approx(rejected[lam][0], abs=2e-4)
-            assert got["kl_chosen"] == pytest.approx(chosen[lam][1], abs=2e-4)
+            assert got["logprob_chosen"] == pytest.approx(chosen[lam][0], abs=R.LOGPROB_ATOL)
+            assert got["logprob_rejected"] == pytest.approx(rejected[lam][0], abs=R.LOGPROB_ATOL)
+            assert got["kl_chosen"] == pytest.approx(chosen[lam][1], abs=R.LOGPROB_ATOL)
         assert chosen[1.0][1] > 1e-3  # the adapter does change the model
 
 

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import click
 
-from ..errors import DeRaError
+from ..blend import normalize_lam
+from ..errors import ContextFullError, DeRaError
 from .chat_session import Answer, ChatSession, Sampling, format_lam
 from .common import choose_models, model_options, new_engine, parse_lams, reports_errors
 
@@ -75,13 +76,8 @@ def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, t
             _interactive(session, name)
     except KeyboardInterrupt:  # Ctrl-C outside an answer in one-shot mode
         sys.exit(130)
-    except ValueError as e:  # DeRaError, or llama-cpp-python refusing the prompt
-        raise DeRaError(f"{e}{_n_ctx_hint(e, '--n-ctx')}") from None
-
-
-def _n_ctx_hint(error: Exception, remedy: str) -> str:
-    """The engine's advice about n_ctx, said in dera-chat's own terms."""
-    return f" (dera-chat: {remedy})" if "n_ctx" in str(error) or "context window" in str(error) else ""
+    except ContextFullError as e:
+        raise ContextFullError(f"{e} (dera-chat: --n-ctx)") from None
 
 
 # ------------------------------------------------------------------- set-up
@@ -106,7 +102,7 @@ def _initial_lam(lams: Optional[List[float]], pair, n_aligned: int):
     if len(lams) != n_aligned:
         raise DeRaError(f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), "
                         f"got {len(lams)}")
-    return lams[0] if n_aligned == 1 else tuple(lams)
+    return normalize_lam(lams, n_aligned)
 
 
 # ------------------------------------------------------------------ one-shot
@@ -150,8 +146,10 @@ def _interactive(session: ChatSession, name: str) -> None:
                     return
             else:
                 _answer(session, line)
-        except (DeRaError, ValueError) as e:  # bad command argument, or llama.cpp refusing the history
-            click.echo(f"error: {e}{_n_ctx_hint(e, '/reset, or start again with a larger --n-ctx')}", err=True)
+        except ContextFullError as e:
+            click.echo(f"error: {e} (dera-chat: /reset, or start again with a larger --n-ctx)", err=True)
+        except DeRaError as e:  # a bad command argument, or llama.cpp failing on this history
+            click.echo(f"error: {e}", err=True)
 
 
 def _answer(session: ChatSession, text: str) -> None:
@@ -224,8 +222,7 @@ def run_command(session: ChatSession, line: str):
 
 def _cmd_lam(session: ChatSession, arg: str):
     if arg:
-        lams = parse_lams(arg)
-        session.set_lam(lams[0] if len(lams) == 1 else tuple(lams))
+        session.set_lam(parse_lams(arg))
     click.echo(f"lam {format_lam(session.lam)}", err=True)
 
 

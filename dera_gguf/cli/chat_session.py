@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 
-from ..blend import Lam
+from ..blend import Lam, normalize_lam
 from ..errors import DeRaError
 
 OnText = Callable[[str], None]
@@ -108,10 +108,7 @@ class ChatSession:
 
     def set_lam(self, lam: Lam) -> None:
         """Change lam for the following answers; checked now (count, finiteness)."""
-        from ..blend import as_lams
-
-        lams = as_lams(lam, _n_lams(self.lam))
-        self.lam = lams[0] if len(lams) == 1 else lams
+        self.lam = normalize_lam(lam, _n_lams(self.lam))
 
     def set_system(self, text: Optional[str]) -> None:
         self.system = text or None

@@ -76,21 +76,6 @@ def choose_pair(pair_name: Optional[str], ref_path: Optional[str], aligned_paths
     return ref, aligned, pair
 
 
-def open_engine(pair_name, ref_path, aligned_paths, models_file, lam, n_ctx, n_gpu_layers, threads, seed,
-                verbose, **llama_kwargs):
-    """A DeRaLlama for the model flags (lam: a float or one per aligned model)."""
-    from ..llama import DeRaLlama
-
-    ref, aligned, _ = choose_pair(pair_name, ref_path, aligned_paths, models_file)
-    kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose, **llama_kwargs)
-    if seed is not None:
-        kwargs["seed"] = seed
-    lams = lam if isinstance(lam, (list, tuple)) else [lam]
-    if len(lams) == 1 and len(aligned) > 1:
-        raise DeRaError(f"{len(aligned)} aligned models need {len(aligned)} comma-separated --lam values")
-    return DeRaLlama(ref, aligned, lam=lams if len(aligned) > 1 else lams[0], **kwargs)
-
-
 def reports_errors(fn: Callable) -> Callable:
     """Turn DeRaError (and a missing file) into click's one-line error and exit status 1."""
 

@@ -10,6 +10,7 @@ resume an interrupted run with the same --out.
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -40,6 +41,33 @@ def open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_laye
 
     ref, aligned, _ = choose_pair(pair_name, ref_path, aligned_paths, models_file)
     return EvalPair(ref, aligned, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose)
+
+
+class ProgressBar:
+    """The sweep's ``progress(label, done, total)`` callback, drawn as a click progress bar on stderr."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def progress_bar(show: bool):
+    """A progress callback (or None) to hand to the sweep, as a context manager that ends the bar."""
+    import contextlib
+
+    return ProgressBar() if show else contextlib.nullcontext()
 
 
 def report(result, metric: str, maximize, metrics, n_listed: int) -> None:
@@ -90,8 +118,9 @@ def score(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, 
     data = read_rows(data_path, "score", limit)
     if data.bad:
         click.echo(data.report(), err=True)
-    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair:
-        result = run(pair, data, lams, out_dir=out_dir, progress=not no_progress)
+    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair, \
+            progress_bar(not no_progress) as bar:
+        result = run(pair, data, lams, out_dir=out_dir, progress=bar)
     report(result, metric, maximize, SCORE_METRICS, len(data.bad))
 
 
@@ -129,9 +158,10 @@ def generate(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layer
     data = read_rows(prompts_path, "generate", limit)
     if data.bad:
         click.echo(data.report(), err=True)
-    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair:
+    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair, \
+            progress_bar(not no_progress) as bar:
         result = run(pair, data, lams, out_dir=out_dir, params=params, seed=0 if seed is None else seed,
-                     reward=reward, samples=samples, progress=not no_progress)
+                     reward=reward, samples=samples, progress=bar)
     report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
 
 

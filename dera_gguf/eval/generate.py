@@ -13,16 +13,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..blend import blend_logits, mixing_weights
+from ..blend import blend_logits, kl_divergence, mixing_weights
 from ..errors import DeRaError
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
 from .models import EvalPair
 from .rewards import LengthReward, describe_reward, reward_of
-from .runner import SweepResult, run_sweep
+from .runner import Progress, SweepResult, run_sweep
 from .sampling import RowSampler, SamplingParams, new_chain, sequence_seed
 from .summary import GENERATE_METRICS
-from .tokenstats import kl_rows
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -39,17 +38,18 @@ class _Sequence:
         self.finish: Optional[str] = None
 
 
-def decode_batch(pair: EvalPair, seqs: ParallelSequences, prompt: Sequence[int], jobs: List[_Sequence],
+def decode_batch(pair: EvalPair, decoder: ParallelSequences, prompt: Sequence[int], jobs: List[_Sequence],
                  max_tokens: int) -> None:
     """Generate every job's response in lockstep (one batch per model and step)."""
     sampler = RowSampler(pair.n_vocab)
-    first = seqs.prefill(prompt, len(jobs))
+    first = decoder.prefill(prompt, len(jobs))
     rows = np.repeat(first[:, None, :], len(jobs), axis=1)  # (n_models, n_live, n_vocab)
     live = list(range(len(jobs)))
     position = len(prompt)
     while live:
-        blended = np.stack([blend_logits([rows[0, k], rows[1, k]], jobs[i].weights) for k, i in enumerate(live)])
-        kls = kl_rows(blended, rows[0])
+        weights = np.array([jobs[i].weights for i in live]).T  # (n_models, n_live): each row at its own lam
+        blended = blend_logits([rows[0], rows[1]], weights)
+        kls = kl_divergence(blended, rows[0])
         for k, i in enumerate(live):
             job = jobs[i]
             token = sampler.sample(job.chain, blended[k])
@@ -62,14 +62,14 @@ def decode_batch(pair: EvalPair, seqs: ParallelSequences, prompt: Sequence[int],
                     job.finish = "length"
         live = [i for i in live if jobs[i].finish is None]
         if live:
-            rows = seqs.step([jobs[i].tokens[-1] for i in live], live, position)
+            rows = decoder.step([jobs[i].tokens[-1] for i in live], live, position)
             position += 1
 
 
-def generate_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequence[float], samples: int,
+def generate_row(pair: EvalPair, decoder: ParallelSequences, row: Row, lams: Sequence[float], samples: int,
                  params: SamplingParams, seed: int, reward) -> List[Dict[str, Any]]:
     """One record per (λ, sample) of this prompt."""
-    prompt_text = row.prompt if row.messages is None else pair.render_chat(row.messages)
+    prompt_text = pair.prompt_text(row.prompt, row.messages)
     prompt = pair.tokenize(prompt_text)
     if not prompt:
         raise RowProblem("the prompt has no tokens (and the model adds no BOS): nothing to condition on")
@@ -78,7 +78,7 @@ def generate_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequen
                          f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens")
     jobs = [_Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
             for lam in lams for s in range(samples)]
-    decode_batch(pair, seqs, prompt, jobs, params.max_tokens)
+    decode_batch(pair, decoder, prompt, jobs, params.max_tokens)
     records = []
     for job in jobs:
         response = pair.detokenize(job.tokens)
@@ -94,7 +94,7 @@ def generate_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequen
 
 def generate(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = None,
              params: SamplingParams = SamplingParams(), seed: int = 0, reward=LengthReward(), samples: int = 1,
-             limit: Optional[int] = None, progress: bool = False) -> SweepResult:
+             limit: Optional[int] = None, progress: Optional[Progress] = None) -> SweepResult:
     """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
 
     Args:
@@ -105,20 +105,21 @@ def generate(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str]
         params: sampling settings (default: the paper's Zephyr settings).
         seed: every (row, λ, sample) draws from its own chain seeded from this.
         reward: :class:`LengthReward` (eq. 10) or a callable ``f(prompt, response) -> float``.
+        progress: called as ``progress(label, rows_done, rows_total)`` (the CLI draws a bar).
     """
     if not isinstance(data, Dataset):
         data = read_rows(data, "generate", limit)
     if samples < 1:
         raise DeRaError(f"samples must be at least 1, got {samples}")
     n_seq = len(lams) * samples
-    seqs = pair.sequences(n_seq=n_seq, n_extra=(n_seq - 1) * params.max_tokens)
+    decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * params.max_tokens)
     settings = {"command": "generate", "reference": os.path.abspath(pair.ref_path),
                 "aligned": os.path.abspath(pair.aligned_path), "sampling": params.as_dict(), "seed": seed,
                 "samples": samples, "reward": describe_reward(reward)}
-    work = lambda row, todo: generate_row(pair, seqs, row, todo, samples, params, seed, reward)
+    work = lambda row, todo: generate_row(pair, decoder, row, todo, samples, params, seed, reward)
     try:
         return run_sweep(data, [float(x) for x in lams], work, per_lam=samples, metrics=GENERATE_METRICS,
                          results_name=SAMPLES_FILE, out_dir=out_dir, settings=settings, progress=progress,
                          label="generating")
     finally:
-        seqs.close()
+        decoder.close()

@@ -12,14 +12,12 @@ import os
 from typing import List, Optional, Sequence, Union
 
 import llama_cpp
-from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .. import checks
-from ..contexts import new_member
+from ..contexts import Context
 from ..errors import DeRaError
-from .batch import ParallelSequences
+from ..models import PairFiles, PairModels, as_path_list
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,42 +38,22 @@ class EvalPair:
     def __init__(self, reference_model_path: PathLike, aligned_model_path: Union[PathLike, Sequence[PathLike]],
                  n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
                  flash_attn: bool = False, verbose: bool = False):
-        aligned = aligned_model_path
-        if isinstance(aligned, (list, tuple)):
-            if len(aligned) != 1:
-                raise DeRaError(f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
-                                "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)")
-            aligned = aligned[0]
-        self.ref_path = checks.check_gguf_file(reference_model_path, "reference model")
-        self.aligned_path = checks.check_gguf_file(aligned, "aligned model")
-        self.is_adapter = checks.gguf_general_type(self.aligned_path) == "adapter"
-        if not self.is_adapter:
-            checks.check_vocabularies(self.ref_path, [self.aligned_path], verbose)
+        aligned = as_path_list(aligned_model_path)
+        if len(aligned) != 1:
+            raise DeRaError(f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
+                            "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)")
+        self.files = PairFiles.check(reference_model_path, aligned, verbose)
+        self.ref_path, self.aligned_path = self.files.reference, self.files.aligned[0]
+        self.is_adapter = self.files.is_adapter[0]
         self.n_ctx, self.n_threads, self.flash_attn, self.verbose = n_ctx, n_threads, flash_attn, verbose
         set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
         self._stack = contextlib.ExitStack()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
-        self.ref_model = self._load(self.ref_path, params, "reference model")
-        self.aligned_model = self.ref_model if self.is_adapter else self._load(self.aligned_path, params, "aligned model")
-        self.adapter = self._load_adapter() if self.is_adapter else None
+        self.models = PairModels(self.files, params, self._stack, verbose)
+        self.ref_model = self.models.model(self.ref_path, "reference model")
+        self.aligned_model = self.models.model(self.files.weights(0), "aligned model")
         self.n_vocab = self.ref_model.n_vocab()
-
-    def _load(self, path: str, params, role: str) -> internals.LlamaModel:
-        try:
-            model = internals.LlamaModel(path_model=path, params=params, verbose=self.verbose)
-        except ValueError:
-            raise DeRaError(f"llama.cpp could not load the {role} {path}: re-download or re-convert it") from None
-        self._stack.callback(model.close)
-        return model
-
-    def _load_adapter(self):
-        adapter = llama_cpp.llama_adapter_lora_init(self.ref_model.model, self.aligned_path.encode("utf-8"))
-        if adapter is None:
-            raise DeRaError(f"llama.cpp could not load the LoRA adapter {self.aligned_path} on the reference "
-                            "model: was it made for this reference model?")
-        self._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
-        return adapter
 
     def close(self) -> None:
         self._stack.close()
@@ -104,7 +82,7 @@ class EvalPair:
         The rendered text is tokenized like a plain prompt (BOS added by the model's
         rules), except that a template that writes the BOS text itself gets no second BOS.
         """
-        model = self.ref_model if self.is_adapter else self.aligned_model
+        model = self.aligned_model  # the reference's weights and metadata for an adapter
         template = model.metadata().get("tokenizer.chat_template")
         if not template:
             raise DeRaError(f"{self.aligned_path} has no chat template (tokenizer.chat_template): "
@@ -118,12 +96,13 @@ class EvalPair:
         bos = text(model.token_bos())
         return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
 
-    def prompt_tokens(self, prompt: Optional[str], messages: Optional[list]) -> List[int]:
-        return self.tokenize(prompt if messages is None else self.render_chat(messages))
+    def prompt_text(self, prompt: Optional[str], messages: Optional[list]) -> str:
+        """A row's prompt as text: the prompt itself, or its messages through the chat template."""
+        return prompt if messages is None else self.render_chat(messages)
 
     # ----------------------------------------------------------- contexts
 
-    def sequences(self, n_seq: int = 1, n_extra: int = 0, n_batch: int = 512) -> ParallelSequences:
+    def contexts(self, n_seq: int = 1, n_extra: int = 0, n_batch: int = 512) -> List[Context]:
         """Reference and aligned contexts for ``n_seq`` sequences on one unified KV cache.
 
         The cache holds n_ctx + n_extra cells: one sequence of n_ctx tokens plus the
@@ -143,10 +122,4 @@ class EvalPair:
         cores = os.cpu_count() or 1
         params.n_threads = self.n_threads or max(cores // 2, 1)
         params.n_threads_batch = self.n_threads or cores
-        contexts = []
-        for name, model, adapter in (("reference model", self.ref_model, None),
-                                     ("aligned model", self.aligned_model, self.adapter)):
-            ctx = new_member(name, model, params, params.n_batch, self.verbose, adapter).ctx
-            self._stack.callback(ctx.close)
-            contexts.append(ctx)
-        return ParallelSequences(contexts, self.n_vocab, params.n_batch, n_seq)
+        return [self.models.context(member, params, params.n_batch, n_seq) for member in (0, 1)]

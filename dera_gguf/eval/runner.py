@@ -8,11 +8,8 @@ this module decides what is left, writes results row by row, and writes the summ
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
-
-import click
 
 from .data import BadRow, Dataset, Row, RowProblem
 from .plot import plot_sweep
@@ -20,6 +17,9 @@ from .store import ResultStore, check_run_settings
 from .summary import summarize, write_summary
 
 KEY_FIELDS = ("row", "lam", "sample")  # what identifies one result record
+
+# progress(label, rows_done, rows_total): called once before the first row and after every row.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -44,27 +44,29 @@ class SweepResult:
 
 def run_sweep(data: Dataset, lams: Sequence[float], work: Callable[[Row, List[float]], List[Dict[str, Any]]],
               per_lam: int, metrics: Mapping[str, tuple], results_name: str,
-              out_dir: Optional[str], settings: Dict[str, Any], progress: bool, label: str) -> SweepResult:
+              out_dir: Optional[str], settings: Dict[str, Any], progress: Optional[Progress],
+              label: str) -> SweepResult:
     """Run ``work`` on every row for the λ values it lacks; summarize all of them."""
     store = _open_store(out_dir, settings, results_name)
     result = SweepResult(summary=[], records=[], skipped=list(data.bad), out_dir=out_dir)
     todo = [(row, _missing(store, row, lams, per_lam)) for row in data.rows]
     result.reused = sum(len(lams) * per_lam - len(missing) * per_lam for _, missing in todo)
     try:
-        with _progress(progress, len(todo), label) as bar:
-            for row, missing in todo:
-                if missing:
-                    try:
-                        records = work(row, missing)
-                    except RowProblem as e:
-                        result.skipped.append(BadRow(row.line, str(e)))
-                        records = []
-                    if store is not None:
-                        store.append(records)
-                    else:
-                        result.records.extend(records)
-                    result.computed += len(records)
-                bar.update(1)
+        report = progress or (lambda label, done, total: None)
+        report(label, 0, len(todo))
+        for done, (row, missing) in enumerate(todo, start=1):
+            if missing:
+                try:
+                    records = work(row, missing)
+                except RowProblem as e:
+                    result.skipped.append(BadRow(row.line, str(e)))
+                    records = []
+                if store is not None:
+                    store.append(records)
+                else:
+                    result.records.extend(records)
+                result.computed += len(records)
+            report(label, done, len(todo))
     finally:  # Ctrl-C too: summarize what is finished
         _finish(result, store, data, lams, metrics, out_dir)
     return result
@@ -93,20 +95,3 @@ def _finish(result: SweepResult, store, data: Dataset, lams, metrics, out_dir) -
         write_summary(out_dir, result.summary)
         metric_names = [m for m in metrics if any(e[m] is not None for e in result.summary)]
         result.plot_message = plot_sweep(result.summary, metric_names, os.path.join(out_dir, "sweep.png"))
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int) -> None:
-        pass
-
-
-def _progress(show: bool, length: int, label: str):
-    if not show:
-        return _NoBar()
-    return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True)

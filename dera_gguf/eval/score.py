@@ -2,7 +2,7 @@
 
 For each row the prompt + chosen and prompt + rejected texts pass once through each
 model, with logits kept for every response position; every λ is then a blend of
-those logits in numpy (:mod:`.tokenstats`), so a λ sweep costs little more than one λ.
+those logits in numpy (:func:`dera_gguf.blend.sweep_stats`), so a λ sweep costs little more than one λ.
 Response tokens are the tokens of prompt + response after the prompt's own tokens.
 """
 
@@ -13,12 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..blend import sweep_stats
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
 from .models import EvalPair
-from .runner import SweepResult, run_sweep
+from .runner import Progress, SweepResult, run_sweep
 from .summary import SCORE_METRICS
-from .tokenstats import sweep_token_stats
 
 RESULTS_FILE = "results.jsonl"
 
@@ -37,21 +37,22 @@ def response_tokens(pair: EvalPair, prompt_text: str, response: str) -> tuple[np
     return tokens, n_prompt
 
 
-def response_stats(seqs: ParallelSequences, tokens: np.ndarray, n_prompt: int,
+def response_stats(decoder: ParallelSequences, tokens: np.ndarray, n_prompt: int,
                    lams: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-token log-prob and mean per-token KL to the reference of the response, per λ."""
-    h_ref, h_aligned = seqs.rows_after(tokens, n_prompt - 1)
-    logp, kl = sweep_token_stats(h_ref, h_aligned, lams, tokens[n_prompt:])
+    h_ref, h_aligned = decoder.rows_after(tokens, n_prompt - 1)
+    logp, kl = sweep_stats(h_ref, h_aligned, lams, tokens[n_prompt:])
     return logp.mean(axis=1), kl.mean(axis=1)
 
 
-def score_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequence[float]) -> List[Dict[str, Any]]:
+def score_row(pair: EvalPair, decoder: ParallelSequences, row: Row, lams: Sequence[float]) -> List[Dict[str, Any]]:
     """One record per λ: eq. (14)'s comparison and the quantities behind it."""
-    prompt = row.prompt if row.messages is None else pair.render_chat(row.messages)
+    prompt = pair.prompt_text(row.prompt, row.messages)
+    decoder.clear()  # each row from an empty cache: its numbers do not depend on the rows before it
     chosen, n_prompt = response_tokens(pair, prompt, row.responses["chosen"])
     rejected, n_prompt_r = response_tokens(pair, prompt, row.responses["rejected"])
-    lp_chosen, kl_chosen = response_stats(seqs, chosen, n_prompt, lams)
-    lp_rejected, _ = response_stats(seqs, rejected, n_prompt_r, lams)
+    lp_chosen, kl_chosen = response_stats(decoder, chosen, n_prompt, lams)
+    lp_rejected, _ = response_stats(decoder, rejected, n_prompt_r, lams)
     return [{"row": row.id, "line": row.line, "lam": float(lam), "sample": 0,
              "correct": int(lp_chosen[j] > lp_rejected[j]),
              "logprob_chosen": float(lp_chosen[j]), "logprob_rejected": float(lp_rejected[j]),
@@ -61,7 +62,7 @@ def score_row(pair: EvalPair, seqs: ParallelSequences, row: Row, lams: Sequence[
 
 
 def score(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = None, limit: Optional[int] = None,
-          progress: bool = False) -> SweepResult:
+          progress: Optional[Progress] = None) -> SweepResult:
     """Score preference data at every λ.
 
     Args:
@@ -71,15 +72,16 @@ def score(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = 
         out_dir: where results.jsonl, summary.json/csv and sweep.png go (None: keep in memory).
             An earlier run there is resumed: its finished (row, λ) results are reused.
         limit: score only the first ``limit`` usable rows.
+        progress: called as ``progress(label, rows_done, rows_total)`` (the CLI draws a bar).
     """
     if not isinstance(data, Dataset):
         data = read_rows(data, "score", limit)
-    seqs = pair.sequences(n_seq=1)
+    decoder = ParallelSequences(pair, n_seq=1)
     settings = {"command": "score", "reference": os.path.abspath(pair.ref_path),
                 "aligned": os.path.abspath(pair.aligned_path)}
     try:
-        return run_sweep(data, [float(x) for x in lams], lambda row, todo: score_row(pair, seqs, row, todo),
+        return run_sweep(data, [float(x) for x in lams], lambda row, todo: score_row(pair, decoder, row, todo),
                          per_lam=1, metrics=SCORE_METRICS, results_name=RESULTS_FILE, out_dir=out_dir,
                          settings=settings, progress=progress, label="scoring")
     finally:
-        seqs.close()
+        decoder.close()

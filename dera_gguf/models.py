@@ -1,0 +1,124 @@
+"""The models of a DeRa pair: checked files, weights loaded once, LoRA adapters, new contexts.
+
+A pair is a reference GGUF and one or more aligned models, each a full GGUF or a LoRA
+adapter GGUF (``general.type = adapter``) applied on the reference. Both fronts,
+:class:`~dera_gguf.DeRaLlama` and :class:`~dera_gguf.eval.EvalPair`, check and load
+their models here and get their :class:`~dera_gguf.contexts.Context` objects from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from . import checks
+from .contexts import Context
+from .errors import DeRaError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """The checked GGUF paths of a pair and which aligned models are LoRA adapters."""
+
+    reference: str
+    aligned: tuple
+    is_adapter: tuple
+
+    @classmethod
+    def check(cls, reference: PathLike, aligned: Sequence[PathLike], verbose: bool = False) -> "PairFiles":
+        """Check every file, then refuse full models whose tokenizer differs from the reference's.
+
+        Runs before any weights are loaded, so a bad pair fails in a second, not after minutes.
+        """
+        ref = checks.check_gguf_file(reference, "reference model")
+        paths = tuple(checks.check_gguf_file(p, f"aligned model {i + 1}") for i, p in enumerate(aligned))
+        is_adapter = tuple(checks.gguf_general_type(p) == "adapter" for p in paths)
+        checks.check_vocabularies(ref, [p for p, a in zip(paths, is_adapter) if not a], verbose)
+        return cls(ref, paths, is_adapter)
+
+    def weights(self, i: int) -> str:
+        """The GGUF whose weights aligned model ``i`` runs on (the reference's, for an adapter)."""
+        return self.reference if self.is_adapter[i] else self.aligned[i]
+
+
+def as_path_list(aligned: Any) -> List[Any]:
+    """One aligned model path, or a non-empty list of them, as a list."""
+    if isinstance(aligned, (str, os.PathLike)):
+        return [aligned]
+    if isinstance(aligned, (list, tuple)) and aligned:
+        return list(aligned)
+    raise DeRaError(f"aligned_model_path must be a path or a non-empty list of paths, got {aligned!r}")
+
+
+class PairModels:
+    """Each weight file of a pair loaded once, each adapter once, and contexts made on them.
+
+    Args:
+        files: the checked pair.
+        params: llama.cpp model parameters (offloading, mmap, ...).
+        stack: closes what is loaded here (the caller's, so one ``close`` frees everything).
+        loaded: models the caller already holds, by path (closed by the caller).
+    """
+
+    def __init__(self, files: PairFiles, params, stack: contextlib.ExitStack, verbose: bool = False,
+                 loaded: Optional[Dict[str, internals.LlamaModel]] = None):
+        self.files, self.params, self.verbose = files, params, verbose
+        self._stack = stack
+        self._models: Dict[str, internals.LlamaModel] = dict(loaded or {})
+        self._adapters: Dict[str, Any] = {}
+
+    def model(self, path: str, role: str = "model") -> internals.LlamaModel:
+        """The loaded model of ``path`` (loaded now if it is not yet)."""
+        if path not in self._models:
+            try:
+                model = internals.LlamaModel(path_model=path, params=self.params, verbose=self.verbose)
+            except ValueError:
+                raise DeRaError(f"llama.cpp could not load the {role} {path}: re-download or re-convert it") from None
+            self._stack.callback(model.close)
+            self._models[path] = model
+        return self._models[path]
+
+    def adapter(self, path: str):
+        """The LoRA adapter of ``path``, loaded on the reference model."""
+        if path not in self._adapters:
+            reference = self.model(self.files.reference, "reference model")
+            adapter = llama_cpp.llama_adapter_lora_init(reference.model, path.encode("utf-8"))
+            if adapter is None:
+                raise DeRaError(f"llama.cpp could not load the LoRA adapter {path} on the reference model "
+                                f"{self.files.reference}: was it made for this reference model?")
+            self._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
+            self._adapters[path] = adapter
+        return self._adapters[path]
+
+    def context(self, member: int, context_params, n_batch: int, n_seq: int = 1, lora_scale: float = 1.0) -> Context:
+        """A new context for ``member``: 0 the reference, i >= 1 aligned model i (1-based)."""
+        if member == 0:
+            name, model, adapter = "reference model", self.model(self.files.reference, "reference model"), None
+        else:
+            i = member - 1
+            name = f"aligned model {member}"
+            model = self.model(self.files.weights(i), name)
+            adapter = self.adapter(self.files.aligned[i]) if self.files.is_adapter[i] else None
+        ctx = internals.LlamaContext(model=model, params=context_params, verbose=self.verbose)
+        self._stack.callback(ctx.close)
+        if adapter is not None:
+            set_adapter(ctx, adapter, lora_scale, name)
+        batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=n_seq, verbose=self.verbose)
+        self._stack.callback(batch.close)
+        return Context(name, ctx, model.n_vocab(), batch, n_batch)
+
+
+def set_adapter(ctx: internals.LlamaContext, adapter, scale: float, name: str) -> None:
+    """Apply one LoRA adapter at ``scale`` to ``ctx`` (replacing any other)."""
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(scale)
+    if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, scales):
+        raise DeRaError(f"llama.cpp refused the LoRA adapter for the {name}: was it made for the reference model?")
