@@ -1,8 +1,8 @@
 """dera-gguf: decoding-time realignment (DeRa) of GGUF language models on llama.cpp.
 
-    from dera_gguf import DeRaLlama
-    llm = DeRaLlama("sft.Q4_K_M.gguf", "dpo.Q4_K_M.gguf", lam=1.5)
-    llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], lam=0.5)
+from dera_gguf import DeRaLlama
+llm = DeRaLlama("sft.Q4_K_M.gguf", "dpo.Q4_K_M.gguf", lam=1.5)
+llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], lam=0.5)
 """
 
 from .blend import blend_logits, kl_divergence, log_softmax, mixing_weights

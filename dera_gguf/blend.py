@@ -24,6 +24,7 @@ SWEEP_BLOCK_ROWS = 8  # 8 rows x 49k vocab x 4 bytes x 3 arrays fit a typical L2
 
 # ------------------------------------------------------------------ lam
 
+
 def as_lams(lam: Lam, n_aligned: int) -> tuple[float, ...]:
     """Check ``lam`` (a float, or one float per aligned model) and return it as a tuple."""
     if _is_number(lam):
@@ -33,8 +34,9 @@ def as_lams(lam: Lam, n_aligned: int) -> tuple[float, ...]:
     else:
         raise DeRaError(f"lam must be a float or a list of floats, got {lam!r}")
     if len(lams) != n_aligned:
-        raise DeRaError(f"lam has {len(lams)} value(s) but there are {n_aligned} aligned model(s): "
-                        "give one lam per aligned model")
+        raise DeRaError(
+            f"lam has {len(lams)} value(s) but there are {n_aligned} aligned model(s): give one lam per aligned model"
+        )
     for value in lams:
         if not _is_number(value):
             raise DeRaError(f"lam values must be numbers, got {value!r}")
@@ -65,6 +67,7 @@ def _is_number(value) -> bool:
 
 # ---------------------------------------------------------------- blend
 
+
 def blend_logits(logits: Sequence[np.ndarray], weights: Sequence, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Return ``sum_i weights[i] * logits[i]`` in float32, written into ``out`` if given.
 
@@ -91,6 +94,7 @@ def _as_factor(weight) -> np.ndarray:
 
 
 # ------------------------------------------------------- distributions
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax over the last axis, in float64."""
@@ -122,8 +126,10 @@ def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- sweep
 
-def sweep_stats(h_ref: np.ndarray, h_aligned: np.ndarray, lams: Sequence[float],
-                tokens: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+
+def sweep_stats(
+    h_ref: np.ndarray, h_aligned: np.ndarray, lams: Sequence[float], tokens: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-probs of ``tokens`` and KL(p_λ ‖ π_ref) for every λ, shape (len(lams), n_rows) each.
 
     ``h_ref``, ``h_aligned``: (n_rows, n_vocab) logits; row i predicts ``tokens[i]``.

@@ -122,15 +122,20 @@ def check_same_vocab(ref_path: str, ref_sig: tuple, path: str, sig: tuple) -> No
     (n_a, texts_a, attrs_a, bos_a, eos_a), (n_b, texts_b, attrs_b, bos_b, eos_b) = ref_sig, sig
     where = f"{path} and the reference {ref_path}"
     if n_a != n_b:
-        raise DeRaError(f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: "
-                        "DeRa needs models that share one tokenizer")
+        raise DeRaError(
+            f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: "
+            "DeRa needs models that share one tokenizer"
+        )
     for i, (ta, tb, aa, ab) in enumerate(zip(texts_a, texts_b, attrs_a, attrs_b)):
         if ta != tb or aa != ab:
-            raise DeRaError(f"token {i} differs between {where} ({tb!r} vs {ta!r}): "
-                            "DeRa needs models that share one tokenizer")
+            raise DeRaError(
+                f"token {i} differs between {where} ({tb!r} vs {ta!r}): DeRa needs models that share one tokenizer"
+            )
     if (bos_a, eos_a) != (bos_b, eos_b):
-        raise DeRaError(f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): "
-                        "DeRa needs models that share one tokenizer")
+        raise DeRaError(
+            f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): "
+            "DeRa needs models that share one tokenizer"
+        )
 
 
 def check_vocabularies(ref_path: str, model_paths: List[str], verbose: bool) -> None:
@@ -191,8 +196,10 @@ def check_sampling(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) ->
         raise DeRaError(f"seed must lie in [0, 2**32), got {seed!r}")
     _check_logprobs(kwargs, n_vocab, logits_all)
     stop = get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-        isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
     ):
         raise DeRaError(f"stop must be a string or a list of strings, got {stop!r}")
 

@@ -45,8 +45,9 @@ class Context:
         batch_size: how many tokens ``batch`` holds.
     """
 
-    def __init__(self, name: str, ctx: internals.LlamaContext, n_vocab: int, batch: internals.LlamaBatch,
-                 batch_size: int):
+    def __init__(
+        self, name: str, ctx: internals.LlamaContext, n_vocab: int, batch: internals.LlamaBatch, batch_size: int
+    ):
         self.name = name
         self.ctx = ctx
         self.n_vocab = n_vocab
@@ -88,8 +89,9 @@ class Context:
 
     # ------------------------------------------------------------ decode
 
-    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
-               outputs: Sequence[bool]) -> None:
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], outputs: Sequence[bool]
+    ) -> None:
         """Decode one batch: token i at ``positions[i]`` of sequence ``seqs[i]``, logits where ``outputs[i]``."""
         n = len(tokens)
         if n > self.batch_size:
@@ -102,8 +104,10 @@ class Context:
         try:
             self.ctx.decode(self.batch)
         except RuntimeError as e:
-            raise DecodeError(f"llama.cpp could not decode {n} token(s) in the {self.name} ({e}); "
-                              "a smaller n_ctx or n_batch, or fewer parallel sequences, may help") from None
+            raise DecodeError(
+                f"llama.cpp could not decode {n} token(s) in the {self.name} ({e}); "
+                "a smaller n_ctx or n_batch, or fewer parallel sequences, may help"
+            ) from None
         for token, pos, seq in zip(tokens, positions, seqs):
             if seq == 0:
                 self._written[pos] = token
@@ -112,12 +116,16 @@ class Context:
         """Refuse, before llama.cpp does, a decode that would not append to sequence 0 or overflow."""
         zero = [p for p, s in zip(positions, seqs) if s == 0]
         if zero and zero[0] != self.extent(0):
-            raise DecodeError(f"internal error: the {self.name} holds {self.extent(0)} tokens but a decode "
-                              f"starts at position {zero[0]}; please report this")
+            raise DecodeError(
+                f"internal error: the {self.name} holds {self.extent(0)} tokens but a decode "
+                f"starts at position {zero[0]}; please report this"
+            )
         top = max(positions, default=-1)
         if top >= len(self._written):
-            raise ContextFullError(f"the sequence needs {top + 1} positions but the {self.name}'s context "
-                                   f"holds {len(self._written)} (n_ctx): use a larger n_ctx or a shorter text")
+            raise ContextFullError(
+                f"the sequence needs {top + 1} positions but the {self.name}'s context "
+                f"holds {len(self._written)} (n_ctx): use a larger n_ctx or a shorter text"
+            )
 
     def decode_run(self, tokens: Sequence[int], start: int, all_outputs: bool) -> None:
         """Decode ``tokens`` at positions start.. of sequence 0; logits for all or for the last only."""
@@ -146,8 +154,9 @@ class Lockstep:
         self.contexts = list(contexts)
         self.n_batch = n_batch
 
-    def eval(self, prefix: np.ndarray, tokens: Sequence[int], weights: Sequence[float],
-             scores: Optional[np.ndarray] = None) -> Context:
+    def eval(
+        self, prefix: np.ndarray, tokens: Sequence[int], weights: Sequence[float], scores: Optional[np.ndarray] = None
+    ) -> Context:
         """Decode ``tokens`` after ``prefix`` in every context with a non-zero weight.
 
         Writes the blended logits of the last token (of every token when ``scores``, the

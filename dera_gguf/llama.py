@@ -48,8 +48,9 @@ _REFUSED_KWARGS = {
     "lora_base": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
 }
 # Every keyword llama_cpp.Llama names; Llama itself swallows unknown ones (**kwargs) without a word.
-_LLAMA_KWARGS = [n for n, p in inspect.signature(Llama.__init__).parameters.items()
-                 if n != "self" and p.kind is not p.VAR_KEYWORD]
+_LLAMA_KWARGS = [
+    n for n, p in inspect.signature(Llama.__init__).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
+]
 
 _DONE = object()
 
@@ -72,11 +73,17 @@ class DeRaLlama(Llama):
             that ``llama_cpp.Llama`` does not name is refused.
     """
 
-    def __init__(self, reference_model_path: PathLike, aligned_model_path: Union[PathLike, Sequence[PathLike]],
-                 lam: Lam = 1.0, **llama_kwargs: Any):
+    def __init__(
+        self,
+        reference_model_path: PathLike,
+        aligned_model_path: Union[PathLike, Sequence[PathLike]],
+        lam: Lam = 1.0,
+        **llama_kwargs: Any,
+    ):
         _check_llama_kwargs(llama_kwargs)
-        files = PairFiles.check(reference_model_path, as_path_list(aligned_model_path),
-                                llama_kwargs.get("verbose", True))
+        files = PairFiles.check(
+            reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
+        )
         self._weights = mixing_weights(lam, len(files.aligned))
         self._init_args = (files.reference, list(files.aligned), dict(llama_kwargs))
         if files.is_adapter[0]:  # this Llama is the reference with the adapter applied
@@ -92,8 +99,13 @@ class DeRaLlama(Llama):
         self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
 
     @classmethod
-    def from_pair(cls, name: Optional[str] = None, lam: Optional[Lam] = None, models: Optional[PathLike] = None,
-                  **llama_kwargs: Any) -> "DeRaLlama":
+    def from_pair(
+        cls,
+        name: Optional[str] = None,
+        lam: Optional[Lam] = None,
+        models: Optional[PathLike] = None,
+        **llama_kwargs: Any,
+    ) -> "DeRaLlama":
         """A DeRaLlama for a pair named in models.toml (``None``: its default pair).
 
         ``models`` (or ``$DERA_MODELS``) points at another models.toml. Hub files are
@@ -117,8 +129,7 @@ class DeRaLlama(Llama):
         Aligned model 1 is this Llama's own context; the others are made on the same
         loaded weights (an adapter's reference is loaded once).
         """
-        models = PairModels(files, self.model_params, self._stack, self.verbose,
-                            loaded={files.weights(0): self._model})
+        models = PairModels(files, self.model_params, self._stack, self.verbose, loaded={files.weights(0): self._model})
         make = lambda member: models.context(member, self.context_params, self.n_batch, lora_scale=self.lora_scale)
         own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch)
         return [make(0), own] + [make(m) for m in range(2, len(files.aligned) + 1)]
@@ -202,8 +213,10 @@ class DeRaLlama(Llama):
         else:
             raise DeRaError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if n >= self._n_ctx:
-            raise ContextFullError(f"the prompt is {n} tokens but the context holds {self._n_ctx} (n_ctx): "
-                                   "shorten the prompt or create the DeRaLlama with a larger n_ctx")
+            raise ContextFullError(
+                f"the prompt is {n} tokens but the context holds {self._n_ctx} (n_ctx): "
+                "shorten the prompt or create the DeRaLlama with a larger n_ctx"
+            )
 
     # ------------------------------------------------ llama-cpp-python seams
 
@@ -227,8 +240,10 @@ class DeRaLlama(Llama):
             tokens = [int(self.input_ids[self.n_tokens])]
         start, n = self.n_tokens, len(tokens)
         if start + n > len(self.input_ids):
-            raise ContextFullError(f"{start + n} tokens do not fit the context of {len(self.input_ids)} (n_ctx): "
-                                   "create the DeRaLlama with a larger n_ctx or start a shorter conversation")
+            raise ContextFullError(
+                f"{start + n} tokens do not fit the context of {len(self.input_ids)} (n_ctx): "
+                "create the DeRaLlama with a larger n_ctx or start a shorter conversation"
+            )
         scores = self.scores[start : start + n] if self._logits_all else None
         self._target = self._lockstep.eval(self.input_ids[:start], tokens, self._weights, scores)
         self.input_ids[start : start + n] = tokens
@@ -238,11 +253,11 @@ class DeRaLlama(Llama):
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``Llama.sample`` on the context whose logits buffer holds the blend."""
-        own, self._ctx = self._ctx, self._target.ctx
+        saved, self._ctx = self._ctx, self._target.ctx
         try:
             return super().sample(*args, **kwargs)
         finally:
-            self._ctx = own
+            self._ctx = saved
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # __init__ may have refused its arguments before Llama set up
@@ -250,8 +265,10 @@ class DeRaLlama(Llama):
 
     def set_cache(self, cache) -> None:
         if cache is not None:
-            raise DeRaError("DeRaLlama keeps no llama-cpp-python prompt cache: prefix reuse between calls "
-                            "is automatic in every context")
+            raise DeRaError(
+                "DeRaLlama keeps no llama-cpp-python prompt cache: prefix reuse between calls "
+                "is automatic in every context"
+            )
         super().set_cache(cache)
 
     def save_state(self):
@@ -275,8 +292,10 @@ def _check_llama_kwargs(kwargs: dict) -> None:
             raise DeRaError(f"DeRaLlama does not take {name}=: {why}")
     for name in kwargs:
         if name not in _LLAMA_KWARGS:
-            raise DeRaError(f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
-                            f"{_closest(name, _LLAMA_KWARGS + ['lam'])}")
+            raise DeRaError(
+                f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
+                f"{_closest(name, _LLAMA_KWARGS + ['lam'])}"
+            )
 
 
 def _bind(method, *args: Any, **kwargs: Any) -> dict:

@@ -68,8 +68,14 @@ class PairModels:
         loaded: models the caller already holds, by path (closed by the caller).
     """
 
-    def __init__(self, files: PairFiles, params, stack: contextlib.ExitStack, verbose: bool = False,
-                 loaded: Optional[Dict[str, internals.LlamaModel]] = None):
+    def __init__(
+        self,
+        files: PairFiles,
+        params,
+        stack: contextlib.ExitStack,
+        verbose: bool = False,
+        loaded: Optional[Dict[str, internals.LlamaModel]] = None,
+    ):
         self.files, self.params, self.verbose = files, params, verbose
         self._stack = stack
         self._models: Dict[str, internals.LlamaModel] = dict(loaded or {})
@@ -92,8 +98,10 @@ class PairModels:
             reference = self.model(self.files.reference, "reference model")
             adapter = llama_cpp.llama_adapter_lora_init(reference.model, path.encode("utf-8"))
             if adapter is None:
-                raise DeRaError(f"llama.cpp could not load the LoRA adapter {path} on the reference model "
-                                f"{self.files.reference}: was it made for this reference model?")
+                raise DeRaError(
+                    f"llama.cpp could not load the LoRA adapter {path} on the reference model "
+                    f"{self.files.reference}: was it made for this reference model?"
+                )
             self._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
             self._adapters[path] = adapter
         return self._adapters[path]

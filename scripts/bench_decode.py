@@ -65,8 +65,10 @@ def main() -> None:
             results[name].append(tokens_per_second(llm, args.tokens))
     base = statistics.median(results["llama-cpp-python"])
     print(f"model {os.path.basename(path)}, {args.tokens} new tokens, greedy, median of {args.rounds} rounds")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, n_gpu_layers={args.n_gpu_layers}, "
-          f"llama-cpp-python {llama_cpp.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, n_gpu_layers={args.n_gpu_layers}, "
+        f"llama-cpp-python {llama_cpp.__version__}"
+    )
     for name, values in results.items():
         tps = statistics.median(values)
         print(f"{name:22s} {tps:8.1f} tok/s   ratio {tps / base:.3f}")

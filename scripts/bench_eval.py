@@ -28,10 +28,13 @@ from pathlib import Path
 
 from dera_gguf.convert.quantize import QUANT_TYPES, quantize_gguf
 from dera_gguf.eval import EvalPair, SamplingParams, generate, read_rows, score
+from dera_gguf.eval.batch import ParallelSequences
 
 STORY = "<|im_start|>user\nWrite a long story about a lighthouse keeper and the sea.<|im_end|>\n<|im_start|>assistant\n"
-ANSWER = (" Once upon a time, on a rocky island far from the coast, an old keeper tended the light every night. "
-          "He polished the great lens, wound the clockwork and wrote the weather in his logbook.")
+ANSWER = (
+    " Once upon a time, on a rocky island far from the coast, an old keeper tended the light every night. "
+    "He polished the great lens, wound the clockwork and wrote the weather in his logbook."
+)
 
 
 def smollm2_path() -> str:
@@ -48,8 +51,10 @@ def timed(fn) -> float:
 
 
 def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
-    rows = [{"prompt": STORY, "chosen": ANSWER, "rejected": ANSWER[: len(ANSWER) // 2] + f" The end ({i})."}
-            for i in range(n_rows)]
+    rows = [
+        {"prompt": STORY, "chosen": ANSWER, "rejected": ANSWER[: len(ANSWER) // 2] + f" The end ({i})."}
+        for i in range(n_rows)
+    ]
     path = folder / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = read_rows(path, "score")
@@ -58,7 +63,7 @@ def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
     score(pair, data, [1.0])  # warm-up
     for _ in range(rounds):
         for name, lams in sweeps.items():
-            times[name].append(timed(lambda: score(pair, data, lams)))
+            times[name].append(timed(lambda lams=lams: score(pair, data, lams)))
     report("score", times, "1 lam", 1.2, f"{n_rows} rows, chosen + rejected")
 
 
@@ -78,34 +83,38 @@ def bench_generate(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -
             times[name].append(time.perf_counter() - start)
             tokens[name] += sum(rec["length_tokens"] for rec in result.records)
     per_seq = {name: tokens[name] / rounds / len(lams) for name, lams in sweeps.items()}
-    report("generate", times, "1 lam", 3.0,
-           f"max {max_tokens} new tokens; mean tokens per response: "
-           + ", ".join(f"{k} {v:.0f}" for k, v in per_seq.items()))
+    report(
+        "generate",
+        times,
+        "1 lam",
+        3.0,
+        f"max {max_tokens} new tokens; mean tokens per response: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in per_seq.items()),
+    )
     print(f"  llama.cpp floor: one 8-token llama_decode = {decode_floor(pair, rounds):.2f}x a 1-token one")
 
 
 def decode_floor(pair: EvalPair, rounds: int, n_seq: int = 8, steps: int = 16) -> float:
     """Median time of one n_seq-token llama_decode over that of a 1-token one (both models)."""
-    seqs = pair.sequences(n_seq=n_seq, n_extra=n_seq * steps)
+    decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=n_seq * steps)
     prompt = pair.tokenize(STORY)
-    seqs.prefill(prompt, n_seq)
+    decoder.prefill(prompt, n_seq)
     at = len(prompt)
     times = {1: [], n_seq: []}
 
     def one_step(n: int, token: int) -> None:
         start = time.perf_counter()
-        seqs.step([token] * n, list(range(n)), at)
+        decoder.step([token] * n, list(range(n)), at)
         times[n].append(time.perf_counter() - start)
-        for ctx in seqs.contexts:  # drop the new cells: every step decodes at the same position
-            for seq in range(n):
-                ctx.kv_cache_seq_rm(seq, at, -1)
+        for context in decoder.contexts:  # drop the new cells: every step decodes at the same position
+            context.truncate(at)
 
     try:
         for r in range(rounds * steps):
             for n in times:
                 one_step(n, prompt[r % len(prompt)])
     finally:
-        seqs.close()
+        decoder.close()
     return statistics.median(times[n_seq]) / statistics.median(times[1])
 
 
@@ -136,16 +145,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--only", choices=["score", "generate"], default=None)
-    parser.add_argument("--requantize", choices=list(QUANT_TYPES), default=None,
-                        help="first rewrite the model(s) in this type (llama.cpp's quantizer, into a temp dir)")
+    parser.add_argument(
+        "--requantize",
+        choices=list(QUANT_TYPES),
+        default=None,
+        help="first rewrite the model(s) in this type (llama.cpp's quantizer, into a temp dir)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ref = args.model or smollm2_path()
         aligned = args.aligned or ref
         if args.requantize:
             ref, aligned = (requantized(p, args.requantize, Path(tmp)) for p in (ref, aligned))
-        print(f"{platform.machine()}, {platform.processor() or 'cpu'}; reference {Path(ref).name}, "
-              f"aligned {Path(aligned).name}; threads {args.threads or 'default'}, n_gpu_layers {args.n_gpu_layers}")
+        print(
+            f"{platform.machine()}, {platform.processor() or 'cpu'}; reference {Path(ref).name}, "
+            f"aligned {Path(aligned).name}; threads {args.threads or 'default'}, n_gpu_layers {args.n_gpu_layers}"
+        )
         with EvalPair(ref, aligned, n_ctx=1024, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers) as pair:
             run(pair, Path(tmp), args)
 

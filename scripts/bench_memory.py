@@ -44,15 +44,18 @@ def default_model() -> str:
 
 
 def peak_rss(kind: str, model: str, adapter: str, n_ctx: int) -> float:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, model, adapter, str(n_ctx)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, model, adapter, str(n_ctx)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="reference GGUF (default: SmolLM2-135M-Instruct Q4_1)")
-    parser.add_argument("--adapter", default=str(Path(__file__).parents[1] / "dera_gguf/data/smollm2-demo-dpo-lora.gguf"))
+    parser.add_argument(
+        "--adapter", default=str(Path(__file__).parents[1] / "dera_gguf/data/smollm2-demo-dpo-lora.gguf")
+    )
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -64,12 +67,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # a second file, so its pages are not shared
         second = shutil.copy(model, os.path.join(tmp, "copy.gguf"))
         copies = min(peak_rss("copies", model, second, args.n_ctx) for _ in range(args.rounds))
-    print(f"model {os.path.basename(model)} ({os.path.getsize(model) / 2**20:.0f} MiB), "
-          f"adapter {os.path.basename(args.adapter)} ({os.path.getsize(args.adapter) / 2**20:.1f} MiB), n_ctx {args.n_ctx}")
+    print(
+        f"model {os.path.basename(model)} ({os.path.getsize(model) / 2**20:.0f} MiB), "
+        f"adapter {os.path.basename(args.adapter)} ({os.path.getsize(args.adapter) / 2**20:.1f} MiB), "
+        f"n_ctx {args.n_ctx}"
+    )
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"reference alone      peak RSS {alone:7.1f} MiB")
     print(f"DeRa pair (LoRA)     peak RSS {pair:7.1f} MiB   ratio {pair / alone:.3f}")
-    print(f"two full models      peak RSS {copies:7.1f} MiB   ratio {copies / alone:.3f}   (no sharing, for comparison)")
+    print(
+        f"two full models      peak RSS {copies:7.1f} MiB   ratio {copies / alone:.3f}   (no sharing, for comparison)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dera_gguf.cli.common import reports_errors  # noqa: E402
 from dera_gguf.convert.hub import download_checkpoint, plan_download  # noqa: E402
 from dera_gguf.convert.pair import check_pair  # noqa: E402
 from dera_gguf.convert.pipeline import check_output_path, prepare, write  # noqa: E402
 from dera_gguf.convert.quantize import DEFAULT_QUANT, QUANT_TYPES, estimated_size  # noqa: E402
 from dera_gguf.convert.writer import format_size  # noqa: E402
-from dera_gguf.cli.common import reports_errors  # noqa: E402
 from dera_gguf.errors import DeRaError  # noqa: E402
 
 REFERENCE = "HuggingFaceH4/mistral-7b-sft-beta"
@@ -74,7 +74,11 @@ def write_pair_entry(toml_path: Path, name: str, reference: Path, aligned: list[
     """
     text = toml_path.read_text(encoding="utf-8") if toml_path.exists() else ""
     path = lambda p: "{ path = " + json.dumps(_toml_path_value(p, toml_path)) + " }"  # noqa: E731
-    values = {"reference": path(reference), "aligned": "[" + ", ".join(path(p) for p in aligned) + "]", "beta": repr(float(beta))}
+    values = {
+        "reference": path(reference),
+        "aligned": "[" + ", ".join(path(p) for p in aligned) + "]",
+        "beta": repr(float(beta)),
+    }
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
@@ -153,12 +157,27 @@ def _existing_parent(path: Path) -> Path:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("models"), show_default=True,
-              help="Folder for the two GGUF files.")
-@click.option("--quant", type=click.Choice(list(QUANT_TYPES), case_sensitive=False), default=DEFAULT_QUANT,
-              show_default=True, help="Same type for both models (llama.cpp's quantizer).")
-@click.option("--models-toml", type=click.Path(dir_okay=False, path_type=Path), default=Path("models.toml"),
-              show_default=True, help="Registry file whose [pairs.zephyr-7b] entry is written.")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("models"),
+    show_default=True,
+    help="Folder for the two GGUF files.",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(list(QUANT_TYPES), case_sensitive=False),
+    default=DEFAULT_QUANT,
+    show_default=True,
+    help="Same type for both models (llama.cpp's quantizer).",
+)
+@click.option(
+    "--models-toml",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("models.toml"),
+    show_default=True,
+    help="Registry file whose [pairs.zephyr-7b] entry is written.",
+)
 @click.option("--dry-run", is_flag=True, help="List downloads and disk needs; write nothing.")
 @click.option("--force", is_flag=True, help="Convert again even if the GGUF files exist.")
 @reports_errors

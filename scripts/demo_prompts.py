@@ -18,14 +18,46 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "dera_gguf" / "data" / "demo_prompts.jsonl"
 
 TOPICS = [
-    "photosynthesis", "black holes", "the water cycle", "volcanoes", "vaccines",
-    "the French Revolution", "the printing press", "the Roman Empire", "the Silk Road",
-    "climate change", "recycling", "electric cars", "solar panels", "the internet",
-    "machine learning", "password security", "public libraries", "coffee", "bread baking",
-    "gardening", "running", "sleep", "meditation", "learning a new language",
-    "chess", "jazz music", "the ocean", "honeybees", "the Moon", "rainbows",
-    "saving money", "job interviews", "teamwork", "time management", "bicycles",
-    "earthquakes", "dinosaurs", "the human heart", "friendship", "city parks",
+    "photosynthesis",
+    "black holes",
+    "the water cycle",
+    "volcanoes",
+    "vaccines",
+    "the French Revolution",
+    "the printing press",
+    "the Roman Empire",
+    "the Silk Road",
+    "climate change",
+    "recycling",
+    "electric cars",
+    "solar panels",
+    "the internet",
+    "machine learning",
+    "password security",
+    "public libraries",
+    "coffee",
+    "bread baking",
+    "gardening",
+    "running",
+    "sleep",
+    "meditation",
+    "learning a new language",
+    "chess",
+    "jazz music",
+    "the ocean",
+    "honeybees",
+    "the Moon",
+    "rainbows",
+    "saving money",
+    "job interviews",
+    "teamwork",
+    "time management",
+    "bicycles",
+    "earthquakes",
+    "dinosaurs",
+    "the human heart",
+    "friendship",
+    "city parks",
 ]
 
 TEMPLATES = [
@@ -49,12 +81,14 @@ def build_prompts() -> list[dict]:
     rows = []
     for t_idx, template in enumerate(TEMPLATES):
         for p_idx, topic in enumerate(TOPICS):
-            rows.append({
-                "id": f"t{t_idx:02d}-p{p_idx:02d}",
-                "topic": topic,
-                "template": t_idx,
-                "prompt": template.format(topic=topic),
-            })
+            rows.append(
+                {
+                    "id": f"t{t_idx:02d}-p{p_idx:02d}",
+                    "topic": topic,
+                    "template": t_idx,
+                    "prompt": template.format(topic=topic),
+                }
+            )
     return rows
 
 

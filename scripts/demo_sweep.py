@@ -43,8 +43,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--write-prompts", metavar="PATH", default=None,
-                        help="only write the held-out prompts (chat messages, one per line) to PATH and stop")
+    parser.add_argument(
+        "--write-prompts",
+        metavar="PATH",
+        default=None,
+        help="only write the held-out prompts (chat messages, one per line) to PATH and stop",
+    )
     args = parser.parse_args()
     if args.write_prompts:
         print(heldout_prompts(Path(args.write_prompts)))
@@ -57,18 +61,28 @@ def main() -> None:
     ref, aligned = load_registry().get("smollm2-demo").resolve()
     start = time.perf_counter()
     with EvalPair(ref, aligned, n_ctx=1024, n_threads=args.threads) as pair:
-        result = generate(pair, read_rows(str(prompts), "generate", args.limit), lams, out_dir=args.out,
-                          params=SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
-                          reward=LengthReward(l_min, l_max), progress=True)
-    print(f"\n{result.summary[0]['n']} held-out prompts, greedy, "
-          f"max {args.max_tokens} new tokens, {time.perf_counter() - start:.0f} s on {platform.machine()} "
-          f"with {os.cpu_count()} CPUs\n")
+        result = generate(
+            pair,
+            read_rows(str(prompts), "generate", args.limit),
+            lams,
+            out_dir=args.out,
+            params=SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+            reward=LengthReward(l_min, l_max),
+            progress=True,
+        )
+    print(
+        f"\n{result.summary[0]['n']} held-out prompts, greedy, "
+        f"max {args.max_tokens} new tokens, {time.perf_counter() - start:.0f} s on {platform.machine()} "
+        f"with {os.cpu_count()} CPUs\n"
+    )
     print(f"| λ | mean length (tokens) | share in [{l_min}, {l_max}] | mean KL to reference (per token) |")
     print("|---|---|---|---|")
     for row in result.summary:
         share = 1.0 + row["mean_reward"]  # the reward is 0 inside the range, -1 outside
-        print(f"| {row['lam']:g} | {row['mean_length_tokens']:.1f} ± {row['mean_length_tokens_stderr']:.1f} "
-              f"| {share:.2f} | {row['mean_kl_to_reference']:.3f} |")
+        print(
+            f"| {row['lam']:g} | {row['mean_length_tokens']:.1f} ± {row['mean_length_tokens_stderr']:.1f} "
+            f"| {share:.2f} | {row['mean_kl_to_reference']:.3f} |"
+        )
     samples = [json.loads(line) for line in open(Path(args.out) / "samples.jsonl", encoding="utf-8")]
     first = samples[0]["row"]
     for lam in (min(lams), max(lams)):

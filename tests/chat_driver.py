@@ -33,10 +33,19 @@ def cli_env(models_toml: Optional[Path] = None, **extra: str) -> dict:
     return env
 
 
-def run_cli(args: List[str], env: dict, stdin: Optional[str] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(
+    args: List[str], env: dict, stdin: Optional[str] = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """``python -m dera_gguf.cli.chat ARGS`` with ``stdin`` piped (empty when None)."""
-    return subprocess.run([sys.executable, "-m", "dera_gguf.cli.chat", *args], input=stdin or "", env=env,
-                          capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dera_gguf.cli.chat", *args],
+        input=stdin or "",
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+    )
 
 
 def streamed(llm, messages: List[dict], **kwargs) -> str:
@@ -49,9 +58,16 @@ class Terminal:
     """dera-chat in a pseudo-terminal, spoken to like a user would."""
 
     def __init__(self, args: List[str], env: dict, timeout: float = 30):
-        self.child = pexpect.spawn(sys.executable, ["-m", "dera_gguf.cli.chat", *args], env=env,
-                                   encoding="utf-8", codec_errors="replace", timeout=timeout, cwd=str(ROOT),
-                                   dimensions=(40, 4000))  # wide: long lines echo unwrapped
+        self.child = pexpect.spawn(
+            sys.executable,
+            ["-m", "dera_gguf.cli.chat", *args],
+            env=env,
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=timeout,
+            cwd=str(ROOT),
+            dimensions=(40, 4000),
+        )  # wide: long lines echo unwrapped
         self.child.expect_exact(PROMPT)
 
     def ask(self, text: str) -> tuple[str, re.Match]:

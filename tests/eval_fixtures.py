@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import reference as R
+
 from dera_gguf.eval import EvalPair
 
 

@@ -14,7 +14,6 @@ from typing import List, Sequence
 import llama_cpp
 import numpy as np
 
-
 # Set on a GPU machine to run every test model offloaded (CUDA / Metal builds).
 N_GPU_LAYERS = int(os.environ.get("DERA_TEST_N_GPU_LAYERS", "0"))
 
@@ -63,8 +62,9 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def greedy(models: Sequence[llama_cpp.Llama], weights: Sequence[float], prompt: Sequence[int], n: int,
-           stop: Sequence[int] = ()) -> tuple[list[int], list[np.ndarray]]:
+def greedy(
+    models: Sequence[llama_cpp.Llama], weights: Sequence[float], prompt: Sequence[int], n: int, stop: Sequence[int] = ()
+) -> tuple[list[int], list[np.ndarray]]:
     """Greedy decoding of the blend; returns the tokens and the blended logits of each step."""
     for m in models:
         m.reset()

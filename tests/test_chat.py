@@ -11,14 +11,14 @@ import json
 
 import llama_cpp
 import pytest
-from click.testing import CliRunner
-from llama_cpp import llama_chat_format
-
 import reference as R
 from chat_driver import PAPER, Terminal, cli_env, run_cli, streamed
+from click.testing import CliRunner
+from llama_cpp import llama_chat_format
+from tiny_models import CHAT_TEMPLATE, tiny_vocab, write_tiny_llama
+
 from dera_gguf import DeRaError, DeRaLlama
 from dera_gguf.cli.chat import _sweep_lams, main
-from tiny_models import CHAT_TEMPLATE, tiny_vocab, write_tiny_llama
 
 
 def printable_vocab():
@@ -39,8 +39,10 @@ def printable_vocab():
 @pytest.fixture(scope="module")
 def chat_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat_models")
-    return [write_tiny_llama(folder / f"{name}.gguf", seed=seed, vocab=printable_vocab())
-            for name, seed in [("ref", 1), ("aligned", 2), ("aligned2", 3)]]
+    return [
+        write_tiny_llama(folder / f"{name}.gguf", seed=seed, vocab=printable_vocab())
+        for name, seed in [("ref", 1), ("aligned", 2), ("aligned2", 3)]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ reference = {{ path = "{ref_path}" }}
 aligned = [{{ path = "{aligned_path}" }}, {{ path = "{aligned2_path}" }}]
 
 [pairs.absent]
-reference = {{ path = "{ref_path.parent / 'nowhere' / 'sft.gguf'}" }}
+reference = {{ path = "{ref_path.parent / "nowhere" / "sft.gguf"}" }}
 aligned = [{{ path = "{aligned_path}" }}]
 make = "python scripts/make_absent.py --out-dir models"
 """)
@@ -111,9 +113,22 @@ def assistant(text):
 
 # ------------------------------------------------------------------ one-shot
 
+
 def test_one_shot_prompt_prints_only_the_answer(env, engine):
-    args = ["--prompt", "tell me about the cat", "--system", "be short", "--lam", "1.5", "--seed", "11",
-            "--max-tokens", "24", "--n-ctx", "256"]
+    args = [
+        "--prompt",
+        "tell me about the cat",
+        "--system",
+        "be short",
+        "--lam",
+        "1.5",
+        "--seed",
+        "11",
+        "--max-tokens",
+        "24",
+        "--n-ctx",
+        "256",
+    ]
     result = run_cli(args, env)
     assert result.returncode == 0, result.stderr
     messages = [{"role": "system", "content": "be short"}, user("tell me about the cat")]
@@ -132,8 +147,22 @@ def test_piped_stdin_is_read_whole_as_one_prompt(env, plain_ref):
 
 def test_json_completion_is_the_blend_of_plain_models(env, ref_path, aligned_path):
     lam, question = 0.5, "please write about the rain"
-    result = run_cli(["--json", "--prompt", question, "--lam", str(lam), "--temperature", "0", "--max-tokens", "16",
-                      "--n-ctx", "256"], env)
+    result = run_cli(
+        [
+            "--json",
+            "--prompt",
+            question,
+            "--lam",
+            str(lam),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--n-ctx",
+            "256",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["object"] == "chat.completion"
@@ -158,10 +187,14 @@ def _chat_prompt_tokens(llm, messages):
 
 @pytest.mark.parametrize("models", ["pair", "paths"])
 def test_several_aligned_models_take_a_lam_list(env, ref_path, aligned_path, aligned2_path, models):
-    chosen = (["--pair", "tiny2"] if models == "pair" else
-              ["--ref", str(ref_path), "--aligned", str(aligned_path), "--aligned", str(aligned2_path)])
-    result = run_cli([*chosen, "--lam", "0.5,0.8", "--prompt", "hello", "--seed", "4", "--max-tokens", "16",
-                      "--n-ctx", "256"], env)
+    chosen = (
+        ["--pair", "tiny2"]
+        if models == "pair"
+        else ["--ref", str(ref_path), "--aligned", str(aligned_path), "--aligned", str(aligned2_path)]
+    )
+    result = run_cli(
+        [*chosen, "--lam", "0.5,0.8", "--prompt", "hello", "--seed", "4", "--max-tokens", "16", "--n-ctx", "256"], env
+    )
     assert result.returncode == 0, result.stderr
     llm = DeRaLlama(str(ref_path), [str(aligned_path), str(aligned2_path)], lam=[0.5, 0.8], n_ctx=256, verbose=False)
     expected = streamed(llm, [user("hello")], seed=4, max_tokens=16, **PAPER)
@@ -178,8 +211,9 @@ def test_sweep_entries_for_one_and_several_aligned_models():
 def test_default_pair_falls_back_and_says_what_is_missing(tmp_path, models_toml, plain_aligned):
     text = models_toml.read_text().replace('default = "tiny"', 'default = "absent"\nfallback = "tiny"')
     (tmp_path / "models.toml").write_text(text)
-    result = run_cli(["--prompt", "hello", "--seed", "9", "--max-tokens", "12", "--n-ctx", "256"],
-                     cli_env(tmp_path / "models.toml"))
+    result = run_cli(
+        ["--prompt", "hello", "--seed", "9", "--max-tokens", "12", "--n-ctx", "256"], cli_env(tmp_path / "models.toml")
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == streamed(plain_aligned, [user("hello")], seed=9, max_tokens=12, **PAPER) + "\n"
     assert "sft.gguf" in result.stderr and "python scripts/make_absent.py --out-dir models" in result.stderr
@@ -187,6 +221,7 @@ def test_default_pair_falls_back_and_says_what_is_missing(tmp_path, models_toml,
 
 
 # --------------------------------------------------------------- interactive
+
 
 def test_lam_change_answers_like_the_engine_on_the_whole_history(env, plain_ref, plain_aligned, engine):
     settings = dict(seed=5, max_tokens=20, **PAPER)
@@ -276,6 +311,7 @@ def test_system_command_changes_the_following_answers(env, plain_aligned):
 
 # ----------------------------------------------------------------- bad input
 
+
 def invoke(args, env_vars):
     """Run dera-chat in-process (one-shot: the runner's stdin is not a terminal)."""
     return CliRunner().invoke(main, args, env={"DERA_MODELS": env_vars["DERA_MODELS"]})
@@ -306,22 +342,23 @@ def test_lam_count_must_match_the_aligned_models(env):
 
 def test_missing_file_of_a_pair_says_how_to_make_it(env, ref_path):
     result = invoke(["--pair", "absent", "--prompt", "hi"], env)
-    assert_one_line_error(result, str(ref_path.parent / "nowhere" / "sft.gguf"),
-                          "python scripts/make_absent.py --out-dir models")
+    assert_one_line_error(
+        result, str(ref_path.parent / "nowhere" / "sft.gguf"), "python scripts/make_absent.py --out-dir models"
+    )
 
 
 def test_missing_model_path_is_named(env, ref_path, tmp_path):
     missing = tmp_path / "none.gguf"
-    assert_one_line_error(invoke(["--ref", str(ref_path), "--aligned", str(missing), "--prompt", "hi"], env),
-                          str(missing))
+    assert_one_line_error(
+        invoke(["--ref", str(ref_path), "--aligned", str(missing), "--prompt", "hi"], env), str(missing)
+    )
 
 
 def test_incompatible_models_are_refused(env, ref_path, tmp_path):
     vocab = tiny_vocab()
     vocab.tokens[300] += "x"
     other = write_tiny_llama(tmp_path / "other.gguf", seed=4, vocab=vocab)
-    assert_one_line_error(invoke(["--ref", str(ref_path), "--aligned", str(other), "--prompt", "hi"], env),
-                          str(other))
+    assert_one_line_error(invoke(["--ref", str(ref_path), "--aligned", str(other), "--prompt", "hi"], env), str(other))
 
 
 def test_flags_that_contradict_each_other(env, ref_path):

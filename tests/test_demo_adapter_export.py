@@ -12,17 +12,16 @@ import pytest
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from demo_adapter.export import export_lora_gguf, gguf_tensor_name
+from demo_adapter.export import export_lora_gguf, gguf_tensor_name  # noqa: E402 (path set above)
 
-from dera_gguf.errors import DeRaError
+from dera_gguf.errors import DeRaError  # noqa: E402
 
 PREFIX = "base_model.model.model.layers"
 
 
 def test_names_follow_the_base_gguf_tensor_names():
     assert gguf_tensor_name(f"{PREFIX}.3.mlp.up_proj.lora_A.weight") == "blk.3.ffn_up.weight.lora_a"
-    assert (gguf_tensor_name(f"{PREFIX}.12.self_attn.o_proj.lora_B.weight")
-            == "blk.12.attn_output.weight.lora_b")
+    assert gguf_tensor_name(f"{PREFIX}.12.self_attn.o_proj.lora_B.weight") == "blk.12.attn_output.weight.lora_b"
 
 
 def test_q_and_k_are_refused():
@@ -35,8 +34,7 @@ def test_written_adapter_reads_back_in_llama_cpp_layout(tmp_path):
     rank, n_in, n_out = 4, 16, 8
     a = rng.standard_normal((rank, n_in)).astype(np.float32)
     b = rng.standard_normal((n_out, rank)).astype(np.float32)
-    state = {f"{PREFIX}.0.self_attn.v_proj.lora_A.weight": a,
-             f"{PREFIX}.0.self_attn.v_proj.lora_B.weight": b}
+    state = {f"{PREFIX}.0.self_attn.v_proj.lora_A.weight": a, f"{PREFIX}.0.self_attn.v_proj.lora_B.weight": b}
     path = tmp_path / "lora.gguf"
     export_lora_gguf(state, alpha=8.0, out_path=path)
 
@@ -50,4 +48,7 @@ def test_written_adapter_reads_back_in_llama_cpp_layout(tmp_path):
     assert list(tensors["blk.0.attn_v.weight.lora_b"].shape) == [rank, n_out]
     np.testing.assert_allclose(
         np.asarray(tensors["blk.0.attn_v.weight.lora_a"].data, dtype=np.float32).reshape(rank, n_in),
-        a, rtol=1e-3, atol=1e-3)
+        a,
+        rtol=1e-3,
+        atol=1e-3,
+    )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import llama_cpp
 import numpy as np
 import pytest
-
 import reference as R
-from dera_gguf import DeRaLlama
 from llama_cpp import LlamaGrammar, llama_chat_format
+
+from dera_gguf import DeRaLlama
 
 PROMPT = "hello world, tell me about the cat"
 LAMS = [-0.5, 0.0, 0.3, 1.0, 1.5, 3.0]
@@ -122,7 +122,7 @@ def test_seeded_sampling_is_reproducible(ref_path, aligned_path):
 def test_streaming_equals_non_streaming(ref_path, aligned_path, lam):
     # An ASCII grammar: llama-cpp-python itself assembles split multi-byte characters
     # differently when streaming, and random tiny models emit many byte tokens.
-    ascii_only = LlamaGrammar.from_string('root ::= [a-z ,.]+', verbose=False)
+    ascii_only = LlamaGrammar.from_string("root ::= [a-z ,.]+", verbose=False)
     llm = dera(ref_path, str(aligned_path))
     kw = dict(max_tokens=20, temperature=0.8, seed=3, lam=lam, grammar=ascii_only)
     whole = llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
@@ -196,7 +196,8 @@ def test_prefix_reuse_across_turns_and_lam_changes(ref_path, aligned_path, pair)
 def _render(llm, messages) -> list[int]:
     """The prompt tokens as llama-cpp-python's own Jinja2 chat formatter makes them."""
     formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+        template=llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>"
+    )
     result = formatter(messages=messages)
     return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
 
@@ -223,4 +224,7 @@ def test_pickle_round_trip(ref_path, aligned_path):
     clone = pickle.loads(pickle.dumps(llm))
     assert clone.lam == 0.4
     kw = dict(max_tokens=8, temperature=0.0)
-    assert clone.create_completion(PROMPT, **kw)["choices"][0]["text"] == llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
+    assert (
+        clone.create_completion(PROMPT, **kw)["choices"][0]["text"]
+        == llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
+    )

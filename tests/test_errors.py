@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny_models import tiny_vocab, write_tiny_llama
 
 from dera_gguf import DeRaError, DeRaLlama
-from tiny_models import tiny_vocab, write_tiny_llama
 
 
 def make(ref, aligned, lam=1.0, **kw):
@@ -96,11 +96,24 @@ def test_prompt_longer_than_n_ctx(llm):
         llm.create_chat_completion([{"role": "user", "content": "the dog " * 200}], max_tokens=2)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(temperature=math.nan), dict(top_p=1.5), dict(min_p=-0.1), dict(top_k=-3), dict(top_k=2.5),
-    dict(repeat_penalty=0.0), dict(typical_p=0.0), dict(seed=-1), dict(seed=2**40), dict(mirostat_mode=3),
-    dict(max_tokens="ten"), dict(stop=[1, 2]), dict(frequency_penalty=math.inf),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=math.nan),
+        dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(top_k=-3),
+        dict(top_k=2.5),
+        dict(repeat_penalty=0.0),
+        dict(typical_p=0.0),
+        dict(seed=-1),
+        dict(seed=2**40),
+        dict(mirostat_mode=3),
+        dict(max_tokens="ten"),
+        dict(stop=[1, 2]),
+        dict(frequency_penalty=math.inf),
+    ],
+)
 def test_invalid_sampling_values(llm, bad):
     name = next(iter(bad))
     with pytest.raises(DeRaError, match=name):

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
-from dera_gguf.cli.eval import main
 from eval_fixtures import write_jsonl
 
-PREFS = [{"prompt": "hello world, tell me", "chosen": " about the cat", "rejected": " the dog is long"},
-         {"prompt": "write a short answer:", "chosen": " the sun", "rejected": " rain, rain"}]
+from dera_gguf.cli.eval import main
+
+PREFS = [
+    {"prompt": "hello world, tell me", "chosen": " about the cat", "rejected": " the dog is long"},
+    {"prompt": "write a short answer:", "chosen": " the sun", "rejected": " rain, rain"},
+]
 
 
 def models(ref_path, aligned_path):
@@ -23,8 +25,18 @@ def models(ref_path, aligned_path):
 def test_score_writes_summaries_and_prints_the_best_lam(ref_path, aligned_path, tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", PREFS + ["{broken"])
     out = tmp_path / "out"
-    args = ["score", *models(ref_path, aligned_path), "--data", data, "--lams", "0,1,2", "--out", str(out),
-            "--metric", "mean_logprob_chosen"]
+    args = [
+        "score",
+        *models(ref_path, aligned_path),
+        "--data",
+        data,
+        "--lams",
+        "0,1,2",
+        "--out",
+        str(out),
+        "--metric",
+        "mean_logprob_chosen",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -48,8 +60,10 @@ def test_score_writes_summaries_and_prints_the_best_lam(ref_path, aligned_path, 
 def test_without_matplotlib_the_rest_runs(ref_path, aligned_path, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     data = write_jsonl(tmp_path / "prefs.jsonl", PREFS[:1])
-    result = CliRunner().invoke(main, ["score", *models(ref_path, aligned_path), "--data", data, "--lams", "0,1",
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        ["score", *models(ref_path, aligned_path), "--data", data, "--lams", "0,1", "--out", str(tmp_path / "out")],
+    )
     assert result.exit_code == 0, result.output
     assert "pip install 'dera-gguf[plot]'" in result.output
     assert (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out" / "sweep.png").exists()
@@ -60,9 +74,25 @@ def test_generate_with_a_reward_function(ref_path, aligned_path, tmp_path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PREFS])
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["generate", *models(ref_path, aligned_path), "--prompts", data,
-                                       "--lams", "0,1.5", "--out", str(out), "--max-tokens", "8",
-                                       "--reward", "my_rewards:count_a", "--seed", "3"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            *models(ref_path, aligned_path),
+            "--prompts",
+            data,
+            "--lams",
+            "0,1.5",
+            "--out",
+            str(out),
+            "--max-tokens",
+            "8",
+            "--reward",
+            "my_rewards:count_a",
+            "--seed",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4
@@ -73,11 +103,14 @@ def test_generate_with_a_reward_function(ref_path, aligned_path, tmp_path, monke
     assert "best lam by mean_reward" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "MISSING"], "cannot read"),
-    (["--lams", "0,x"], "lam 'x' is not a number"),
-    (["--metric", "nope"], "--metric nope"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "MISSING"], "cannot read"),
+        (["--lams", "0,x"], "lam 'x' is not a number"),
+        (["--metric", "nope"], "--metric nope"),
+    ],
+)
 def test_errors_are_one_line(ref_path, aligned_path, tmp_path, args, message):
     data = write_jsonl(tmp_path / "prefs.jsonl", PREFS)
     base = {"--data": data, "--lams": "0,1", "--out": str(tmp_path / "out")}
@@ -92,16 +125,37 @@ def test_errors_are_one_line(ref_path, aligned_path, tmp_path, args, message):
 
 def test_several_aligned_models_are_refused_in_one_line(ref_path, aligned_path, aligned2_path, tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", PREFS)
-    result = CliRunner().invoke(main, ["score", *models(ref_path, aligned_path), "--aligned", str(aligned2_path),
-                                       "--data", data, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "score",
+            *models(ref_path, aligned_path),
+            "--aligned",
+            str(aligned2_path),
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1 and "one aligned model, got 2" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_other_settings_in_the_same_out_are_refused(ref_path, aligned_path, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}])
-    common = ["generate", *models(ref_path, aligned_path), "--prompts", data, "--lams", "1", "--out",
-              str(tmp_path / "out"), "--max-tokens", "4"]
+    common = [
+        "generate",
+        *models(ref_path, aligned_path),
+        "--prompts",
+        data,
+        "--lams",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--max-tokens",
+        "4",
+    ]
     assert CliRunner().invoke(main, common).exit_code == 0
     result = CliRunner().invoke(main, common + ["--temperature", "0.2"])
     assert result.exit_code == 1 and "other settings" in result.output and "temperature" in result.output
@@ -114,12 +168,26 @@ def test_ctrl_c_loses_nothing_written(ref_path, aligned_path, tmp_path):
     import subprocess
     import time
 
-    rows = [{"prompt": f"question {i}: tell me about the cat", "chosen": " the cat is short",
-             "rejected": " a dog"} for i in range(400)]
+    rows = [
+        {"prompt": f"question {i}: tell me about the cat", "chosen": " the cat is short", "rejected": " a dog"}
+        for i in range(400)
+    ]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "dera_gguf.cli.eval", "score", *models(ref_path, aligned_path), "--data", data,
-            "--lams", "0,1", "--out", str(out), "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "dera_gguf.cli.eval",
+        "score",
+        *models(ref_path, aligned_path),
+        "--data",
+        data,
+        "--lams",
+        "0,1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     results = out / "results.jsonl"

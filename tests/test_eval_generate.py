@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-
 import reference as R
 from eval_fixtures import pair, plain_pair, write_jsonl  # noqa: F401 (fixtures)
+
 from dera_gguf import DeRaLlama
 from dera_gguf.eval import LengthReward, SamplingParams, generate
 
@@ -69,8 +69,16 @@ def test_batched_greedy_equals_dera_llama(ref_path, aligned_path, pair, tmp_path
 def test_length_reward_and_summary(pair, tmp_path):
     reward = LengthReward(lmin=4, lmax=7)
     params = SamplingParams(temperature=0.9, max_tokens=12)
-    result = generate(pair, write_jsonl(tmp_path / "p.jsonl", PROMPTS), [0.0, 1.0], params=params, reward=reward,
-                      samples=3, seed=5, out_dir=str(tmp_path / "out"))
+    result = generate(
+        pair,
+        write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+        [0.0, 1.0],
+        params=params,
+        reward=reward,
+        samples=3,
+        seed=5,
+        out_dir=str(tmp_path / "out"),
+    )
     rows = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == len(PROMPTS) * 2 * 3
     for r in rows:
@@ -124,8 +132,9 @@ def test_batched_sampling_equals_llama_cpp_chain_on_the_blend(pair, plain_pair, 
         rows = [r[-1] for r in R.step_logits(plain_pair, prompt)]
         chain, tokens = None, []
         for _ in range(params.max_tokens):
-            token, chain = R.sample_with_chain(owner, R.blend(rows, [1 - record["lam"], record["lam"]]),
-                                               chain=chain, **settings)
+            token, chain = R.sample_with_chain(
+                owner, R.blend(rows, [1 - record["lam"], record["lam"]]), chain=chain, **settings
+            )
             if token == eos:
                 break
             tokens.append(token)

@@ -7,19 +7,22 @@ import json
 import jinja2
 import numpy as np
 import pytest
-
 import reference as R
 from eval_fixtures import pair, plain_pair, write_jsonl  # noqa: F401 (fixtures)
+from tiny_models import CHAT_TEMPLATE, write_tiny_lora
+
 from dera_gguf import DeRaError
 from dera_gguf.eval import EvalPair, read_rows, score
-from tiny_models import CHAT_TEMPLATE, write_tiny_lora
 
 LAMS = [-0.5, 0.0, 0.4, 1.0, 1.7, 3.0]
 ROWS = [
     {"prompt": "hello world, tell me", "chosen": " about the cat", "rejected": " the dog is long and short"},
     {"prompt": "write a short answer:", "chosen": " the sun", "rejected": " rain, rain, rain"},
-    {"messages": [{"role": "user", "content": "tell me about the dog"}], "chosen": "a dog is a model",
-     "rejected": "please write"},
+    {
+        "messages": [{"role": "user", "content": "tell me about the dog"}],
+        "chosen": "a dog is a model",
+        "rejected": "please write",
+    },
     {"prompt": "question: cat or dog?", "chosen": " dog", "rejected": " cat!"},
 ]
 
@@ -75,8 +78,10 @@ def test_scores_at_every_lam_equal_plain_llama_logits(pair, plain_pair, tmp_path
 def test_a_lora_adapter_as_aligned_model_scores_like_plain_llama_with_it(ref_path, models_dir, tmp_path):
     """The demo pair's shape: the adapter applied on the reference (weights shared) in the sweep."""
     adapter = write_tiny_lora(models_dir / "eval-adapter.gguf", seed=9)
-    plain = (R.plain(ref_path, n_threads=1, n_threads_batch=1),
-             R.plain(ref_path, lora_path=str(adapter), n_threads=1, n_threads_batch=1))
+    plain = (
+        R.plain(ref_path, n_threads=1, n_threads_batch=1),
+        R.plain(ref_path, lora_path=str(adapter), n_threads=1, n_threads_batch=1),
+    )
     lams = [0.0, 1.0, 2.5]
     with EvalPair(ref_path, adapter, n_ctx=256, n_threads=1) as lora_pair:
         result = score(lora_pair, write_jsonl(tmp_path / "prefs.jsonl", ROWS), lams)
@@ -99,9 +104,16 @@ def test_kl_is_zero_at_lam_0_only(pair, tmp_path):
 
 
 def test_bad_rows_are_reported_with_line_numbers(pair, tmp_path):
-    lines = [ROWS[0], "{not json", "", {"prompt": "x", "chosen": "y"}, ["a list"],
-             {"prompt": 3, "chosen": "a", "rejected": "b"}, ROWS[1],
-             {"prompt": "the " * 300, "chosen": " a", "rejected": " b"}]
+    lines = [
+        ROWS[0],
+        "{not json",
+        "",
+        {"prompt": "x", "chosen": "y"},
+        ["a list"],
+        {"prompt": 3, "chosen": "a", "rejected": "b"},
+        ROWS[1],
+        {"prompt": "the " * 300, "chosen": " a", "rejected": " b"},
+    ]
     data = read_rows(write_jsonl(tmp_path / "prefs.jsonl", lines), "score")
     assert [r.line for r in data.rows] == [1, 7, 8]
     reasons = {b.line: b.reason for b in data.bad}
@@ -139,7 +151,9 @@ def test_resume_keeps_finished_results_and_matches_an_uninterrupted_run(pair, tm
     assert again.computed == 2 * len(LAMS) and again.reused == 2 * len(LAMS)
     after = results_lines(out)
     assert after[: len(before)] == before and len(after) == len(ROWS) * len(LAMS)
-    assert json.loads((out / "summary.json").read_text()) == json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text()) == json.loads(
+        (tmp_path / "full" / "summary.json").read_text()
+    )
     assert again.summary == full.summary
 
     third = score(pair, data, LAMS + [0.7], out_dir=str(out))  # a new lam: only it is computed

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 import reference as R
-from dera_gguf import DeRaLlama
 from tiny_models import write_tiny_lora
+
+from dera_gguf import DeRaLlama
 
 PROMPT = "please write about the rain"
 
@@ -48,10 +48,20 @@ def test_adapter_changes_the_model(ref_path, adapter_path):
 
 def test_mixed_full_model_and_adapter(ref_path, aligned_path, adapter_path, adapter2_path):
     lams = [0.4, 0.8, -0.3]
-    llm = DeRaLlama(str(ref_path), [str(adapter_path), str(aligned_path), str(adapter2_path)], lam=lams,
-                    n_ctx=256, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
-    models = [R.plain(ref_path), R.plain(ref_path, lora_path=str(adapter_path)), R.plain(aligned_path),
-              R.plain(ref_path, lora_path=str(adapter2_path))]
+    llm = DeRaLlama(
+        str(ref_path),
+        [str(adapter_path), str(aligned_path), str(adapter2_path)],
+        lam=lams,
+        n_ctx=256,
+        verbose=False,
+        n_gpu_layers=R.N_GPU_LAYERS,
+    )
+    models = [
+        R.plain(ref_path),
+        R.plain(ref_path, lora_path=str(adapter_path)),
+        R.plain(aligned_path),
+        R.plain(ref_path, lora_path=str(adapter2_path)),
+    ]
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     expected, _ = R.greedy(models, [1 - sum(lams), *lams], prompt, 8)
     assert greedy_tokens(llm, prompt, len(expected)) == expected

@@ -7,8 +7,10 @@ import pytest
 
 from dera_gguf import DeRaLlama
 
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Name three colours of the rainbow."}]
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Name three colours of the rainbow."},
+]
 
 
 @pytest.fixture(scope="module")

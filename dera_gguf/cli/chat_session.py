@@ -43,8 +43,15 @@ class Sampling:
 
     def call_kwargs(self, seed: int) -> dict:
         """Keyword arguments of ``create_chat_completion`` for one answer."""
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                    repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens, seed=seed)
+        return dict(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            max_tokens=self.max_tokens,
+            seed=seed,
+        )
 
     def next_seed(self) -> int:
         return self.seed if self.seed is not None else secrets.randbelow(2**32)
@@ -138,9 +145,14 @@ class ChatSession:
             self.partial.add(len(self.history) - 1)
         return answer
 
-    def sweep(self, lams: Sequence[Lam], on_start: Callable[[Lam], None] = lambda lam: None,
-              on_text: OnText = lambda s: None, should_stop: ShouldStop = lambda: False,
-              on_answer: Callable[[Answer], None] = lambda answer: None) -> List[Answer]:
+    def sweep(
+        self,
+        lams: Sequence[Lam],
+        on_start: Callable[[Lam], None] = lambda lam: None,
+        on_text: OnText = lambda s: None,
+        should_stop: ShouldStop = lambda: False,
+        on_answer: Callable[[Answer], None] = lambda answer: None,
+    ) -> List[Answer]:
         """Answer the last user message once per lam (one seed for all), history unchanged.
 
         Stops after the answer during which ``should_stop`` turned true.
@@ -162,15 +174,18 @@ class ChatSession:
         kwargs = self.sampling.call_kwargs(self.sampling.next_seed())
         return self.llm.create_chat_completion(messages, lam=self.lam, **kwargs)
 
-    def generate(self, messages: List[dict], lam: Lam, on_text: OnText, should_stop: ShouldStop,
-                 seed: Optional[int] = None) -> Answer:
+    def generate(
+        self, messages: List[dict], lam: Lam, on_text: OnText, should_stop: ShouldStop, seed: Optional[int] = None
+    ) -> Answer:
         """Stream one ``create_chat_completion``; a stop request ends it at the next token."""
         watch = _TokenWatch(should_stop, self.llm.token_eos())
         kwargs = self.sampling.call_kwargs(self.sampling.next_seed() if seed is None else seed)
         start = time.perf_counter()
         stream = self.llm.create_chat_completion(messages, lam=lam, stream=True, logits_processor=[watch], **kwargs)
         text, finish = _consume(stream, on_text)
-        return Answer("".join(text), lam, watch.n, time.perf_counter() - start, INTERRUPTED if watch.stopped else finish)
+        return Answer(
+            "".join(text), lam, watch.n, time.perf_counter() - start, INTERRUPTED if watch.stopped else finish
+        )
 
     def _through_last_user(self) -> List[dict]:
         for i in range(len(self.history) - 1, -1, -1):

@@ -40,18 +40,34 @@ def model_options(fn: Optional[Callable] = None, *, several_aligned: bool = True
     if fn is None:
         return lambda f: model_options(f, several_aligned=several_aligned)
     aligned_help = "Aligned model GGUF or LoRA adapter GGUF" + (
-        "; repeat for several aligned models." if several_aligned else ".")
+        "; repeat for several aligned models." if several_aligned else "."
+    )
     options = [
         click.option("--pair", "pair_name", default=None, help="A pair named in models.toml (default: its `default`)."),
-        click.option("--ref", "ref_path", type=click.Path(dir_okay=False), default=None,
-                     help="Reference (SFT) model GGUF, instead of --pair."),
-        click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False),
-                     help=aligned_help),
-        click.option("--models", "models_file", type=click.Path(dir_okay=False), default=None,
-                     envvar="DERA_MODELS", help="models.toml to read pairs from [env: DERA_MODELS]."),
+        click.option(
+            "--ref",
+            "ref_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Reference (SFT) model GGUF, instead of --pair.",
+        ),
+        click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False), help=aligned_help),
+        click.option(
+            "--models",
+            "models_file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            envvar="DERA_MODELS",
+            help="models.toml to read pairs from [env: DERA_MODELS].",
+        ),
         click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),
-        click.option("--n-gpu-layers", type=int, default=-1, show_default=True,
-                     help="Layers to offload to the GPU (-1: all, when the llama.cpp build has a GPU)."),
+        click.option(
+            "--n-gpu-layers",
+            type=int,
+            default=-1,
+            show_default=True,
+            help="Layers to offload to the GPU (-1: all, when the llama.cpp build has a GPU).",
+        ),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: llama.cpp's)."),
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
@@ -61,8 +77,9 @@ def model_options(fn: Optional[Callable] = None, *, several_aligned: bool = True
     return fn
 
 
-def choose_pair(pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str],
-                models_file: Optional[str]) -> tuple[str, List[str], Optional[Pair]]:
+def choose_pair(
+    pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str], models_file: Optional[str]
+) -> tuple[str, List[str], Optional[Pair]]:
     """Resolve the model flags to ``(reference path, aligned paths, pair or None)``."""
     if ref_path or aligned_paths:
         if pair_name:
@@ -89,8 +106,9 @@ def reports_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def choose_models(pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str],
-                  models_file: Optional[str]) -> tuple[str, List[str], Optional[Pair], Optional[str]]:
+def choose_models(
+    pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str], models_file: Optional[str]
+) -> tuple[str, List[str], Optional[Pair], Optional[str]]:
     """Like :func:`choose_pair`, plus a note when the default pair's files are missing.
 
     The note (say it on stderr) names the missing files, how to make them, and the
@@ -103,8 +121,17 @@ def choose_models(pair_name: Optional[str], ref_path: Optional[str], aligned_pat
     return ref, aligned, pair, note
 
 
-def new_engine(ref: str, aligned: Sequence[str], lam, n_ctx: int, n_gpu_layers: int, threads: Optional[int],
-               seed: Optional[int], verbose: bool, **llama_kwargs):
+def new_engine(
+    ref: str,
+    aligned: Sequence[str],
+    lam,
+    n_ctx: int,
+    n_gpu_layers: int,
+    threads: Optional[int],
+    seed: Optional[int],
+    verbose: bool,
+    **llama_kwargs,
+):
     """A DeRaLlama on resolved paths (lam: a float, or a tuple with one value per aligned model)."""
     from ..llama import DeRaLlama
 

@@ -24,11 +24,20 @@ def sweep_options(fn):
     """Flags both subcommands share (besides the model flags)."""
     options = [
         click.option("--lams", default=DEFAULT_LAMS, show_default=True, help="Comma-separated λ values to sweep."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
-                     help="Output folder; re-running with the same folder resumes."),
+        click.option(
+            "--out",
+            "out_dir",
+            type=click.Path(file_okay=False),
+            required=True,
+            help="Output folder; re-running with the same folder resumes.",
+        ),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N usable rows."),
-        click.option("--maximize/--minimize", "maximize", default=None,
-                     help="Direction of --metric (default: the metric's natural one)."),
+        click.option(
+            "--maximize/--minimize",
+            "maximize",
+            default=None,
+            help="Direction of --metric (default: the metric's natural one).",
+        ),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
     ]
     for option in reversed(options):
@@ -102,13 +111,34 @@ def main():
 
 @main.command(short_help="Pairwise accuracy, log-probs and KL per λ on preference data.")
 @model_options(several_aligned=False)
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True,
-              help='prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.')
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help='prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.',
+)
 @sweep_options
 @click.option("--metric", default="pairwise_accuracy", show_default=True, help="Metric that picks the best λ.")
 @reports_errors
-def score(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, seed, verbose,
-          data_path, lams, out_dir, limit, maximize, no_progress, metric):
+def score(
+    pair_name,
+    ref_path,
+    aligned_paths,
+    models_file,
+    n_ctx,
+    n_gpu_layers,
+    threads,
+    seed,
+    verbose,
+    data_path,
+    lams,
+    out_dir,
+    limit,
+    maximize,
+    no_progress,
+    metric,
+):
     """Pairwise accuracy (eq. 14), log-probs and KL to the reference on preference data."""
     from ..eval import SCORE_METRICS, read_rows
     from ..eval import score as run
@@ -118,35 +148,70 @@ def score(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, 
     data = read_rows(data_path, "score", limit)
     if data.bad:
         click.echo(data.report(), err=True)
-    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair, \
-            progress_bar(not no_progress) as bar:
+    with (
+        open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair,
+        progress_bar(not no_progress) as bar,
+    ):
         result = run(pair, data, lams, out_dir=out_dir, progress=bar)
     report(result, metric, maximize, SCORE_METRICS, len(data.bad))
 
 
 @main.command(short_help="Sample per λ: length, reward and KL to the reference.")
 @model_options(several_aligned=False)
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), required=True,
-              help='prompts.jsonl: {"prompt"} or {"messages"} per line.')
+@click.option(
+    "--prompts",
+    "prompts_path",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help='prompts.jsonl: {"prompt"} or {"messages"} per line.',
+)
 @sweep_options
-@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Responses per prompt and λ.")
-@click.option("--reward", "reward_spec", default="length", show_default=True,
-              help="'length' (eq. 10) or module:function, a callable f(prompt, response) -> float.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="Responses per prompt and λ.")
+@click.option(
+    "--reward",
+    "reward_spec",
+    default="length",
+    show_default=True,
+    help="'length' (eq. 10) or module:function, a callable f(prompt, response) -> float.",
+)
 @click.option("--lmin", type=click.IntRange(min=0), default=20, show_default=True, help="Length reward: min tokens.")
 @click.option("--lmax", type=click.IntRange(min=0), default=60, show_default=True, help="Length reward: max tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
-              help="0: greedy.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="New tokens per response.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="New tokens per response."
+)
 @click.option("--metric", default="mean_reward", show_default=True, help="Metric that picks the best λ.")
 @reports_errors
-def generate(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, seed, verbose,
-             prompts_path, lams, out_dir, limit, maximize, no_progress, samples, reward_spec, lmin, lmax,
-             temperature, top_k, top_p, min_p, max_tokens, metric):
+def generate(
+    pair_name,
+    ref_path,
+    aligned_paths,
+    models_file,
+    n_ctx,
+    n_gpu_layers,
+    threads,
+    seed,
+    verbose,
+    prompts_path,
+    lams,
+    out_dir,
+    limit,
+    maximize,
+    no_progress,
+    samples,
+    reward_spec,
+    lmin,
+    lmax,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    max_tokens,
+    metric,
+):
     """Sample at every λ; length, reward and KL to the reference per λ (seed 0 unless --seed)."""
     from ..eval import GENERATE_METRICS, SamplingParams, load_reward, read_rows
     from ..eval import generate as run
@@ -158,10 +223,21 @@ def generate(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layer
     data = read_rows(prompts_path, "generate", limit)
     if data.bad:
         click.echo(data.report(), err=True)
-    with open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair, \
-            progress_bar(not no_progress) as bar:
-        result = run(pair, data, lams, out_dir=out_dir, params=params, seed=0 if seed is None else seed,
-                     reward=reward, samples=samples, progress=bar)
+    with (
+        open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair,
+        progress_bar(not no_progress) as bar,
+    ):
+        result = run(
+            pair,
+            data,
+            lams,
+            out_dir=out_dir,
+            params=params,
+            seed=0 if seed is None else seed,
+            reward=reward,
+            samples=samples,
+            progress=bar,
+        )
     report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
 
 

@@ -87,7 +87,9 @@ def plan_download(repo_id: str, revision: str | None = None) -> list[PlannedFile
     if not constants.HF_HUB_OFFLINE:
         try:
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-            siblings = filter_repo_objects(info.siblings or [], allow_patterns=NEEDED_PATTERNS, key=lambda s: s.rfilename)
+            siblings = filter_repo_objects(
+                info.siblings or [], allow_patterns=NEEDED_PATTERNS, key=lambda s: s.rfilename
+            )
             cached = lambda name: isinstance(try_to_load_from_cache(repo_id, name, revision=info.sha), str)  # noqa: E731
             return [PlannedFile(s.rfilename, s.size or 0, cached(s.rfilename)) for s in siblings]
         except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.HFValidationError) as e:
@@ -95,7 +97,9 @@ def plan_download(repo_id: str, revision: str | None = None) -> list[PlannedFile
         except Exception:  # no network (the exception type depends on the HTTP stack): use the cache
             pass
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, local_files_only=True))
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_PATTERNS, local_files_only=True)
+        )
     except (errors.LocalEntryNotFoundError, OSError) as e:
         raise _hub_error(repo_id, e) from e
     names = filter_repo_objects(sorted(p.name for p in folder.iterdir() if p.is_file()), allow_patterns=NEEDED_PATTERNS)

@@ -45,8 +45,10 @@ def check_pair(reference: Path, aligned: Path) -> None:
     ref, ali = read_pair_fields(reference), read_pair_fields(aligned)
     for key in _ARRAY_KEYS + _SCALAR_KEYS:
         if ref[key] != ali[key]:
-            detail = _first_difference(ref[key], ali[key]) if key in _ARRAY_KEYS and ref[key] and ali[key] else (
-                f"{ref[key]!r:.80} vs {ali[key]!r:.80}"
+            detail = (
+                _first_difference(ref[key], ali[key])
+                if key in _ARRAY_KEYS and ref[key] and ali[key]
+                else (f"{ref[key]!r:.80} vs {ali[key]!r:.80}")
             )
             raise DeRaError(
                 f"{reference} and {aligned} are not a valid DeRa pair: {key} differs ({detail}); "

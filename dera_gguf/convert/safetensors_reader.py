@@ -82,9 +82,7 @@ def _entry(path: Path, name: str, info: object, data_start: int, file_size: int)
     except (TypeError, KeyError, ValueError) as e:
         raise DeRaError(f"{path}: corrupt safetensors header entry for {name!r}; re-download the file") from e
     if dtype not in DTYPE_SIZES:
-        raise DeRaError(
-            f"{path}: tensor {name!r} has dtype {dtype}; only BF16, F16 and F32 checkpoints are supported"
-        )
+        raise DeRaError(f"{path}: tensor {name!r} has dtype {dtype}; only BF16, F16 and F32 checkpoints are supported")
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if end - begin != n * DTYPE_SIZES[dtype] or begin < 0 or data_start + end > file_size:
         raise DeRaError(

@@ -53,18 +53,16 @@ def permute_qk(weights: np.ndarray, n_heads: int) -> np.ndarray:
     rows = weights.shape[0]
     if rows % (2 * n_heads):
         raise DeRaError(f"cannot permute a {weights.shape} projection into {n_heads} heads")
-    return (
-        weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
+    return weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
     """GGUF name of an HF tensor, or a DeRaError naming the tensor."""
     mapped = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if mapped is None:
-        raise DeRaError(f"tensor {hf_name!r} has no llama.cpp counterpart; this is not a plain Llama/Mistral checkpoint")
+        raise DeRaError(
+            f"tensor {hf_name!r} has no llama.cpp counterpart; this is not a plain Llama/Mistral checkpoint"
+        )
     return mapped
 
 
@@ -130,7 +128,9 @@ def _check_complete(plan: list[PlannedTensor], hp: HParams) -> None:
         raise DeRaError(f"checkpoint lacks tensors {missing[:5]} ({len(missing)} missing); is it complete?")
     embd = have["token_embd.weight"].source.shape
     if tuple(embd) != (hp.n_vocab, hp.n_embd):
-        raise DeRaError(f"embedding has shape {embd} but config.json says vocab_size={hp.n_vocab}, hidden_size={hp.n_embd}")
+        raise DeRaError(
+            f"embedding has shape {embd} but config.json says vocab_size={hp.n_vocab}, hidden_size={hp.n_embd}"
+        )
 
 
 def load_planned(planned: PlannedTensor) -> np.ndarray:

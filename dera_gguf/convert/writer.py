@@ -40,7 +40,9 @@ def check_writable_folder(folder: Path) -> None:
         with open(probe, "wb"):
             pass
     except OSError as e:
-        raise DeRaError(f"output folder {folder} is not writable ({e.strerror or e}); choose another output path") from e
+        raise DeRaError(
+            f"output folder {folder} is not writable ({e.strerror or e}); choose another output path"
+        ) from e
     probe.unlink(missing_ok=True)
 
 

@@ -18,5 +18,17 @@ from .sampling import SamplingParams
 from .score import score
 from .summary import GENERATE_METRICS, SCORE_METRICS, best_lam
 
-__all__ = ["EvalPair", "score", "generate", "SamplingParams", "LengthReward", "load_reward", "read_rows",
-           "Dataset", "SweepResult", "best_lam", "SCORE_METRICS", "GENERATE_METRICS"]
+__all__ = [
+    "EvalPair",
+    "score",
+    "generate",
+    "SamplingParams",
+    "LengthReward",
+    "load_reward",
+    "read_rows",
+    "Dataset",
+    "SweepResult",
+    "best_lam",
+    "SCORE_METRICS",
+    "GENERATE_METRICS",
+]

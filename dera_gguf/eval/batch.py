@@ -38,8 +38,9 @@ class ParallelSequences:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _decode(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
-                outputs: Sequence[bool]) -> np.ndarray:
+    def _decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int], outputs: Sequence[bool]
+    ) -> np.ndarray:
         """Decode one batch in every context; return the output rows, shape (n_models, n_out, n_vocab)."""
         n_out = int(sum(bool(o) for o in outputs))
         rows = np.empty((len(self.contexts), n_out, self.n_vocab), dtype=np.float32)

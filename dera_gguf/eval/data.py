@@ -88,9 +88,14 @@ def parse_row(obj: Any, line: int, kind: str) -> Row:
 
 
 def check_messages(messages: Any) -> List[Dict[str, Any]]:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages)
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
     if not ok:
         raise DeRaError('"messages" must be a non-empty list of {"role": str, "content": str} objects')
     return messages

@@ -38,8 +38,9 @@ class _Sequence:
         self.finish: Optional[str] = None
 
 
-def decode_batch(pair: EvalPair, decoder: ParallelSequences, prompt: Sequence[int], jobs: List[_Sequence],
-                 max_tokens: int) -> None:
+def decode_batch(
+    pair: EvalPair, decoder: ParallelSequences, prompt: Sequence[int], jobs: List[_Sequence], max_tokens: int
+) -> None:
     """Generate every job's response in lockstep (one batch per model and step)."""
     sampler = RowSampler(pair.n_vocab)
     first = decoder.prefill(prompt, len(jobs))
@@ -66,35 +67,68 @@ def decode_batch(pair: EvalPair, decoder: ParallelSequences, prompt: Sequence[in
             position += 1
 
 
-def generate_row(pair: EvalPair, decoder: ParallelSequences, row: Row, lams: Sequence[float], samples: int,
-                 params: SamplingParams, seed: int, reward) -> List[Dict[str, Any]]:
+def generate_row(
+    pair: EvalPair,
+    decoder: ParallelSequences,
+    row: Row,
+    lams: Sequence[float],
+    samples: int,
+    params: SamplingParams,
+    seed: int,
+    reward,
+) -> List[Dict[str, Any]]:
     """One record per (λ, sample) of this prompt."""
     prompt_text = pair.prompt_text(row.prompt, row.messages)
     prompt = pair.tokenize(prompt_text)
     if not prompt:
         raise RowProblem("the prompt has no tokens (and the model adds no BOS): nothing to condition on")
     if len(prompt) + params.max_tokens > pair.n_ctx:
-        raise RowProblem(f"the prompt is {len(prompt)} tokens: with max {params.max_tokens} new tokens it needs "
-                         f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens")
-    jobs = [_Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
-            for lam in lams for s in range(samples)]
+        raise RowProblem(
+            f"the prompt is {len(prompt)} tokens: with max {params.max_tokens} new tokens it needs "
+            f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens"
+        )
+    jobs = [
+        _Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
+        for lam in lams
+        for s in range(samples)
+    ]
     decode_batch(pair, decoder, prompt, jobs, params.max_tokens)
     records = []
     for job in jobs:
         response = pair.detokenize(job.tokens)
         where = f"line {row.line} (lam {job.lam})"
-        records.append({
-            "row": row.id, "line": row.line, "lam": job.lam, "sample": job.sample, "seed": job.seed,
-            "prompt": prompt_text, "response": response, "tokens": job.tokens, "length_tokens": len(job.tokens),
-            "finish_reason": job.finish, "kl_sum": float(np.sum(job.kl)), "kl_mean": float(np.mean(job.kl)),
-            "reward": reward_of(reward, prompt_text, response, len(job.tokens), where),
-        })
+        records.append(
+            {
+                "row": row.id,
+                "line": row.line,
+                "lam": job.lam,
+                "sample": job.sample,
+                "seed": job.seed,
+                "prompt": prompt_text,
+                "response": response,
+                "tokens": job.tokens,
+                "length_tokens": len(job.tokens),
+                "finish_reason": job.finish,
+                "kl_sum": float(np.sum(job.kl)),
+                "kl_mean": float(np.mean(job.kl)),
+                "reward": reward_of(reward, prompt_text, response, len(job.tokens), where),
+            }
+        )
     return records
 
 
-def generate(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = None,
-             params: SamplingParams = SamplingParams(), seed: int = 0, reward=LengthReward(), samples: int = 1,
-             limit: Optional[int] = None, progress: Optional[Progress] = None) -> SweepResult:
+def generate(
+    pair: EvalPair,
+    data,
+    lams: Sequence[float],
+    out_dir: Optional[str] = None,
+    params: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    reward=LengthReward(),
+    samples: int = 1,
+    limit: Optional[int] = None,
+    progress: Optional[Progress] = None,
+) -> SweepResult:
     """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
 
     Args:
@@ -113,13 +147,28 @@ def generate(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str]
         raise DeRaError(f"samples must be at least 1, got {samples}")
     n_seq = len(lams) * samples
     decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * params.max_tokens)
-    settings = {"command": "generate", "reference": os.path.abspath(pair.ref_path),
-                "aligned": os.path.abspath(pair.aligned_path), "sampling": params.as_dict(), "seed": seed,
-                "samples": samples, "reward": describe_reward(reward)}
+    settings = {
+        "command": "generate",
+        "reference": os.path.abspath(pair.ref_path),
+        "aligned": os.path.abspath(pair.aligned_path),
+        "sampling": params.as_dict(),
+        "seed": seed,
+        "samples": samples,
+        "reward": describe_reward(reward),
+    }
     work = lambda row, todo: generate_row(pair, decoder, row, todo, samples, params, seed, reward)
     try:
-        return run_sweep(data, [float(x) for x in lams], work, per_lam=samples, metrics=GENERATE_METRICS,
-                         results_name=SAMPLES_FILE, out_dir=out_dir, settings=settings, progress=progress,
-                         label="generating")
+        return run_sweep(
+            data,
+            [float(x) for x in lams],
+            work,
+            per_lam=samples,
+            metrics=GENERATE_METRICS,
+            results_name=SAMPLES_FILE,
+            out_dir=out_dir,
+            settings=settings,
+            progress=progress,
+            label="generating",
+        )
     finally:
         decoder.close()

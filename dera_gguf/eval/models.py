@@ -35,13 +35,22 @@ class EvalPair:
         flash_attn: use flash attention (off by default, as in llama_cpp.Llama).
     """
 
-    def __init__(self, reference_model_path: PathLike, aligned_model_path: Union[PathLike, Sequence[PathLike]],
-                 n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
-                 flash_attn: bool = False, verbose: bool = False):
+    def __init__(
+        self,
+        reference_model_path: PathLike,
+        aligned_model_path: Union[PathLike, Sequence[PathLike]],
+        n_ctx: int = 4096,
+        n_gpu_layers: int = 0,
+        n_threads: Optional[int] = None,
+        flash_attn: bool = False,
+        verbose: bool = False,
+    ):
         aligned = as_path_list(aligned_model_path)
         if len(aligned) != 1:
-            raise DeRaError(f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
-                            "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)")
+            raise DeRaError(
+                f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
+                "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)"
+            )
         self.files = PairFiles.check(reference_model_path, aligned, verbose)
         self.ref_path, self.aligned_path = self.files.reference, self.files.aligned[0]
         self.is_adapter = self.files.is_adapter[0]
@@ -85,8 +94,10 @@ class EvalPair:
         model = self.aligned_model  # the reference's weights and metadata for an adapter
         template = model.metadata().get("tokenizer.chat_template")
         if not template:
-            raise DeRaError(f"{self.aligned_path} has no chat template (tokenizer.chat_template): "
-                            'give "prompt" strings instead of "messages"')
+            raise DeRaError(
+                f"{self.aligned_path} has no chat template (tokenizer.chat_template): "
+                'give "prompt" strings instead of "messages"'
+            )
         text = lambda t: model.token_get_text(t) if t >= 0 else ""
         formatter = Jinja2ChatFormatter(template, eos_token=text(model.token_eos()), bos_token=text(model.token_bos()))
         try:
@@ -94,7 +105,7 @@ class EvalPair:
         except Exception as e:  # jinja errors, raise_exception() in the template
             raise DeRaError(f"the chat template could not render these messages ({e})") from None
         bos = text(model.token_bos())
-        return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+        return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
     def prompt_text(self, prompt: Optional[str], messages: Optional[list]) -> str:
         """A row's prompt as text: the prompt itself, or its messages through the chat template."""
@@ -116,8 +127,9 @@ class EvalPair:
         params.n_seq_max = n_seq
         params.kv_unified = True
         # as llama_cpp.Llama (and so DeRaLlama) by default: the same logits as there
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         # llama_cpp.Llama's defaults (llama.cpp's own, 4 threads, oversubscribes small machines)
         cores = os.cpu_count() or 1
         params.n_threads = self.n_threads or max(cores // 2, 1)

@@ -38,14 +38,24 @@ class SweepResult:
         """All skipped rows with line numbers; the first ``n_listed`` only counted (shown before)."""
         if not self.skipped:
             return ""
-        head = f"skipped {len(self.skipped)} row(s)" + (f" ({n_listed} bad input row(s) listed above)" if n_listed else "")
+        head = f"skipped {len(self.skipped)} row(s)" + (
+            f" ({n_listed} bad input row(s) listed above)" if n_listed else ""
+        )
         return "\n".join([head + ":"] + [f"  {b}" for b in self.skipped[n_listed:]])
 
 
-def run_sweep(data: Dataset, lams: Sequence[float], work: Callable[[Row, List[float]], List[Dict[str, Any]]],
-              per_lam: int, metrics: Mapping[str, tuple], results_name: str,
-              out_dir: Optional[str], settings: Dict[str, Any], progress: Optional[Progress],
-              label: str) -> SweepResult:
+def run_sweep(
+    data: Dataset,
+    lams: Sequence[float],
+    work: Callable[[Row, List[float]], List[Dict[str, Any]]],
+    per_lam: int,
+    metrics: Mapping[str, tuple],
+    results_name: str,
+    out_dir: Optional[str],
+    settings: Dict[str, Any],
+    progress: Optional[Progress],
+    label: str,
+) -> SweepResult:
     """Run ``work`` on every row for the λ values it lacks; summarize all of them."""
     store = _open_store(out_dir, settings, results_name)
     result = SweepResult(summary=[], records=[], skipped=list(data.bad), out_dir=out_dir)

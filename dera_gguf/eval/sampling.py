@@ -72,7 +72,8 @@ class RowSampler:
         self.n_vocab = n_vocab
         self.data = np.zeros(n_vocab, dtype=[("id", np.intc), ("logit", np.float32), ("p", np.float32)])
         self.array = llama_cpp.llama_token_data_array(
-            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False)
+            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False
+        )
         self.ids = np.arange(n_vocab, dtype=np.intc)
 
     def sample(self, chain: internals.LlamaSampler, logits: np.ndarray) -> int:

@@ -32,13 +32,15 @@ def response_tokens(pair: EvalPair, prompt_text: str, response: str) -> tuple[np
     if len(tokens) <= n_prompt:
         raise RowProblem("the response adds no tokens after the prompt's")
     if len(tokens) > pair.n_ctx:
-        raise RowProblem(f"prompt + response is {len(tokens)} tokens, more than n_ctx {pair.n_ctx}: "
-                         "raise --n-ctx or shorten the row")
+        raise RowProblem(
+            f"prompt + response is {len(tokens)} tokens, more than n_ctx {pair.n_ctx}: raise --n-ctx or shorten the row"
+        )
     return tokens, n_prompt
 
 
-def response_stats(decoder: ParallelSequences, tokens: np.ndarray, n_prompt: int,
-                   lams: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def response_stats(
+    decoder: ParallelSequences, tokens: np.ndarray, n_prompt: int, lams: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-token log-prob and mean per-token KL to the reference of the response, per λ."""
     h_ref, h_aligned = decoder.rows_after(tokens, n_prompt - 1)
     logp, kl = sweep_stats(h_ref, h_aligned, lams, tokens[n_prompt:])
@@ -53,16 +55,31 @@ def score_row(pair: EvalPair, decoder: ParallelSequences, row: Row, lams: Sequen
     rejected, n_prompt_r = response_tokens(pair, prompt, row.responses["rejected"])
     lp_chosen, kl_chosen = response_stats(decoder, chosen, n_prompt, lams)
     lp_rejected, _ = response_stats(decoder, rejected, n_prompt_r, lams)
-    return [{"row": row.id, "line": row.line, "lam": float(lam), "sample": 0,
-             "correct": int(lp_chosen[j] > lp_rejected[j]),
-             "logprob_chosen": float(lp_chosen[j]), "logprob_rejected": float(lp_rejected[j]),
-             "kl_chosen": float(kl_chosen[j]),
-             "n_chosen": int(len(chosen) - n_prompt), "n_rejected": int(len(rejected) - n_prompt_r)}
-            for j, lam in enumerate(lams)]
+    return [
+        {
+            "row": row.id,
+            "line": row.line,
+            "lam": float(lam),
+            "sample": 0,
+            "correct": int(lp_chosen[j] > lp_rejected[j]),
+            "logprob_chosen": float(lp_chosen[j]),
+            "logprob_rejected": float(lp_rejected[j]),
+            "kl_chosen": float(kl_chosen[j]),
+            "n_chosen": int(len(chosen) - n_prompt),
+            "n_rejected": int(len(rejected) - n_prompt_r),
+        }
+        for j, lam in enumerate(lams)
+    ]
 
 
-def score(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = None, limit: Optional[int] = None,
-          progress: Optional[Progress] = None) -> SweepResult:
+def score(
+    pair: EvalPair,
+    data,
+    lams: Sequence[float],
+    out_dir: Optional[str] = None,
+    limit: Optional[int] = None,
+    progress: Optional[Progress] = None,
+) -> SweepResult:
     """Score preference data at every λ.
 
     Args:
@@ -77,11 +94,23 @@ def score(pair: EvalPair, data, lams: Sequence[float], out_dir: Optional[str] = 
     if not isinstance(data, Dataset):
         data = read_rows(data, "score", limit)
     decoder = ParallelSequences(pair, n_seq=1)
-    settings = {"command": "score", "reference": os.path.abspath(pair.ref_path),
-                "aligned": os.path.abspath(pair.aligned_path)}
+    settings = {
+        "command": "score",
+        "reference": os.path.abspath(pair.ref_path),
+        "aligned": os.path.abspath(pair.aligned_path),
+    }
     try:
-        return run_sweep(data, [float(x) for x in lams], lambda row, todo: score_row(pair, decoder, row, todo),
-                         per_lam=1, metrics=SCORE_METRICS, results_name=RESULTS_FILE, out_dir=out_dir,
-                         settings=settings, progress=progress, label="scoring")
+        return run_sweep(
+            data,
+            [float(x) for x in lams],
+            lambda row, todo: score_row(pair, decoder, row, todo),
+            per_lam=1,
+            metrics=SCORE_METRICS,
+            results_name=RESULTS_FILE,
+            out_dir=out_dir,
+            settings=settings,
+            progress=progress,
+            label="scoring",
+        )
     finally:
         decoder.close()

@@ -39,12 +39,16 @@ def check_run_settings(out_dir: str, settings: Dict[str, Any]) -> None:
             with open(path, encoding="utf-8") as f:
                 before = json.load(f)
         except (OSError, json.JSONDecodeError):
-            raise DeRaError(f"{path} is unreadable: delete it (and the results beside it) or use another --out") from None
+            raise DeRaError(
+                f"{path} is unreadable: delete it (and the results beside it) or use another --out"
+            ) from None
         diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if diff:
             detail = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
-            raise DeRaError(f"{out_dir} holds results of a run with other settings ({detail}): "
-                            "use another --out, or delete that folder to start over")
+            raise DeRaError(
+                f"{out_dir} holds results of a run with other settings ({detail}): "
+                "use another --out, or delete that folder to start over"
+            )
         return
     atomic_write(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
@@ -74,8 +78,10 @@ class ResultStore:
                 record = json.loads(line)
                 self.records[self.key(record)] = record
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DeRaError(f"{self.path} line {line_no} is not a result record: "
-                                "delete that line (or the file, to recompute everything)") from None
+                raise DeRaError(
+                    f"{self.path} line {line_no} is not a result record: "
+                    "delete that line (or the file, to recompute everything)"
+                ) from None
 
     def has(self, *key: Any) -> bool:
         return tuple(key) in self.records

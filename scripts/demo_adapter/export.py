@@ -36,8 +36,7 @@ def gguf_tensor_name(peft_key: str) -> str:
         raise DeRaError(f"unexpected LoRA tensor name {peft_key!r}")
     layer, module, side = match.groups()
     if module in ("self_attn.q_proj", "self_attn.k_proj"):
-        raise DeRaError(f"{peft_key}: q/k adapters need llama.cpp's row permutation; "
-                        "train on other projections")
+        raise DeRaError(f"{peft_key}: q/k adapters need llama.cpp's row permutation; train on other projections")
     return f"blk.{layer}.{GGUF_NAMES[module]}.weight.lora_{side.lower()}"
 
 
@@ -48,8 +47,9 @@ def _as_numpy(tensor) -> np.ndarray:
     return np.asarray(tensor, dtype=np.float32)
 
 
-def export_lora_gguf(lora_state: dict, alpha: float, out_path: Path, *,
-                     arch: str = "llama", name: str = "", dtype=np.float16) -> dict:
+def export_lora_gguf(
+    lora_state: dict, alpha: float, out_path: Path, *, arch: str = "llama", name: str = "", dtype=np.float16
+) -> dict:
     """Write ``lora_state`` (peft's adapter state dict) to ``out_path``; return name -> shape."""
     import gguf
 

@@ -23,13 +23,17 @@ def length_stats(samples: list[dict]) -> dict:
     lengths = [len(s["response_tokens"]) for s in samples]
     cut = sum(not s["stopped"] for s in samples)
     q = statistics.quantiles(lengths, n=10) if len(lengths) >= 10 else [0] * 9
-    return {"n": len(lengths), "mean": statistics.fmean(lengths) if lengths else 0.0,
-            "median": statistics.median(lengths) if lengths else 0.0,
-            "p10": q[0], "p90": q[-1], "cut_at_budget": cut}
+    return {
+        "n": len(lengths),
+        "mean": statistics.fmean(lengths) if lengths else 0.0,
+        "median": statistics.median(lengths) if lengths else 0.0,
+        "p10": q[0],
+        "p90": q[-1],
+        "cut_at_budget": cut,
+    }
 
 
-def build_pairs(samples: list[dict], l_min: int, l_max: int, max_pairs_per_prompt: int,
-                seed: int) -> list[dict]:
+def build_pairs(samples: list[dict], l_min: int, l_max: int, max_pairs_per_prompt: int, seed: int) -> list[dict]:
     """(chosen, rejected) pairs: a reward-0 response against a reward -1 one, same prompt.
 
     Prompts whose samples all earn the same reward give no pair. Each prompt gives at
@@ -43,14 +47,19 @@ def build_pairs(samples: list[dict], l_min: int, l_max: int, max_pairs_per_promp
     pairs = []
     for pid in sorted(by_prompt):
         group = sorted(by_prompt[pid], key=lambda s: s["k"])
-        good = [s for s in group if length_reward(len(s["response_tokens"]), s["stopped"],
-                                                  l_min, l_max) == 0]
+        good = [s for s in group if length_reward(len(s["response_tokens"]), s["stopped"], l_min, l_max) == 0]
         bad = [s for s in group if s not in good]
         combos = [(g, b) for g in good for b in bad]
         rng.shuffle(combos)
         for g, b in combos[:max_pairs_per_prompt]:
-            pairs.append({"id": pid, "prompt_tokens": g["prompt_tokens"],
-                          "chosen": response_with_end(g), "rejected": response_with_end(b)})
+            pairs.append(
+                {
+                    "id": pid,
+                    "prompt_tokens": g["prompt_tokens"],
+                    "chosen": response_with_end(g),
+                    "rejected": response_with_end(b),
+                }
+            )
     rng.shuffle(pairs)
     return pairs
 

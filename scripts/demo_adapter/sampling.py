@@ -30,8 +30,15 @@ def sample_one(llm, prompt_tokens: list[int], settings: SamplerSettings, seed: i
     llm.set_seed(seed)
     vocab = llm._model.vocab
     response: list[int] = []
-    for token in llm.generate(prompt_tokens, temp=settings.temperature, top_k=settings.top_k,
-                              top_p=settings.top_p, min_p=0.0, repeat_penalty=1.0, reset=True):
+    for token in llm.generate(
+        prompt_tokens,
+        temp=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        min_p=0.0,
+        repeat_penalty=1.0,
+        reset=True,
+    ):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             return response, int(token)
         response.append(int(token))
@@ -54,8 +61,9 @@ def read_cache(path: Path) -> list[dict]:
     return rows
 
 
-def sample_prompts(llm, prompts: list[dict], n_samples: int, settings: SamplerSettings,
-                   cache: Path, base_seed: int, prompt_tokens_fn) -> list[dict]:
+def sample_prompts(
+    llm, prompts: list[dict], n_samples: int, settings: SamplerSettings, cache: Path, base_seed: int, prompt_tokens_fn
+) -> list[dict]:
     """Fill ``cache`` with ``n_samples`` responses per prompt, skipping what it holds."""
     rows = read_cache(cache)
     done = {(r["id"], r["k"]) for r in rows}
@@ -70,16 +78,21 @@ def sample_prompts(llm, prompts: list[dict], n_samples: int, settings: SamplerSe
             for k in todo:
                 seed = base_seed + 1000 * i + k
                 response, end_token = sample_one(llm, ptoks, settings, seed)
-                row = {"id": prompt["id"], "k": k, "seed": seed, "prompt_tokens": ptoks,
-                       "response_tokens": response, "stopped": end_token is not None,
-                       "end_token": end_token,
-                       "text": llm.detokenize(response).decode("utf-8", errors="replace")}
+                row = {
+                    "id": prompt["id"],
+                    "k": k,
+                    "seed": seed,
+                    "prompt_tokens": ptoks,
+                    "response_tokens": response,
+                    "stopped": end_token is not None,
+                    "end_token": end_token,
+                    "text": llm.detokenize(response).decode("utf-8", errors="replace"),
+                }
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 rows.append(row)
                 n_new += 1
                 n_tok += len(response)
             rate = n_tok / max(time.time() - t0, 1e-9)
-            print(f"[sample] prompt {i + 1}/{len(prompts)}  new samples {n_new}  "
-                  f"{rate:.0f} tok/s", flush=True)
+            print(f"[sample] prompt {i + 1}/{len(prompts)}  new samples {n_new}  {rate:.0f} tok/s", flush=True)
     return rows

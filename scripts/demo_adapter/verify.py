@@ -44,7 +44,7 @@ def scored_positions(sequences: list[tuple[list[int], list[int]]], n_positions: 
 def argmax_agreement(logits_a, logits_b, picked) -> float:
     """Share of the picked positions where two logit sources agree on the argmax."""
     same = total = 0
-    for (tokens, positions), la, lb in zip(picked, logits_a, logits_b):
+    for (_tokens, positions), la, lb in zip(picked, logits_a, logits_b):
         same += int(np.sum(la[positions].argmax(-1) == lb[positions].argmax(-1)))
         total += len(positions)
     return same / total
@@ -52,8 +52,7 @@ def argmax_agreement(logits_a, logits_b, picked) -> float:
 
 def max_abs_diff(logits_a, logits_b, picked) -> float:
     """Largest absolute logit difference over the picked positions."""
-    return max(float(np.abs(la[pos] - lb[pos]).max())
-               for (_, pos), la, lb in zip(picked, logits_a, logits_b))
+    return max(float(np.abs(la[pos] - lb[pos]).max()) for (_, pos), la, lb in zip(picked, logits_a, logits_b))
 
 
 def shift_slope(lora_a, base_a, lora_b, base_b, picked) -> float:

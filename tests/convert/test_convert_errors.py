@@ -163,7 +163,10 @@ def test_cli_error_is_one_line_without_traceback(ckpt, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "dera_gguf.cli.convert", str(ckpt), str(tmp_path / "m.gguf"), "--quant", "F16"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

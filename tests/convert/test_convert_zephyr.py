@@ -56,10 +56,16 @@ def hf_home(tmp_path_factory, spm_model):
 
 def run_script(cwd: Path, hf_home: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(
-        os.environ, PYTHONPATH=str(REPO_ROOT), HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"),
-        HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
     )
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_dry_run_lists_files_and_writes_nothing(tmp_path, hf_home):
@@ -109,11 +115,20 @@ def test_end_to_end_offline(tmp_path, hf_home):
 
 def test_cli_accepts_hub_repo_id(tmp_path, hf_home):
     """dera-convert SRC may be a repo id: resolved through the (offline) HF cache."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"), HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        HF_HUB_OFFLINE="1",
+    )
     out = tmp_path / "z.gguf"
     proc = subprocess.run(
         [sys.executable, "-m", "dera_gguf.cli.convert", ALIGNED, str(out), "--quant", "q8_0"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     llm = load_llama(out, vocab_only=True)
@@ -133,7 +148,10 @@ def test_bin_only_repo_is_refused(tmp_path, mistral_ckpt):
     out_dir.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "dera_gguf.cli.convert", "someone/bin-only", str(out_dir / "m.gguf")],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "no .safetensors weights" in proc.stderr and "Traceback" not in proc.stderr
@@ -183,7 +201,7 @@ def test_a_models_toml_it_cannot_update_is_refused_and_left_as_it_was(tmp_path):
     from dera_gguf.errors import DeRaError
 
     toml = tmp_path / "models.toml"
-    broken = "[pairs.other]\nreference = { path = \"a.gguf\" \n"  # unclosed inline table
+    broken = '[pairs.other]\nreference = { path = "a.gguf" \n'  # unclosed inline table
     toml.write_text(broken)
     with pytest.raises(DeRaError, match=r"could not update the \[pairs.zephyr-7b\] entry.*edit it by hand"):
         load_script().write_pair_entry(toml, "zephyr-7b", tmp_path / "r.gguf", [tmp_path / "a.gguf"], 0.1)

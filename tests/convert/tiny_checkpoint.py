@@ -24,7 +24,10 @@ ZEPHYR_TEMPLATE = (
 
 CHAT = [
     {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate."},
-    {"role": "user", "content": "How many helicopters can a human eat in one sitting? Ünïcödé 日本 😀\n\n  tabs\there 12345"},
+    {
+        "role": "user",
+        "content": "How many helicopters can a human eat in one sitting? Ünïcödé 日本 😀\n\n  tabs\there 12345",
+    },
     {"role": "assistant", "content": "Arr, none at all, matey!"},
     {"role": "user", "content": "Why not?"},
 ]
@@ -45,10 +48,22 @@ def train_sentencepiece(vocab_size: int = 480) -> bytes:
     lines += ["Ünïcödé 日本語 tabs\tand\nnewlines 0123456789 !?.,;:<>|"] * 3
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 
@@ -100,12 +115,22 @@ def make_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_vocab = _save_tokenizer(folder, spm_model, template_in)
-    config_cls, model_cls = (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    config_cls, model_cls = (
+        (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    )
     config = config_cls(
-        vocab_size=n_vocab + extra_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2 if arch == "mistral" else 4,
-        max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=tie, initializer_range=0.08,
+        vocab_size=n_vocab + extra_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2 if arch == "mistral" else 4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie,
+        initializer_range=0.08,
     )
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.bfloat16)
