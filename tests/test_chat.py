@@ -378,3 +378,31 @@ def test_errors_in_a_real_process_exit_non_zero_without_traceback(tmp_path, mode
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "sft.gguf" in result.stderr and "make_absent.py" in result.stderr
+
+
+def test_lam_changes_sweeps_and_more_turns_stay_exact(env, ref_path, aligned_path):
+    """Issue 10's kind of sequence through the terminal: a blend, lam 0, a /sweep with lam 0 and 1
+    in it, then more turns at other lams. A long-lived engine must answer every turn as a fresh
+    DeRaLlama (one that has seen no other call) answers that history alone."""
+    settings = dict(seed=3, max_tokens=10, **PAPER)
+    chat = Terminal(["--seed", "3", "--max-tokens", "10", "--n-ctx", "512", "--lam", "0.7"], env)
+
+    def fresh(history, lam):
+        llm = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=512, verbose=False)
+        return streamed(llm, history, lam=lam, **settings)
+
+    history = [user("hello world")]
+    answer, _ = chat.ask("hello world")
+    assert answer == fresh(history, 0.7)
+    chat.command("/lam 0")
+    history += [assistant(answer), user("the sea story")]
+    answer, _ = chat.ask("the sea story")
+    assert answer == fresh(history, 0.0)
+    swept = chat.sweep("/sweep 1,-0.5,0.7,0", 4)  # ends at lam 0: only the reference decodes last
+    assert [text for _, text in swept] == [fresh(history, lam) for lam in (1.0, -0.5, 0.7, 0.0)]
+    for lam, text in [("2", "and the dog"), ("1", "and the cat"), ("0.3", "more")]:
+        chat.command(f"/lam {lam}")
+        history += [assistant(answer), user(text)]
+        answer, status = chat.ask(text)
+        assert status.group(1) == lam and answer == fresh(history, float(lam))
+    assert chat.quit() == 0
