@@ -144,3 +144,37 @@ def test_engine_still_works_after_errors(llm):
         with pytest.raises(DeRaError):
             llm.create_completion("hello", **bad)
     assert llm.create_completion("hello", max_tokens=3, temperature=0.0)["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs,named,hint",
+    [
+        (dict(n_gpu_layer=-1), "n_gpu_layer", "n_gpu_layers"),
+        (dict(speculative="lookup"), "speculative", None),
+        (dict(mode="weights"), "mode", None),
+    ],
+)
+def test_unknown_constructor_keywords_are_refused_by_name(ref_path, aligned_path, kwargs, named, hint):
+    # llama_cpp.Llama itself accepts and ignores these; a DeRaLlama that ran with defaults would mislead
+    with pytest.raises(DeRaError, match=f"unknown keyword argument {named}=") as caught:
+        make(ref_path, str(aligned_path), **kwargs)
+    if hint:
+        assert f"did you mean {hint}=" in str(caught.value)
+
+
+@pytest.mark.parametrize("call", ["create_completion", "create_chat_completion", "__call__"])
+def test_unknown_call_keywords_are_refused_by_name(llm, call):
+    prompt = [{"role": "user", "content": "hi"}] if call == "create_chat_completion" else "hi"
+    with pytest.raises(DeRaError, match="max_token.*did you mean max_tokens="):
+        getattr(llm, call)(prompt, max_token=3)
+
+
+def test_context_overflow_has_its_own_type(llm):
+    from dera_gguf.errors import ContextFullError
+
+    with pytest.raises(ContextFullError, match="n_ctx"):
+        llm.create_completion("tell me " * 200, max_tokens=2)
+    messages = [{"role": "user", "content": "tell me " * 200}]
+    with pytest.raises(ContextFullError, match="n_ctx"):
+        llm.create_chat_completion(messages, max_tokens=2)
+    assert llm.create_completion("hello", max_tokens=2, temperature=0)["choices"][0]["finish_reason"]
