@@ -18,6 +18,7 @@ with llama.cpp's quantizer first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import platform
@@ -30,6 +31,7 @@ from dera_gguf.convert.quantize import QUANT_TYPES, quantize_gguf
 from dera_gguf.eval import EvalPair, SamplingParams, generate, read_rows, score
 from dera_gguf.eval.batch import ParallelSequences
 
+score_module = importlib.import_module("dera_gguf.eval.score")  # (dera_gguf.eval.score is the function)
 STORY = "<|im_start|>user\nWrite a long story about a lighthouse keeper and the sea.<|im_end|>\n<|im_start|>assistant\n"
 ANSWER = (
     " Once upon a time, on a rocky island far from the coast, an old keeper tended the light every night. "
@@ -50,6 +52,25 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def timing(module, name: str):
+    """Sum the time spent in ``module.name`` while inside; yields a one-item list holding it."""
+    spent, original = [0.0], getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    setattr(module, name, wrapped)
+    try:
+        yield spent
+    finally:
+        setattr(module, name, original)
+
+
 def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
     rows = [
         {"prompt": STORY, "chosen": ANSWER, "rejected": ANSWER[: len(ANSWER) // 2] + f" The end ({i})."}
@@ -60,11 +81,17 @@ def bench_score(pair: EvalPair, folder: Path, rounds: int, n_rows: int) -> None:
     data = read_rows(path, "score")
     sweeps = {"1 lam": [1.0], "11 lams": [round(0.2 * i, 1) for i in range(11)]}
     times = {name: [] for name in sweeps}
+    math_time = {name: [] for name in sweeps}
     score(pair, data, [1.0])  # warm-up
     for _ in range(rounds):
         for name, lams in sweeps.items():
-            times[name].append(timed(lambda lams=lams: score(pair, data, lams)))
+            with timing(score_module, "sweep_stats") as spent:
+                times[name].append(timed(lambda lams=lams: score(pair, data, lams)))
+            math_time[name].append(spent[0])
     report("score", times, "1 lam", 1.2, f"{n_rows} rows, chosen + rejected")
+    for name in sweeps:  # the split: our λ math (blend.sweep_stats) against the rest, mostly llama.cpp
+        math, total = statistics.median(math_time[name]), statistics.median(times[name])
+        print(f"  {name:8s} λ math {math * 1000:7.1f} ms, llama.cpp and the rest {(total - math) * 1000:7.1f} ms")
 
 
 def bench_generate(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -> None:

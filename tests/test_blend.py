@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dera_gguf import blend_logits, kl_divergence, log_softmax, mixing_weights
+from dera_gguf.blend import sweep_stats
 
 finite = st.floats(-30, 30, allow_nan=False, width=32)
 lams = st.floats(-5, 5, allow_nan=False)
@@ -80,3 +82,39 @@ def test_in_place_blend_equals_fresh(pair, lam):
     fresh = blend_logits([ref, aligned], mixing_weights(lam))
     out = blend_logits([ref, aligned], mixing_weights(lam), out=aligned)
     assert out is aligned and np.array_equal(out, fresh)
+
+
+def _float64_stats(ref, aligned, lam, token):
+    """log p_lam(token) and KL(p_lam || p_ref) straight from the definitions, in float64."""
+    z = ref.astype(np.float64) + lam * (aligned.astype(np.float64) - ref)
+    lp, lr = log_softmax(z), log_softmax(ref)
+    return lp[..., token], (np.exp(lp) * (lp - lr)).sum(-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 20),
+    st.integers(2, 300),
+    st.lists(st.floats(-3, 4, allow_nan=False), min_size=1, max_size=6),
+    st.integers(0, 2**32 - 1),
+)
+def test_sweep_stats_equal_the_definitions(n_rows, n_vocab, lams, seed):
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(0, 4, (n_rows, n_vocab)).astype(np.float32)
+    aligned = (ref + rng.normal(0, 2, (n_rows, n_vocab))).astype(np.float32)
+    tokens = rng.integers(0, n_vocab, n_rows)
+    logp, kl = sweep_stats(ref, aligned, lams, tokens)
+    for j, lam in enumerate(lams):
+        for i in range(n_rows):
+            want_lp, want_kl = _float64_stats(ref[i], aligned[i], lam, tokens[i])
+            assert logp[j, i] == pytest.approx(want_lp, abs=1e-4)
+            assert kl[j, i] == pytest.approx(want_kl, abs=1e-4, rel=1e-4)
+    assert np.all(sweep_stats(ref, aligned, [0.0])[1] == 0.0)  # lam 0 is the reference itself
+
+
+@given(logits_pair(), logits_pair())
+def test_kl_equals_the_definition(p, q):
+    n = min(len(p[0]), len(q[0]))
+    zp, zq = p[0][:n], q[1][:n]
+    lp, lq = log_softmax(zp), log_softmax(zq)
+    assert kl_divergence(zp, zq) == pytest.approx((np.exp(lp) * (lp - lq)).sum(), abs=1e-4, rel=1e-4)
