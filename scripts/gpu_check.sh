@@ -18,7 +18,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/bdeps "$carry"/*.wh
 export PYTHONPATH=/tmp/bdeps
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 start=$(date +%s)
-CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=off -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL ${EXTRA_CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=off -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL ${EXTRA_CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=16 \
   python3 -m pip wheel -q --no-build-isolation --no-deps -w /tmp/wheel /tmp/slim
 echo "CUDA build of llama-cpp-python: $(( $(date +%s) - start )) s"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/wheel/*.whl
