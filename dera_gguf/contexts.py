@@ -25,6 +25,7 @@ from llama_cpp import _internals as internals
 
 from .blend import blend_logits
 from .errors import ContextFullError, DecodeError
+from .threads import ThreadPlan
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -148,11 +149,17 @@ class Context:
 
 
 class Lockstep:
-    """Contexts on one logical token sequence; ``contexts[0]`` is the reference model."""
+    """Contexts on one logical token sequence; ``contexts[0]`` is the reference model.
 
-    def __init__(self, contexts: Sequence[Context], n_batch: int):
+    ``threads`` says how many CPU threads the contexts get and whether the active ones
+    decode at the same time (each on its share): every context computes the same logits
+    either way, only the wall time differs.
+    """
+
+    def __init__(self, contexts: Sequence[Context], n_batch: int, threads: ThreadPlan):
         self.contexts = list(contexts)
         self.n_batch = n_batch
+        self.threads = threads
 
     def eval(
         self, prefix: np.ndarray, tokens: Sequence[int], weights: Sequence[float], scores: Optional[np.ndarray] = None
@@ -164,13 +171,15 @@ class Lockstep:
         the first active context, and returns that context (the one to sample from).
         """
         active = [(c, w) for c, w in zip(self.contexts, weights) if w != 0.0]
-        for context, _ in active:
-            context.catch_up(prefix, self.n_batch)
+        contexts = [c for c, _ in active]
+        behind = [c for c in contexts if c.keep_prefix(prefix) < len(prefix)]
+        self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
         logits_all = scores is not None
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
-            for context, _ in active:
-                context.decode_run(chunk, len(prefix) + start, logits_all)
+            self.threads.run(
+                contexts, lambda c, chunk=chunk, at=len(prefix) + start: c.decode_run(chunk, at, logits_all)
+            )
             if logits_all or start + self.n_batch >= len(tokens):
                 rows = _blend_rows(active, len(chunk) if logits_all else 1)
                 if logits_all:

@@ -28,6 +28,7 @@ import inspect
 import os
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
@@ -36,6 +37,7 @@ from .blend import Lam, mixing_weights, normalize_lam
 from .contexts import Context, Lockstep
 from .errors import ContextFullError, DeRaError
 from .models import PairFiles, PairModels, as_path_list
+from .threads import ThreadPlan, physical_cores
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -68,9 +70,13 @@ class DeRaLlama(Llama):
         lam: realignment strength: 0 is the reference, 1 the aligned model, > 1
             extrapolates, < 0 moves away from the aligned model. One value per aligned
             model when there are several.
+        concurrent: decode the contexts at the same time, each on its share of ``n_threads``
+            (None: on a CPU with 2 threads or more; not when offloaded to a GPU). The logits
+            are the same either way.
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
-            that ``llama_cpp.Llama`` does not name is refused.
+            that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the
+            physical cores (llama-cpp-python's default is half the logical CPUs).
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class DeRaLlama(Llama):
         reference_model_path: PathLike,
         aligned_model_path: Union[PathLike, Sequence[PathLike]],
         lam: Lam = 1.0,
+        concurrent: Optional[bool] = None,
         **llama_kwargs: Any,
     ):
         _check_llama_kwargs(llama_kwargs)
@@ -85,7 +92,10 @@ class DeRaLlama(Llama):
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )
         self._weights = mixing_weights(lam, len(files.aligned))
-        self._init_args = (files.reference, list(files.aligned), dict(llama_kwargs))
+        self._init_args = (files.reference, list(files.aligned), concurrent, dict(llama_kwargs))
+        llama_kwargs = {**llama_kwargs}
+        if llama_kwargs.get("n_threads") is None:  # llama-cpp-python's default is half the logical CPUs
+            llama_kwargs["n_threads"] = physical_cores()
         if files.is_adapter[0]:  # this Llama is the reference with the adapter applied
             super().__init__(model_path=files.reference, lora_path=files.aligned[0], **llama_kwargs)
         else:
@@ -95,7 +105,7 @@ class DeRaLlama(Llama):
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
         self._n_aligned = len(files.aligned)
         self._eval_weights: Optional[np.ndarray] = None  # the blend in the logits buffers and scores
-        self._lockstep = Lockstep(self._open_contexts(files), self.n_batch)
+        self._lockstep = Lockstep(self._open_contexts(files), self.n_batch, self._thread_plan(concurrent))
         self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
 
     @classmethod
@@ -122,6 +132,20 @@ class DeRaLlama(Llama):
         return cls(ref, aligned, lam=normalize_lam(lam, len(aligned)), **llama_kwargs)
 
     # ----------------------------------------------------------------- set-up
+
+    def _thread_plan(self, concurrent: Optional[bool]) -> ThreadPlan:
+        """All contexts share this Llama's threads; by default they decode at the same time on a CPU.
+
+        Offloaded to a GPU they decode one after the other unless ``concurrent=True``: the
+        overlap there has not been measured yet.
+        """
+        params = self.context_params
+        if concurrent is None:
+            offloaded = self.model_params.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+            concurrent = not offloaded and params.n_threads >= 2
+        plan = ThreadPlan(params.n_threads, params.n_threads_batch, bool(concurrent))
+        self._stack.callback(plan.close)
+        return plan
 
     def _open_contexts(self, files: PairFiles) -> List[Context]:
         """Contexts in lockstep order: reference first, then the aligned models.
@@ -278,11 +302,23 @@ class DeRaLlama(Llama):
         raise DeRaError("load_state would restore one of the DeRa contexts only; it is not supported")
 
     def __getstate__(self):
-        ref, aligned, kwargs = self._init_args
-        return {"reference_model_path": ref, "aligned_model_path": aligned, "lam": self.lam, "llama_kwargs": kwargs}
+        ref, aligned, concurrent, kwargs = self._init_args
+        return {
+            "reference_model_path": ref,
+            "aligned_model_path": aligned,
+            "lam": self.lam,
+            "concurrent": concurrent,
+            "llama_kwargs": kwargs,
+        }
 
     def __setstate__(self, state):
-        self.__init__(state["reference_model_path"], state["aligned_model_path"], state["lam"], **state["llama_kwargs"])
+        self.__init__(
+            state["reference_model_path"],
+            state["aligned_model_path"],
+            state["lam"],
+            state["concurrent"],
+            **state["llama_kwargs"],
+        )
 
 
 def _check_llama_kwargs(kwargs: dict) -> None:
