@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import llama_cpp
 import numpy as np
 import pytest
@@ -228,3 +230,27 @@ def test_pickle_round_trip(ref_path, aligned_path):
         clone.create_completion(PROMPT, **kw)["choices"][0]["text"]
         == llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
     )
+
+
+@pytest.mark.parametrize("lam", [1.5, [0.7, 0.6]])
+def test_concurrent_and_sequential_decoding_give_the_same_logits(ref_path, aligned_path, aligned2_path, lam):
+    """Decoding the contexts at the same time (each on its share of the threads) changes only the wall time."""
+    aligned = str(aligned_path) if not isinstance(lam, list) else [str(aligned_path), str(aligned2_path)]
+    runs = []
+    for concurrent in (True, False):
+        llm = dera(ref_path, aligned, lam=lam, logits_all=True, n_threads=2, concurrent=concurrent)
+        out = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0, logprobs=2, echo=True)
+        runs.append((out["choices"][0]["text"], llm.scores[: llm.n_tokens].copy()))
+    assert runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1])
+
+
+def test_physical_cores_counts_cores_not_hyperthreads():
+    from dera_gguf.threads import _cpuinfo_cores, physical_cores
+
+    two_packages_ht = "".join(
+        f"processor : {i}\nphysical id : {i // 4}\ncore id : {(i // 2) % 2}\n\n" for i in range(8)
+    )
+    assert _cpuinfo_cores(two_packages_ht) == 4  # 8 logical CPUs: 2 packages x 2 cores x 2 threads
+    assert _cpuinfo_cores("processor : 0\n") == 0
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
