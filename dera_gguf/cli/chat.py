@@ -18,14 +18,13 @@ import re
 import signal
 import sys
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import click
 
-from ..blend import normalize_lam
 from ..errors import ContextFullError, DeRaError
 from .chat_session import Answer, ChatSession, Sampling, format_lam
-from .common import choose_models, model_options, new_engine, parse_lams, reports_errors
+from .common import choose_models, initial_lam, model_options, new_engine, parse_lams, reports_errors
 
 PROMPT = "you> "
 QUIT = object()
@@ -95,7 +94,7 @@ def main(
     ref, aligned, pair, note = choose_models(pair_name, ref_path, aligned_paths, models_file)
     if note:
         click.echo(note, err=True)
-    lam = _initial_lam(lams, pair, len(aligned))
+    lam = initial_lam(lams, pair, len(aligned))
     name = f"pair {pair.name!r}" if pair else "the given models"
     if one_shot_text is None:
         click.echo(f"loading {name} ...", err=True)
@@ -127,17 +126,6 @@ def _one_shot_text(prompt: Optional[str], as_json: bool) -> Optional[str]:
     if not prompt.strip():
         raise DeRaError("the prompt is empty (from --prompt or stdin)")
     return prompt
-
-
-def _initial_lam(lams: Optional[List[float]], pair, n_aligned: int):
-    """--lam, else the pair's own lam, else 1.0 per aligned model; one value per aligned model."""
-    if lams is None:
-        lams = list(pair.lam) if pair and pair.lam else [1.0] * n_aligned
-    if len(lams) != n_aligned:
-        raise DeRaError(
-            f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), got {len(lams)}"
-        )
-    return normalize_lam(lams, n_aligned)
 
 
 # ------------------------------------------------------------------ one-shot

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 
 import click
 
+from ..blend import normalize_lam
 from ..errors import DeRaError
 from ..registry import Pair, load_registry
 
@@ -31,19 +32,23 @@ def parse_lams(text: str) -> List[float]:
     return values
 
 
-def model_options(fn: Optional[Callable] = None, *, several_aligned: bool = True) -> Callable:
+def model_options(
+    fn: Optional[Callable] = None, *, several_aligned: bool = True, several_pairs: bool = False
+) -> Callable:
     """Flags that choose the models and how llama.cpp runs them.
 
     Use as ``@model_options``, or ``@model_options(several_aligned=False)`` for a command
-    that blends exactly one aligned model.
+    that blends exactly one aligned model. With ``several_pairs`` (dera-serve), ``--pair``
+    may be repeated and the command gets ``pair_names``, a tuple.
     """
     if fn is None:
-        return lambda f: model_options(f, several_aligned=several_aligned)
+        return lambda f: model_options(f, several_aligned=several_aligned, several_pairs=several_pairs)
     aligned_help = "Aligned model GGUF or LoRA adapter GGUF" + (
         "; repeat for several aligned models." if several_aligned else "."
     )
+    pair_help = "A pair named in models.toml (default: its `default`)" + ("; repeatable." if several_pairs else ".")
     options = [
-        click.option("--pair", "pair_name", default=None, help="A pair named in models.toml (default: its `default`)."),
+        click.option("--pair", "pair_names" if several_pairs else "pair_name", multiple=several_pairs, help=pair_help),
         click.option(
             "--ref",
             "ref_path",
@@ -91,6 +96,17 @@ def choose_pair(
     pair = registry.get(pair_name) if pair_name else registry.default_pair()
     ref, aligned = pair.resolve()
     return ref, aligned, pair
+
+
+def initial_lam(lams: Optional[List[float]], pair: Optional[Pair], n_aligned: int):
+    """--lam, else the pair's own lam, else 1.0 per aligned model; one value per aligned model."""
+    if lams is None:
+        lams = list(pair.lam) if pair and pair.lam else [1.0] * n_aligned
+    if len(lams) != n_aligned:
+        raise DeRaError(
+            f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), got {len(lams)}"
+        )
+    return normalize_lam(lams, n_aligned)
 
 
 def reports_errors(fn: Callable) -> Callable:

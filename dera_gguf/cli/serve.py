@@ -1,0 +1,147 @@
+"""dera-serve: an OpenAI-compatible server for DeRa pairs, λ chosen per request.
+
+    dera-serve --pair smollm2-demo                     http://127.0.0.1:8000/v1
+    dera-serve --pair zephyr-7b --pair smollm2-demo    several pairs, one engine each
+    dera-serve --ref sft.gguf --aligned dpo.gguf --alias my-dpo --api-key KEY
+
+A request picks λ with a body field ``lam`` (``extra_body={"lam": 1.5}`` in the openai
+client) or a model alias ``PAIR@λ``; ``/v1/models`` lists each pair and its aliases for
+``--lam-presets``. The app lives in :mod:`dera_gguf.serve`; this is only its front.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import click
+
+from ..errors import DeRaError
+from .chat_session import Sampling, format_lam
+from .common import choose_models, initial_lam, model_options, new_engine, parse_lams, reports_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_options(several_pairs=True)
+@click.option("--alias", default=None, help="Model id of the --ref/--aligned pair  [default: the aligned file's name].")
+@click.option(
+    "--lam",
+    "lam_text",
+    default=None,
+    help="Default lam of every served pair (a comma list for several aligned models)  "
+    "[default: each pair's lam in models.toml, else 1.0].",
+)
+@click.option(
+    "--lam-presets",
+    default="0,0.5,1,1.5,2",
+    show_default=True,
+    help="Lams listed as PAIR@LAM aliases in /v1/models (pairs with one aligned model); '' for none. "
+    "Any PAIR@LAM works whether listed or not.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Tokens per answer: the default, and the most a request may ask.",
+)
+@click.option("--logprobs", is_flag=True, help="Keep every position's logits so requests may ask for logprobs.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="DERA_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every request [env: DERA_API_KEY].",
+)
+@reports_errors
+def main(
+    pair_names,
+    ref_path,
+    aligned_paths,
+    models_file,
+    n_ctx,
+    n_gpu_layers,
+    threads,
+    seed,
+    verbose,
+    alias,
+    lam_text,
+    lam_presets,
+    max_tokens,
+    logprobs,
+    host,
+    port,
+    api_key,
+):
+    """Serve DeRa-realigned models over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Sampling defaults are the paper's (temperature 0.7, top-k 50, top-p 0.95, min-p 0, no
+    repeat penalty) for whatever a request leaves out. With --seed, requests without a
+    seed all use it (reproducible); without, each draws a fresh one. SIGTERM or Ctrl-C
+    stops the server: running streams end at the next token, the engines are closed.
+    """
+    try:
+        from ..serve import Catalog, ServedPair, ServeSettings, create_app
+        from ..serve.server import run
+    except ImportError as e:
+        raise DeRaError(
+            f"dera-serve needs the serve extra ({e}): "
+            "pip install 'dera-gguf[serve]' (in a checkout: pip install '.[serve]')"
+        ) from None
+
+    lams = parse_lams(lam_text) if lam_text is not None else None  # refuse bad input before loading
+    presets = parse_lams(lam_presets) if lam_presets.strip() else []
+    chosen = _choose(pair_names, ref_path, aligned_paths, models_file, alias)
+    served = []
+    for name, ref, aligned, pair in chosen:
+        lam = initial_lam(lams, pair, len(aligned))
+        click.echo(f"dera-serve: loading {name} (lam {format_lam(lam)}) ...", err=True)
+        llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, logits_all=logprobs)
+        served.append(ServedPair(name, llm, lam, len(aligned)))
+    catalog = Catalog(served, presets)
+    settings = ServeSettings(Sampling(max_tokens=max_tokens, seed=seed), api_key=api_key, logits_all=logprobs)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(
+            f"dera-serve: warning: listening on {host} with no --api-key: anyone who can reach it may use it", err=True
+        )
+    click.echo(f"dera-serve: http://{host}:{port}/v1 serves {', '.join(catalog.ids())}", err=True)
+    run(create_app(catalog, settings), settings, host, port)
+    click.echo("dera-serve: stopped", err=True)
+
+
+def _choose(
+    pair_names: Sequence[str],
+    ref_path: Optional[str],
+    aligned_paths: Sequence[str],
+    models_file: Optional[str],
+    alias: Optional[str],
+) -> List[tuple]:
+    """``(model id, reference path, aligned paths, Pair or None)`` for each pair to serve."""
+    if ref_path or aligned_paths:
+        if pair_names:
+            raise DeRaError("give either --pair or --ref/--aligned, not both")
+        ref, aligned, _, _ = choose_models(None, ref_path, aligned_paths, models_file)
+        return [(_model_id(alias or Path(aligned[0]).stem), ref, aligned, None)]
+    if alias:
+        raise DeRaError("--alias names the --ref/--aligned models; a --pair is served under its own name")
+    repeated = sorted({n for n in pair_names if pair_names.count(n) > 1})
+    if repeated:
+        raise DeRaError(f"--pair {repeated[0]} is given twice: each pair is served once, at any lam")
+    chosen = []
+    for name in pair_names or [None]:
+        ref, aligned, pair, note = choose_models(name, None, (), models_file)
+        if note:
+            click.echo(note, err=True)
+        chosen.append((_model_id(pair.name), ref, aligned, pair))
+    return chosen
+
+
+def _model_id(name: str) -> str:
+    if not name or "@" in name:
+        raise DeRaError(f"model id {name!r} cannot be served: it must be non-empty and without '@' (PAIR@LAM)")
+    return name
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The OpenAI-compatible app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+A small FastAPI app of its own rather than llama-cpp-python's ``create_app``: that app
+keeps one model proxy, one settings object and one pair of locks in module globals,
+loads models itself (``logits_all=True``, optional ``set_cache``, both wrong for a
+DeRaLlama), streams by calling ``llama_cpp.Llama`` methods unbound (which would skip
+DeRaLlama's ``lam=``), and answers 500 for most bad input. What fits is reused: its
+request types and ``prepare_request_resources`` (:mod:`.schema`), its ``/v1/models``
+shape (:mod:`.catalog`).
+
+Each pair's engine serves one request at a time (an ``asyncio.Lock`` per pair, in
+arrival order); the call runs on a worker thread with the request's own ``lam=``, so no
+λ leaks between requests, and a waiting request never cuts a running stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..cli.chat_session import Sampling
+from .catalog import Catalog
+from .errors import ApiError, install_handlers
+from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given
+from .stream import start_stream
+
+
+@dataclass
+class ServeSettings:
+    """How requests are answered: defaults (the paper's; ``max_tokens`` is also the cap), key, engines."""
+
+    sampling: Sampling = field(default_factory=Sampling)
+    api_key: Optional[str] = None
+    logits_all: bool = False  # the engines keep every position's logits (needed for logprobs)
+    stopping: Callable[[], bool] = lambda: False  # true once the server shuts down: streams end early
+
+
+def create_app(catalog: Catalog, settings: Optional[ServeSettings] = None) -> FastAPI:
+    """The app serving ``catalog``'s pairs; it closes their engines when the server stops."""
+    settings = settings or ServeSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        catalog.close()
+
+    app = FastAPI(title="dera-serve", summary="DeRa-realigned GGUF models, OpenAI-compatible", lifespan=lifespan)
+    app.state.known_fields = {
+        "/v1/chat/completions": list(ChatRequest.model_fields),
+        "/v1/completions": list(CompletionRequest.model_fields),
+    }
+    install_handlers(app)
+    auth = [Depends(_api_key_check(settings.api_key))]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return catalog.listing()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str) -> dict:
+        catalog.find(model_id)
+        return {"id": model_id, "object": "model", "created": catalog.created, "owned_by": "dera-gguf"}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatRequest):
+        return await _answer(catalog, settings, body)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest):
+        return await _answer(catalog, settings, body)
+
+    return app
+
+
+async def _answer(catalog: Catalog, settings: ServeSettings, body):
+    """One request: checks first (model, λ, fields), then the call on the pair's engine."""
+    target = catalog.resolve(body.model, given(body, "lam"))
+    kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
+    kwargs.update(lam=target.lam, model=target.model)
+    options = given(body, "stream_options")
+    count = counted(kwargs) if body.stream and options is not None and options.include_usage else None
+    call = partial(engine_call, target.pair.llm, body, kwargs)
+    if body.stream:
+        return await start_stream(target.pair.lock, call, count, settings.stopping)
+    async with target.pair.lock:
+        return JSONResponse(await anyio.to_thread.run_sync(call))
+
+
+def _api_key_check(api_key: Optional[str]):
+    """A dependency that wants ``Authorization: Bearer <api_key>`` (nothing when no key is set)."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(
+                401,
+                "invalid or missing API key: send the header 'Authorization: Bearer KEY' (the key of dera-serve "
+                "--api-key; the openai client's api_key)",
+                code="invalid_api_key",
+            )
+
+    return check

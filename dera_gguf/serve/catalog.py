@@ -1,0 +1,111 @@
+"""What dera-serve serves: its pairs, their model ids and ``PAIR@λ`` aliases, and each request's λ.
+
+A UI picks a model from ``/v1/models`` and may have no way to send extra fields, so λ
+can ride in the model id: ``smollm2-demo@1.5``. Every alias of a pair is the same
+loaded DeRaLlama; only the ``lam=`` of the call differs, so changing λ never reloads.
+The λ of a request is the body's ``lam`` if given, else the alias's, else the pair's
+default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from ..blend import Lam, normalize_lam
+from ..cli.chat_session import format_lam
+from ..cli.common import parse_lams
+from ..errors import DeRaError
+from .errors import ApiError
+
+
+@dataclass
+class ServedPair:
+    """One loaded pair: its engine, default λ, and the lock that serves its requests one at a time."""
+
+    name: str
+    llm: Any  # a DeRaLlama (any object with its call signatures will do)
+    lam: Lam
+    n_aligned: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Target:
+    """Where one request goes: the pair, the λ it is answered at, and the model id to echo."""
+
+    pair: ServedPair
+    lam: Lam
+    model: str
+
+
+class Catalog:
+    """The served pairs by id; ``presets`` are the λ aliases listed for pairs with one aligned model."""
+
+    def __init__(self, pairs: Sequence[ServedPair], presets: Sequence[float] = ()) -> None:
+        if not pairs:
+            raise DeRaError("dera-serve needs at least one pair to serve")
+        self.pairs = {p.name: p for p in pairs}
+        self.presets = list(presets)
+        self.created = int(time.time())
+
+    @property
+    def default(self) -> ServedPair:
+        """The pair a request without ``model`` goes to: the first one given."""
+        return next(iter(self.pairs.values()))
+
+    def aliases(self, pair: ServedPair) -> List[str]:
+        """``PAIR@λ`` for each preset; a pair with several aligned models takes ``PAIR@λ1,λ2`` typed by hand."""
+        if pair.n_aligned != 1:
+            return []
+        return [f"{pair.name}@{format_lam(x)}" for x in self.presets]
+
+    def ids(self) -> List[str]:
+        return [i for p in self.pairs.values() for i in [p.name, *self.aliases(p)]]
+
+    def listing(self) -> dict:
+        """``GET /v1/models``: llama-cpp-python's ModelList shape, plus ``created``."""
+        data = [
+            {"id": i, "object": "model", "created": self.created, "owned_by": "dera-gguf", "permissions": []}
+            for i in self.ids()
+        ]
+        return {"object": "list", "data": data}
+
+    def find(self, model: Optional[str]) -> tuple[ServedPair, Optional[Lam]]:
+        """The pair and the alias's λ (None without one) for a model id; 404 if there is no such pair."""
+        if not model:
+            return self.default, None
+        if model in self.pairs:
+            return self.pairs[model], None
+        name, at, text = model.rpartition("@")
+        if not at or name not in self.pairs:
+            raise ApiError(
+                404,
+                f"unknown model {model!r}: this server has {', '.join(self.pairs)}; "
+                f"any pair takes a lam in its id, e.g. {self.default.name}@1.5",
+                "model",
+                "model_not_found",
+            )
+        pair = self.pairs[name]
+        try:
+            return pair, normalize_lam(parse_lams(text), pair.n_aligned)
+        except DeRaError as e:
+            raise ApiError(400, f"model {model!r}: {e}", "model", "invalid_lam") from None
+
+    def resolve(self, model: Optional[str], body_lam: Any) -> Target:
+        """The target of a request: the body's ``lam`` wins over the alias's, which wins over the default."""
+        pair, alias_lam = self.find(model)
+        lam = body_lam if body_lam is not None else alias_lam if alias_lam is not None else pair.lam
+        try:
+            lam = normalize_lam(lam, pair.n_aligned)
+        except DeRaError as e:
+            raise ApiError(400, f"lam: {e}", "lam", "invalid_lam") from None
+        return Target(pair, lam, model or pair.name)
+
+    def close(self) -> None:
+        for pair in self.pairs.values():
+            close = getattr(pair.llm, "close", None)
+            if close is not None:
+                close()

@@ -1,0 +1,139 @@
+"""The cost of dera-serve: a 64-token answer over HTTP against the same call on DeRaLlama directly.
+
+    python scripts/bench_serve.py [--pair smollm2-demo] [--lam 1.5] [--tokens 64] [--rounds 10]
+
+A dera-serve process (this checkout's code) and an in-process DeRaLlama load the same
+pair with the same settings. Each round asks both for the same greedy answer, once as
+one JSON response and once streamed (SSE through the server, the chunk iterator
+directly), in alternating order so that machine noise hits both alike. End-of-text
+tokens are banned with logit_bias, so every answer is exactly ``--tokens`` long. The
+per-round ratio server / direct is reported as the median over rounds; the answers of
+both sides are checked to be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import httpx
+import llama_cpp
+
+from dera_gguf import DeRaLlama
+
+ROOT = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
+    """dera-serve on a free local port; returns once it answers /v1/models."""
+    port = free_port()
+    command = [sys.executable, "-m", "dera_gguf.cli.serve", "--pair", args.pair, "--port", str(port)]
+    command += ["--n-ctx", str(args.n_ctx), "--max-tokens", str(args.tokens), "--n-gpu-layers", str(args.n_gpu_layers)]
+    command += ["--threads", str(args.threads)] if args.threads else []
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"dera-serve did not start; its log is {log.name}")
+
+
+def direct(llm: DeRaLlama, settings: dict, stream: bool) -> tuple[float, str]:
+    start = time.perf_counter()
+    if stream:
+        chunks = llm.create_chat_completion(MESSAGES, stream=True, **settings)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    else:
+        text = llm.create_chat_completion(MESSAGES, **settings)["choices"][0]["message"]["content"]
+    return time.perf_counter() - start, text
+
+
+def served(http: httpx.Client, body: dict, stream: bool) -> tuple[float, str]:
+    start = time.perf_counter()
+    if stream:
+        pieces = []
+        with http.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        text = "".join(pieces)
+    else:
+        text = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    return time.perf_counter() - start, text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", default="smollm2-demo")
+    parser.add_argument("--lam", type=float, default=1.5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--n-ctx", type=int, default=1024)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    args = parser.parse_args()
+
+    kw = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=False)
+    llm = DeRaLlama.from_pair(args.pair, **kw)
+    eog = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, i)]
+    settings = dict(lam=args.lam, temperature=0.0, max_tokens=args.tokens, logit_bias={i: -100.0 for i in eog})
+    body = dict(settings, model=args.pair, messages=MESSAGES, logit_bias={str(i): -100.0 for i in eog})
+    log = tempfile.NamedTemporaryFile("w", prefix="bench_serve_", suffix=".log", delete=False)
+    process, url = start_server(args, log)
+    modes = {"json": False, "stream": True}
+    times = {(mode, side): [] for mode in modes for side in ("direct", "server")}
+    try:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for stream in modes.values():  # warm-up: first calls build graphs, page weights in
+                direct(llm, settings, stream), served(http, body, stream)
+            for i in range(args.rounds):
+                for mode, stream in modes.items():
+                    calls = [
+                        ("direct", partial(direct, llm, settings, stream)),
+                        ("server", partial(served, http, body, stream)),
+                    ]
+                    results = {side: call() for side, call in (calls if i % 2 == 0 else calls[::-1])}
+                    if results["direct"][1] != results["server"][1]:
+                        raise SystemExit(f"round {i}, {mode}: the server's answer differs from the direct call's")
+                    for side, (seconds, _) in results.items():
+                        times[(mode, side)].append(seconds)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    print(f"pair {args.pair}, lam {args.lam:g}, {args.tokens}-token greedy answers, median of {args.rounds} rounds")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}")
+    for mode in modes:
+        d, s = times[(mode, "direct")], times[(mode, "server")]
+        ratio = statistics.median(b / a for a, b in zip(d, s))
+        print(
+            f"{mode:7s} direct {statistics.median(d):.3f} s   server {statistics.median(s):.3f} s   "
+            f"ratio {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)"
+        )
+
+
+if __name__ == "__main__":
+    main()
