@@ -204,6 +204,23 @@ def check_sampling(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) ->
         raise DeRaError(f"stop must be a string or a list of strings, got {stop!r}")
 
 
+def check_grammar(grammar: Any, vocab) -> None:
+    """Refuse a GBNF grammar that llama.cpp's own parser rejects.
+
+    llama.cpp returns no sampler for a bad grammar, and llama-cpp-python 0.3.36 adds that
+    NULL to the sampler chain anyway: the process would segfault at the first token.
+    ``grammar``: a ``llama_cpp.LlamaGrammar`` or GBNF text.
+    """
+    text = getattr(grammar, "_grammar", grammar)
+    root = getattr(grammar, "_root", "root")
+    if not isinstance(text, str):
+        raise DeRaError(f"grammar must be a llama_cpp.LlamaGrammar or GBNF text, got {type(grammar).__name__}")
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), root.encode("utf-8"))
+    if not sampler:
+        raise DeRaError(f"llama.cpp cannot parse the grammar (GBNF with a {root!r} rule): fix its syntax")
+    llama_cpp.llama_sampler_free(sampler)
+
+
 def _check_logprobs(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) -> None:
     logprobs = kwargs.get("logprobs")
     if logprobs is None or logprobs is False:

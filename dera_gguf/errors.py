@@ -15,4 +15,4 @@ class ContextFullError(DeRaError):
 
 
 class DecodeError(DeRaError):
-    """llama.cpp failed to decode a batch (``llama_decode`` returned an error)."""
+    """llama.cpp failed during a call (``llama_decode`` returned an error, for example): not bad input."""

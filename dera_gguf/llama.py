@@ -35,7 +35,7 @@ from llama_cpp import Llama
 from . import checks
 from .blend import Lam, mixing_weights, normalize_lam
 from .contexts import Context, Lockstep
-from .errors import ContextFullError, DeRaError
+from .errors import ContextFullError, DecodeError, DeRaError
 from .models import PairFiles, PairModels, as_path_list
 from .threads import ThreadPlan, physical_cores
 
@@ -181,7 +181,7 @@ class DeRaLlama(Llama):
         try:
             yield
         except RuntimeError as e:  # llama-cpp-python raises RuntimeError for llama.cpp's failures
-            raise DeRaError(f"llama.cpp failed during the call ({e})") from None
+            raise DecodeError(f"llama.cpp failed during the call ({e})") from None
         finally:
             self._weights = saved
 
@@ -208,7 +208,7 @@ class DeRaLlama(Llama):
         """``llama_cpp.Llama.create_completion`` with ``lam=`` for this call."""
         weights = self._weights_for(lam)
         bound = _bind(Llama.create_completion, self, prompt, *args, **kwargs)
-        checks.check_sampling(bound, self._n_vocab, self._logits_all)
+        self._check_call(bound)
         self._check_prompt_length(prompt)
         return self._run(weights, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
 
@@ -222,10 +222,16 @@ class DeRaLlama(Llama):
         """``llama_cpp.Llama.create_chat_completion`` with ``lam=`` for this call."""
         weights = self._weights_for(lam)
         bound = _bind(Llama.create_chat_completion, self, messages, *args, **kwargs)
-        checks.check_sampling(bound, self._n_vocab, self._logits_all)
+        self._check_call(bound)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DeRaError("messages must be a list of {'role': ..., 'content': ...} dicts")
         return self._run(weights, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
+
+    def _check_call(self, bound: dict) -> None:
+        """Sampling values and grammar, checked before anything reaches llama.cpp."""
+        checks.check_sampling(bound, self._n_vocab, self._logits_all)
+        if bound.get("grammar") is not None:
+            checks.check_grammar(bound["grammar"], self._model.vocab)
 
     def _check_prompt_length(self, prompt: Any) -> None:
         if isinstance(prompt, str):

@@ -178,3 +178,15 @@ def test_context_overflow_has_its_own_type(llm):
     with pytest.raises(ContextFullError, match="n_ctx"):
         llm.create_chat_completion(messages, max_tokens=2)
     assert llm.create_completion("hello", max_tokens=2, temperature=0)["choices"][0]["finish_reason"]
+
+
+def test_a_grammar_llama_cpp_cannot_parse_is_refused_not_a_crash(llm):
+    from llama_cpp import LlamaGrammar
+
+    broken = LlamaGrammar.from_string('root ::= "yes" | undefined-rule', verbose=False)
+    with pytest.raises(DeRaError, match="grammar"):
+        llm.create_completion("hello", max_tokens=2, grammar=broken)
+    with pytest.raises(DeRaError, match="grammar"):
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2, grammar=broken)
+    fine = LlamaGrammar.from_string('root ::= "yes" | "no"', verbose=False)
+    assert llm.create_completion("hello", max_tokens=4, grammar=fine)["choices"][0]["text"] in ("yes", "no")

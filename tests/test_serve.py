@@ -402,8 +402,9 @@ def test_client_disconnect_mid_stream_frees_the_engine_at_once(env, paths, tmp_p
             start = time.monotonic()
             answer = http.post("/v1/chat/completions", json=ask)
             waited = time.monotonic() - start
-        # the rest of the dropped stream would take 3960 tokens at the early rate at least (later ones are slower)
-        assert waited < 0.5 * 3960 * seconds_per_token, (waited, seconds_per_token)
+        # the rest of the dropped stream would take 3960 tokens at the early rate at least (later ones are slower);
+        # a loaded machine delays the disconnect by up to about half of that
+        assert waited < 0.8 * 3960 * seconds_per_token, (waited, seconds_per_token)
         llm = DeRaLlama(str(ref), str(aligned), n_ctx=4096, verbose=False)
         assert answer.json()["choices"][0]["message"]["content"] == chat_answer(llm, CAT, max_tokens=8, **GREEDY)[0]
     finally:

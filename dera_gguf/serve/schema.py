@@ -22,7 +22,9 @@ from llama_cpp.server.app import prepare_request_resources
 from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import checks
 from ..cli.chat_session import Sampling
+from ..errors import DeRaError
 from .errors import ApiError
 
 LAM_FIELD = Field(
@@ -156,11 +158,10 @@ def check_grammar(body: Request, llm: Any) -> None:
     grammar = given(body, "grammar")
     if grammar is None:
         return
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
-    if not sampler:
-        raise ApiError(400, "grammar: llama.cpp cannot parse it as GBNF with a 'root' rule", "grammar")
-    llama_cpp.llama_sampler_free(sampler)
+    try:
+        checks.check_grammar(grammar, llama_cpp.llama_model_get_vocab(llm.model))
+    except DeRaError as e:
+        raise ApiError(400, f"grammar: {e}", "grammar") from None
 
 
 def engine_call(llm: Any, body: Request, kwargs: dict) -> Any:
