@@ -17,6 +17,7 @@ buffer of the first active context, so llama.cpp's own sampler chain samples the
 
 from __future__ import annotations
 
+import ctypes
 from typing import List, Optional, Sequence
 
 import llama_cpp
@@ -24,7 +25,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from .blend import blend_logits
-from .errors import ContextFullError, DecodeError
+from .errors import ContextFullError, DecodeError, DeRaError
 from .threads import ThreadPlan
 
 
@@ -44,16 +45,24 @@ class Context:
         n_vocab: logits row width.
         batch: the batch to decode through (llama-cpp-python's own, or a new one).
         batch_size: how many tokens ``batch`` holds.
+        adapters: the LoRA adapters already applied to ``ctx``, as ``((adapter, scale), ...)``.
     """
 
     def __init__(
-        self, name: str, ctx: internals.LlamaContext, n_vocab: int, batch: internals.LlamaBatch, batch_size: int
+        self,
+        name: str,
+        ctx: internals.LlamaContext,
+        n_vocab: int,
+        batch: internals.LlamaBatch,
+        batch_size: int,
+        adapters: tuple = (),
     ):
         self.name = name
         self.ctx = ctx
         self.n_vocab = n_vocab
         self.batch = batch
         self.batch_size = batch_size
+        self.adapters = tuple(adapters)  # changed only through set_adapters
         self._written = np.zeros(ctx.n_ctx(), dtype=np.intc)  # last token decoded at each position, sequence 0
 
     # ------------------------------------------------------------- state
@@ -83,6 +92,21 @@ class Context:
 
     def clear(self) -> None:
         self.ctx.kv_cache_clear()
+
+    def set_adapters(self, adapters: tuple) -> None:
+        """Run on these LoRA adapters ``((adapter, scale), ...)`` from now on (none: ``()``).
+
+        The KV cache holds what the old weights computed, so a change empties it.
+        """
+        adapters = tuple((a, float(s)) for a, s in adapters)
+        if adapters == self.adapters:
+            return
+        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(len(adapters), 1))(*[a for a, _ in adapters])
+        scales = (ctypes.c_float * max(len(adapters), 1))(*[s for _, s in adapters])
+        if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, pointers, len(adapters), scales):
+            raise DeRaError(f"llama.cpp refused the LoRA adapter(s) for the {self.name}: made for another model?")
+        self.clear()
+        self.adapters = adapters
 
     def share_sequence(self, src: int, dst: int) -> None:
         """Let sequence ``dst`` use the cells of ``src`` (a shared prompt; unified KV cache)."""

@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import inspect
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
@@ -55,6 +56,18 @@ _LLAMA_KWARGS = [
 ]
 
 _DONE = object()
+MODES = ("blend", "weights")
+
+
+@dataclass(frozen=True)
+class Realign:
+    """The realignment in effect: mixing weights on [reference, aligned_1, ...] and the mode."""
+
+    weights: tuple
+    mode: str = "blend"
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
 
 
 class DeRaLlama(Llama):
@@ -70,6 +83,9 @@ class DeRaLlama(Llama):
         lam: realignment strength: 0 is the reference, 1 the aligned model, > 1
             extrapolates, < 0 moves away from the aligned model. One value per aligned
             model when there are several.
+        mode: ``"blend"`` (DeRa: the models' logits blended) or ``"weights"`` (LoRA-aligned
+            pairs only: the adapters applied on the reference at scale lam, one forward pass;
+            an approximation of DeRa, the paper's weight-space alternative).
         concurrent: decode the contexts at the same time, each on its share of ``n_threads``
             (None: on a CPU with 2 threads or more; not when offloaded to a GPU). The logits
             are the same either way.
@@ -84,6 +100,7 @@ class DeRaLlama(Llama):
         reference_model_path: PathLike,
         aligned_model_path: Union[PathLike, Sequence[PathLike]],
         lam: Lam = 1.0,
+        mode: str = "blend",
         concurrent: Optional[bool] = None,
         **llama_kwargs: Any,
     ):
@@ -91,8 +108,9 @@ class DeRaLlama(Llama):
         files = PairFiles.check(
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )
-        self._weights = mixing_weights(lam, len(files.aligned))
-        self._init_args = (files.reference, list(files.aligned), concurrent, dict(llama_kwargs))
+        self._files = files
+        self._realign = Realign(mixing_weights(lam, len(files.aligned)), self._check_mode(mode))
+        self._init_args = (files.reference, list(files.aligned), mode, concurrent, dict(llama_kwargs))
         llama_kwargs = {**llama_kwargs}
         if llama_kwargs.get("n_threads") is None:  # llama-cpp-python's default is half the logical CPUs
             llama_kwargs["n_threads"] = physical_cores()
@@ -104,7 +122,7 @@ class DeRaLlama(Llama):
         # asked for, so that is the real limit.
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
         self._n_aligned = len(files.aligned)
-        self._eval_weights: Optional[np.ndarray] = None  # the blend in the logits buffers and scores
+        self._eval_realign: Optional[Realign] = None  # what made the logits buffers and scores
         self._lockstep = Lockstep(self._open_contexts(files), self.n_batch, self._thread_plan(concurrent))
         self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
 
@@ -153,50 +171,79 @@ class DeRaLlama(Llama):
         Aligned model 1 is this Llama's own context; the others are made on the same
         loaded weights (an adapter's reference is loaded once).
         """
-        models = PairModels(files, self.model_params, self._stack, self.verbose, loaded={files.weights(0): self._model})
-        make = lambda member: models.context(member, self.context_params, self.n_batch, lora_scale=self.lora_scale)
-        own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch)
+        adapter = {files.aligned[0]: self._lora_adapter} if files.is_adapter[0] else {}
+        self._models = PairModels(
+            files,
+            self.model_params,
+            self._stack,
+            self.verbose,
+            loaded={files.weights(0): self._model},
+            adapters=adapter,
+        )
+        make = lambda m: self._models.context(m, self.context_params, self.n_batch, lora_scale=self.lora_scale)
+        self._own_adapters = tuple((a, self.lora_scale) for a in adapter.values())  # its adapter in blend mode
+        own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch, self._own_adapters)
         return [make(0), own] + [make(m) for m in range(2, len(files.aligned) + 1)]
 
-    # ------------------------------------------------------------------ lam
+    # ------------------------------------------------------------ lam, mode
 
     @property
     def lam(self) -> Union[float, tuple]:
         """The default realignment strength (one float, or one per aligned model)."""
-        return normalize_lam(self._weights[1:], self._n_aligned)
+        return normalize_lam(self._realign.weights[1:], self._n_aligned)
 
     @lam.setter
     def lam(self, value: Lam) -> None:
-        self._weights = mixing_weights(value, self._n_aligned)
+        self._realign = Realign(mixing_weights(value, self._n_aligned), self._realign.mode)
+
+    @property
+    def mode(self) -> str:
+        """The default mode: ``"blend"`` (DeRa) or ``"weights"`` (adapters at scale lam)."""
+        return self._realign.mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._realign = Realign(self._realign.weights, self._check_mode(value))
 
     @property
     def weights(self) -> np.ndarray:
         """Mixing weights on [reference, aligned_1, ...] in effect now."""
-        return self._weights.copy()
+        return np.array(self._realign.weights)
+
+    def _check_mode(self, mode: Any) -> str:
+        if mode not in MODES:
+            raise DeRaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "weights" and not all(self._files.is_adapter):
+            raise DeRaError(
+                "mode='weights' applies LoRA adapters on the reference at scale lam, but an aligned model here is a "
+                "full GGUF model (interpolating two quantized GGUF files is not supported): use mode='blend'"
+            )
+        return mode
 
     @contextlib.contextmanager
-    def _using(self, weights: np.ndarray):
-        """Blend with ``weights`` inside; a llama.cpp failure in llama-cpp-python becomes a DeRaError."""
-        saved, self._weights = self._weights, weights
+    def _using(self, realign: "Realign"):
+        """Realign with ``realign`` inside; a llama.cpp failure in llama-cpp-python becomes a DeRaError."""
+        saved, self._realign = self._realign, realign
         try:
             yield
         except RuntimeError as e:  # llama-cpp-python raises RuntimeError for llama.cpp's failures
             raise DecodeError(f"llama.cpp failed during the call ({e})") from None
         finally:
-            self._weights = saved
+            self._realign = saved
 
-    def _weights_for(self, lam: Optional[Lam]) -> np.ndarray:
-        return self._weights if lam is None else mixing_weights(lam, self._n_aligned)
+    def _realign_for(self, lam: Optional[Lam], mode: Optional[str]) -> "Realign":
+        weights = self._realign.weights if lam is None else mixing_weights(lam, self._n_aligned)
+        return Realign(weights, self._realign.mode if mode is None else self._check_mode(mode))
 
-    def _run(self, weights: np.ndarray, call) -> Any:
-        """Run ``call`` under ``weights``; a stream keeps them while it is consumed."""
-        with self._using(weights):
+    def _run(self, realign: "Realign", call) -> Any:
+        """Run ``call`` under ``realign``; a stream keeps it while it is consumed."""
+        with self._using(realign):
             result = call()
-        return self._stream(weights, result) if isinstance(result, Iterator) else result
+        return self._stream(realign, result) if isinstance(result, Iterator) else result
 
-    def _stream(self, weights: np.ndarray, chunks: Iterator) -> Iterator:
+    def _stream(self, realign: "Realign", chunks: Iterator) -> Iterator:
         while True:
-            with self._using(weights):
+            with self._using(realign):
                 chunk = next(chunks, _DONE)
             if chunk is _DONE:
                 return
@@ -204,28 +251,32 @@ class DeRaLlama(Llama):
 
     # --------------------------------------------------------- public calls
 
-    def create_completion(self, prompt: Union[str, List[int]], *args: Any, lam: Optional[Lam] = None, **kwargs: Any):
-        """``llama_cpp.Llama.create_completion`` with ``lam=`` for this call."""
-        weights = self._weights_for(lam)
+    def create_completion(
+        self, prompt: Union[str, List[int]], *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs
+    ):
+        """``llama_cpp.Llama.create_completion`` with ``lam=`` and ``mode=`` for this call."""
+        realign = self._realign_for(lam, mode)
         bound = _bind(Llama.create_completion, self, prompt, *args, **kwargs)
         self._check_call(bound)
         self._check_prompt_length(prompt)
-        return self._run(weights, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
+        return self._run(realign, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
 
-    def __call__(self, prompt: str, *args: Any, lam: Optional[Lam] = None, **kwargs: Any):
-        """``llama_cpp.Llama.__call__`` with ``lam=`` for this call."""
+    def __call__(self, prompt: str, *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs: Any):
+        """``llama_cpp.Llama.__call__`` with ``lam=`` and ``mode=`` for this call."""
         bound = _bind(Llama.__call__, self, prompt, *args, **kwargs)
         bound.pop("self")
-        return self.create_completion(lam=lam, **bound)
+        return self.create_completion(lam=lam, mode=mode, **bound)
 
-    def create_chat_completion(self, messages, *args: Any, lam: Optional[Lam] = None, **kwargs: Any):
-        """``llama_cpp.Llama.create_chat_completion`` with ``lam=`` for this call."""
-        weights = self._weights_for(lam)
+    def create_chat_completion(
+        self, messages, *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs: Any
+    ):
+        """``llama_cpp.Llama.create_chat_completion`` with ``lam=`` and ``mode=`` for this call."""
+        realign = self._realign_for(lam, mode)
         bound = _bind(Llama.create_chat_completion, self, messages, *args, **kwargs)
         self._check_call(bound)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DeRaError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        return self._run(weights, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
+        return self._run(realign, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
 
     def _check_call(self, bound: dict) -> None:
         """Sampling values and grammar, checked before anything reaches llama.cpp."""
@@ -258,7 +309,7 @@ class DeRaLlama(Llama):
         may have changed; replaying one token costs one decode and is always exact.
         """
         self._requires_eval = True
-        if self._logits_all and not np.array_equal(self._eval_weights, self._weights):
+        if self._logits_all and self._eval_realign != self._realign:
             self.reset()  # the score rows of the cached prefix hold another blend: recompute them
         return (yield from super().generate(tokens, *args, **kwargs))
 
@@ -275,11 +326,25 @@ class DeRaLlama(Llama):
                 "create the DeRaLlama with a larger n_ctx or start a shorter conversation"
             )
         scores = self.scores[start : start + n] if self._logits_all else None
-        self._target = self._lockstep.eval(self.input_ids[:start], tokens, self._weights, scores)
+        weights = self._prepare_contexts()
+        self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores)
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False
-        self._eval_weights = self._weights
+        self._eval_realign = self._realign
+
+    def _prepare_contexts(self) -> tuple:
+        """Set this Llama's own context up for the mode; return the weights the lockstep blends with.
+
+        In weight-space mode only the own context decodes, with every adapter at its lam;
+        in blend mode it runs aligned model 1 (its adapter at ``lora_scale``, if any).
+        """
+        own = self._lockstep.contexts[1]
+        if self._realign.mode == "weights":
+            own.set_adapters(self._models.adapters_at(self._realign.weights[1:]))
+            return (0.0, 1.0) + (0.0,) * (self._n_aligned - 1)
+        own.set_adapters(self._own_adapters)
+        return self._realign.weights
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``Llama.sample`` on the context whose logits buffer holds the blend."""
@@ -308,11 +373,12 @@ class DeRaLlama(Llama):
         raise DeRaError("load_state would restore one of the DeRa contexts only; it is not supported")
 
     def __getstate__(self):
-        ref, aligned, concurrent, kwargs = self._init_args
+        ref, aligned, mode, concurrent, kwargs = self._init_args
         return {
             "reference_model_path": ref,
             "aligned_model_path": aligned,
             "lam": self.lam,
+            "mode": self.mode,
             "concurrent": concurrent,
             "llama_kwargs": kwargs,
         }
@@ -322,7 +388,8 @@ class DeRaLlama(Llama):
             state["reference_model_path"],
             state["aligned_model_path"],
             state["lam"],
-            state["concurrent"],
+            mode=state["mode"],
+            concurrent=state["concurrent"],
             **state["llama_kwargs"],
         )
 
@@ -336,7 +403,7 @@ def _check_llama_kwargs(kwargs: dict) -> None:
         if name not in _LLAMA_KWARGS:
             raise DeRaError(
                 f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
-                f"{_closest(name, _LLAMA_KWARGS + ['lam'])}"
+                f"{_closest(name, _LLAMA_KWARGS + ['lam', 'mode', 'concurrent'])}"
             )
 
 

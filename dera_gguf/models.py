@@ -9,7 +9,6 @@ their models here and get their :class:`~dera_gguf.contexts.Context` objects fro
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -66,6 +65,7 @@ class PairModels:
         params: llama.cpp model parameters (offloading, mmap, ...).
         stack: closes what is loaded here (the caller's, so one ``close`` frees everything).
         loaded: models the caller already holds, by path (closed by the caller).
+        adapters: LoRA adapters the caller already holds, by path (freed by the caller).
     """
 
     def __init__(
@@ -75,11 +75,12 @@ class PairModels:
         stack: contextlib.ExitStack,
         verbose: bool = False,
         loaded: Optional[Dict[str, internals.LlamaModel]] = None,
+        adapters: Optional[Dict[str, Any]] = None,
     ):
         self.files, self.params, self.verbose = files, params, verbose
         self._stack = stack
         self._models: Dict[str, internals.LlamaModel] = dict(loaded or {})
-        self._adapters: Dict[str, Any] = {}
+        self._adapters: Dict[str, Any] = dict(adapters or {})
 
     def model(self, path: str, role: str = "model") -> internals.LlamaModel:
         """The loaded model of ``path`` (loaded now if it is not yet)."""
@@ -117,16 +118,13 @@ class PairModels:
             adapter = self.adapter(self.files.aligned[i]) if self.files.is_adapter[i] else None
         ctx = internals.LlamaContext(model=model, params=context_params, verbose=self.verbose)
         self._stack.callback(ctx.close)
-        if adapter is not None:
-            set_adapter(ctx, adapter, lora_scale, name)
         batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=n_seq, verbose=self.verbose)
         self._stack.callback(batch.close)
-        return Context(name, ctx, model.n_vocab(), batch, n_batch)
+        context = Context(name, ctx, model.n_vocab(), batch, n_batch)
+        if adapter is not None:
+            context.set_adapters(((adapter, lora_scale),))
+        return context
 
-
-def set_adapter(ctx: internals.LlamaContext, adapter, scale: float, name: str) -> None:
-    """Apply one LoRA adapter at ``scale`` to ``ctx`` (replacing any other)."""
-    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-    scales = (ctypes.c_float * 1)(scale)
-    if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, scales):
-        raise DeRaError(f"llama.cpp refused the LoRA adapter for the {name}: was it made for the reference model?")
+    def adapters_at(self, scales: Sequence[float]) -> tuple:
+        """Every aligned adapter at its scale, ``((adapter, scale), ...)``: the weight-space model."""
+        return tuple((self.adapter(path), s) for path, s in zip(self.files.aligned, scales))

@@ -151,7 +151,7 @@ def test_engine_still_works_after_errors(llm):
     [
         (dict(n_gpu_layer=-1), "n_gpu_layer", "n_gpu_layers"),
         (dict(speculative="lookup"), "speculative", None),
-        (dict(mode="weights"), "mode", None),
+        (dict(modes="weights"), "modes", "mode"),
     ],
 )
 def test_unknown_constructor_keywords_are_refused_by_name(ref_path, aligned_path, kwargs, named, hint):

@@ -81,3 +81,62 @@ def test_adapter_detection_agrees_with_gguf_py(ref_path, adapter_path, smollm2_p
     cut.write_bytes(adapter_path.read_bytes()[:60])
     with pytest.raises(DeRaError, match="cut.gguf"):
         gguf_general_type(str(cut))
+
+
+# ------------------------------------------------------------ weight-space mode
+
+WEIGHT_SAMPLING = [dict(temperature=0.0), dict(temperature=0.9, top_k=40, top_p=0.95, seed=11)]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 2.0, -0.5])
+@pytest.mark.parametrize("sampling", WEIGHT_SAMPLING)
+def test_weight_space_mode_is_plain_llama_with_the_adapter_at_scale_lam(ref_path, adapter_path, lam, sampling):
+    plain = R.plain(ref_path, lora_path=str(adapter_path), lora_scale=lam, logits_all=False)
+    llm = DeRaLlama(
+        str(ref_path), str(adapter_path), lam=lam, mode="weights", n_ctx=256, verbose=False, n_gpu_layers=R.N_GPU_LAYERS
+    )
+    kw = dict(max_tokens=12, **sampling)
+    assert (
+        llm.create_completion(PROMPT, **kw)["choices"][0]["text"]
+        == plain.create_completion(PROMPT, **kw)["choices"][0]["text"]
+    )
+    messages = [{"role": "user", "content": "tell me about the dog"}]
+    got = llm.create_chat_completion(messages, **kw)["choices"][0]["message"]
+    assert got == plain.create_chat_completion(messages, **kw)["choices"][0]["message"]
+
+
+def test_modes_and_lams_switched_between_calls_stay_exact(ref_path, adapter_path):
+    """One engine, calls alternating blend and weight-space at several lams, prompts that share a prefix:
+    every answer equals the independent computation for that call alone."""
+    llm = DeRaLlama(
+        str(ref_path), str(adapter_path), n_ctx=512, verbose=False, logits_all=True, n_gpu_layers=R.N_GPU_LAYERS
+    )
+    ref, aligned = R.plain(ref_path), R.plain(ref_path, lora_path=str(adapter_path))
+    prompts = [PROMPT, PROMPT + " and the sun", PROMPT, PROMPT + " and the cat"]
+    calls = [("blend", 1.5), ("weights", 0.5), ("blend", 0.5), ("weights", 2.0), ("weights", 0.5), ("blend", 1.0)]
+    for i, (mode, lam) in enumerate(calls):
+        prompt = prompts[i % len(prompts)]
+        out = llm.create_completion(prompt, max_tokens=6, temperature=0.0, lam=lam, mode=mode, logprobs=1)
+        tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        if mode == "weights":
+            expected, logits = R.greedy(
+                [R.plain(ref_path, lora_path=str(adapter_path), lora_scale=lam)], [1.0], tokens, 6
+            )
+        else:
+            expected, logits = R.greedy([ref, aligned], [1 - lam, lam], tokens, 6)
+        assert out["choices"][0]["text"] == llm.detokenize(expected).decode(errors="ignore")
+        lps = out["choices"][0]["logprobs"]["token_logprobs"]
+        assert lps == pytest.approx([R.log_softmax(z)[t] for z, t in zip(logits, expected)], abs=R.LOGPROB_ATOL)
+    assert llm.mode == "blend" and llm.lam == 1.0  # per-call settings leave the defaults alone
+
+
+def test_weight_space_mode_is_refused_for_full_model_pairs(ref_path, aligned_path, adapter_path):
+    from dera_gguf import DeRaError
+
+    with pytest.raises(DeRaError, match="full GGUF model"):
+        DeRaLlama(str(ref_path), str(aligned_path), mode="weights", n_ctx=256, verbose=False)
+    llm = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=256, verbose=False)
+    with pytest.raises(DeRaError, match="full GGUF model"):
+        llm.create_completion(PROMPT, max_tokens=2, mode="weights")
+    with pytest.raises(DeRaError, match="mode must be one of"):
+        DeRaLlama(str(ref_path), str(adapter_path), mode="weight", n_ctx=256, verbose=False)
