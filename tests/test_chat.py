@@ -406,3 +406,29 @@ def test_lam_changes_sweeps_and_more_turns_stay_exact(env, ref_path, aligned_pat
         answer, status = chat.ask(text)
         assert status.group(1) == lam and answer == fresh(history, float(lam))
     assert chat.quit() == 0
+
+
+def test_mode_flag_and_command_switch_between_weight_space_and_blend(env, ref_path, aligned_path, tmp_path):
+    from tiny_models import write_tiny_lora
+
+    adapter = write_tiny_lora(tmp_path / "adapter.gguf", seed=9)
+    settings = dict(seed=4, max_tokens=10, **PAPER)
+    args = ["--ref", str(ref_path), "--aligned", str(adapter), "--seed", "4", "--max-tokens", "10", "--n-ctx", "512"]
+    chat = Terminal([*args, "--lam", "0.5", "--mode", "weights"], env)
+    history = [user("hello world")]
+    answer, status = chat.ask("hello world")
+    weight_space = llama_cpp.Llama(
+        model_path=str(ref_path), lora_path=str(adapter), lora_scale=0.5, n_ctx=512, verbose=False
+    )
+    assert "(weights)" in status.group(0) and answer == streamed(weight_space, history, **settings)
+    assert "mode blend" in chat.command("/mode blend")
+    history += [assistant(answer), user("the sea story")]
+    answer, status = chat.ask("the sea story")
+    blend = DeRaLlama(str(ref_path), str(adapter), n_ctx=512, verbose=False)
+    assert "(weights)" not in status.group(0) and answer == streamed(blend, history, lam=0.5, **settings)
+    assert "must be one of" in chat.command("/mode weight")
+    assert chat.quit() == 0
+
+    full = Terminal(["--ref", str(ref_path), "--aligned", str(aligned_path), "--n-ctx", "256"], env)
+    assert "full GGUF model" in full.command("/mode weights")
+    assert full.quit() == 0

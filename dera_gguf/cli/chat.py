@@ -39,6 +39,14 @@ QUIT = object()
     help="Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
     "several aligned models.  [default: the pair's lam, else 1.0]",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["blend", "weights"]),
+    default="blend",
+    show_default=True,
+    help="blend: DeRa, the models' logits blended. weights: LoRA-aligned pairs only, the adapter applied on the "
+    "reference at scale lam, one forward pass (an approximation of DeRa: the paper's weight-space alternative).",
+)
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")
@@ -72,6 +80,7 @@ def main(
     seed,
     verbose,
     lam_text,
+    mode,
     system,
     temperature,
     top_k,
@@ -98,9 +107,9 @@ def main(
     name = f"pair {pair.name!r}" if pair else "the given models"
     if one_shot_text is None:
         click.echo(f"loading {name} ...", err=True)
-    llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose)
+    llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, mode=mode)
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed)
-    session = ChatSession(llm, lam=lam, system=system, sampling=sampling)
+    session = ChatSession(llm, lam=lam, mode=mode, system=system, sampling=sampling)
     try:
         if one_shot_text is not None:
             _one_shot(session, one_shot_text, as_json)
@@ -185,8 +194,10 @@ def _answer(session: ChatSession, text: str) -> None:
 def _finish(answer: Answer) -> None:
     """End the streamed answer's line and show the status line on stderr."""
     click.echo(" [interrupted]" if answer.interrupted else "")
-    status = f"lam {format_lam(answer.lam)} · {answer.tokens} tokens · {answer.tokens_per_second:.1f} tok/s" + (
-        " · interrupted" if answer.interrupted else ""
+    weights = " (weights)" if answer.mode == "weights" else ""
+    status = (
+        f"lam {format_lam(answer.lam)}{weights} · {answer.tokens} tokens · {answer.tokens_per_second:.1f} tok/s"
+        + (" · interrupted" if answer.interrupted else "")
     )
     click.secho(status, err=True, dim=True)
 
@@ -252,6 +263,13 @@ def _cmd_lam(session: ChatSession, arg: str):
     click.echo(f"lam {format_lam(session.lam)}", err=True)
 
 
+def _cmd_mode(session: ChatSession, arg: str):
+    if arg:
+        session.set_mode(arg)
+    note = " (the adapters at scale lam: an approximation of DeRa)" if session.mode == "weights" else ""
+    click.echo(f"mode {session.mode}{note}", err=True)
+
+
 def _cmd_sweep(session: ChatSession, arg: str):
     if not arg:
         raise DeRaError("give the lams to sweep, e.g. /sweep 0,0.5,1,2")
@@ -313,6 +331,7 @@ def _cmd_quit(session: ChatSession, arg: str):
 
 COMMANDS: Dict[str, Tuple[Callable, str]] = {
     "/lam": (_cmd_lam, "X: change lam for the following answers (comma list for several aligned models)"),
+    "/mode": (_cmd_mode, "blend|weights: DeRa's blend, or the adapters at scale lam (LoRA pairs; an approximation)"),
     "/sweep": (_cmd_sweep, "0,0.5,1,2: answer the last message once per lam; the history is unchanged"),
     "/system": (_cmd_system, "TEXT: set the system prompt (no TEXT: clear it)"),
     "/reset": (_cmd_reset, "forget the conversation"),

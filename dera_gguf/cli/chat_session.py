@@ -63,6 +63,7 @@ class Answer:
 
     text: str
     lam: Lam
+    mode: str  # "blend" (DeRa) or "weights" (adapters at scale lam)
     tokens: int  # tokens sampled, the end-of-turn token included
     seconds: float
     finish_reason: Optional[str]
@@ -106,6 +107,7 @@ class ChatSession:
 
     llm: object
     lam: Lam = 1.0
+    mode: str = "blend"
     system: Optional[str] = None
     sampling: Sampling = field(default_factory=Sampling)
     history: List[dict] = field(default_factory=list)  # user/assistant messages, as sent
@@ -116,6 +118,11 @@ class ChatSession:
     def set_lam(self, lam: Lam) -> None:
         """Change lam for the following answers; checked now (count, finiteness)."""
         self.lam = normalize_lam(lam, _n_lams(self.lam))
+
+    def set_mode(self, mode: str) -> None:
+        """Change the mode for the following answers; checked now (full-model pairs have no weights mode)."""
+        self.llm.mode = mode
+        self.mode = mode
 
     def set_system(self, text: Optional[str]) -> None:
         self.system = text or None
@@ -172,7 +179,7 @@ class ChatSession:
         """One-shot, not streamed: the OpenAI-shaped completion for one user message."""
         messages = self.messages([{"role": "user", "content": text}])
         kwargs = self.sampling.call_kwargs(self.sampling.next_seed())
-        return self.llm.create_chat_completion(messages, lam=self.lam, **kwargs)
+        return self.llm.create_chat_completion(messages, lam=self.lam, mode=self.mode, **kwargs)
 
     def generate(
         self, messages: List[dict], lam: Lam, on_text: OnText, should_stop: ShouldStop, seed: Optional[int] = None
@@ -181,11 +188,12 @@ class ChatSession:
         watch = _TokenWatch(should_stop, self.llm.token_eos())
         kwargs = self.sampling.call_kwargs(self.sampling.next_seed() if seed is None else seed)
         start = time.perf_counter()
-        stream = self.llm.create_chat_completion(messages, lam=lam, stream=True, logits_processor=[watch], **kwargs)
-        text, finish = _consume(stream, on_text)
-        return Answer(
-            "".join(text), lam, watch.n, time.perf_counter() - start, INTERRUPTED if watch.stopped else finish
+        stream = self.llm.create_chat_completion(
+            messages, lam=lam, mode=self.mode, stream=True, logits_processor=[watch], **kwargs
         )
+        text, finish = _consume(stream, on_text)
+        finish = INTERRUPTED if watch.stopped else finish
+        return Answer("".join(text), lam, self.mode, watch.n, time.perf_counter() - start, finish)
 
     def _through_last_user(self) -> List[dict]:
         for i in range(len(self.history) - 1, -1, -1):
