@@ -456,3 +456,48 @@ def test_command_line_errors_are_one_line(env, args, fragment):
     result = CliRunner().invoke(main, args, env=env)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: ") and fragment in result.output, result.output
+
+
+# ------------------------------------------------------------ weight-space mode
+
+
+def test_mode_per_request_and_default_for_a_lora_pair(env, paths, tmp_path):
+    """--mode weights serves the adapter at scale lam; a request's "mode" wins; a bad mode is a 400."""
+    from tiny_models import write_tiny_lora
+
+    ref = paths[0]
+    adapter = write_tiny_lora(tmp_path / "adapter.gguf", seed=9)
+    args = ["--ref", str(ref), "--aligned", str(adapter), "--alias", "lora", "--n-ctx", "512", "--mode", "weights"]
+    proc = ServerProcess(args, env, tmp_path / "server.log")
+    try:
+        with proc.http() as http:
+            ask = dict(messages=CAT, max_tokens=10, **GREEDY)
+            got = http.post("/v1/chat/completions", json=dict(ask, model="lora@0.5")).json()
+            weight_space = llama_cpp.Llama(
+                model_path=str(ref), lora_path=str(adapter), lora_scale=0.5, n_ctx=512, verbose=False
+            )
+            assert got["choices"][0]["message"]["content"] == chat_answer(weight_space, CAT, **ask_kw(ask))[0]
+            got = http.post("/v1/chat/completions", json=dict(ask, model="lora@0.5", mode="blend")).json()
+            blend = DeRaLlama(str(ref), str(adapter), n_ctx=512, verbose=False)
+            assert got["choices"][0]["message"]["content"] == chat_answer(blend, CAT, lam=0.5, **ask_kw(ask))[0]
+            bad = http.post("/v1/chat/completions", json=dict(ask, model="lora", mode="weight"))
+            assert bad.status_code == 400 and "mode" in bad.json()["error"]["message"]
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()
+
+
+def test_weights_mode_for_a_full_model_pair_is_refused_before_its_weights_load(env):
+    result = CliRunner().invoke(main, ["--pair", "tiny", "--mode", "weights"], env=env)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Error: " in result.output and "full GGUF model" in result.output, result.output
+
+
+def test_weights_mode_on_a_full_model_pair_is_a_400(http):
+    body = dict(model="tiny", messages=HELLO, max_tokens=4, mode="weights")
+    answer = http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400 and "full GGUF model" in answer.json()["error"]["message"]
+
+
+def ask_kw(ask: dict) -> dict:
+    """A request body's sampling fields as DeRaLlama / Llama keyword arguments."""
+    return {k: v for k, v in ask.items() if k != "messages"}

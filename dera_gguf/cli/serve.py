@@ -32,6 +32,14 @@ from .common import choose_models, initial_lam, model_options, new_engine, parse
     "[default: each pair's lam in models.toml, else 1.0].",
 )
 @click.option(
+    "--mode",
+    type=click.Choice(["blend", "weights"]),
+    default="blend",
+    show_default=True,
+    help="Default mode of every pair (a request's 'mode' wins): blend is DeRa; weights applies a LoRA pair's "
+    "adapter at scale lam on the reference, one forward pass (an approximation).",
+)
+@click.option(
     "--lam-presets",
     default="0,0.5,1,1.5,2",
     show_default=True,
@@ -67,6 +75,7 @@ def main(
     verbose,
     alias,
     lam_text,
+    mode,
     lam_presets,
     max_tokens,
     logprobs,
@@ -97,10 +106,12 @@ def main(
     for name, ref, aligned, pair in chosen:
         lam = initial_lam(lams, pair, len(aligned))
         click.echo(f"dera-serve: loading {name} (lam {format_lam(lam)}) ...", err=True)
-        llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, logits_all=logprobs)
+        llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, logits_all=logprobs, mode=mode)
         served.append(ServedPair(name, llm, lam, len(aligned)))
     catalog = Catalog(served, presets)
-    settings = ServeSettings(Sampling(max_tokens=max_tokens, seed=seed), api_key=api_key, logits_all=logprobs)
+    settings = ServeSettings(
+        Sampling(max_tokens=max_tokens, seed=seed), api_key=api_key, logits_all=logprobs, mode=mode
+    )
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(
             f"dera-serve: warning: listening on {host} with no --api-key: anyone who can reach it may use it", err=True

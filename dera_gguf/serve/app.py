@@ -39,6 +39,7 @@ class ServeSettings:
     sampling: Sampling = field(default_factory=Sampling)
     api_key: Optional[str] = None
     logits_all: bool = False  # the engines keep every position's logits (needed for logprobs)
+    mode: str = "blend"  # a request's "mode" wins
     stopping: Callable[[], bool] = lambda: False  # true once the server shuts down: streams end early
 
 
@@ -83,7 +84,7 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body):
     """One request: checks first (model, λ, fields), then the call on the pair's engine."""
     target = catalog.resolve(body.model, given(body, "lam"))
     kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
-    kwargs.update(lam=target.lam, model=target.model)
+    kwargs.update(lam=target.lam, model=target.model, mode=given(body, "mode") or settings.mode)
     options = given(body, "stream_options")
     count = counted(kwargs) if body.stream and options is not None and options.include_usage else None
     call = partial(engine_call, target.pair.llm, body, kwargs)

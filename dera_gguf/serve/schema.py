@@ -14,7 +14,7 @@ name, type and range check) with three changes:
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Union
+from typing import Any, List, Literal, Optional, Union
 
 import llama_cpp
 import numpy as np
@@ -33,10 +33,17 @@ LAM_FIELD = Field(
     "wins over a PAIR@LAM model alias and the pair's default.",
 )
 
+MODE_FIELD = Field(
+    default=None,
+    description="'blend' (DeRa) or 'weights' (LoRA pairs: the adapter at scale lam, one forward pass, an "
+    "approximation); default: dera-serve --mode.",
+)
+
 # Fields the server itself acts on; every other field a request sets goes to the engine by name.
 SERVER_FIELDS = {
     "model",
     "lam",
+    "mode",
     "n",
     "best_of",
     "user",  # an end-user id for the client's own records; nothing to do with generation
@@ -63,6 +70,7 @@ class ChatRequest(CreateChatCompletionRequest):
 
     model_config = ConfigDict(extra="forbid")
     lam: Any = LAM_FIELD
+    mode: Optional[Literal["blend", "weights"]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
     max_completion_tokens: Optional[int] = Field(None, description="OpenAI's newer name for max_tokens.")
 
@@ -73,6 +81,7 @@ class CompletionRequest(CreateCompletionRequest):
     model_config = ConfigDict(extra="forbid")
     prompt: Union[str, List[int], List[str]] = Field(default="", description="The prompt (text or token ids).")
     lam: Any = LAM_FIELD
+    mode: Optional[Literal["blend", "weights"]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
 
 
