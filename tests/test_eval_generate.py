@@ -142,3 +142,25 @@ def test_batched_sampling_equals_llama_cpp_chain_on_the_blend(pair, plain_pair, 
         assert record["tokens"] == tokens
         outputs.add(tuple(tokens))
     assert len(outputs) > 1
+
+
+def test_weight_space_mode_samples_the_adapted_model(ref_path, models_dir, tmp_path):
+    """--mode weights: greedy responses of plain Llama with the adapter at scale lam, KL to the reference."""
+    from tiny_models import write_tiny_lora
+
+    from dera_gguf.eval import EvalPair
+
+    adapter = write_tiny_lora(models_dir / "gen-adapter.gguf", seed=9)
+    lams = [0.5, 2.0]
+    with EvalPair(ref_path, adapter, n_ctx=256, n_threads=1) as lora_pair:
+        result = generate(lora_pair, write_jsonl(tmp_path / "p.jsonl", PROMPTS), lams, params=GREEDY, mode="weights")
+    ref = R.plain(ref_path, n_threads=1, n_threads_batch=1)
+    outputs = set()
+    for record in result.records:
+        adapted = R.plain(ref_path, lora_path=str(adapter), lora_scale=record["lam"], n_threads=1, n_threads_batch=1)
+        prompt = ref.tokenize(PROMPTS[record["line"] - 1]["prompt"].encode(), add_bos=True, special=True)
+        tokens, kls = reference_greedy((ref, adapted), prompt, 1.0, GREEDY.max_tokens, ref.token_eos())
+        assert record["tokens"] == tokens
+        assert record["kl_mean"] == pytest.approx(np.mean(kls), rel=1e-4, abs=R.backend_atol(1e-4))
+        outputs.add(tuple(tokens))
+    assert len(outputs) > 1

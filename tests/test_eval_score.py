@@ -174,3 +174,25 @@ def test_changed_row_is_recomputed(pair, tmp_path):
     edited = [ROWS[0], dict(ROWS[1], chosen=" something else")]
     result = score(pair, write_jsonl(tmp_path / "prefs.jsonl", edited), [1.0], out_dir=str(tmp_path / "out"))
     assert result.computed == 1 and result.summary[0]["n"] == 2
+
+
+def test_weight_space_mode_scores_like_plain_llama_with_the_adapter_at_scale_lam(ref_path, models_dir, tmp_path):
+    """--mode weights: at each lam the scored distribution is the reference with the adapter at scale lam."""
+    adapter = write_tiny_lora(models_dir / "eval-adapter.gguf", seed=9)
+    lams = [0.0, 0.5, 2.0]
+    with EvalPair(ref_path, adapter, n_ctx=256, n_threads=1) as lora_pair:
+        result = score(lora_pair, write_jsonl(tmp_path / "prefs.jsonl", ROWS[:2]), lams, mode="weights")
+    by_key = {(r["line"], r["lam"]): r for r in result.records}
+    ref = R.plain(ref_path, n_threads=1, n_threads_batch=1)
+    for lam in lams:
+        adapted = R.plain(ref_path, lora_path=str(adapter), lora_scale=lam, n_threads=1, n_threads_batch=1)
+        for line, row in enumerate(ROWS[:2], start=1):
+            # weight 1 on the adapted model: its own log-probs, and its KL to the reference
+            chosen = reference_stats((ref, adapted), prompt_text(row), row["chosen"], [1.0])[1.0]
+            assert by_key[(line, lam)]["logprob_chosen"] == pytest.approx(chosen[0], abs=R.LOGPROB_ATOL)
+            assert by_key[(line, lam)]["kl_chosen"] == pytest.approx(chosen[1], abs=R.LOGPROB_ATOL)
+
+
+def test_weight_space_mode_is_refused_for_a_full_model_pair(pair, tmp_path):
+    with pytest.raises(DeRaError, match="full GGUF model"):
+        score(pair, write_jsonl(tmp_path / "prefs.jsonl", ROWS[:1]), [1.0], mode="weights")

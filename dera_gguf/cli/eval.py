@@ -39,6 +39,14 @@ def sweep_options(fn):
             help="Direction of --metric (default: the metric's natural one).",
         ),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option(
+            "--mode",
+            type=click.Choice(["blend", "weights"]),
+            default="blend",
+            show_default=True,
+            help="blend: DeRa. weights: a LoRA pair's adapter at scale λ on the reference (the paper's "
+            "weight-space approximation; one forward pass per λ).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -137,6 +145,7 @@ def score(
     limit,
     maximize,
     no_progress,
+    mode,
     metric,
 ):
     """Pairwise accuracy (eq. 14), log-probs and KL to the reference on preference data."""
@@ -152,7 +161,7 @@ def score(
         open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair,
         progress_bar(not no_progress) as bar,
     ):
-        result = run(pair, data, lams, out_dir=out_dir, progress=bar)
+        result = run(pair, data, lams, out_dir=out_dir, progress=bar, mode=mode)
     report(result, metric, maximize, SCORE_METRICS, len(data.bad))
 
 
@@ -201,6 +210,7 @@ def generate(
     limit,
     maximize,
     no_progress,
+    mode,
     samples,
     reward_spec,
     lmin,
@@ -237,6 +247,7 @@ def generate(
             reward=reward,
             samples=samples,
             progress=bar,
+            mode=mode,
         )
     report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
 

@@ -23,9 +23,14 @@ class ParallelSequences:
     """The pair's contexts (reference first), decoding the same tokens for up to ``n_seq`` sequences."""
 
     def __init__(self, pair: EvalPair, n_seq: int = 1, n_extra: int = 0):
+        self.pair = pair
         self.contexts: List[Context] = pair.contexts(n_seq, n_extra)
         self.n_vocab = pair.n_vocab
         self.n_batch = self.contexts[0].batch_size
+
+    def use_weight_space(self, lam: float) -> None:
+        """Make the aligned context the reference with the adapter at scale ``lam`` (weight-space mode)."""
+        self.contexts[1].set_adapters(self.pair.models.adapters_at([lam]))
 
     def close(self) -> None:
         for context in self.contexts:

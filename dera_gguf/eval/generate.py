@@ -76,8 +76,13 @@ def generate_row(
     params: SamplingParams,
     seed: int,
     reward,
+    mode: str = "blend",
 ) -> List[Dict[str, Any]]:
-    """One record per (λ, sample) of this prompt."""
+    """One record per (λ, sample) of this prompt.
+
+    Blend mode decodes every (λ, sample) together; weight-space mode one batch per λ (the
+    adapter's scale is per context), each sampled from the adapted model alone.
+    """
     prompt_text = pair.prompt_text(row.prompt, row.messages)
     prompt = pair.tokenize(prompt_text)
     if not prompt:
@@ -92,7 +97,15 @@ def generate_row(
         for lam in lams
         for s in range(samples)
     ]
-    decode_batch(pair, decoder, prompt, jobs, params.max_tokens)
+    if mode == "blend":
+        decode_batch(pair, decoder, prompt, jobs, params.max_tokens)
+    else:
+        for lam in lams:
+            decoder.use_weight_space(float(lam))
+            group = [job for job in jobs if job.lam == float(lam)]
+            for job in group:
+                job.weights = mixing_weights(1.0)  # all on the adapted model
+            decode_batch(pair, decoder, prompt, group, params.max_tokens)
     records = []
     for job in jobs:
         response = pair.detokenize(job.tokens)
@@ -128,6 +141,7 @@ def generate(
     samples: int = 1,
     limit: Optional[int] = None,
     progress: Optional[Progress] = None,
+    mode: str = "blend",
 ) -> SweepResult:
     """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
 
@@ -140,7 +154,10 @@ def generate(
         seed: every (row, λ, sample) draws from its own chain seeded from this.
         reward: :class:`LengthReward` (eq. 10) or a callable ``f(prompt, response) -> float``.
         progress: called as ``progress(label, rows_done, rows_total)`` (the CLI draws a bar).
+        mode: ``"blend"`` (DeRa) or ``"weights"`` (a LoRA pair's adapter at scale λ: the paper's
+            weight-space approximation; one batch per λ).
     """
+    pair.check_mode(mode)
     if not isinstance(data, Dataset):
         data = read_rows(data, "generate", limit)
     if samples < 1:
@@ -155,8 +172,9 @@ def generate(
         "seed": seed,
         "samples": samples,
         "reward": describe_reward(reward),
+        **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
-    work = lambda row, todo: generate_row(pair, decoder, row, todo, samples, params, seed, reward)
+    work = lambda row, todo: generate_row(pair, decoder, row, todo, samples, params, seed, reward, mode)
     try:
         return run_sweep(
             data,

@@ -64,6 +64,17 @@ class EvalPair:
         self.aligned_model = self.models.model(self.files.weights(0), "aligned model")
         self.n_vocab = self.ref_model.n_vocab()
 
+    def check_mode(self, mode: str) -> str:
+        """``"blend"`` (DeRa) or ``"weights"`` (the adapter at scale λ: LoRA pairs only)."""
+        if mode not in ("blend", "weights"):
+            raise DeRaError(f"mode must be blend or weights, got {mode!r}")
+        if mode == "weights" and not self.is_adapter:
+            raise DeRaError(
+                f"mode weights applies a LoRA adapter at scale lam, but {self.aligned_path} is a full GGUF model "
+                "(interpolating two quantized GGUF files is not supported): use mode blend"
+            )
+        return mode
+
     def close(self) -> None:
         self._stack.close()
 

@@ -39,22 +39,35 @@ def response_tokens(pair: EvalPair, prompt_text: str, response: str) -> tuple[np
 
 
 def response_stats(
-    decoder: ParallelSequences, tokens: np.ndarray, n_prompt: int, lams: Sequence[float]
+    decoder: ParallelSequences, tokens: np.ndarray, n_prompt: int, lams: Sequence[float], mode: str = "blend"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean per-token log-prob and mean per-token KL to the reference of the response, per λ."""
-    h_ref, h_aligned = decoder.rows_after(tokens, n_prompt - 1)
-    logp, kl = sweep_stats(h_ref, h_aligned, lams, tokens[n_prompt:])
-    return logp.mean(axis=1), kl.mean(axis=1)
+    """Mean per-token log-prob and mean per-token KL to the reference of the response, per λ.
+
+    Blend mode: one forward pass of each model serves every λ. Weight-space mode: one pass of
+    the adapted model per λ (its weights change with λ), whose logits are the distribution.
+    """
+    if mode == "blend":
+        h_ref, h_aligned = decoder.rows_after(tokens, n_prompt - 1)
+        logp, kl = sweep_stats(h_ref, h_aligned, lams, tokens[n_prompt:])
+        return logp.mean(axis=1), kl.mean(axis=1)
+    per_lam = []
+    for lam in lams:
+        decoder.use_weight_space(lam)
+        h_ref, h_adapted = decoder.rows_after(tokens, n_prompt - 1)
+        per_lam.append(sweep_stats(h_ref, h_adapted, [1.0], tokens[n_prompt:]))  # weight 1 on the adapted model
+    return (np.array([logp.mean() for logp, _ in per_lam]), np.array([kl.mean() for _, kl in per_lam]))
 
 
-def score_row(pair: EvalPair, decoder: ParallelSequences, row: Row, lams: Sequence[float]) -> List[Dict[str, Any]]:
+def score_row(
+    pair: EvalPair, decoder: ParallelSequences, row: Row, lams: Sequence[float], mode: str = "blend"
+) -> List[Dict[str, Any]]:
     """One record per λ: eq. (14)'s comparison and the quantities behind it."""
     prompt = pair.prompt_text(row.prompt, row.messages)
     decoder.clear()  # each row from an empty cache: its numbers do not depend on the rows before it
     chosen, n_prompt = response_tokens(pair, prompt, row.responses["chosen"])
     rejected, n_prompt_r = response_tokens(pair, prompt, row.responses["rejected"])
-    lp_chosen, kl_chosen = response_stats(decoder, chosen, n_prompt, lams)
-    lp_rejected, _ = response_stats(decoder, rejected, n_prompt_r, lams)
+    lp_chosen, kl_chosen = response_stats(decoder, chosen, n_prompt, lams, mode)
+    lp_rejected, _ = response_stats(decoder, rejected, n_prompt_r, lams, mode)
     return [
         {
             "row": row.id,
@@ -79,6 +92,7 @@ def score(
     out_dir: Optional[str] = None,
     limit: Optional[int] = None,
     progress: Optional[Progress] = None,
+    mode: str = "blend",
 ) -> SweepResult:
     """Score preference data at every λ.
 
@@ -90,7 +104,10 @@ def score(
             An earlier run there is resumed: its finished (row, λ) results are reused.
         limit: score only the first ``limit`` usable rows.
         progress: called as ``progress(label, rows_done, rows_total)`` (the CLI draws a bar).
+        mode: ``"blend"`` (DeRa) or ``"weights"`` (a LoRA pair's adapter at scale λ, one forward
+            pass per λ: the paper's weight-space approximation).
     """
+    pair.check_mode(mode)
     if not isinstance(data, Dataset):
         data = read_rows(data, "score", limit)
     decoder = ParallelSequences(pair, n_seq=1)
@@ -98,12 +115,13 @@ def score(
         "command": "score",
         "reference": os.path.abspath(pair.ref_path),
         "aligned": os.path.abspath(pair.aligned_path),
+        **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
     try:
         return run_sweep(
             data,
             [float(x) for x in lams],
-            lambda row, todo: score_row(pair, decoder, row, todo),
+            lambda row, todo: score_row(pair, decoder, row, todo, mode),
             per_lam=1,
             metrics=SCORE_METRICS,
             results_name=RESULTS_FILE,
