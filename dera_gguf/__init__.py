@@ -5,9 +5,20 @@ llm = DeRaLlama("sft.Q4_K_M.gguf", "dpo.Q4_K_M.gguf", lam=1.5)
 llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], lam=0.5)
 """
 
-from .blend import blend_logits, kl_divergence, log_softmax, mixing_weights
-from .errors import DeRaError
+from .blend import blend_logits, kl_divergence, log_softmax, mixing_weights, normalize_lam, sweep_stats
+from .errors import ContextFullError, DecodeError, DeRaError
 from .llama import DeRaLlama
 
-__all__ = ["DeRaLlama", "DeRaError", "blend_logits", "kl_divergence", "log_softmax", "mixing_weights"]
+__all__ = [
+    "DeRaLlama",
+    "DeRaError",
+    "ContextFullError",
+    "DecodeError",
+    "blend_logits",
+    "kl_divergence",
+    "log_softmax",
+    "mixing_weights",
+    "normalize_lam",
+    "sweep_stats",
+]
 __version__ = "0.1.0"
