@@ -47,17 +47,44 @@ def sweep_options(fn):
             help="blend: DeRa. weights: a LoRA pair's adapter at scale λ on the reference (the paper's "
             "weight-space approximation; one forward pass per λ).",
         ),
+        click.option(
+            "--ray",
+            "ray",
+            is_flag=False,
+            flag_value="local",
+            default=None,
+            metavar="[ADDRESS]",
+            help="Share rows out to Ray workers, each loading the pair once: alone, a local Ray runtime; "
+            "'auto' or ray://HOST:PORT, an existing cluster (pip install 'dera-gguf[cluster]').",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Ray workers (default: one per GPU with --n-gpu-layers, else the cluster's CPUs / 4, "
+            "each with 4 threads or --threads).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose):
-    from ..eval import EvalPair
+def pair_spec(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose):
+    """The pair to sweep, as a spec: loaded by this process, or by each Ray worker with --ray."""
+    from ..eval.models import PairSpec, one_aligned
 
     ref, aligned, _ = choose_pair(pair_name, ref_path, aligned_paths, models_file)
-    return EvalPair(ref, aligned, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose)
+    return PairSpec(str(ref), str(one_aligned(aligned)), n_ctx, n_gpu_layers, threads, verbose=verbose)
+
+
+def cluster_args(ray, workers) -> dict:
+    """score()/generate()'s Ray arguments from --ray / --workers (worker lines go to stderr)."""
+    if ray is None:
+        if workers is not None:
+            raise DeRaError("--workers shares rows out to Ray workers: add --ray (or --ray auto for a cluster)")
+        return {}
+    return {"ray": ray, "workers": workers, "log": lambda line: click.echo(line, err=True)}
 
 
 class ProgressBar:
@@ -146,6 +173,8 @@ def score(
     maximize,
     no_progress,
     mode,
+    ray,
+    workers,
     metric,
 ):
     """Pairwise accuracy (eq. 14), log-probs and KL to the reference on preference data."""
@@ -154,14 +183,13 @@ def score(
 
     lams = parse_lams(lams)
     _check_metric(metric, SCORE_METRICS)
+    cluster = cluster_args(ray, workers)
     data = read_rows(data_path, "score", limit)
     if data.bad:
         click.echo(data.report(), err=True)
-    with (
-        open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair,
-        progress_bar(not no_progress) as bar,
-    ):
-        result = run(pair, data, lams, out_dir=out_dir, progress=bar, mode=mode)
+    pair = pair_spec(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose)
+    with progress_bar(not no_progress) as bar:
+        result = run(pair, data, lams, out_dir=out_dir, progress=bar, mode=mode, **cluster)
     report(result, metric, maximize, SCORE_METRICS, len(data.bad))
 
 
@@ -211,6 +239,8 @@ def generate(
     maximize,
     no_progress,
     mode,
+    ray,
+    workers,
     samples,
     reward_spec,
     lmin,
@@ -230,13 +260,12 @@ def generate(
     _check_metric(metric, GENERATE_METRICS)
     reward = load_reward(reward_spec, lmin, lmax)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens)
+    cluster = cluster_args(ray, workers)
     data = read_rows(prompts_path, "generate", limit)
     if data.bad:
         click.echo(data.report(), err=True)
-    with (
-        open_pair(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose) as pair,
-        progress_bar(not no_progress) as bar,
-    ):
+    pair = pair_spec(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose)
+    with progress_bar(not no_progress) as bar:
         result = run(
             pair,
             data,
@@ -248,6 +277,7 @@ def generate(
             samples=samples,
             progress=bar,
             mode=mode,
+            **cluster,
         )
     report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
 

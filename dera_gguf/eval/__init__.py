@@ -11,7 +11,7 @@ sweep resumes where it stopped.
 
 from .data import Dataset, read_rows
 from .generate import generate
-from .models import EvalPair
+from .models import EvalPair, PairSpec
 from .rewards import LengthReward, load_reward
 from .runner import SweepResult
 from .sampling import SamplingParams
@@ -20,6 +20,7 @@ from .summary import GENERATE_METRICS, SCORE_METRICS, best_lam
 
 __all__ = [
     "EvalPair",
+    "PairSpec",
     "score",
     "generate",
     "SamplingParams",

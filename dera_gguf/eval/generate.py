@@ -9,7 +9,8 @@ model holding one token per live sequence. Each sequence blends its rows at its 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -17,9 +18,9 @@ from ..blend import blend_logits, kl_divergence, mixing_weights
 from ..errors import DeRaError
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
-from .models import EvalPair
+from .models import EvalPair, PairSpec, check_mode, files_of
 from .rewards import LengthReward, describe_reward, reward_of
-from .runner import Progress, SweepResult, run_sweep
+from .runner import Progress, SweepResult, row_executor, run_sweep
 from .sampling import RowSampler, SamplingParams, new_chain, sequence_seed
 from .summary import GENERATE_METRICS
 
@@ -130,8 +131,30 @@ def generate_row(
     return records
 
 
+@dataclass(frozen=True)
+class GenerateTask:
+    """What a process needs to generate rows on its own pair (sent to Ray workers)."""
+
+    n_lams: int
+    samples: int
+    params: SamplingParams
+    seed: int
+    reward: Any
+    mode: str = "blend"
+
+    def open(self, pair: EvalPair):
+        """``(work, close)``: ``work(row, lams) -> records``, decoding up to every λ of the sweep at once."""
+        n_seq = self.n_lams * self.samples
+        decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * self.params.max_tokens)
+
+        def work(row, todo):
+            return generate_row(pair, decoder, row, todo, self.samples, self.params, self.seed, self.reward, self.mode)
+
+        return work, decoder.close
+
+
 def generate(
-    pair: EvalPair,
+    pair: Union[EvalPair, PairSpec],
     data,
     lams: Sequence[float],
     out_dir: Optional[str] = None,
@@ -142,44 +165,49 @@ def generate(
     limit: Optional[int] = None,
     progress: Optional[Progress] = None,
     mode: str = "blend",
+    ray=None,
+    workers: Optional[int] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> SweepResult:
     """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
 
     Args:
-        pair: the models (:class:`EvalPair`).
+        pair: the models: an open :class:`EvalPair`, or a :class:`PairSpec` (loaded here, or by
+            each Ray worker).
         data: a prompts.jsonl path or a :class:`Dataset` from :func:`read_rows`.
         out_dir: where samples.jsonl, summary.json/csv and sweep.png go (None: in memory);
             an earlier run there with the same settings is resumed.
         params: sampling settings (default: the paper's Zephyr settings).
         seed: every (row, λ, sample) draws from its own chain seeded from this.
-        reward: :class:`LengthReward` (eq. 10) or a callable ``f(prompt, response) -> float``.
+        reward: :class:`LengthReward` (eq. 10) or a callable ``f(prompt, response) -> float``
+            (with Ray, it is pickled to the workers).
         progress: called as ``progress(label, rows_done, rows_total)`` (the CLI draws a bar).
         mode: ``"blend"`` (DeRa) or ``"weights"`` (a LoRA pair's adapter at scale λ: the paper's
             weight-space approximation; one batch per λ).
+        ray, workers, log: shard rows over Ray workers, as in :func:`~dera_gguf.eval.score`.
     """
-    pair.check_mode(mode)
+    files = files_of(pair)
+    check_mode(mode, files)
     if not isinstance(data, Dataset):
         data = read_rows(data, "generate", limit)
     if samples < 1:
         raise DeRaError(f"samples must be at least 1, got {samples}")
-    n_seq = len(lams) * samples
-    decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * params.max_tokens)
     settings = {
         "command": "generate",
-        "reference": os.path.abspath(pair.ref_path),
-        "aligned": os.path.abspath(pair.aligned_path),
+        "reference": os.path.abspath(files.reference),
+        "aligned": os.path.abspath(files.aligned[0]),
         "sampling": params.as_dict(),
         "seed": seed,
         "samples": samples,
         "reward": describe_reward(reward),
         **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
-    work = lambda row, todo: generate_row(pair, decoder, row, todo, samples, params, seed, reward, mode)
-    try:
+    task = GenerateTask(len(lams), samples, params, seed, reward, mode)
+    with row_executor(pair, task, ray, workers, log) as execute:
         return run_sweep(
             data,
             [float(x) for x in lams],
-            work,
+            None,
             per_lam=samples,
             metrics=GENERATE_METRICS,
             results_name=SAMPLES_FILE,
@@ -187,6 +215,5 @@ def generate(
             settings=settings,
             progress=progress,
             label="generating",
+            execute=execute,
         )
-    finally:
-        decoder.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import llama_cpp
@@ -21,6 +22,65 @@ from ..models import PairFiles, PairModels, as_path_list
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """How to load an :class:`EvalPair`: its files and settings, loading nothing.
+
+    What a sweep hands to other processes (Ray workers), each of which opens its own pair.
+    """
+
+    reference_model_path: str
+    aligned_model_path: str
+    n_ctx: int = 4096
+    n_gpu_layers: int = 0
+    n_threads: Optional[int] = None
+    flash_attn: bool = False
+    verbose: bool = False
+
+    def files(self) -> PairFiles:
+        """The checked files (GGUF, same tokenizer, adapter or model), without loading weights."""
+        return PairFiles.check(self.reference_model_path, [self.aligned_model_path], self.verbose)
+
+    def open(self) -> "EvalPair":
+        return EvalPair(
+            self.reference_model_path,
+            self.aligned_model_path,
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self.n_gpu_layers,
+            n_threads=self.n_threads,
+            flash_attn=self.flash_attn,
+            verbose=self.verbose,
+        )
+
+
+def one_aligned(aligned_model_path: Union[PathLike, Sequence[PathLike]]) -> PathLike:
+    """The one aligned model of a sweep (a path, or a list of one path)."""
+    aligned = as_path_list(aligned_model_path)
+    if len(aligned) != 1:
+        raise DeRaError(
+            f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
+            "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)"
+        )
+    return aligned[0]
+
+
+def files_of(pair: Union["EvalPair", PairSpec]) -> PairFiles:
+    """The checked files of an open pair or of a spec (checked now, nothing loaded)."""
+    return pair.files() if isinstance(pair, PairSpec) else pair.files
+
+
+def check_mode(mode: str, files: PairFiles) -> str:
+    """``"blend"`` (DeRa) or ``"weights"`` (the adapter at scale λ: LoRA pairs only)."""
+    if mode not in ("blend", "weights"):
+        raise DeRaError(f"mode must be blend or weights, got {mode!r}")
+    if mode == "weights" and not files.is_adapter[0]:
+        raise DeRaError(
+            f"mode weights applies a LoRA adapter at scale lam, but {files.aligned[0]} is a full GGUF model "
+            "(interpolating two quantized GGUF files is not supported): use mode blend"
+        )
+    return mode
 
 
 class EvalPair:
@@ -45,16 +105,12 @@ class EvalPair:
         flash_attn: bool = False,
         verbose: bool = False,
     ):
-        aligned = as_path_list(aligned_model_path)
-        if len(aligned) != 1:
-            raise DeRaError(
-                f"a lam sweep blends one aligned model, got {len(aligned)}: give a single "
-                "--aligned model (to sweep one of a pair's models: --ref REF --aligned THAT_ONE)"
-            )
+        aligned = [one_aligned(aligned_model_path)]
         self.files = PairFiles.check(reference_model_path, aligned, verbose)
         self.ref_path, self.aligned_path = self.files.reference, self.files.aligned[0]
         self.is_adapter = self.files.is_adapter[0]
         self.n_ctx, self.n_threads, self.flash_attn, self.verbose = n_ctx, n_threads, flash_attn, verbose
+        self.n_gpu_layers = n_gpu_layers
         set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
         self._stack = contextlib.ExitStack()
         params = llama_cpp.llama_model_default_params()
@@ -64,16 +120,22 @@ class EvalPair:
         self.aligned_model = self.models.model(self.files.weights(0), "aligned model")
         self.n_vocab = self.ref_model.n_vocab()
 
+    @property
+    def spec(self) -> PairSpec:
+        """What another process needs to load this same pair (see :class:`PairSpec`)."""
+        return PairSpec(
+            self.ref_path,
+            self.aligned_path,
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self.n_gpu_layers,
+            n_threads=self.n_threads,
+            flash_attn=self.flash_attn,
+            verbose=self.verbose,
+        )
+
     def check_mode(self, mode: str) -> str:
         """``"blend"`` (DeRa) or ``"weights"`` (the adapter at scale λ: LoRA pairs only)."""
-        if mode not in ("blend", "weights"):
-            raise DeRaError(f"mode must be blend or weights, got {mode!r}")
-        if mode == "weights" and not self.is_adapter:
-            raise DeRaError(
-                f"mode weights applies a LoRA adapter at scale lam, but {self.aligned_path} is a full GGUF model "
-                "(interpolating two quantized GGUF files is not supported): use mode blend"
-            )
-        return mode
+        return check_mode(mode, self.files)
 
     def close(self) -> None:
         self._stack.close()

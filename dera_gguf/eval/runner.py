@@ -1,15 +1,17 @@
 """The loop both commands share: rows x λ with resume, progress, skipped rows, summaries.
 
-A command supplies ``work(row, lams) -> records`` for the λ values a row still lacks;
-this module decides what is left, writes results row by row, and writes the summary
-(json, csv, plot) at the end, and also when interrupted, from whatever was finished.
+A command supplies ``work(row, lams) -> records`` for the λ values a row still lacks
+(or an ``execute`` that runs many rows elsewhere: :mod:`.cluster`); this module decides
+what is left, writes results row by row as they arrive, and writes the summary (json,
+csv, plot) at the end, and also when interrupted, from whatever was finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .data import BadRow, Dataset, Row, RowProblem
 from .plot import plot_sweep
@@ -20,6 +22,49 @@ KEY_FIELDS = ("row", "lam", "sample")  # what identifies one result record
 
 # progress(label, rows_done, rows_total): called once before the first row and after every row.
 Progress = Callable[[str, int, int], None]
+Work = Callable[[Row, List[float]], List[Dict[str, Any]]]
+# One finished row: its records, or why it was skipped (a RowProblem's message).
+Outcome = Tuple[Row, List[Dict[str, Any]], Optional[str]]
+# execute(rows and the λ values each lacks) -> outcomes, in any order, as rows finish.
+Execute = Callable[[List[Tuple[Row, List[float]]]], Iterable[Outcome]]
+
+
+def serial(work: Work) -> Execute:
+    """Run ``work`` on the rows one after the other, in this process."""
+
+    def execute(todo: List[Tuple[Row, List[float]]]) -> Iterator[Outcome]:
+        for row, lams in todo:
+            try:
+                yield row, work(row, lams), None
+            except RowProblem as e:
+                yield row, [], str(e)
+
+    return execute
+
+
+@contextlib.contextmanager
+def row_executor(pair, task, ray=None, workers: Optional[int] = None, log: Optional[Callable[[str], None]] = None):
+    """How a command's rows run: ``task`` on ``pair`` here, or on Ray workers when ``ray`` is set.
+
+    ``pair`` is an open :class:`~.models.EvalPair` or a :class:`~.models.PairSpec` (opened here,
+    and closed at the end, when rows run in this process). ``task.open(pair)`` returns
+    ``(work, close)``; a Ray worker calls it on its own pair.
+    """
+    from .models import PairSpec
+
+    if ray is not None and ray is not False:
+        from .cluster import RayExecutor
+
+        spec = pair if isinstance(pair, PairSpec) else pair.spec
+        with RayExecutor(spec, task, address=ray, workers=workers, log=log) as execute:
+            yield execute
+        return
+    with contextlib.ExitStack() as stack:
+        if isinstance(pair, PairSpec):
+            pair = stack.enter_context(pair.open())
+        work, close = task.open(pair)
+        stack.callback(close)
+        yield serial(work)
 
 
 @dataclass
@@ -47,7 +92,7 @@ class SweepResult:
 def run_sweep(
     data: Dataset,
     lams: Sequence[float],
-    work: Callable[[Row, List[float]], List[Dict[str, Any]]],
+    work: Optional[Work],
     per_lam: int,
     metrics: Mapping[str, tuple],
     results_name: str,
@@ -55,30 +100,36 @@ def run_sweep(
     settings: Dict[str, Any],
     progress: Optional[Progress],
     label: str,
+    execute: Optional[Execute] = None,
 ) -> SweepResult:
-    """Run ``work`` on every row for the λ values it lacks; summarize all of them."""
+    """Run ``work`` (or ``execute``) on every row for the λ values it lacks; summarize all of them.
+
+    Results are written as rows finish, in whatever order ``execute`` yields them; the
+    summary does not depend on that order (exactly rounded sums).
+    """
+    execute = execute or serial(work)
     store = _open_store(out_dir, settings, results_name)
     result = SweepResult(summary=[], records=[], skipped=list(data.bad), out_dir=out_dir)
     todo = [(row, _missing(store, row, lams, per_lam)) for row in data.rows]
     result.reused = sum(len(lams) * per_lam - len(missing) * per_lam for _, missing in todo)
+    pending = [(row, missing) for row, missing in todo if missing]
     try:
         report = progress or (lambda label, done, total: None)
-        report(label, 0, len(todo))
-        for done, (row, missing) in enumerate(todo, start=1):
-            if missing:
-                try:
-                    records = work(row, missing)
-                except RowProblem as e:
-                    result.skipped.append(BadRow(row.line, str(e)))
-                    records = []
-                if store is not None:
-                    store.append(records)
-                else:
-                    result.records.extend(records)
-                result.computed += len(records)
+        done = len(todo) - len(pending)
+        report(label, done, len(todo))
+        for row, records, problem in execute(pending):
+            if problem is not None:
+                result.skipped.append(BadRow(row.line, problem))
+            if store is not None:
+                store.append(records)
+            else:
+                result.records.extend(records)
+            result.computed += len(records)
+            done += 1
             report(label, done, len(todo))
     finally:  # Ctrl-C too: summarize what is finished
         _finish(result, store, data, lams, metrics, out_dir)
+    result.skipped[len(data.bad) :] = sorted(result.skipped[len(data.bad) :], key=lambda b: b.line)
     return result
 
 
@@ -100,6 +151,10 @@ def _missing(store: Optional[ResultStore], row: Row, lams: Sequence[float], per_
 def _finish(result: SweepResult, store, data: Dataset, lams, metrics, out_dir) -> None:
     if store is not None:
         result.records = store.select(row.id for row in data.rows)
+    # data order and the lams' order, whatever order rows finished in
+    rows = {row.id: i for i, row in enumerate(data.rows)}
+    lam_order = {float(lam): i for i, lam in enumerate(lams)}
+    result.records.sort(key=lambda r: (rows.get(r["row"], len(rows)), lam_order.get(float(r["lam"]), -1), r["sample"]))
     result.summary = summarize(result.records, lams, metrics)
     if out_dir is not None and result.records:
         write_summary(out_dir, result.summary)

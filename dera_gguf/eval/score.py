@@ -9,15 +9,16 @@ Response tokens are the tokens of prompt + response after the prompt's own token
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..blend import sweep_stats
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
-from .models import EvalPair
-from .runner import Progress, SweepResult, run_sweep
+from .models import EvalPair, PairSpec, check_mode, files_of
+from .runner import Progress, SweepResult, row_executor, run_sweep
 from .summary import SCORE_METRICS
 
 RESULTS_FILE = "results.jsonl"
@@ -85,19 +86,35 @@ def score_row(
     ]
 
 
+@dataclass(frozen=True)
+class ScoreTask:
+    """What a process needs to score rows on its own pair (sent to Ray workers)."""
+
+    mode: str = "blend"
+
+    def open(self, pair: EvalPair):
+        """``(work, close)``: ``work(row, lams) -> records`` on ``pair``'s contexts."""
+        decoder = ParallelSequences(pair, n_seq=1)
+        return (lambda row, todo: score_row(pair, decoder, row, todo, self.mode)), decoder.close
+
+
 def score(
-    pair: EvalPair,
+    pair: Union[EvalPair, PairSpec],
     data,
     lams: Sequence[float],
     out_dir: Optional[str] = None,
     limit: Optional[int] = None,
     progress: Optional[Progress] = None,
     mode: str = "blend",
+    ray=None,
+    workers: Optional[int] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> SweepResult:
     """Score preference data at every λ.
 
     Args:
-        pair: the models (:class:`EvalPair`).
+        pair: the models: an open :class:`EvalPair`, or a :class:`PairSpec` (loaded here, or by
+            each Ray worker).
         data: a prefs.jsonl path or a :class:`Dataset` from :func:`read_rows`.
         lams: the λ values to sweep.
         out_dir: where results.jsonl, summary.json/csv and sweep.png go (None: keep in memory).
@@ -106,22 +123,27 @@ def score(
         progress: called as ``progress(label, rows_done, rows_total)`` (the CLI draws a bar).
         mode: ``"blend"`` (DeRa) or ``"weights"`` (a LoRA pair's adapter at scale λ, one forward
             pass per λ: the paper's weight-space approximation).
+        ray: shard rows over Ray workers: ``"local"`` (or True) starts a local Ray runtime (or uses
+            the one this process already joined), ``"auto"`` / ``"ray://host:port"`` joins a cluster;
+            a :class:`~dera_gguf.eval.cluster.RayOptions` sets more. None: this process.
+        workers: Ray workers (default: one per GPU when offloading, else CPUs / threads per worker).
+        log: called with a line per worker as it loads its pair (Ray only).
     """
-    pair.check_mode(mode)
+    files = files_of(pair)
+    check_mode(mode, files)
     if not isinstance(data, Dataset):
         data = read_rows(data, "score", limit)
-    decoder = ParallelSequences(pair, n_seq=1)
     settings = {
         "command": "score",
-        "reference": os.path.abspath(pair.ref_path),
-        "aligned": os.path.abspath(pair.aligned_path),
+        "reference": os.path.abspath(files.reference),
+        "aligned": os.path.abspath(files.aligned[0]),
         **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
-    try:
+    with row_executor(pair, ScoreTask(mode), ray, workers, log) as execute:
         return run_sweep(
             data,
             [float(x) for x in lams],
-            lambda row, todo: score_row(pair, decoder, row, todo, mode),
+            None,
             per_lam=1,
             metrics=SCORE_METRICS,
             results_name=RESULTS_FILE,
@@ -129,6 +151,5 @@ def score(
             settings=settings,
             progress=progress,
             label="scoring",
+            execute=execute,
         )
-    finally:
-        decoder.close()
