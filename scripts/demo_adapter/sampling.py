@@ -62,9 +62,20 @@ def read_cache(path: Path) -> list[dict]:
 
 
 def sample_prompts(
-    llm, prompts: list[dict], n_samples: int, settings: SamplerSettings, cache: Path, base_seed: int, prompt_tokens_fn
+    llm,
+    prompts: list[dict],
+    n_samples: int,
+    settings: SamplerSettings,
+    cache: Path,
+    base_seed: int,
+    prompt_tokens_fn,
+    max_samples: int | None = None,
 ) -> list[dict]:
-    """Fill ``cache`` with ``n_samples`` responses per prompt, skipping what it holds."""
+    """Fill ``cache`` with ``n_samples`` responses per prompt, skipping what it holds.
+
+    ``max_samples`` stops once the cache holds that many samples in all (the shipped
+    adapter's run was stopped after 391, partway through its 98th prompt).
+    """
     rows = read_cache(cache)
     done = {(r["id"], r["k"]) for r in rows}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +83,8 @@ def sample_prompts(
     with open(cache, "a", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             todo = [k for k in range(n_samples) if (prompt["id"], k) not in done]
+            if max_samples is not None:
+                todo = todo[: max(max_samples - len(rows), 0)]
             if not todo:
                 continue
             ptoks = prompt_tokens_fn(prompt["prompt"])
