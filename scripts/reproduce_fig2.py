@@ -23,6 +23,7 @@ results under OUT (one folder per generation run, cross_kl/), so re-running with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -45,8 +46,10 @@ from tqdm import tqdm  # noqa: E402
 
 from dera_gguf.eval import EvalPair, LengthReward, SamplingParams, generate  # noqa: E402
 from dera_gguf.eval.data import read_rows  # noqa: E402
+from dera_gguf.eval.store import atomic_write  # noqa: E402
 
 N_CTX = 1024  # the held-out chat prompts are under 60 tokens; responses at most 128
+LENGTH_RANGE = (20, 60)  # the demo adapters' length reward (eq. 10), as their cards say
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,14 @@ def progress_bar(desc: str):
     return report_progress
 
 
+def sampling_params(args) -> SamplingParams:
+    """The paper's sampling settings (its Zephyr ones: temperature 0.7, top-k 50, top-p 0.95)."""
+    return SamplingParams(temperature=0.7, top_k=50, top_p=0.95, max_tokens=args.max_tokens)
+
+
 def generate_all(runs: List[Run], data, args) -> Dict[str, Dict[float, list]]:
     """Every run's samples, as ``samples[method][lam]``; lam 1 of every method is DeRa's lam 1."""
-    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.95, max_tokens=args.max_tokens)
+    params = sampling_params(args)
     samples: Dict[str, Dict[float, list]] = {m: {} for m in report.METHODS}
     for run in runs:
         with run.make_pair() as pair:
@@ -108,7 +116,7 @@ def generate_all(runs: List[Run], data, args) -> Dict[str, Dict[float, list]]:
                 out_dir=os.path.join(args.out, run.name),
                 params=params,
                 seed=run_seed(args.seed, run),
-                reward=LengthReward(20, 60),
+                reward=LengthReward(*LENGTH_RANGE),
                 samples=args.samples,
                 progress=progress_bar(f"{run.name:>20}"),
                 mode=run.mode,
@@ -143,6 +151,34 @@ def cross_kl_all(models: Models, samples, lams, args) -> Dict[float, list]:
     return cross
 
 
+def run_settings(args, models: Models, n_prompts: int) -> Dict[str, object]:
+    """What summary.json says about the run."""
+    return {
+        "prompts": n_prompts,
+        "samples_per_prompt": args.samples,
+        "retrained_samples_per_prompt_in_kl_ruler": min(args.cross_samples, args.samples),
+        "sampling": sampling_params(args).as_dict(),
+        "reward": "length[{},{}]".format(*LENGTH_RANGE),
+        "seed": args.seed,
+        "models": {
+            "reference": models.reference,
+            "adapter": models.adapter,
+            "retrained": {str(k): v for k, v in models.retrained.items()},
+        },
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+
+
+def record_time(out_dir: str, seconds: float) -> Dict[str, object]:
+    """Add this call's wall time to OUT/timing.json (a resumed run's total is the sum of its calls)."""
+    path = os.path.join(out_dir, "timing.json")
+    timing = json.loads(Path(path).read_text()) if os.path.exists(path) else {"calls": []}
+    timing["calls"].append({"ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds)})
+    timing["total_seconds"] = sum(c["seconds"] for c in timing["calls"])
+    atomic_write(path, json.dumps(timing, indent=2) + "\n")
+    return timing
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -172,28 +208,17 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     samples = generate_all(plan_runs(models, lams, args.threads), data, args)
     cross = cross_kl_all(models, samples, lams, args)
-    summary = report.summarize(samples, cross, lams, BASE_BETA, args.max_tokens)
-    summary["settings"] = {
-        "prompts": len(data.rows),
-        "samples_per_prompt": args.samples,
-        "retrained_samples_per_prompt_in_kl_ruler": min(args.cross_samples, args.samples),
-        "sampling": {"temperature": 0.7, "top_k": 50, "top_p": 0.95, "max_tokens": args.max_tokens},
-        "reward": "length[20,60]",
-        "seed": args.seed,
-        "models": {
-            "reference": models.reference,
-            "adapter": models.adapter,
-            "retrained": {str(k): v for k, v in models.retrained.items()},
-        },
-        "seconds_this_call": round(time.perf_counter() - start),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-    }
+    summary = report.summarize(samples, cross, lams, BASE_BETA, args.max_tokens, LENGTH_RANGE)
+    summary["settings"] = run_settings(args, models, len(data.rows))
+    summary["timing"] = record_time(args.out, time.perf_counter() - start)
     report.write_outputs(args.out, summary)
     plot_fig2(
         summary, os.path.join(args.out, "fig2.png"), f"{len(data.rows)} held-out prompts × {args.samples} samples"
     )
     print(report.markdown_table(summary))
-    print(f"\n{args.out}/summary.json, summary.csv, fig2.png  ({summary['settings']['seconds_this_call']} s)")
+    timing = summary["timing"]
+    seconds, total = timing["calls"][-1]["seconds"], timing["total_seconds"]
+    print(f"\n{args.out}/summary.json, summary.csv, fig2.png  ({seconds} s; all calls of this run {total} s)")
 
 
 if __name__ == "__main__":

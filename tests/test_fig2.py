@@ -20,8 +20,12 @@ from dera_gguf.eval.batch import ParallelSequences  # noqa: E402
 from dera_gguf.registry import load_registry  # noqa: E402
 
 PROMPT = "please write about the rain"
-DATA = Path(__file__).resolve().parents[1] / "dera_gguf" / "data"
-RETRAINED = {"smollm2-demo-beta0.2": 0.2, "smollm2-demo-beta0.05": 0.05}
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "dera_gguf" / "data"  # what the checkout ships
+RETRAINED = {
+    "smollm2-demo-beta0.2": ("smollm2-demo-dpo-lora-beta0.2.gguf", 0.2),
+    "smollm2-demo-beta0.05": ("smollm2-demo-dpo-lora-beta0.05.gguf", 0.05),
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +90,20 @@ def test_cross_kl_equals_numpy_over_plain_llama_logits(ref_path, adapter_path, r
 
 @pytest.mark.parametrize("name", sorted(RETRAINED))
 def test_shipped_retrained_adapters_load_on_smollm2_and_change_it(smollm2_path, name):
-    ref, (adapter,) = load_registry().get(name).resolve()
-    assert Path(ref) == Path(smollm2_path)
-    assert Path(adapter).parent == DATA and Path(adapter).stat().st_size <= 8 * 2**20
-    assert load_registry().get(name).beta == RETRAINED[name]
+    file, beta = RETRAINED[name]
+    registry = load_registry(ROOT / "models.toml")
+    pair = registry.get(name)
+    assert pair.beta == beta and pair.reference.spec == registry.get("smollm2-demo").reference.spec
+    assert pair.aligned[0].spec["package"] == "dera_gguf" and pair.aligned[0].spec["file"] == f"data/{file}"
+    adapter = DATA / file
+    assert adapter.stat().st_size <= 8 * 2**20
     kw = dict(model_path=str(smollm2_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     text = b"<|im_start|>user\nExplain what a rainbow is.<|im_end|>\n<|im_start|>assistant\n"
     logits = {}
     for key, extra in {
         "base": {},
         "beta0.1": {"lora_path": str(DATA / "smollm2-demo-dpo-lora.gguf")},
-        "retrained": {"lora_path": adapter},
+        "retrained": {"lora_path": str(adapter)},
     }.items():
         llm = llama_cpp.Llama(**kw, **extra)
         llm.eval(llm.tokenize(text, add_bos=False, special=True))

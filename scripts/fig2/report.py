@@ -7,7 +7,7 @@ import io
 import json
 import os
 import statistics
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from fig2.crosskl import KL_FIELDS
 
@@ -43,6 +43,7 @@ def cell(
     samples: Sequence[Dict[str, Any]],
     cross: Sequence[Dict[str, Any]],
     max_tokens: int,
+    length_range: Tuple[int, int],
 ) -> Dict[str, Any]:
     """Reward, length and KL to the reference of one method at one lam, and its KL to the retrained model.
 
@@ -54,7 +55,11 @@ def cell(
     with_stderr(entry, "mean_reward", [r["reward"] for r in samples])
     with_stderr(entry, "mean_length_tokens", lengths)
     entry["median_length_tokens"] = statistics.median(lengths) if lengths else None
-    entry["share_cut_at_max_tokens"] = sum(r["finish_reason"] == "length" for r in samples) / max(len(samples), 1)
+    n, (l_min, l_max) = max(len(samples), 1), length_range
+    entry["share_below_range"] = sum(x < l_min for x in lengths) / n
+    entry["share_in_range"] = sum(l_min <= x <= l_max for x in lengths) / n
+    entry["share_above_range"] = sum(x > l_max for x in lengths) / n
+    entry["share_cut_at_max_tokens"] = sum(r["finish_reason"] == "length" for r in samples) / n
     with_stderr(entry, "mean_kl_to_reference", [r["kl_mean"] for r in samples])
     forward, reverse = METHOD_KL.get(method, (None, None))
     if lam == 1 or method == "retrained":
@@ -83,10 +88,11 @@ def summarize(
     lams: Sequence[float],
     beta: float,
     max_tokens: int,
+    length_range: Tuple[int, int],
 ) -> Dict[str, Any]:
     """``samples[method][lam]``: generate records; ``cross[lam]``: the ruler's records."""
     cells = [
-        cell(m, lam, beta, samples[m][lam], cross.get(lam, []), max_tokens)
+        cell(m, lam, beta, samples[m][lam], cross.get(lam, []), max_tokens, length_range)
         for lam in lams
         for m in METHODS
         if samples[m].get(lam)
@@ -112,7 +118,7 @@ def markdown_table(summary: Dict[str, Any]) -> str:
     """The README table: one line per lam and method."""
     ruler = {e["lam"]: e for e in summary["ruler"]}
     lines = [
-        "| λ (KL strength) | method | mean reward (eq. 10) | mean length (tokens) | cut at max | "
+        "| λ (β/λ) | method | mean reward (eq. 10) | mean length (tokens) | below / in / above the range | "
         "KL to reference | KL(retrained ‖ method) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -125,7 +131,8 @@ def markdown_table(summary: Dict[str, Any]) -> str:
         lines.append(
             f"| {c['lam']:g} ({c['kl_strength']:g}) | {c['method']} | {c['mean_reward']:.3f} ± "
             f"{c['mean_reward_stderr']:.3f} | {c['mean_length_tokens']:.1f} ± {c['mean_length_tokens_stderr']:.1f} | "
-            f"{c['share_cut_at_max_tokens']:.2f} | {c['mean_kl_to_reference']:.3f} | {kl_r} |"
+            f"{c['share_below_range']:.2f} / {c['share_in_range']:.2f} / {c['share_above_range']:.2f} | "
+            f"{c['mean_kl_to_reference']:.3f} | {kl_r} |"
         )
     for lam, e in ruler.items():
         lines.append(
