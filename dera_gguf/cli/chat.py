@@ -24,7 +24,7 @@ import click
 
 from ..errors import ContextFullError, DeRaError
 from .chat_session import Answer, ChatSession, Sampling, format_lam
-from .common import choose_models, initial_lam, model_options, new_engine, parse_lams, reports_errors
+from .common import choose_models, initial_lam, mode_option, model_options, new_engine, parse_lams, reports_errors
 
 PROMPT = "you> "
 QUIT = object()
@@ -39,14 +39,7 @@ QUIT = object()
     help="Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
     "several aligned models.  [default: the pair's lam, else 1.0]",
 )
-@click.option(
-    "--mode",
-    type=click.Choice(["blend", "weights"]),
-    default="blend",
-    show_default=True,
-    help="blend: DeRa, the models' logits blended. weights: LoRA-aligned pairs only, the adapter applied on the "
-    "reference at scale lam, one forward pass (an approximation of DeRa: the paper's weight-space alternative).",
-)
+@mode_option()
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")

@@ -109,6 +109,19 @@ def initial_lam(lams: Optional[List[float]], pair: Optional[Pair], n_aligned: in
     return normalize_lam(lams, n_aligned)
 
 
+def mode_option(note: str = "") -> Callable:
+    """``--mode blend|weights``, the same in every command (``note``: what it means there)."""
+    return click.option(
+        "--mode",
+        type=click.Choice(["blend", "weights"]),
+        default="blend",
+        show_default=True,
+        help="blend: DeRa, the models' logits blended. weights: LoRA-aligned pairs only, the adapter applied on "
+        "the reference at scale lam, one forward pass (an approximation of DeRa: the paper's weight-space "
+        "alternative). " + note,
+    )
+
+
 def reports_errors(fn: Callable) -> Callable:
     """Turn DeRaError (and a missing file) into click's one-line error and exit status 1."""
 

@@ -15,7 +15,7 @@ import sys
 import click
 
 from ..errors import DeRaError
-from .common import choose_pair, model_options, parse_lams, reports_errors
+from .common import choose_pair, mode_option, model_options, parse_lams, reports_errors
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
 
@@ -39,14 +39,7 @@ def sweep_options(fn):
             help="Direction of --metric (default: the metric's natural one).",
         ),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
-        click.option(
-            "--mode",
-            type=click.Choice(["blend", "weights"]),
-            default="blend",
-            show_default=True,
-            help="blend: DeRa. weights: a LoRA pair's adapter at scale λ on the reference (the paper's "
-            "weight-space approximation; one forward pass per λ).",
-        ),
+        mode_option("In weights mode each λ costs a forward pass of its own."),
         click.option(
             "--ray",
             "ray",

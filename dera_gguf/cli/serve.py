@@ -18,7 +18,7 @@ import click
 
 from ..errors import DeRaError
 from .chat_session import Sampling, format_lam
-from .common import choose_models, initial_lam, model_options, new_engine, parse_lams, reports_errors
+from .common import choose_models, initial_lam, mode_option, model_options, new_engine, parse_lams, reports_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,14 +31,7 @@ from .common import choose_models, initial_lam, model_options, new_engine, parse
     help="Default lam of every served pair (a comma list for several aligned models)  "
     "[default: each pair's lam in models.toml, else 1.0].",
 )
-@click.option(
-    "--mode",
-    type=click.Choice(["blend", "weights"]),
-    default="blend",
-    show_default=True,
-    help="Default mode of every pair (a request's 'mode' wins): blend is DeRa; weights applies a LoRA pair's "
-    "adapter at scale lam on the reference, one forward pass (an approximation).",
-)
+@mode_option("Every pair's default; a request's 'mode' wins.")
 @click.option(
     "--lam-presets",
     default="0,0.5,1,1.5,2",
