@@ -73,7 +73,9 @@ def model_options(
             show_default=True,
             help="Layers to offload to the GPU (-1: all, when the llama.cpp build has a GPU).",
         ),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: llama.cpp's)."),
+        click.option(
+            "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the physical cores)."
+        ),
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]

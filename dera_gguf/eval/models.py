@@ -19,6 +19,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from ..contexts import Context
 from ..errors import DeRaError
 from ..models import PairFiles, PairModels, as_path_list
+from ..threads import physical_cores
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
 PathLike = Union[str, "os.PathLike[str]"]
@@ -203,8 +204,7 @@ class EvalPair:
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        # llama_cpp.Llama's defaults (llama.cpp's own, 4 threads, oversubscribes small machines)
-        cores = os.cpu_count() or 1
-        params.n_threads = self.n_threads or max(cores // 2, 1)
-        params.n_threads_batch = self.n_threads or cores
+        # as DeRaLlama: the physical cores (llama.cpp's own default, 4 threads, oversubscribes small machines)
+        params.n_threads = self.n_threads or physical_cores()
+        params.n_threads_batch = self.n_threads or (os.cpu_count() or 1)
         return [self.models.context(member, params, params.n_batch, n_seq) for member in (0, 1)]
