@@ -34,9 +34,14 @@ HISTORY_BUDGET = 160
 # Two blended logits closer than this may swap places between float32 (engine) and float64
 # (reference) arithmetic or between batch shapes; answers through such a near-tie are not compared.
 NEAR_TIE = 1e-3
+# Prefix reuse and n_batch=4 decode a prompt in other batch shapes than the reference's one batch,
+# and llama.cpp's CPU kernels round differently per batch shape: the last prompt row's log-probs
+# differed by up to 3.1e-4 (LoRA pair, n_batch=4, lam=1, where the engine leaves llama.cpp's logits
+# untouched). 1e-3 still catches a wrong lam or blend; offloaded, LOGPROB_ATOL.
+LOGPROB_ATOL = R.backend_atol(1e-3)
 
-# lam values that leave some model with weight 0 (only some contexts decode, issue 10) are drawn
-# as often as those where every model decodes.
+# lam values that leave some model with weight 0 (only some contexts decode: issue 10) and
+# those where every model decodes.
 SINGLE_LAMS = {"some weight 0": [0.0, 1.0], "all decode": [0.7, 2.0, -0.5, 0.3, 1.5]}
 PAIR_LAMS = {
     "some weight 0": [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.5, 0.5), (2.0, 0.0), (0.0, -1.0)],
@@ -144,7 +149,7 @@ def check_answer(
     if logprobs is not None:
         # llama-cpp-python leaves completion tokens equal to BOS out of the log-probs
         wanted = [expected.logprob(i) for i, t in enumerate(body[:n]) if t != ref.bos]
-        assert logprobs == pytest.approx(wanted, abs=R.LOGPROB_ATOL)
+        assert logprobs == pytest.approx(wanted, abs=LOGPROB_ATOL)
 
 
 def lam_of(llm: DeRaLlama, lam):
@@ -358,10 +363,10 @@ class CallSequence(RuleBasedStateMachine):
 
 
 def machine_for(lams: dict):
-    """The rules of CallSequence, with lam drawn from each group of ``lams`` alike, or None (the default)."""
-    groups = [st.sampled_from(group) for group in lams.values()]
-    some_lam = st.one_of(*groups)
-    lam = st.one_of(st.none(), *groups)
+    """The rules of CallSequence; lam is drawn from ``lams`` (its two groups) or None (the default)."""
+    some_weight_0, all_decode = (st.sampled_from(group) for group in lams.values())
+    some_lam = st.one_of(some_weight_0, all_decode)
+    lam = st.one_of(st.none(), some_weight_0, some_weight_0, all_decode)  # None: 1/4, weight 0 somewhere: 1/2
     words = st.lists(st.sampled_from(WORDS), min_size=1, max_size=4)
     change = st.sampled_from(CHANGES)
 
@@ -430,8 +435,8 @@ def test_random_call_sequences_stay_exact(paths, name):
     run_state_machine_as_test(
         new_machine,
         settings=settings(
-            max_examples=30,
-            stateful_step_count=12,
+            max_examples=25,
+            stateful_step_count=16,
             deadline=None,
             derandomize=True,
             database=None,
