@@ -250,6 +250,8 @@ class Engine:
         return (0.5, 0.5) if len(self.aligned) == 2 else 1.0
 
 
+# With logits_all the engine before the fix re-evaluated the whole prompt whenever lam changed, so
+# issue 10 showed only in the configurations without it (the fix removed that re-evaluation).
 ENGINES = {
     "full-logits": Engine(("aligned",), logits_all=True),
     "full-batch4": Engine(("aligned",), small_batch=True),
@@ -425,6 +427,7 @@ def engine_for(paths: dict, aligned: Sequence[str], lam, logits_all=False, small
 
 @pytest.mark.parametrize("name", list(ENGINES))
 def test_random_call_sequences_stay_exact(paths, name):
+    """A fresh engine per example, then up to 16 calls; derandomized, so CI runs the same sequences."""
     engine = ENGINES[name]
     ref = reference_for(paths, engine.aligned)
     Machine = machine_for(engine.lams)
@@ -451,6 +454,11 @@ def test_random_call_sequences_stay_exact(paths, name):
 HELLO = [{"role": "user", "content": "hello world"}]
 
 
+def grow(messages: list, answer: str, text: str = "the") -> list:
+    """The next turn of a chat: the answer, then a new user message."""
+    return messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": text}]
+
+
 @pytest.mark.parametrize("aligned", ["aligned", "adapter"])
 def test_issue_10_chat_at_lam_0_then_grown_chat_at_lam_2(paths, aligned):
     """Issue 10 as reported: at lam 0 only the reference decodes, then a grown chat needs both contexts."""
@@ -458,5 +466,44 @@ def test_issue_10_chat_at_lam_0_then_grown_chat_at_lam_2(paths, aligned):
     ref = reference_for(paths, [aligned])
     chat_checked(llm, ref, HELLO, 0.7, max_tokens=12)
     a0 = chat_checked(llm, ref, HELLO, 0.0, max_tokens=12)
-    grown = HELLO + [{"role": "assistant", "content": a0}, {"role": "user", "content": "the sea story"}]
-    chat_checked(llm, ref, grown, 2.0, max_tokens=12)
+    chat_checked(llm, ref, grow(HELLO, a0, "the sea story"), 2.0, max_tokens=12)
+
+
+@pytest.mark.parametrize("aligned,small_batch", [("aligned", True), ("adapter", False)])
+def test_turn_repeated_at_lam_0_then_next_turn(paths, aligned, small_batch):
+    """Found by the state machine (full pair with n_batch=4; LoRA pair): turns at the default lam 1,
+    the last one answered again at lam 0, then the next turn at lam 1 (llama_decode returned -1)."""
+    llm = engine_for(paths, [aligned], 1.0, small_batch=small_batch)
+    ref = reference_for(paths, [aligned])
+    messages, answer = HELLO, ""
+    for _ in range(3):
+        messages = grow(messages, answer)
+        answer = chat_checked(llm, ref, messages, None)
+    chat_checked(llm, ref, messages, None)
+    answer = chat_checked(llm, ref, messages, 0.0)
+    chat_checked(llm, ref, grow(messages, answer), None)
+
+
+def test_turn_repeated_with_first_aligned_at_weight_0_then_next_turn(paths):
+    """Found by the state machine (two aligned models, n_batch=4): lam (0, 1) leaves the first aligned
+    model, whose context llama-cpp-python trims, out of one answer (llama_decode returned -1 next turn)."""
+    llm = engine_for(paths, ["aligned", "aligned2"], (0.5, 0.5), small_batch=True)
+    ref = reference_for(paths, ["aligned", "aligned2"])
+    messages = grow(HELLO, "")
+    chat_checked(llm, ref, messages, None)
+    answer = chat_checked(llm, ref, messages, (0.0, 1.0))
+    chat_checked(llm, ref, grow(messages, answer), None)
+
+
+def test_stream_dropped_at_lam_0_then_next_turn(paths):
+    """Found by the state machine (full pair, n_batch=4): generate at lam 1, a chat stream at lam 0
+    dropped after its first chunk, then the next turn at lam 1 (llama_decode returned -1)."""
+    llm = engine_for(paths, ["aligned"], 0.0, small_batch=True)
+    ref = reference_for(paths, ["aligned"])
+    llm.lam = 1.0
+    the = [{"role": "user", "content": "the"}]
+    prompt = ref.chat_tokens(the)
+    answer = ref.text(generate_checked(llm, ref, prompt, 1), prompt)
+    stream = llm.create_chat_completion(the, lam=0.0, max_tokens=MAX_TOKENS, temperature=0.0, stream=True)
+    drop_stream_after(stream, 1)
+    chat_checked(llm, ref, grow(the, answer), None)
