@@ -152,16 +152,15 @@ class Context:
                 f"holds {len(self._written)} (n_ctx): use a larger n_ctx or a shorter text"
             )
 
-    def decode_run(self, tokens: Sequence[int], start: int, all_outputs: bool) -> None:
-        """Decode ``tokens`` at positions start.. of sequence 0; logits for all or for the last only."""
+    def decode_run(self, tokens: Sequence[int], start: int, n_out: int) -> None:
+        """Decode ``tokens`` at positions start.. of sequence 0, with logits for the last ``n_out``."""
         n = len(tokens)
-        outputs = [all_outputs or i == n - 1 for i in range(n)]
-        self.decode(tokens, range(start, start + n), [0] * n, outputs)
+        self.decode(tokens, range(start, start + n), [0] * n, [i >= n - n_out for i in range(n)])
 
     def catch_up(self, tokens: np.ndarray, n_batch: int) -> None:
         """Make sequence 0 hold exactly ``tokens``: keep the held prefix, decode the rest (no logits kept)."""
         for start in range(self.keep_prefix(tokens), len(tokens), n_batch):
-            self.decode_run(tokens[start : start + n_batch], start, all_outputs=False)
+            self.decode_run(tokens[start : start + n_batch], start, 1)
 
     def rows(self, n_rows: int) -> np.ndarray:
         """The last ``n_rows`` output rows of the latest decode, as a writable view of llama.cpp's buffer."""
@@ -186,28 +185,36 @@ class Lockstep:
         self.threads = threads
 
     def eval(
-        self, prefix: np.ndarray, tokens: Sequence[int], weights: Sequence[float], scores: Optional[np.ndarray] = None
+        self,
+        prefix: np.ndarray,
+        tokens: Sequence[int],
+        weights: Sequence[float],
+        scores: Optional[np.ndarray] = None,
+        n_rows: int = 1,
     ) -> Context:
         """Decode ``tokens`` after ``prefix`` in every context with a non-zero weight.
 
-        Writes the blended logits of the last token (of every token when ``scores``, the
-        ``(len(tokens), n_vocab)`` destination rows, is given) into the logits buffer of
-        the first active context, and returns that context (the one to sample from).
+        Writes the blended logits of the last ``n_rows`` tokens (of every token when
+        ``scores``, the ``(len(tokens), n_vocab)`` destination rows, is given) into the
+        logits buffer of the first active context, and returns that context (the one to
+        sample from). The last ``n_rows`` tokens must fit one batch of ``n_batch``.
         """
         active = [(c, w) for c, w in zip(self.contexts, weights) if w != 0.0]
         contexts = [c for c, _ in active]
         behind = [c for c in contexts if c.keep_prefix(prefix) < len(prefix)]
         self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
-        logits_all = scores is not None
+        first_row = 0 if scores is not None else len(tokens) - n_rows
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start : start + self.n_batch])
+            end = start + len(chunk)
+            n_out = max(1, end - max(first_row, start))
             self.threads.run(
-                contexts, lambda c, chunk=chunk, at=len(prefix) + start: c.decode_run(chunk, at, logits_all)
+                contexts, lambda c, chunk=chunk, at=len(prefix) + start, k=n_out: c.decode_run(chunk, at, k)
             )
-            if logits_all or start + self.n_batch >= len(tokens):
-                rows = _blend_rows(active, len(chunk) if logits_all else 1)
-                if logits_all:
-                    scores[start : start + len(chunk)] = rows
+            if end > first_row:
+                rows = _blend_rows(active, n_out)
+                if scores is not None:
+                    scores[end - n_out : end] = rows
         return active[0][0]
 
 

@@ -32,8 +32,10 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+from llama_cpp.llama_speculative import LlamaDraftModel
 
 from . import checks
+from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
 from .contexts import Context, Lockstep
 from .errors import ContextFullError, DecodeError, DeRaError
@@ -45,7 +47,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 # Llama arguments that would break the lockstep or make no sense for a pair.
 _REFUSED_KWARGS = {
     "model_path": "give the models as reference_model_path and aligned_model_path",
-    "draft_model": "speculative decoding is not supported with DeRa",
     "embedding": "DeRa blends next-token logits; use a plain llama_cpp.Llama for embeddings",
     "lora_path": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
     "lora_base": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
@@ -89,6 +90,12 @@ class DeRaLlama(Llama):
         concurrent: decode the contexts at the same time, each on its share of ``n_threads``
             (None: on a CPU with 2 threads or more; not when offloaded to a GPU). The logits
             are the same either way.
+        speculative: draft tokens and verify them in one batch per model: ``"lookup"`` (copies
+            of earlier text: edits, quotes, code), ``"model"`` (greedy drafts from the pair's
+            model with the largest weight) or a llama_cpp ``LlamaDraftModel`` (``draft_model=``
+            means the same); None: off. Outputs stay those of decoding without drafts, seed for
+            seed, as far as llama.cpp's logits do not depend on the batch shape
+            (:mod:`dera_gguf.speculative`). Drafting pauses while drafts keep failing.
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
             that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the
@@ -102,15 +109,18 @@ class DeRaLlama(Llama):
         lam: Lam = 1.0,
         mode: str = "blend",
         concurrent: Optional[bool] = None,
+        speculative: Union[None, str, LlamaDraftModel] = None,
         **llama_kwargs: Any,
     ):
         _check_llama_kwargs(llama_kwargs)
+        draft_model = llama_kwargs.pop("draft_model", None)  # llama-cpp-python's name for the same thing
+        speculative = spec.check_kind(speculative if speculative is not None else draft_model)
         files = PairFiles.check(
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )
         self._files = files
         self._realign = Realign(mixing_weights(lam, len(files.aligned)), self._check_mode(mode))
-        self._init_args = (files.reference, list(files.aligned), mode, concurrent, dict(llama_kwargs))
+        self._init_args = (files.reference, list(files.aligned), mode, concurrent, speculative, dict(llama_kwargs))
         llama_kwargs = {**llama_kwargs}
         if llama_kwargs.get("n_threads") is None:  # llama-cpp-python's default is half the logical CPUs
             llama_kwargs["n_threads"] = physical_cores()
@@ -125,6 +135,8 @@ class DeRaLlama(Llama):
         self._eval_realign: Optional[Realign] = None  # what made the logits buffers and scores
         self._lockstep = Lockstep(self._open_contexts(files), self.n_batch, self._thread_plan(concurrent))
         self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
+        # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
+        self.draft_model = self._speculation(speculative)
 
     @classmethod
     def from_pair(
@@ -184,6 +196,31 @@ class DeRaLlama(Llama):
         self._own_adapters = tuple((a, self.lora_scale) for a in adapter.values())  # its adapter in blend mode
         own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch, self._own_adapters)
         return [make(0), own] + [make(m) for m in range(2, len(files.aligned) + 1)]
+
+    def _speculation(self, speculative: Any) -> Optional[spec.Speculation]:
+        if speculative is None:
+            return None
+        if speculative == "lookup":
+            source = spec.NgramLookup()
+        elif speculative == "model":
+            source = spec.ModelDraft(self._drafting_context, self._draft_on, self.n_batch)
+        else:
+            source = spec.from_draft_model(speculative)
+        return spec.Speculation(source, limit=self.n_batch - 1)
+
+    def _drafting_context(self) -> Optional[Context]:
+        """The model that drafts in ``speculative="model"``: the one with the largest weight (blend mode only)."""
+        if self._realign.mode != "blend":
+            return None
+        return spec.largest_weight(self._lockstep.contexts, self._realign.weights)
+
+    def _draft_on(self, context: Context, work) -> None:
+        self._lockstep.threads.run([context], work)
+
+    @property
+    def speculation_stats(self) -> Optional[spec.SpeculationStats]:
+        """Drafted and accepted token counts so far (None without ``speculative``)."""
+        return self.draft_model.stats if self.draft_model is not None else None
 
     # ------------------------------------------------------------ lam, mode
 
@@ -309,6 +346,8 @@ class DeRaLlama(Llama):
         may have changed; replaying one token costs one decode and is always exact.
         """
         self._requires_eval = True
+        if self.draft_model is not None:
+            self.draft_model.restart()
         if self._logits_all and self._eval_realign != self._realign:
             self.reset()  # the score rows of the cached prefix hold another blend: recompute them
         return (yield from super().generate(tokens, *args, **kwargs))
@@ -327,7 +366,9 @@ class DeRaLlama(Llama):
             )
         scores = self.scores[start : start + n] if self._logits_all else None
         weights = self._prepare_contexts()
-        self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores)
+        drafted = self.draft_model.take_pending() if self.draft_model is not None else 0
+        rows = min(n, 1 + drafted)  # generate() samples every drafted row
+        self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores, rows)
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False
@@ -373,13 +414,14 @@ class DeRaLlama(Llama):
         raise DeRaError("load_state would restore one of the DeRa contexts only; it is not supported")
 
     def __getstate__(self):
-        ref, aligned, mode, concurrent, kwargs = self._init_args
+        ref, aligned, mode, concurrent, speculative, kwargs = self._init_args
         return {
             "reference_model_path": ref,
             "aligned_model_path": aligned,
             "lam": self.lam,
             "mode": self.mode,
             "concurrent": concurrent,
+            "speculative": speculative,
             "llama_kwargs": kwargs,
         }
 
@@ -390,6 +432,7 @@ class DeRaLlama(Llama):
             state["lam"],
             mode=state["mode"],
             concurrent=state["concurrent"],
+            speculative=state.get("speculative"),
             **state["llama_kwargs"],
         )
 
@@ -403,7 +446,7 @@ def _check_llama_kwargs(kwargs: dict) -> None:
         if name not in _LLAMA_KWARGS:
             raise DeRaError(
                 f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
-                f"{_closest(name, _LLAMA_KWARGS + ['lam', 'mode', 'concurrent'])}"
+                f"{_closest(name, _LLAMA_KWARGS + ['lam', 'mode', 'concurrent', 'speculative'])}"
             )
 
 

@@ -235,11 +235,12 @@ def drop_stream_after(chunks, n: int) -> None:
 
 @dataclass(frozen=True)
 class Engine:
-    """One engine configuration: which aligned models, logits_all, n_batch."""
+    """One engine configuration: which aligned models, logits_all, n_batch, speculation."""
 
     aligned: tuple[str, ...]  # "aligned", "aligned2" (GGUF models) or "adapter" (LoRA on the reference)
     logits_all: bool = False
     small_batch: bool = False
+    speculative: Optional[str] = None
 
     @property
     def lams(self) -> dict:
@@ -259,10 +260,16 @@ ENGINES = {
     "lora-batch4-logits": Engine(("adapter",), logits_all=True, small_batch=True),
     "two-aligned-logits": Engine(("aligned", "aligned2"), logits_all=True),
     "two-aligned-batch4": Engine(("aligned", "aligned2"), small_batch=True),
+    # drafts verified in batches (issue 15): caches trimmed past rejected drafts, answers cut mid-draft
+    "lora-lookup": Engine(("adapter",), speculative="lookup"),
+    "full-model-draft-batch4": Engine(("aligned",), small_batch=True, speculative="model"),
+    "two-aligned-model-draft-logits": Engine(("aligned", "aligned2"), logits_all=True, speculative="model"),
 }
 
 
-def make_engine(ref_path, aligned_paths: list, lam, logits_all: bool, small_batch: bool) -> DeRaLlama:
+def make_engine(
+    ref_path, aligned_paths: list, lam, logits_all: bool, small_batch: bool, speculative: Optional[str] = None
+) -> DeRaLlama:
     kwargs = dict(n_batch=4, n_ubatch=4) if small_batch else {}
     aligned = [str(p) for p in aligned_paths]
     return DeRaLlama(
@@ -273,6 +280,7 @@ def make_engine(ref_path, aligned_paths: list, lam, logits_all: bool, small_batc
         logits_all=logits_all,
         verbose=False,
         n_gpu_layers=R.N_GPU_LAYERS,
+        speculative=speculative,
         **kwargs,
     )
 
@@ -418,8 +426,10 @@ def reference_for(paths: dict, aligned: Sequence[str]) -> Reference:
     return Reference(paths["ref"], [(paths[name], name == "adapter") for name in aligned])
 
 
-def engine_for(paths: dict, aligned: Sequence[str], lam, logits_all=False, small_batch=False) -> DeRaLlama:
-    return make_engine(paths["ref"], [paths[name] for name in aligned], lam, logits_all, small_batch)
+def engine_for(
+    paths: dict, aligned: Sequence[str], lam, logits_all=False, small_batch=False, speculative=None
+) -> DeRaLlama:
+    return make_engine(paths["ref"], [paths[name] for name in aligned], lam, logits_all, small_batch, speculative)
 
 
 # --------------------------------------------------------------------------------- tests
@@ -433,7 +443,9 @@ def test_random_call_sequences_stay_exact(paths, name):
     Machine = machine_for(engine.lams)
 
     def new_machine():
-        llm = engine_for(paths, engine.aligned, engine.start_lam, engine.logits_all, engine.small_batch)
+        llm = engine_for(
+            paths, engine.aligned, engine.start_lam, engine.logits_all, engine.small_batch, engine.speculative
+        )
         return Machine(llm, ref, engine.logits_all)
 
     run_state_machine_as_test(

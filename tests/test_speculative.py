@@ -1,0 +1,233 @@
+"""Speculative DeRa (issue 15): drafted tokens verified by the blend leave its tokens and distribution as they were.
+
+The reference is tests/reference.py (plain ``llama_cpp.Llama`` instances decoding one token at a
+time, blended in float64 numpy). llama.cpp's logits depend slightly on the batch shape, and a
+verification batch is another shape than one token, so the greedy tests first measure that
+drift on the test models and require the reference's top-2 margins to be far larger than it:
+only then must the tokens be equal, and are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import reference as R
+from hypothesis import given
+from hypothesis import strategies as st
+from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
+from scipy import stats
+
+from dera_gguf import DeRaError, DeRaLlama
+from dera_gguf.speculative import Gate, NgramLookup
+
+N_CTX = 256
+KW = dict(n_ctx=N_CTX, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
+
+
+def weights_of(lam: float) -> list:
+    return [1.0 - lam, lam]
+
+
+def batch_drift(models, tokens) -> float:
+    """How far llama.cpp's logits move between one-token decodes and 5-token batches, here."""
+    drift = 0.0
+    for m in models:
+        m.reset()
+        single = [R.step_logits([m], [t])[0] for t in tokens]
+        m.reset()
+        batched = [R.step_logits([m], tokens[:1])[0]] + [
+            R.step_logits([m], tokens[i : i + 5])[0] for i in range(1, len(tokens), 5)
+        ]
+        drift = max(drift, float(np.abs(np.concatenate(single) - np.concatenate(batched)).max()))
+    return drift
+
+
+def min_margin(logits) -> float:
+    return min(float(np.diff(np.partition(z, -2)[-2:])[0]) for z in logits)
+
+
+@pytest.fixture(scope="module")
+def reference_models(ref_path, aligned_path):
+    return [R.plain(ref_path, n_ctx=N_CTX), R.plain(aligned_path, n_ctx=N_CTX)]
+
+
+def repeated_prompt(n_vocab: int, seed: int = 0) -> list:
+    """BOS, then a random phrase three times: prompt lookup has something to copy."""
+    rng = np.random.default_rng(seed)
+    phrase = [int(t) for t in rng.integers(3, n_vocab, 10)]
+    return [1] + phrase * 3
+
+
+def copying_prompt(models, weights, seed: int) -> list:
+    """A phrase three times, the blend's greedy continuation of it, the phrase again: text that
+    invites the blend to repeat its continuation, so that prompt lookup's drafts can pass."""
+    phrases = repeated_prompt(models[0].n_vocab(), seed)
+    continuation, _ = R.greedy(models, weights, phrases, 24)
+    return phrases + continuation + phrases[1:11]
+
+
+def clear_greedy_case(models, weights, n: int = 40) -> tuple:
+    """A prompt and its 40 greedy blend tokens whose every top-2 margin is far above what llama.cpp's
+    batch shapes can move a blended logit by here (measured), so that batched verification must agree."""
+    for seed in range(8):
+        prompt = copying_prompt(models, weights, seed)
+        expected, logits = R.greedy(models, weights, prompt, n)
+        drift = batch_drift(models, prompt + expected)
+        bound = 2 * drift * sum(abs(w) for w in weights)  # the most a top-2 margin can move
+        if min_margin(logits) > 2 * bound:
+            return prompt, expected
+    message = f"no prompt has top-2 margins above twice the batch-shape bound {bound:.2g} (drift {drift:.2g})"
+    if R.ON_GPU:
+        pytest.skip(message + " on this backend")
+    pytest.fail(message)
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_cases(models: tuple, lam: float) -> tuple:
+    """clear_greedy_case per lam, computed once for all kinds of draft."""
+    return clear_greedy_case(list(models), weights_of(lam))
+
+
+SPECULATIVE = {
+    "lookup": lambda: "lookup",
+    "model": lambda: "model",
+    "llama-cpp-python draft_model": lambda: LlamaPromptLookupDecoding(max_ngram_size=2, num_pred_tokens=4),
+}
+
+
+# lam 1 and 0: one model decodes, and prompt lookup still drafts for it ("model" has nothing to draft with).
+CASES = [(kind, lam) for kind in SPECULATIVE for lam in (1.5, 0.5, -0.5)] + [("lookup", 1.0), ("lookup", 0.0)]
+
+
+@pytest.mark.parametrize("kind,lam", CASES)
+def test_speculative_greedy_tokens_are_the_blends(ref_path, aligned_path, reference_models, kind, lam):
+    prompt, expected = greedy_cases(tuple(reference_models), lam)
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=SPECULATIVE[kind](), **KW)
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected
+    assert llm.speculation_stats.verifications > 0
+    assert llm.speculation_stats.accepted > 0  # drafted rows were sampled, not only the last token's
+
+
+def test_logits_all_rows_of_a_speculative_call_are_the_blends(ref_path, aligned_path, reference_models):
+    """With logits_all, every row of every verification batch lands in scores (the echo / logprobs path)."""
+    lam = 1.5
+    prompt = repeated_prompt(reference_models[0].n_vocab(), seed=1)
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", logits_all=True, **KW)
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == 24:
+            break
+    assert llm.speculation_stats.accepted > 0
+    for m in reference_models:
+        m.reset()
+    rows = R.step_logits(reference_models, prompt + got[:-1])
+    expected = R.blend(rows, weights_of(lam))
+    scores = np.array(llm.scores[: len(prompt) + len(got) - 1], dtype=np.float64)
+    np.testing.assert_allclose(R.log_softmax(scores), R.log_softmax(expected), atol=R.backend_atol(1e-3))
+
+
+class FixedDraft(LlamaDraftModel):
+    """Always drafts the same tokens: the most deterministic draft there is."""
+
+    def __init__(self, tokens):
+        self.tokens = np.array(tokens, dtype=np.intc)
+
+    def __call__(self, input_ids, /, **kwargs):
+        return self.tokens
+
+
+def test_sampled_tokens_at_verified_rows_follow_the_blend(ref_path, aligned_path, reference_models):
+    """The second sampled token comes from a verification row; its frequencies over many seeds must fit
+    the blend's distribution of the second token, sum over t1 of p(t1) p(t2 | t1), from plain Llamas."""
+    lam, n_draws = 1.5, 800
+    prompt = repeated_prompt(reference_models[0].n_vocab(), seed=2)[:12]
+    w = weights_of(lam)
+    for m in reference_models:
+        m.reset()
+    p1 = np.exp(R.log_softmax(R.blend([r[-1] for r in R.step_logits(reference_models, prompt)], w)))
+    marginal = np.zeros_like(p1)
+    for t1 in np.flatnonzero(p1 > 1e-6):
+        for m in reference_models:
+            m.reset()
+        rows = [r[-1] for r in R.step_logits(reference_models, prompt + [int(t1)])]
+        marginal += p1[t1] * np.exp(R.log_softmax(R.blend(rows, w)))
+    likely = int(np.argmax(marginal))
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=FixedDraft([likely, likely]), **KW)
+    counts = np.zeros_like(marginal)
+    for seed in range(n_draws):
+        llm.set_seed(seed)
+        tokens = llm.generate(prompt, temp=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+        next(tokens)
+        counts[next(tokens)] += 1
+        tokens.close()
+    assert llm.speculation_stats.verifications >= n_draws  # every second token came from a verification row
+    assert counts[likely] > 0  # and the drafted token passed at times
+    big = marginal * n_draws >= 5  # chi-square cells: the tail pooled into one
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(marginal[big], marginal[~big].sum()) * n_draws
+    assert stats.chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-3
+
+
+@given(st.lists(st.integers(0, 3), min_size=2, max_size=30), st.integers(1, 6))
+def test_lookup_drafts_follow_the_latest_longest_earlier_ngram(ids, n):
+    """Brute force: for n-gram sizes 4 down to 2, the latest earlier occurrence of the text's last n-gram."""
+    expected = []
+    for size in range(min(4, len(ids) - 1), 1, -1):
+        starts = [j for j in range(len(ids) - size) if ids[j : j + size] == ids[-size:]]
+        if starts:
+            expected = ids[starts[-1] + size : starts[-1] + size + n]
+            break
+    assert NgramLookup(min_ngram=2, max_ngram=4)(np.array(ids), n).tolist() == expected
+
+
+def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():
+    gate = Gate(max_draft=8, first_draft=4, patience=2, pause=8)
+    assert gate.allows(10) == 4
+    gate.record(10, drafted=4, accepted=4)
+    assert gate.allows(15) == 8  # a draft that passed whole doubles
+    gate.record(15, drafted=8, accepted=2)
+    assert gate.allows(18) == 3  # one more than passed
+    gate.record(18, drafted=3, accepted=0)
+    gate.record(19, drafted=1, accepted=0)  # patience 2: drafting pauses for 8 tokens
+    assert [gate.allows(p) for p in (19, 26, 27)] == [0, 0, 1]
+    gate.record(27, drafted=1, accepted=0)
+    gate.record(28, drafted=1, accepted=0)  # failing again: the pause doubles
+    assert [gate.allows(p) for p in (43, 44)] == [0, 1]
+
+
+def test_open_text_costs_few_verifications(ref_path, aligned_path):
+    """Drafts that keep failing pause drafting: far fewer verifications than tokens."""
+
+    class WrongDraft(LlamaDraftModel):
+        def __call__(self, input_ids, /, **kwargs):
+            return np.array([0, 0, 0], dtype=np.intc)  # token 0 is never sampled greedily here
+
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=1.5, speculative=WrongDraft(), **KW)
+    n = 0
+    for _ in llm.generate([1, 5, 6, 7], temp=0.0, top_k=1):
+        n += 1
+        if n == 120:
+            break
+    s = llm.speculation_stats
+    assert s.accepted == 0 and s.verifications < n / 8
+
+
+@pytest.mark.parametrize("bad", ["lookahead", 3, True])
+def test_an_unknown_speculative_value_is_refused(ref_path, aligned_path, bad):
+    with pytest.raises(DeRaError, match="speculative must be one of lookup, model"):
+        DeRaLlama(str(ref_path), str(aligned_path), speculative=bad, **KW)
+
+
+def test_draft_model_keyword_is_llama_cpp_pythons_name_for_it(ref_path, aligned_path):
+    draft = LlamaPromptLookupDecoding()
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=1.5, draft_model=draft, **KW)
+    assert llm.speculation_stats is not None
+    assert not llm._logits_all  # llama-cpp-python would keep every row of every decode
