@@ -7,7 +7,8 @@ change:
 
 * ``eval`` decodes the new tokens in every model with a non-zero weight (the
   :class:`~dera_gguf.contexts.Lockstep` group) and leaves the blended logits in a
-  context's logits buffer (and in ``self.scores`` when ``logits_all`` is on);
+  context's logits buffer, for the last token and every drafted one (and in
+  ``self.scores`` when ``logits_all`` is on);
 * ``sample`` points llama.cpp's sampler chain at that buffer;
 * the public calls take ``lam=`` to override the default for one call.
 
@@ -113,8 +114,7 @@ class DeRaLlama(Llama):
         **llama_kwargs: Any,
     ):
         _check_llama_kwargs(llama_kwargs)
-        draft_model = llama_kwargs.pop("draft_model", None)  # llama-cpp-python's name for the same thing
-        speculative = spec.check_kind(speculative if speculative is not None else draft_model)
+        speculative = spec.check_kind(speculative, llama_kwargs.pop("draft_model", None))
         files = PairFiles.check(
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )

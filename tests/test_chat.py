@@ -145,10 +145,13 @@ def test_piped_stdin_is_read_whole_as_one_prompt(env, plain_ref):
     assert expected and result.stdout == expected + "\n"
 
 
-def test_json_completion_is_the_blend_of_plain_models(env, ref_path, aligned_path):
+@pytest.mark.parametrize("speculative", ["off", "lookup", "model"])
+def test_json_completion_is_the_blend_of_plain_models(env, ref_path, aligned_path, speculative):
     lam, question = 0.5, "please write about the rain"
     result = run_cli(
         [
+            "--speculative",
+            speculative,
             "--json",
             "--prompt",
             question,

@@ -24,7 +24,16 @@ import click
 
 from ..errors import ContextFullError, DeRaError
 from .chat_session import Answer, ChatSession, Sampling, format_lam
-from .common import choose_models, initial_lam, mode_option, model_options, new_engine, parse_lams, reports_errors
+from .common import (
+    choose_models,
+    initial_lam,
+    mode_option,
+    model_options,
+    new_engine,
+    parse_lams,
+    reports_errors,
+    speculative_option,
+)
 
 PROMPT = "you> "
 QUIT = object()
@@ -40,6 +49,7 @@ QUIT = object()
     "several aligned models.  [default: the pair's lam, else 1.0]",
 )
 @mode_option()
+@speculative_option
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")
@@ -74,6 +84,7 @@ def main(
     verbose,
     lam_text,
     mode,
+    speculative,
     system,
     temperature,
     top_k,
@@ -100,7 +111,7 @@ def main(
     name = f"pair {pair.name!r}" if pair else "the given models"
     if one_shot_text is None:
         click.echo(f"loading {name} ...", err=True)
-    llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, mode=mode)
+    llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, mode=mode, speculative=speculative)
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed)
     session = ChatSession(llm, lam=lam, mode=mode, system=system, sampling=sampling)
     try:

@@ -124,6 +124,21 @@ def mode_option(note: str = "") -> Callable:
     )
 
 
+def speculative_option(fn: Callable) -> Callable:
+    """``--speculative off|lookup|model``, the same in every command that generates with a DeRaLlama."""
+    return click.option(
+        "--speculative",
+        type=click.Choice(["off", "lookup", "model"]),
+        default="off",
+        show_default=True,
+        callback=lambda ctx, param, value: None if value == "off" else value,
+        help="Draft tokens and verify them in one batch per model; the answers stay those without drafts "
+        "(up to llama.cpp's batch-shape rounding). lookup: copy from the prompt and answer so far (pays on "
+        "edits, quotes, code); model: greedy drafts from the pair's model with the largest weight (pays on "
+        "GPUs). Drafting pauses while drafts fail.",
+    )(fn)
+
+
 def reports_errors(fn: Callable) -> Callable:
     """Turn DeRaError (and a missing file) into click's one-line error and exit status 1."""
 

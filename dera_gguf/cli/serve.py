@@ -18,7 +18,16 @@ import click
 
 from ..errors import DeRaError
 from .chat_session import Sampling, format_lam
-from .common import choose_models, initial_lam, mode_option, model_options, new_engine, parse_lams, reports_errors
+from .common import (
+    choose_models,
+    initial_lam,
+    mode_option,
+    model_options,
+    new_engine,
+    parse_lams,
+    reports_errors,
+    speculative_option,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +41,7 @@ from .common import choose_models, initial_lam, mode_option, model_options, new_
     "[default: each pair's lam in models.toml, else 1.0].",
 )
 @mode_option("Every pair's default; a request's 'mode' wins.")
+@speculative_option
 @click.option(
     "--lam-presets",
     default="0,0.5,1,1.5,2",
@@ -69,6 +79,7 @@ def main(
     alias,
     lam_text,
     mode,
+    speculative,
     lam_presets,
     max_tokens,
     logprobs,
@@ -99,7 +110,19 @@ def main(
     for name, ref, aligned, pair in chosen:
         lam = initial_lam(lams, pair, len(aligned))
         click.echo(f"dera-serve: loading {name} (lam {format_lam(lam)}) ...", err=True)
-        llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, logits_all=logprobs, mode=mode)
+        llm = new_engine(
+            ref,
+            aligned,
+            lam,
+            n_ctx,
+            n_gpu_layers,
+            threads,
+            seed,
+            verbose,
+            logits_all=logprobs,
+            mode=mode,
+            speculative=speculative,
+        )
         served.append(ServedPair(name, llm, lam, len(aligned)))
     catalog = Catalog(served, presets)
     settings = ServeSettings(
