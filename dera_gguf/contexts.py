@@ -80,7 +80,9 @@ class Context:
 
         A cache that cannot drop a suffix (recurrent models) is cleared: 0 kept.
         """
-        if self.ctx.kv_cache_seq_rm(-1, n, -1):
+        # llama.cpp's seq_rm with sequence -1 trims every sequence; llama-cpp-python's own
+        # kv_cache_seq_rm wrapper turns -1 into sequence 0, so it is called directly.
+        if llama_cpp.llama_memory_seq_rm(self.ctx.memory, -1, n, -1):
             return n
         self.ctx.kv_cache_clear()
         return 0

@@ -150,7 +150,7 @@ def test_engine_still_works_after_errors(llm):
     "kwargs,named,hint",
     [
         (dict(n_gpu_layer=-1), "n_gpu_layer", "n_gpu_layers"),
-        (dict(speculative="lookup"), "speculative", None),
+        (dict(speculate="lookup"), "speculate", "speculative"),
         (dict(modes="weights"), "modes", "mode"),
     ],
 )

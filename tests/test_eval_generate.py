@@ -164,3 +164,20 @@ def test_weight_space_mode_samples_the_adapted_model(ref_path, models_dir, tmp_p
         assert record["kl_mean"] == pytest.approx(np.mean(kls), rel=1e-4, abs=R.backend_atol(1e-4))
         outputs.add(tuple(tokens))
     assert len(outputs) > 1
+
+
+def test_truncate_trims_every_sequence_of_a_shared_cache(pair):  # noqa: F811 (fixture)
+    """Context.truncate keeps n positions of *every* sequence (llama-cpp-python's own wrapper trims only
+    sequence 0); read back from llama.cpp's memory, then decoded at the trimmed position again."""
+    import llama_cpp
+
+    from dera_gguf.eval.batch import ParallelSequences
+
+    with ParallelSequences(pair, n_seq=4, n_extra=16) as decoder:
+        decoder.prefill([1, 5, 6, 7], 4)
+        decoder.step([8] * 4, range(4), 4)
+        for context in decoder.contexts:
+            context.truncate(4)
+        held = [llama_cpp.llama_memory_seq_pos_max(c.ctx.memory, s) + 1 for c in decoder.contexts for s in range(4)]
+        assert held == [4] * 8
+        decoder.step([9] * 4, range(4), 4)  # the same position again: llama.cpp refuses it unless trimmed
