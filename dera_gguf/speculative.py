@@ -16,12 +16,14 @@ resample rule of Leviathan et al. is only needed for drafts that are themselves 
 Drafts come from prompt lookup (:class:`NgramLookup`, free) or from one of the pair's
 own models (:class:`ModelDraft`, one decode per drafted token). A :class:`Gate` sets how
 many tokens to draft from how many of the last draft passed, and stops drafting for a
-while after drafts fail, so that text with nothing to copy costs about what it costs
-without speculation.
+while after drafts fail; :class:`Pace` times the steps and drafts only now and then
+while drafted steps cost more per token than plain ones, so that speculation that does
+not pay on this machine, or on this text, costs little.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -131,6 +133,70 @@ class Gate:
 
 
 @dataclass
+class Pace:
+    """Whether drafting pays in wall time: seconds per emitted token with and without a draft.
+
+    Acceptance alone does not say it: a verified batch costs more than one token (how much
+    depends on the machine), a model draft costs a decode per drafted token. So the time of
+    every step is measured (running averages per kind of step), and while drafted steps are
+    slower per token than plain ones, only every ``probe``-th step drafts (to notice when the
+    text turns copyable); the interval doubles, up to ``max_probe``, while probes stay slower.
+    Without a plain measurement yet, every ``learn``-th step is plain. The averages outlive a
+    generation (they describe the machine and the models); a step that decoded a prompt is
+    not measured. ``timed=False`` drafts at every step (tests use it: their outcome must not
+    depend on how fast the machine is).
+    """
+
+    timed: bool = True
+    probe: int = 16
+    max_probe: int = 256
+    learn: int = 8
+    weight: float = 0.3  # of the newest step in the running averages
+    _drafted: Optional[np.ndarray] = field(default=None, init=False)  # running (seconds, tokens), drafted steps
+    _plain: Optional[np.ndarray] = field(default=None, init=False)  # ... and plain ones
+    _interval: int = field(default=0, init=False)
+    _steps: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self._interval = self.probe
+
+    @property
+    def drafted(self) -> Optional[float]:
+        """Seconds per emitted token in steps with a draft (None: none measured yet)."""
+        return None if self._drafted is None else float(self._drafted[0] / self._drafted[1])
+
+    @property
+    def plain(self) -> Optional[float]:
+        """Seconds per emitted token in steps without a draft."""
+        return None if self._plain is None else float(self._plain[0] / self._plain[1])
+
+    def record(self, had_draft: bool, seconds: float, tokens: int) -> None:
+        """One step: ``tokens`` emitted in ``seconds`` (averaged token-weighted: a step that kept
+        five drafted tokens says more than one that kept none)."""
+        step = np.array([seconds, tokens], dtype=np.float64)
+        old = self._drafted if had_draft else self._plain
+        new = step if old is None else old + self.weight * (step - old)
+        if had_draft:
+            self._drafted = new
+            if self.plain is not None:  # a probe that found drafting slower waits longer for the next
+                slower = seconds / tokens > self.plain
+                self._interval = min(self.max_probe, 2 * self._interval) if slower else self.probe
+        else:
+            self._plain = new
+
+    def allows(self) -> bool:
+        """Whether this step may draft."""
+        if not self.timed:
+            return True
+        self._steps += 1
+        if self.plain is None:
+            return self._steps % self.learn != 0
+        if self.drafted is not None and self.drafted > self.plain:
+            return self._steps % self._interval == 0
+        return True
+
+
+@dataclass
 class SpeculationStats:
     """Counts over the life of the engine: drafts (each verified in one batch), drafted tokens, and
     of the drafted tokens whose fate is known (the next draft call sees it), how many passed."""
@@ -157,17 +223,25 @@ class Speculation(LlamaDraftModel):
         limit: the most tokens a draft may have (the decode batch holds it with the last token).
     """
 
-    def __init__(self, source: Callable[[np.ndarray, int], np.ndarray], limit: int, gate: Optional[Gate] = None):
+    def __init__(
+        self,
+        source: Callable[[np.ndarray, int], np.ndarray],
+        limit: int,
+        gate: Optional[Gate] = None,
+        pace: Optional[Pace] = None,
+    ):
         self.source = source
         self.limit = limit
         self.gate = gate or Gate()
+        self.pace = pace or Pace()
         self.stats = SpeculationStats()
         self.pending = 0
         self._last: Optional[tuple] = None  # (start position, drafted tokens)
+        self._clock: Optional[tuple] = None  # (text length, time, drafted?) at the previous call
 
     def restart(self) -> None:
         """A new generation: the previous draft is not verified against it."""
-        self._last, self.pending = None, 0
+        self._last, self._clock, self.pending = None, None, 0
         self.gate.reset()
 
     def take_pending(self) -> int:
@@ -175,16 +249,29 @@ class Speculation(LlamaDraftModel):
         return n
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
+        now = time.perf_counter()
         ids = np.asarray(input_ids)
         self._settle(ids)
+        self._time_step(len(ids), now)
         n = min(self.gate.allows(len(ids)), self.limit)
+        if n > 0 and not self.pace.allows():
+            n = 0
         draft = self.source(ids, n)[:n] if n > 0 else EMPTY
         self._last = (len(ids), draft) if len(draft) else None
+        self._clock = (len(ids), now, len(draft) > 0)  # the drafting itself counts towards its step
         self.pending = len(draft)
         if len(draft):
             self.stats.verifications += 1
             self.stats.drafted += len(draft)
         return draft
+
+    def _time_step(self, length: int, now: float) -> None:
+        """Time the step since the previous call (its decode, sampling and drafting) per emitted token."""
+        if self._clock is None:
+            return
+        before, then, had_draft = self._clock
+        if length > before:
+            self.pace.record(had_draft, now - then, length - before)
 
     def _settle(self, ids: np.ndarray) -> None:
         """Record how many tokens of the last draft the sampler kept (they now stand in ``ids``)."""

@@ -26,6 +26,7 @@ from llama_cpp import llama_chat_format
 from tiny_models import WORDS, write_tiny_lora
 
 from dera_gguf import DeRaLlama
+from dera_gguf.speculative import Pace
 
 N_CTX = 512
 MAX_TOKENS = 8
@@ -272,7 +273,7 @@ def make_engine(
 ) -> DeRaLlama:
     kwargs = dict(n_batch=4, n_ubatch=4) if small_batch else {}
     aligned = [str(p) for p in aligned_paths]
-    return DeRaLlama(
+    llm = DeRaLlama(
         str(ref_path),
         aligned if len(aligned) > 1 else aligned[0],
         lam=lam,
@@ -283,6 +284,9 @@ def make_engine(
         speculative=speculative,
         **kwargs,
     )
+    if speculative:
+        llm.draft_model.pace = Pace(timed=False)  # draft at every step, however fast this machine is
+    return llm
 
 
 class CallSequence(RuleBasedStateMachine):

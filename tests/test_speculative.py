@@ -20,10 +20,17 @@ from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecodi
 from scipy import stats
 
 from dera_gguf import DeRaError, DeRaLlama
-from dera_gguf.speculative import Gate, NgramLookup
+from dera_gguf.speculative import Gate, NgramLookup, Pace
 
 N_CTX = 256
 KW = dict(n_ctx=N_CTX, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
+
+
+def drafting(llm: DeRaLlama) -> DeRaLlama:
+    """Draft at every step the gate allows, however the steps are timed: what a test sees must not
+    depend on the machine's speed."""
+    llm.draft_model.pace = Pace(timed=False)
+    return llm
 
 
 def weights_of(lam: float) -> list:
@@ -104,7 +111,7 @@ CASES = [(kind, lam) for kind in SPECULATIVE for lam in (1.5, 0.5, -0.5)] + [("l
 @pytest.mark.parametrize("kind,lam", CASES)
 def test_speculative_greedy_tokens_are_the_blends(ref_path, aligned_path, reference_models, kind, lam):
     prompt, expected = greedy_cases(tuple(reference_models), lam)
-    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=SPECULATIVE[kind](), **KW)
+    llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=SPECULATIVE[kind](), **KW))
     got = []
     for token in llm.generate(prompt, temp=0.0, top_k=1):
         got.append(token)
@@ -119,7 +126,7 @@ def test_logits_all_rows_of_a_speculative_call_are_the_blends(ref_path, aligned_
     """With logits_all, every row of every verification batch lands in scores (the echo / logprobs path)."""
     lam = 1.5
     prompt = repeated_prompt(reference_models[0].n_vocab(), seed=1)
-    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", logits_all=True, **KW)
+    llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", logits_all=True, **KW))
     got = []
     for token in llm.generate(prompt, temp=0.0, top_k=1):
         got.append(token)
@@ -160,7 +167,7 @@ def test_sampled_tokens_at_verified_rows_follow_the_blend(ref_path, aligned_path
         rows = [r[-1] for r in R.step_logits(reference_models, prompt + [int(t1)])]
         marginal += p1[t1] * np.exp(R.log_softmax(R.blend(rows, w)))
     likely = int(np.argmax(marginal))
-    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=FixedDraft([likely, likely]), **KW)
+    llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=FixedDraft([likely, likely]), **KW))
     counts = np.zeros_like(marginal)
     for seed in range(n_draws):
         llm.set_seed(seed)
@@ -201,6 +208,19 @@ def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():
     gate.record(27, drafted=1, accepted=0)
     gate.record(28, drafted=1, accepted=0)  # failing again: the pause doubles
     assert [gate.allows(p) for p in (43, 44)] == [0, 1]
+
+
+def test_pace_drafts_only_on_probes_while_drafted_steps_are_slower():
+    pace = Pace(probe=4, max_probe=16, learn=8)
+    assert [pace.allows() for _ in range(8)] == [True] * 7 + [False]  # every 8th step plain: learn its cost
+    pace.record(False, 1.0, 1)
+    pace.record(True, 2.0, 1)  # drafting is slower per token: only every 8th (4, doubled) step drafts
+    allowed = [pace.allows() for _ in range(16)]
+    assert sum(allowed) == 2 and allowed[-1]
+    pace.record(True, 2.0, 8)  # a probe on copyable text keeps 7 drafted tokens: drafting pays again
+    assert pace.drafted < pace.plain
+    assert all(pace.allows() for _ in range(10))
+    assert Pace(timed=False).allows()
 
 
 def test_open_text_costs_few_verifications(ref_path, aligned_path):
