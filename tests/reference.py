@@ -27,10 +27,11 @@ N_GPU_LAYERS = int(os.environ.get("DERA_TEST_N_GPU_LAYERS", "0"))
 # - GPU (layers offloaded): llama.cpp's CUDA kernels differ with the batch shape (one row or
 #   many), so the same token's logits differ between the engine's batches and the reference's.
 #   On an H200 (CUDA 13.0, 2026-11-27) echoed log-probs were off by up to 0.041 at logits near
-#   -20 and scores by up to 6e-4. 0.05 covers that and still catches a wrong λ or blend (a λ
+#   -20 and scores by up to 6e-4; with n_batch=4 and a LoRA pair (tests/test_engine_state.py) a
+#   greedy token's log-prob by 0.091. 0.15 covers that and still catches a wrong λ or blend (a λ
 #   off by 0.1 moves the tiny test models' mean log-probs and KLs by 0.6 or more).
 ON_GPU = N_GPU_LAYERS != 0
-LOGPROB_ATOL = 5e-2 if ON_GPU else 2e-4
+LOGPROB_ATOL = 0.15 if ON_GPU else 2e-4
 
 
 def backend_atol(cpu_atol: float) -> float:
