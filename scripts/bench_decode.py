@@ -11,8 +11,9 @@ DeRa runs at lam 1 (one model) and 1.5: concurrent (its default on a CPU), seque
 
 Two prompt sets: open-ended chat, and copy-heavy requests (fix, annotate, reformat a given
 text) where prompt lookup can pay. Greedy, up to --tokens new tokens (EOS ends a reply:
-text past it is not what anyone would copy), timed from each reply's first token; rounds interleave the contenders so machine noise hits all alike; the
-median of the rounds is reported. For the speculative contenders, the share of drafted
+text past it is not what anyone would copy), timed from each reply's first token; rounds
+interleave the contenders so machine noise hits all alike; the median of the rounds is
+reported. For the speculative contenders, the share of drafted
 tokens accepted and whether the tokens equal DeRa's without speculation.
 """
 
