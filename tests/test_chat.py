@@ -8,11 +8,12 @@ plain models blended in numpy (tests/reference.py) for the JSON completion.
 from __future__ import annotations
 
 import json
+import time
 
 import llama_cpp
 import pytest
 import reference as R
-from chat_driver import PAPER, Terminal, cli_env, run_cli, streamed
+from chat_driver import PAPER, PROMPT, Terminal, cli_env, run_cli, streamed
 from click.testing import CliRunner
 from llama_cpp import llama_chat_format
 from tiny_models import CHAT_TEMPLATE, tiny_vocab, write_tiny_llama
@@ -295,6 +296,8 @@ def test_ctrl_c_stops_the_answer_and_keeps_it_marked(env, aligned_path):
     assert not status.group(3)
     assert answer == streamed(plain_aligned, history, **settings)
 
+    chat.child.expect_exact(PROMPT)  # input() is waiting (under load the key could come before it)
+    time.sleep(0.2)
     chat.child.sendintr()  # Ctrl-C at the prompt does not leave
     chat.child.expect_exact("/quit leaves")
     assert "/sweep" in chat.command("/help")

@@ -501,3 +501,23 @@ def test_weights_mode_on_a_full_model_pair_is_a_400(http):
 def ask_kw(ask: dict) -> dict:
     """A request body's sampling fields as DeRaLlama / Llama keyword arguments."""
     return {k: v for k, v in ask.items() if k != "messages"}
+
+
+def test_speculative_server_streams_the_blends_greedy_answer(env, paths, tmp_path):
+    """--speculative model: drafts verified in batches, streamed; the text is the blend's (plain Llamas in numpy)."""
+    lam, n = 1.5, 24
+    proc = ServerProcess(["--pair", "tiny", "--n-ctx", "512", "--speculative", "model"], env, tmp_path / "server.log")
+    try:
+        with proc.http() as http:
+            body = dict(model=f"tiny@{lam}", messages=HELLO, max_tokens=n, stream=True, **GREEDY)
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                events = sse_json(r.iter_lines())
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    models = [R.plain(paths[0]), R.plain(paths[1])]
+    prompt = _chat_prompt_tokens(models[0], HELLO)
+    tokens, _ = R.greedy(models, [1 - lam, lam], prompt, n, stop=[2, 4])
+    assert content == models[0].detokenize([t for t in tokens if t not in (2, 4)], prev_tokens=prompt).decode(
+        errors="ignore"
+    )
