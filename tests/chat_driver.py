@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,12 @@ def streamed(llm, messages: List[dict], **kwargs) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
 
 
+def default_sigint() -> None:
+    """Ctrl-C as a user's terminal delivers it: a shell running the tests in the background leaves
+    SIGINT ignored, and a child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """dera-chat in a pseudo-terminal, spoken to like a user would."""
 
@@ -69,6 +76,7 @@ class Terminal:
             timeout=timeout,
             cwd=str(ROOT),
             dimensions=(40, 4000),
+            preexec_fn=default_sigint,
         )  # wide: long lines echo unwrapped
         self.child.expect_exact(PROMPT)
 

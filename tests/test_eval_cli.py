@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+from chat_driver import default_sigint
 from click.testing import CliRunner
 from eval_fixtures import write_jsonl
 
@@ -189,7 +190,7 @@ def test_ctrl_c_loses_nothing_written(ref_path, aligned_path, tmp_path):
         "--no-progress",
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     results = out / "results.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not results.exists() or len(results.read_bytes().splitlines()) < 20):

@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from chat_driver import default_sigint
 from click.testing import CliRunner
 from eval_fixtures import write_jsonl
 
@@ -192,7 +193,7 @@ def test_ctrl_c_on_a_cluster_driver_loses_nothing_and_leaves_no_worker(
     args = ["score", *models(ref_path, aligned_path), "--data", data, "--lams", "0,1", "--out", str(out)]
     command = [sys.executable, "-m", "dera_gguf.cli.eval", *args, "--ray", "auto", "--workers", "2", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     results = out / "results.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and (not results.exists() or len(results.read_bytes().splitlines()) < 20):

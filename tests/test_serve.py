@@ -514,7 +514,7 @@ def test_speculative_server_streams_the_blends_greedy_answer(env, paths, tmp_pat
                 events = sse_json(r.iter_lines())
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
-    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    content = chunk_text(events)
     models = [R.plain(paths[0]), R.plain(paths[1])]
     prompt = _chat_prompt_tokens(models[0], HELLO)
     tokens, _ = R.greedy(models, [1 - lam, lam], prompt, n, stop=[2, 4])
