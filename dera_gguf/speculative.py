@@ -138,10 +138,11 @@ class Pace:
 
     Acceptance alone does not say it: a verified batch costs more than one token (how much
     depends on the machine), a model draft costs a decode per drafted token. So the time of
-    every step is measured (running averages per kind of step), and while drafted steps are
-    slower per token than plain ones, only every ``probe``-th step drafts (to notice when the
-    text turns copyable); the interval doubles, up to ``max_probe``, while probes stay slower.
-    Without a plain measurement yet, every ``learn``-th step is plain. The averages outlive a
+    every step is measured (token-weighted running averages per kind of step, over enough
+    steps that a lucky or unlucky draft does not decide), and once ``settle`` drafted steps
+    are slower per token than plain ones, only every ``probe``-th step drafts (to notice when
+    the text turns copyable); the interval doubles, up to ``max_probe``, while probes stay
+    slower. Until ``settle`` plain steps are measured, every ``learn``-th step is plain. The averages outlive a
     generation (they describe the machine and the models); a step that decoded a prompt is
     not measured. ``timed=False`` drafts at every step (tests use it: their outcome must not
     depend on how fast the machine is).
@@ -151,11 +152,13 @@ class Pace:
     probe: int = 16
     max_probe: int = 256
     learn: int = 8
-    weight: float = 0.3  # of the newest step in the running averages
+    settle: int = 4
+    weight: float = 0.1  # of the newest step in the running averages
     _drafted: Optional[np.ndarray] = field(default=None, init=False)  # running (seconds, tokens), drafted steps
     _plain: Optional[np.ndarray] = field(default=None, init=False)  # ... and plain ones
     _interval: int = field(default=0, init=False)
     _steps: int = field(default=0, init=False)
+    _counts: list = field(default_factory=lambda: [0, 0], init=False)  # plain, drafted steps measured
 
     def __post_init__(self):
         self._interval = self.probe
@@ -175,7 +178,9 @@ class Pace:
         five drafted tokens says more than one that kept none)."""
         step = np.array([seconds, tokens], dtype=np.float64)
         old = self._drafted if had_draft else self._plain
-        new = step if old is None else old + self.weight * (step - old)
+        self._counts[had_draft] += 1
+        weight = max(self.weight, 1.0 / self._counts[had_draft])  # a plain mean until the average fills
+        new = step if old is None else old + weight * (step - old)
         if had_draft:
             self._drafted = new
             if self.plain is not None:  # a probe that found drafting slower waits longer for the next
@@ -189,9 +194,9 @@ class Pace:
         if not self.timed:
             return True
         self._steps += 1
-        if self.plain is None:
+        if self._counts[0] < self.settle:
             return self._steps % self.learn != 0
-        if self.drafted is not None and self.drafted > self.plain:
+        if self._counts[1] >= self.settle and self.drafted > self.plain:
             return self._steps % self._interval == 0
         return True
 

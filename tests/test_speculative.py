@@ -211,13 +211,14 @@ def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():
 
 
 def test_pace_drafts_only_on_probes_while_drafted_steps_are_slower():
-    pace = Pace(probe=4, max_probe=16, learn=8)
+    pace = Pace(probe=4, max_probe=16, learn=8, settle=2)
     assert [pace.allows() for _ in range(8)] == [True] * 7 + [False]  # every 8th step plain: learn its cost
-    pace.record(False, 1.0, 1)
-    pace.record(True, 2.0, 1)  # drafting is slower per token: only every 8th (4, doubled) step drafts
-    allowed = [pace.allows() for _ in range(16)]
-    assert sum(allowed) == 2 and allowed[-1]
-    pace.record(True, 2.0, 8)  # a probe on copyable text keeps 7 drafted tokens: drafting pays again
+    for _ in range(2):
+        pace.record(False, 1.0, 1)
+        pace.record(True, 3.0, 2)  # drafting is slower per token: probes only, every 4 doubled twice = 16 steps
+    assert sum(pace.allows() for _ in range(32)) == 2
+    for _ in range(6):
+        pace.record(True, 2.0, 8)  # probes on copyable text keep 7 drafted tokens: drafting pays again
     assert pace.drafted < pace.plain
     assert all(pace.allows() for _ in range(10))
     assert Pace(timed=False).allows()
