@@ -151,7 +151,7 @@ class Pace:
     timed: bool = True
     probe: int = 16
     max_probe: int = 256
-    learn: int = 8
+    learn: int = 2
     settle: int = 4
     weight: float = 0.1  # of the newest step in the running averages
     _drafted: Optional[np.ndarray] = field(default=None, init=False)  # running (seconds, tokens), drafted steps
