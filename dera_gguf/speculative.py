@@ -40,23 +40,29 @@ class NgramLookup:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the text's last n-gram.
 
     The longest match of ``min_ngram`` to ``max_ngram`` tokens wins, and among equal ones the
-    latest. A match of one token predicts less, but on a CPU verifying a two- or three-token
-    draft costs about one token (measured: 1.39× on copy-heavy prompts with one-token matches
-    allowed, 1.17× with two), and the gate and the pace stop drafts that do not pay.
+    latest. A one-token match is weak evidence: it drafts at most ``short`` tokens and is its
+    own kind ("lookup-1") for the pace, which stops it where it does not pay (on the 2-core
+    CPU here it did not, by a few percent; longer matches did).
     """
 
-    def __init__(self, min_ngram: int = 1, max_ngram: int = 4):
-        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+    def __init__(self, min_ngram: int = 1, max_ngram: int = 4, short: int = 2):
+        self.min_ngram, self.max_ngram, self.short = min_ngram, max_ngram, short
 
     def __call__(self, ids: np.ndarray, n: int) -> np.ndarray:
+        return self.propose(ids, n)[0]
+
+    def propose(self, ids: np.ndarray, n: int) -> tuple:
+        """(draft, kind): kind "lookup-1" for a one-token match, "lookup" for longer ones."""
         ids = np.asarray(ids)
         for size in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
             windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], size)
             hits = np.flatnonzero((windows == ids[-size:]).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + size
-                return ids[start : start + n].astype(np.intc)
-        return EMPTY
+                if size == 1:  # weak evidence: a short draft, whose verification costs least
+                    return ids[start : start + min(n, self.short)].astype(np.intc), "lookup-1"
+                return ids[start : start + n].astype(np.intc), "lookup"
+        return EMPTY, None
 
 
 class ModelDraft:
@@ -140,14 +146,16 @@ class Pace:
 
     Acceptance alone does not say it: a verified batch costs more than one token (how much
     depends on the machine), a model draft costs a decode per drafted token. So the time of
-    every step is measured (token-weighted running averages per kind of step, over enough
-    steps that a lucky or unlucky draft does not decide), and once ``settle`` drafted steps
-    are slower per token than plain ones, only every ``probe``-th step drafts (to notice when
-    the text turns copyable); the interval doubles, up to ``max_probe``, while probes stay
-    slower. Until ``settle`` plain steps are measured, every ``learn``-th step is plain. The averages outlive a
-    generation (they describe the machine and the models); a step that decoded a prompt is
-    not measured. ``timed=False`` drafts at every step (tests use it: their outcome must not
-    depend on how fast the machine is).
+    every step is measured: token-weighted running averages for plain steps and for each
+    kind of draft (a source may tell kinds apart: prompt lookup's one-token matches pay on
+    some machines and not on others, its longer ones more often). Once ``judge`` drafts of a
+    kind are measured (fewer would let the first, unlucky drafts of a reply decide) and they
+    are slower per token than plain steps, that kind drafts only every ``probe``-th time it could (to notice
+    when the text turns copyable); the interval doubles, up to ``max_probe``, while probes
+    stay slower. Until ``settle`` plain steps are measured, every ``learn``-th step is plain.
+    The averages outlive a generation (they describe the machine and the models); a step
+    that decoded a prompt is not measured. ``timed=False`` drafts whenever the gate allows
+    (tests use it: their outcome must not depend on how fast the machine is).
     """
 
     timed: bool = True
@@ -155,52 +163,68 @@ class Pace:
     max_probe: int = 256
     learn: int = 2
     settle: int = 4
+    judge: int = 16
     weight: float = 0.1  # of the newest step in the running averages
-    _drafted: Optional[np.ndarray] = field(default=None, init=False)  # running (seconds, tokens), drafted steps
-    _plain: Optional[np.ndarray] = field(default=None, init=False)  # ... and plain ones
-    _interval: int = field(default=0, init=False)
+    _plain: "_Average" = field(default=None, init=False)
+    _kinds: dict = field(default_factory=dict, init=False)  # kind -> [_Average, probe interval, chances]
     _steps: int = field(default=0, init=False)
-    _counts: list = field(default_factory=lambda: [0, 0], init=False)  # plain, drafted steps measured
 
     def __post_init__(self):
-        self._interval = self.probe
-
-    @property
-    def drafted(self) -> Optional[float]:
-        """Seconds per emitted token in steps with a draft (None: none measured yet)."""
-        return None if self._drafted is None else float(self._drafted[0] / self._drafted[1])
+        self._plain = _Average(self.weight)
 
     @property
     def plain(self) -> Optional[float]:
-        """Seconds per emitted token in steps without a draft."""
-        return None if self._plain is None else float(self._plain[0] / self._plain[1])
+        """Seconds per emitted token in steps without a draft (None: none measured yet)."""
+        return self._plain.per_token
 
-    def record(self, had_draft: bool, seconds: float, tokens: int) -> None:
-        """One step: ``tokens`` emitted in ``seconds`` (averaged token-weighted: a step that kept
-        five drafted tokens says more than one that kept none)."""
-        step = np.array([seconds, tokens], dtype=np.float64)
-        old = self._drafted if had_draft else self._plain
-        self._counts[had_draft] += 1
-        weight = max(self.weight, 1.0 / self._counts[had_draft])  # a plain mean until the average fills
-        new = step if old is None else old + weight * (step - old)
-        if had_draft:
-            self._drafted = new
-            if self.plain is not None:  # a probe that found drafting slower waits longer for the next
-                slower = seconds / tokens > self.plain
-                self._interval = min(self.max_probe, 2 * self._interval) if slower else self.probe
-        else:
-            self._plain = new
+    def drafted(self, kind: str = "draft") -> Optional[float]:
+        """Seconds per emitted token in steps with a draft of this kind."""
+        return self._kind(kind)[0].per_token
 
-    def allows(self) -> bool:
-        """Whether this step may draft."""
+    def _kind(self, kind: str) -> list:
+        return self._kinds.setdefault(kind, [_Average(self.weight), self.probe, 0])
+
+    def record(self, kind: Optional[str], seconds: float, tokens: int) -> None:
+        """One step that emitted ``tokens`` in ``seconds``, with a draft of ``kind`` (None: plain)."""
+        if kind is None:
+            self._plain.add(seconds, tokens)
+            return
+        track = self._kind(kind)
+        track[0].add(seconds, tokens)
+        if self.plain is not None:  # a probe that found drafting slower waits longer for the next
+            slower = seconds / tokens > self.plain
+            track[1] = min(self.max_probe, 2 * track[1]) if slower else self.probe
+
+    def allows(self, kind: str = "draft") -> bool:
+        """Whether this step may verify a draft of ``kind``."""
         if not self.timed:
             return True
         self._steps += 1
-        if self._counts[0] < self.settle:
+        if self._plain.count < self.settle:
             return self._steps % self.learn != 0
-        if self._counts[1] >= self.settle and self.drafted > self.plain:
-            return self._steps % self._interval == 0
+        track = self._kind(kind)
+        if track[0].count >= self.judge and track[0].per_token > self.plain:
+            track[2] += 1
+            return track[2] % track[1] == 0
         return True
+
+
+class _Average:
+    """A token-weighted running average of step times: (seconds, tokens) moved towards each new step
+    (a step that kept five drafted tokens says more than one that kept none); a plain mean at first."""
+
+    def __init__(self, weight: float):
+        self.weight, self.count, self.sums = weight, 0, None
+
+    def add(self, seconds: float, tokens: int) -> None:
+        step = np.array([seconds, tokens], dtype=np.float64)
+        self.count += 1
+        weight = max(self.weight, 1.0 / self.count)
+        self.sums = step if self.sums is None else self.sums + weight * (step - self.sums)
+
+    @property
+    def per_token(self) -> Optional[float]:
+        return None if self.sums is None else float(self.sums[0] / self.sums[1])
 
 
 @dataclass
@@ -244,7 +268,7 @@ class Speculation(LlamaDraftModel):
         self.stats = SpeculationStats()
         self.pending = 0
         self._last: Optional[tuple] = None  # (start position, drafted tokens)
-        self._clock: Optional[tuple] = None  # (text length, time, drafted?) at the previous call
+        self._clock: Optional[tuple] = None  # (text length, time, kind of draft or None) at the previous call
 
     def restart(self) -> None:
         """A new generation: the previous draft is not verified against it."""
@@ -261,24 +285,35 @@ class Speculation(LlamaDraftModel):
         self._settle(ids)
         self._time_step(len(ids), now)
         n = min(self.gate.allows(len(ids)), self.limit)
-        if n > 0 and not self.pace.allows():
-            n = 0
-        draft = self.source(ids, n)[:n] if n > 0 else EMPTY
+        draft, kind = self._propose(ids, n) if n > 0 else (EMPTY, None)
         self._last = (len(ids), draft) if len(draft) else None
-        self._clock = (len(ids), now, len(draft) > 0)  # the drafting itself counts towards its step
+        self._clock = (len(ids), now, kind if len(draft) else None)  # the drafting counts towards its step
         self.pending = len(draft)
         if len(draft):
             self.stats.verifications += 1
             self.stats.drafted += len(draft)
         return draft
 
+    def _propose(self, ids: np.ndarray, n: int) -> tuple:
+        """(draft, its kind) if the pace allows that kind now, else (EMPTY, None).
+
+        A source with ``propose`` names the kind of each draft (asked after drafting: lookup is
+        free); any other has one kind, asked before drafting (a model draft costs decodes).
+        """
+        if hasattr(self.source, "propose"):
+            draft, kind = self.source.propose(ids, n)
+            return (draft[:n], kind) if len(draft) and self.pace.allows(kind) else (EMPTY, None)
+        if not self.pace.allows("draft"):
+            return EMPTY, None
+        return self.source(ids, n)[:n], "draft"
+
     def _time_step(self, length: int, now: float) -> None:
         """Time the step since the previous call (its decode, sampling and drafting) per emitted token."""
         if self._clock is None:
             return
-        before, then, had_draft = self._clock
+        before, then, kind = self._clock
         if length > before:
-            self.pace.record(had_draft, now - then, length - before)
+            self.pace.record(kind, now - then, length - before)
 
     def _settle(self, ids: np.ndarray) -> None:
         """Record how many tokens of the last draft the sampler kept (they now stand in ``ids``)."""

@@ -210,16 +210,17 @@ def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():
     assert [gate.allows(p) for p in (43, 44)] == [0, 1]
 
 
-def test_pace_drafts_only_on_probes_while_drafted_steps_are_slower():
-    pace = Pace(probe=4, max_probe=16, learn=8, settle=2)
+def test_pace_drafts_only_on_probes_while_drafts_of_a_kind_are_slower():
+    pace = Pace(probe=4, max_probe=16, learn=8, settle=2, judge=2)
     assert [pace.allows() for _ in range(8)] == [True] * 7 + [False]  # every 8th step plain: learn its cost
     for _ in range(2):
-        pace.record(False, 1.0, 1)
-        pace.record(True, 3.0, 2)  # drafting is slower per token: probes only, every 4 doubled twice = 16 steps
+        pace.record(None, 1.0, 1)
+        pace.record("draft", 3.0, 2)  # slower per token: probes only, every 4 chances doubled twice = 16
     assert sum(pace.allows() for _ in range(32)) == 2
+    assert all(pace.allows("lookup") for _ in range(10))  # another kind of draft is judged on its own
     for _ in range(6):
-        pace.record(True, 2.0, 8)  # probes on copyable text keep 7 drafted tokens: drafting pays again
-    assert pace.drafted < pace.plain
+        pace.record("draft", 2.0, 8)  # probes on copyable text keep 7 drafted tokens: drafting pays again
+    assert pace.drafted() < pace.plain
     assert all(pace.allows() for _ in range(10))
     assert Pace(timed=False).allows()
 
