@@ -226,6 +226,18 @@ def test_pace_drafts_only_on_probes_while_drafts_of_a_kind_are_slower():
     assert Pace(timed=False).allows()
 
 
+@pytest.mark.parametrize("faster_with", [True, False])
+def test_a_trial_kind_stays_on_where_every_step_is_faster_with_it(faster_with):
+    """One-token lookup drafts are judged by all steps, in alternating windows of 16, 4 windows a side."""
+    pace = Pace()
+    for window in range(8):
+        on = pace.allows("lookup-1")
+        assert on == (window % 2 == 0)
+        for _ in range(16):
+            pace.record(None, 1.0, 2 if on == faster_with else 1)
+    assert [pace.allows("lookup-1") for _ in range(3)] == [faster_with] * 3
+
+
 def test_open_text_costs_few_verifications(ref_path, aligned_path):
     """Drafts that keep failing pause drafting: far fewer verifications than tokens."""
 
