@@ -41,8 +41,7 @@ class NgramLookup:
 
     The longest match of ``min_ngram`` to ``max_ngram`` tokens wins, and among equal ones the
     latest. A one-token match is weak evidence: it drafts at most ``short`` tokens and is its
-    own kind ("lookup-1") for the pace, which stops it where it does not pay (on the 2-core
-    CPU here it did not, by a few percent; longer matches did).
+    own kind ("lookup-1"), which the pace keeps only where steps are faster with it.
     """
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 4, short: int = 2):
