@@ -149,9 +149,11 @@ class Pace:
     kind of draft (a source may tell kinds apart: prompt lookup's one-token matches pay on
     some machines and not on others, its longer ones more often). Once ``judge`` drafts of a
     kind are measured (fewer would let the first, unlucky drafts of a reply decide) and they
-    are slower per token than plain steps, that kind drafts only every ``probe``-th time it could (to notice
-    when the text turns copyable); the interval doubles, up to ``max_probe``, while probes
-    stay slower. Until ``settle`` plain steps are measured, every ``learn``-th step is plain.
+    are slower per token than plain steps, that kind drafts only every ``probe``-th time it
+    could (to notice when the text turns copyable); the interval doubles, up to
+    ``max_probe``, while probes stay slower. Kinds in ``trial_kinds`` are judged instead by
+    every step, in alternating windows with and without them (:class:`_Trial`). Until
+    ``settle`` plain steps are measured, every ``learn``-th step is plain.
     The averages outlive a generation (they describe the machine and the models); a step
     that decoded a prompt is not measured. ``timed=False`` drafts whenever the gate allows
     (tests use it: their outcome must not depend on how fast the machine is).
@@ -166,8 +168,8 @@ class Pace:
     weight: float = 0.1  # of the newest step in the running averages
     # Kinds judged by their effect on every step rather than on their own steps: a one-token
     # lookup draft is a little slower than a plain step by itself, but it keeps the lookup in
-    # step with a text being copied, so the longer drafts after it pass more (measured: 1.38x
-    # on copy prompts with them at lam 1.5 against 1.14x without; at lam 1 they slowed all down).
+    # step with a text being copied, so the longer drafts after it pass more (measured on 2 CPU
+    # cores: 1.37x on copy prompts with them at lam 1.5 against 1.15x without; about even at lam 1).
     trial_kinds: tuple = ("lookup-1",)
     _trials: dict = field(default_factory=dict, init=False)
     _plain: "_Average" = field(default=None, init=False)

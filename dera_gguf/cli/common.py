@@ -135,7 +135,7 @@ def speculative_option(fn: Callable) -> Callable:
         help="Draft tokens and verify them in one batch per model; the answers stay those without drafts "
         "(up to llama.cpp's batch-shape rounding). lookup: copy from the prompt and answer so far (pays on "
         "edits, quotes, code); model: greedy drafts from the pair's model with the largest weight (pays on "
-        "GPUs). Drafting pauses while drafts fail.",
+        "GPUs). Drafting pauses while drafts fail or cost more time than they save.",
     )(fn)
 
 
