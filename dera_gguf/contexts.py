@@ -87,6 +87,14 @@ class Context:
         self.ctx.kv_cache_clear()
         return 0
 
+    def drop_from(self, seq: int, n: int) -> None:
+        """Drop what sequence ``seq`` holds from position ``n`` on (drafted tokens that did not pass)."""
+        if not llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, n, -1):
+            raise DeRaError(
+                f"the {self.name}'s KV cache cannot drop single tokens (a recurrent model?), which "
+                "speculation needs: run without it"
+            )
+
     def keep_prefix(self, tokens: np.ndarray, limit: Optional[int] = None) -> int:
         """Keep the longest held prefix of ``tokens`` (at most ``limit``); returns its length."""
         keep = common_prefix(self.held(), tokens)

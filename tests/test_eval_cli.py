@@ -207,3 +207,26 @@ def test_ctrl_c_loses_nothing_written(ref_path, aligned_path, tmp_path):
     final = results.read_text().splitlines()
     assert len(final) == 2 * len(rows) and final[: len(written)] == written
     assert f"reused {done}" in result.output or f"reused {len(written)}" in result.output
+
+
+def test_generate_speculative_lookup_counts_its_drafts(ref_path, aligned_path, tmp_path):
+    """--speculative lookup reaches every sequence: records count drafted and passed tokens, and the
+    line on stderr sums them (exactness: tests/test_eval_generate.py, against plain Llamas)."""
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a b c a b c a b c a b c"}, {"prompt": "one two one two"}])
+    out = tmp_path / "out"
+    args = ["generate", *models(ref_path, aligned_path), "--prompts", data, "--lams", "0.5,1.5"]
+    args += ["--out", str(out), "--max-tokens", "32", "--temperature", "0", "--speculative", "lookup"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    drafted, accepted = sum(s["drafted"] for s in samples), sum(s["accepted"] for s in samples)
+    assert 0 < accepted <= drafted
+    assert f"speculation: {drafted} drafted tokens in 4 responses, {accepted} passed" in result.output
+
+
+def test_generate_refuses_an_unknown_kind_of_draft(ref_path, aligned_path, tmp_path):
+    from dera_gguf import DeRaError
+    from dera_gguf.eval import generate
+
+    with pytest.raises(DeRaError, match="speculative must be None or 'lookup'"):
+        generate(ref_path, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}]), [1.0], speculative="model")

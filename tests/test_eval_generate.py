@@ -181,3 +181,75 @@ def test_truncate_trims_every_sequence_of_a_shared_cache(pair):  # noqa: F811 (f
         held = [llama_cpp.llama_memory_seq_pos_max(c.ctx.memory, s) + 1 for c in decoder.contexts for s in range(4)]
         assert held == [4] * 8
         decoder.step([9] * 4, range(4), 4)  # the same position again: llama.cpp refuses it unless trimmed
+
+
+# ------------------------------------------------------------------ speculation (issue 15)
+
+SPECULATION_LAMS = [1.5, 0.5, -0.5]
+
+
+def speculative_run(pair, prompt, jobs, max_tokens):  # noqa: F811 (fixture)
+    """Decode ``jobs`` together on ``prompt`` with prompt lookup drafting for each sequence."""
+    from dera_gguf.eval.batch import ParallelSequences
+    from dera_gguf.eval.generate import decode_batch
+    from dera_gguf.speculative import NgramLookup
+
+    with ParallelSequences(pair, n_seq=len(jobs), n_extra=(len(jobs) - 1) * max_tokens) as decoder:
+        decode_batch(pair, decoder, prompt, jobs, max_tokens, NgramLookup())
+        return [[c.extent(i) for c in decoder.contexts] for i in range(len(jobs))]  # positions each sequence holds
+
+
+def until_eog(pair, tokens):  # noqa: F811 (fixture)
+    eog = [i for i, t in enumerate(tokens) if pair.is_eog(t)]
+    return tokens[: eog[0]] if eog else tokens
+
+
+def test_speculative_greedy_sequences_are_the_blends(pair, plain_pair):  # noqa: F811 (fixture)
+    """Three lams in one batch, each drafting by prompt lookup on text that invites copying: every
+    sequence's greedy tokens equal plain Llamas' blend at its lam (margins checked against llama.cpp's
+    measured batch-shape drift first), drafts passed, and each cache holds exactly its text."""
+    from drafting_cases import clear_greedy_cases, weights_of
+
+    from dera_gguf.eval.generate import _Sequence
+
+    n = 40
+    prompt, expected = clear_greedy_cases(list(plain_pair), [weights_of(lam) for lam in SPECULATION_LAMS], n)
+    jobs = [_Sequence(lam, 0, 0, SamplingParams(temperature=0.0, max_tokens=n)) for lam in SPECULATION_LAMS]
+    held = speculative_run(pair, prompt, jobs, n)
+    for job, tokens in zip(jobs, expected):
+        assert job.tokens == until_eog(pair, tokens)
+    assert len({job.accepted for job in jobs}) > 1  # sequences advanced by different steps: positions diverged
+    assert sum(job.drafted for job in jobs) > sum(job.accepted for job in jobs)  # and drafts were dropped
+    for job, extents in zip(jobs, held):  # a full response's cache: prompt and tokens, the last never decoded
+        if job.finish == "length":
+            assert extents == [len(prompt) + len(job.tokens) - 1] * 2
+
+
+def test_speculative_sampling_is_the_chains_on_the_blend(pair, plain_pair):  # noqa: F811 (fixture)
+    """Sampled (T = 0.5) sequences with prompt lookup drafts equal one-sequence decoding where
+    llama-cpp-python's own chain, seeded alike, samples the numpy blend: one draw per emitted token."""
+    from drafting_cases import copying_prompt, weights_of
+
+    from dera_gguf.eval.generate import _Sequence
+
+    params = SamplingParams(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=24)
+    settings = dict(temp=0.5, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+    prompt = copying_prompt(list(plain_pair), weights_of(1.5), seed=0)
+    jobs = [_Sequence(lam, s, 100 + 10 * k + s, params) for k, lam in enumerate(SPECULATION_LAMS) for s in range(2)]
+    speculative_run(pair, prompt, jobs, params.max_tokens)
+    owner = plain_pair[1]
+    for job in jobs:
+        for m in plain_pair:
+            m.reset()
+        owner.set_seed(job.seed)
+        rows = [r[-1] for r in R.step_logits(plain_pair, prompt)]
+        chain, tokens = None, []
+        for _ in range(params.max_tokens):
+            token, chain = R.sample_with_chain(owner, R.blend(rows, weights_of(job.lam)), chain=chain, **settings)
+            if pair.is_eog(token):
+                break
+            tokens.append(token)
+            rows = [r[-1] for r in R.step_logits(plain_pair, [token])]
+        assert job.tokens == tokens
+    assert sum(job.accepted for job in jobs) > 0
+    assert len({tuple(job.tokens) for job in jobs}) > 2

@@ -14,6 +14,7 @@ import functools
 import numpy as np
 import pytest
 import reference as R
+from drafting_cases import clear_greedy_case, repeated_prompt, weights_of
 from hypothesis import given
 from hypothesis import strategies as st
 from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
@@ -33,62 +34,9 @@ def drafting(llm: DeRaLlama) -> DeRaLlama:
     return llm
 
 
-def weights_of(lam: float) -> list:
-    return [1.0 - lam, lam]
-
-
-def batch_drift(models, tokens) -> float:
-    """How far llama.cpp's logits move between one-token decodes and 5-token batches, here."""
-    drift = 0.0
-    for m in models:
-        m.reset()
-        single = [R.step_logits([m], [t])[0] for t in tokens]
-        m.reset()
-        batched = [R.step_logits([m], tokens[:1])[0]] + [
-            R.step_logits([m], tokens[i : i + 5])[0] for i in range(1, len(tokens), 5)
-        ]
-        drift = max(drift, float(np.abs(np.concatenate(single) - np.concatenate(batched)).max()))
-    return drift
-
-
-def min_margin(logits) -> float:
-    return min(float(np.diff(np.partition(z, -2)[-2:])[0]) for z in logits)
-
-
 @pytest.fixture(scope="module")
 def reference_models(ref_path, aligned_path):
     return [R.plain(ref_path, n_ctx=N_CTX), R.plain(aligned_path, n_ctx=N_CTX)]
-
-
-def repeated_prompt(n_vocab: int, seed: int = 0) -> list:
-    """BOS, then a random phrase three times: prompt lookup has something to copy."""
-    rng = np.random.default_rng(seed)
-    phrase = [int(t) for t in rng.integers(3, n_vocab, 10)]
-    return [1] + phrase * 3
-
-
-def copying_prompt(models, weights, seed: int) -> list:
-    """A phrase three times, the blend's greedy continuation of it, the phrase again: text that
-    invites the blend to repeat its continuation, so that prompt lookup's drafts can pass."""
-    phrases = repeated_prompt(models[0].n_vocab(), seed)
-    continuation, _ = R.greedy(models, weights, phrases, 24)
-    return phrases + continuation + phrases[1:11]
-
-
-def clear_greedy_case(models, weights, n: int = 40) -> tuple:
-    """A prompt and its 40 greedy blend tokens whose every top-2 margin is far above what llama.cpp's
-    batch shapes can move a blended logit by here (measured), so that batched verification must agree."""
-    for seed in range(8):
-        prompt = copying_prompt(models, weights, seed)
-        expected, logits = R.greedy(models, weights, prompt, n)
-        drift = batch_drift(models, prompt + expected)
-        bound = 2 * drift * sum(abs(w) for w in weights)  # the most a top-2 margin can move
-        if min_margin(logits) > 2 * bound:
-            return prompt, expected
-    message = f"no prompt has top-2 margins above twice the batch-shape bound {bound:.2g} (drift {drift:.2g})"
-    if R.ON_GPU:
-        pytest.skip(message + " on this backend")
-    pytest.fail(message)
 
 
 @functools.lru_cache(maxsize=None)

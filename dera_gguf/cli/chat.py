@@ -49,7 +49,7 @@ QUIT = object()
     "several aligned models.  [default: the pair's lam, else 1.0]",
 )
 @mode_option()
-@speculative_option
+@speculative_option("lookup", "model")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")

@@ -124,19 +124,25 @@ def mode_option(note: str = "") -> Callable:
     )
 
 
-def speculative_option(fn: Callable) -> Callable:
-    """``--speculative off|lookup|model``, the same in every command that generates with a DeRaLlama."""
+_DRAFTS = {
+    "lookup": "lookup: copy from the prompt and answer so far (pays on edits, quotes, code)",
+    "model": "model: greedy drafts from the pair's model with the largest weight (pays on GPUs)",
+}
+
+
+def speculative_option(
+    *kinds: str, gate: str = "Drafting pauses while drafts fail or cost more time than they save."
+) -> Callable:
+    """``--speculative off|KIND...``, worded alike in every command that drafts; ``gate``: what pauses drafting."""
     return click.option(
         "--speculative",
-        type=click.Choice(["off", "lookup", "model"]),
+        type=click.Choice(["off", *kinds]),
         default="off",
         show_default=True,
         callback=lambda ctx, param, value: None if value == "off" else value,
         help="Draft tokens and verify them in one batch per model; the answers stay those without drafts "
-        "(up to llama.cpp's batch-shape rounding). lookup: copy from the prompt and answer so far (pays on "
-        "edits, quotes, code); model: greedy drafts from the pair's model with the largest weight (pays on "
-        "GPUs). Drafting pauses while drafts fail or cost more time than they save.",
-    )(fn)
+        f"(up to llama.cpp's batch-shape rounding). {'; '.join(_DRAFTS[k] for k in kinds)}. {gate}",
+    )
 
 
 def reports_errors(fn: Callable) -> Callable:

@@ -15,7 +15,7 @@ import sys
 import click
 
 from ..errors import DeRaError
-from .common import choose_pair, mode_option, model_options, parse_lams, reports_errors
+from .common import choose_pair, mode_option, model_options, parse_lams, reports_errors, speculative_option
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
 
@@ -132,6 +132,14 @@ def report(result, metric: str, maximize, metrics, n_listed: int) -> None:
         click.echo(f"best lam by {metric}: {best['lam']:g} ({metric} = {best[metric]:.4g})")
 
 
+def drafts_report(records) -> str:
+    """How many drafted tokens passed, over the records that counted them (resumed ones may not have)."""
+    counted = [r for r in records if "drafted" in r]
+    drafted, accepted = sum(r["drafted"] for r in counted), sum(r["accepted"] for r in counted)
+    share = f"{accepted / drafted:.0%}" if drafted else "-"
+    return f"speculation: {drafted} drafted tokens in {len(counted)} responses, {accepted} passed ({share})"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Sweep the DeRa strength λ over validation data, as the paper does to pick a KL strength."""
@@ -214,6 +222,10 @@ def score(
     "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="New tokens per response."
 )
 @click.option("--metric", default="mean_reward", show_default=True, help="Metric that picks the best λ.")
+@speculative_option(
+    "lookup",
+    gate="Drafts are sized by how much of each response's earlier drafts passed, not by timing: a run repeats itself.",
+)
 @reports_errors
 def generate(
     pair_name,
@@ -244,6 +256,7 @@ def generate(
     min_p,
     max_tokens,
     metric,
+    speculative,
 ):
     """Sample at every λ; length, reward and KL to the reference per λ (seed 0 unless --seed)."""
     from ..eval import GENERATE_METRICS, SamplingParams, load_reward, read_rows
@@ -270,9 +283,12 @@ def generate(
             samples=samples,
             progress=bar,
             mode=mode,
+            speculative=speculative,
             **cluster,
         )
     report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
+    if speculative:
+        click.echo(drafts_report(result.records), err=True)
 
 
 def _check_metric(metric: str, metrics) -> None:

@@ -41,7 +41,7 @@ from .common import (
     "[default: each pair's lam in models.toml, else 1.0].",
 )
 @mode_option("Every pair's default; a request's 'mode' wins.")
-@speculative_option
+@speculative_option("lookup", "model")
 @click.option(
     "--lam-presets",
     default="0,0.5,1,1.5,2",

@@ -83,8 +83,24 @@ class ParallelSequences:
 
     def step(self, tokens: Sequence[int], seq_ids: Sequence[int], position: int) -> np.ndarray:
         """Append ``tokens[i]`` to sequence ``seq_ids[i]`` at ``position``; rows (n_models, len, n_vocab)."""
-        n = len(tokens)
-        return self._decode(list(tokens), [position] * n, list(seq_ids), [True] * n)
+        return self.advance([(seq, position, [token]) for token, seq in zip(tokens, seq_ids)])
+
+    def advance(self, runs: Sequence[tuple]) -> np.ndarray:
+        """Append runs ``(seq_id, position, tokens)``, each to its sequence from its position, in one
+        batch per model; the rows of every token in run order, shape (n_models, n_tokens, n_vocab)."""
+        tokens: List[int] = []
+        positions: List[int] = []
+        seq_ids: List[int] = []
+        for seq, start, run in runs:
+            tokens += [int(t) for t in run]
+            positions += range(start, start + len(run))
+            seq_ids += [seq] * len(run)
+        return self._decode(tokens, positions, seq_ids, [True] * len(tokens))
+
+    def drop_from(self, seq: int, n: int) -> None:
+        """Drop sequence ``seq``'s positions from ``n`` on in every context (drafts that did not pass)."""
+        for context in self.contexts:
+            context.drop_from(seq, n)
 
     # ------------------------------------------------------------ scoring
 

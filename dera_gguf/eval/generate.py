@@ -16,6 +16,7 @@ import numpy as np
 
 from ..blend import blend_logits, kl_divergence, mixing_weights
 from ..errors import DeRaError
+from ..speculative import EMPTY, Gate, NgramLookup
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
 from .models import EvalPair, PairSpec, check_mode, files_of
@@ -37,35 +38,81 @@ class _Sequence:
         self.tokens: List[int] = []
         self.kl: List[float] = []
         self.finish: Optional[str] = None
+        self.gate = Gate()  # how much to draft next (speculation only)
+        self.drafted = self.accepted = 0
 
 
 def decode_batch(
-    pair: EvalPair, decoder: ParallelSequences, prompt: Sequence[int], jobs: List[_Sequence], max_tokens: int
+    pair: EvalPair,
+    decoder: ParallelSequences,
+    prompt: Sequence[int],
+    jobs: List[_Sequence],
+    max_tokens: int,
+    lookup: Optional[NgramLookup] = None,
 ) -> None:
-    """Generate every job's response in lockstep (one batch per model and step)."""
+    """Generate every job's response in lockstep (one batch per model and step).
+
+    With ``lookup``, each sequence's batch entry is its last token and the tokens prompt lookup
+    drafts after it; its chain samples row after row while it picks the drafted token (one draw
+    per emitted token, as without drafts), and the caches drop the drafted tokens it did not pick.
+    """
     sampler = RowSampler(pair.n_vocab)
     first = decoder.prefill(prompt, len(jobs))
-    rows = np.repeat(first[:, None, :], len(jobs), axis=1)  # (n_models, n_live, n_vocab)
-    live = list(range(len(jobs)))
-    position = len(prompt)
-    while live:
-        weights = np.array([jobs[i].weights for i in live]).T  # (n_models, n_live): each row at its own lam
-        blended = blend_logits([rows[0], rows[1]], weights)
+    rows = np.repeat(first[:, None, :], len(jobs), axis=1)  # (n_models, n_rows, n_vocab)
+    runs = [(i, EMPTY) for i in range(len(jobs))]  # (job, its draft): 1 + len(draft) rows each, in order
+    while runs:
+        weights = np.concatenate([np.repeat(jobs[i].weights[:, None], 1 + len(d), axis=1) for i, d in runs], axis=1)
+        blended = blend_logits([rows[0], rows[1]], weights)  # every row at its own sequence's lam
         kls = kl_divergence(blended, rows[0])
-        for k, i in enumerate(live):
-            job = jobs[i]
-            token = sampler.sample(job.chain, blended[k])
-            job.kl.append(float(kls[k]))
-            if pair.is_eog(token):
-                job.finish = "stop"
-            else:
-                job.tokens.append(token)
-                if len(job.tokens) >= max_tokens:
-                    job.finish = "length"
-        live = [i for i in live if jobs[i].finish is None]
-        if live:
-            rows = decoder.step([jobs[i].tokens[-1] for i in live], live, position)
-            position += 1
+        at = 0
+        for i, draft in runs:
+            job, n = jobs[i], 1 + len(draft)
+            passed = _emit(pair, job, sampler, blended[at : at + n], kls[at : at + n], draft, max_tokens)
+            at += n
+            if len(draft):
+                job.gate.record(len(prompt) + len(job.tokens), len(draft), passed)
+                job.drafted, job.accepted = job.drafted + len(draft), job.accepted + passed
+                if passed < len(draft) and job.finish is None:
+                    decoder.drop_from(i, len(prompt) + len(job.tokens) - 1)
+        live = [i for i, _ in runs if jobs[i].finish is None]
+        runs = _drafts(jobs, live, prompt, lookup, decoder.n_batch - len(live), max_tokens)
+        if runs:
+            rows = decoder.advance(
+                [(i, len(prompt) + len(jobs[i].tokens) - 1, [jobs[i].tokens[-1], *draft]) for i, draft in runs]
+            )
+
+
+def _emit(pair, job: _Sequence, sampler: RowSampler, rows, kls, draft: np.ndarray, max_tokens: int) -> int:
+    """Sample the job's next tokens: from the row after its last token, then from the row after each
+    drafted token its chain picked. Returns how many drafted tokens were picked."""
+    for j, row in enumerate(rows):
+        token = sampler.sample(job.chain, row)
+        job.kl.append(float(kls[j]))
+        if pair.is_eog(token):
+            job.finish = "stop"
+        else:
+            job.tokens.append(token)
+            if len(job.tokens) >= max_tokens:
+                job.finish = "length"
+        picked = j < len(draft) and token == draft[j]
+        if job.finish is not None or not picked:
+            return j + int(picked)
+    return len(draft)
+
+
+def _drafts(jobs, live: List[int], prompt, lookup: Optional[NgramLookup], room: int, max_tokens: int) -> List[tuple]:
+    """(job, draft) for every live job: drafts as long as each gate allows, within ``room`` batch
+    entries in all and never past the job's last row (``max_tokens``)."""
+    runs = []
+    for i in live:
+        job, draft = jobs[i], EMPTY
+        ids = len(prompt) + len(job.tokens)
+        n = min(job.gate.allows(ids), max_tokens - len(job.tokens) - 1, room) if lookup else 0
+        if n > 0:
+            draft = lookup(np.concatenate([np.asarray(prompt, dtype=np.intc), job.tokens]), n)
+            room -= len(draft)
+        runs.append((i, draft))
+    return runs
 
 
 def generate_row(
@@ -78,12 +125,15 @@ def generate_row(
     seed: int,
     reward,
     mode: str = "blend",
+    speculative: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
     """One record per (λ, sample) of this prompt.
 
     Blend mode decodes every (λ, sample) together; weight-space mode one batch per λ (the
-    adapter's scale is per context), each sampled from the adapted model alone.
+    adapter's scale is per context), each sampled from the adapted model alone. With
+    ``speculative="lookup"`` the records also count the drafted tokens and those that passed.
     """
+    lookup = NgramLookup() if speculative == "lookup" else None
     prompt_text = pair.prompt_text(row.prompt, row.messages)
     prompt = pair.tokenize(prompt_text)
     if not prompt:
@@ -99,14 +149,14 @@ def generate_row(
         for s in range(samples)
     ]
     if mode == "blend":
-        decode_batch(pair, decoder, prompt, jobs, params.max_tokens)
+        decode_batch(pair, decoder, prompt, jobs, params.max_tokens, lookup)
     else:
         for lam in lams:
             decoder.use_weight_space(float(lam))
             group = [job for job in jobs if job.lam == float(lam)]
             for job in group:
                 job.weights = mixing_weights(1.0)  # all on the adapted model
-            decode_batch(pair, decoder, prompt, group, params.max_tokens)
+            decode_batch(pair, decoder, prompt, group, params.max_tokens, lookup)
     records = []
     for job in jobs:
         response = pair.detokenize(job.tokens)
@@ -126,6 +176,7 @@ def generate_row(
                 "kl_sum": float(np.sum(job.kl)),
                 "kl_mean": float(np.mean(job.kl)),
                 "reward": reward_of(reward, prompt_text, response, len(job.tokens), where),
+                **({"drafted": job.drafted, "accepted": job.accepted} if lookup else {}),
             }
         )
     return records
@@ -141,6 +192,7 @@ class GenerateTask:
     seed: int
     reward: Any
     mode: str = "blend"
+    speculative: Optional[str] = None
 
     def open(self, pair: EvalPair):
         """``(work, close)``: ``work(row, lams) -> records``, decoding up to every λ of the sweep at once."""
@@ -148,7 +200,9 @@ class GenerateTask:
         decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * self.params.max_tokens)
 
         def work(row, todo):
-            return generate_row(pair, decoder, row, todo, self.samples, self.params, self.seed, self.reward, self.mode)
+            return generate_row(
+                pair, decoder, row, todo, self.samples, self.params, self.seed, self.reward, self.mode, self.speculative
+            )
 
         return work, decoder.close
 
@@ -168,6 +222,7 @@ def generate(
     ray=None,
     workers: Optional[int] = None,
     log: Optional[Callable[[str], None]] = None,
+    speculative: Optional[str] = None,
 ) -> SweepResult:
     """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
 
@@ -185,7 +240,14 @@ def generate(
         mode: ``"blend"`` (DeRa) or ``"weights"`` (a LoRA pair's adapter at scale λ: the paper's
             weight-space approximation; one batch per λ).
         ray, workers, log: shard rows over Ray workers, as in :func:`~dera_gguf.eval.score`.
+        speculative: ``"lookup"``: every sequence also decodes what prompt lookup drafts after its
+            last token, and its chain samples those rows while it picks the drafted tokens: the
+            samples are the same (up to llama.cpp's batch-shape rounding), in fewer steps where
+            responses copy their prompt. Drafts are sized by how many of a sequence's last draft
+            passed, not by timing, so a run repeats itself exactly.
     """
+    if speculative not in (None, "lookup"):
+        raise DeRaError(f"speculative must be None or 'lookup' for generate (drafts per sequence), got {speculative!r}")
     files = files_of(pair)
     check_mode(mode, files)
     if not isinstance(data, Dataset):
@@ -202,7 +264,7 @@ def generate(
         "reward": describe_reward(reward),
         **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
-    task = GenerateTask(len(lams), samples, params, seed, reward, mode)
+    task = GenerateTask(len(lams), samples, params, seed, reward, mode, speculative)
     with row_executor(pair, task, ray, workers, log) as execute:
         return run_sweep(
             data,
