@@ -8,6 +8,10 @@ forward pass per model and sequence serves every λ. generate: one prompt, 1 λ 
 round by round so machine noise hits both alike; medians are reported. Without
 --aligned the model is paired with itself (both contexts still do all the work).
 
+generate --speculative: 8 λ with and without prompt lookup drafts, on the open-ended prompt and
+on copy-heavy ones (bench_decode's), sampled as dera-eval does by default; the share of
+drafted tokens that passed.
+
 generate also reports llama.cpp's own floor: one llama_decode of 8 tokens (8 sequences)
 against one of 1 token, in the same contexts. No loop around llama.cpp can beat that
 ratio, and it depends on the hardware and on the weights' type (batched kernels exist
@@ -121,6 +125,39 @@ def bench_generate(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -
     print(f"  llama.cpp floor: one 8-token llama_decode = {decode_floor(pair, rounds):.2f}x a 1-token one")
 
 
+def bench_speculative(pair: EvalPair, folder: Path, rounds: int, max_tokens: int) -> None:
+    from bench_decode import COPY
+
+    params = SamplingParams(max_tokens=max_tokens)
+    lams = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    for kind, prompts in {"open-ended": [STORY], "copy-heavy": [_chat(p) for p in COPY]}.items():
+        path = folder / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        data = read_rows(path, "generate")
+        times, passed = {"8 lams": [], "8 lams lookup": []}, [0, 0]
+        for r in range(rounds):
+            for name in times:
+                speculative = "lookup" if "lookup" in name else None
+                start = time.perf_counter()
+                result = generate(pair, data, lams, params=params, seed=r, speculative=speculative)
+                times[name].append(time.perf_counter() - start)
+                if speculative:
+                    passed[0] += sum(rec["accepted"] for rec in result.records)
+                    passed[1] += sum(rec["drafted"] for rec in result.records)
+        share = passed[0] / passed[1] if passed[1] else float("nan")
+        report(
+            f"generate --speculative, {kind} prompts",
+            times,
+            "8 lams",
+            1.0,
+            f"{len(prompts)} prompt(s), max {max_tokens} new tokens; {share:.0%} of {passed[1]} drafted tokens passed",
+        )
+
+
+def _chat(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def decode_floor(pair: EvalPair, rounds: int, n_seq: int = 8, steps: int = 16) -> float:
     """Median time of one n_seq-token llama_decode over that of a 1-token one (both models)."""
     decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=n_seq * steps)
@@ -171,7 +208,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--only", choices=["score", "generate"], default=None)
+    parser.add_argument("--only", choices=["score", "generate", "speculative"], default=None)
     parser.add_argument(
         "--requantize",
         choices=list(QUANT_TYPES),
@@ -197,6 +234,8 @@ def run(pair: EvalPair, tmp: Path, args) -> None:
         bench_score(pair, tmp, args.rounds, args.rows)
     if args.only in (None, "generate"):
         bench_generate(pair, tmp, args.rounds, args.max_tokens)
+    if args.only in (None, "speculative"):
+        bench_speculative(pair, tmp, args.rounds, args.max_tokens)
 
 
 if __name__ == "__main__":
