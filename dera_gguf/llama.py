@@ -136,6 +136,8 @@ class DeRaLlama(Llama):
         self._eval_realign: Optional[Realign] = None  # what made the logits buffers and scores
         self._lockstep = Lockstep(self._open_contexts(files), self.n_batch, self._thread_plan(concurrent))
         self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
+        self._generation: Optional[object] = None  # the generate() call under way, if any
+        self._every_row = False  # whether the next decode's every row will be sampled
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
         self.draft_model = self._speculation(speculative)
 
@@ -345,13 +347,22 @@ class DeRaLlama(Llama):
         llama-cpp-python would sample an exactly cached prompt from the logits buffer as
         it stands, but a context that caught up since may have overwritten it, and lam
         may have changed; replaying one token costs one decode and is always exact.
+        After its first decode (the prompt: one row sampled) ``Llama.generate`` samples
+        the row of every token it decodes (the sampled token, what ``send()`` gave, a
+        draft), so :meth:`eval` blends them all from then on.
         """
         self._requires_eval = True
+        generation = self._generation = object()
+        self._every_row = False
         if self.draft_model is not None:
             self.draft_model.restart()
         if self._logits_all and self._eval_realign != self._realign:
             self.reset()  # the score rows of the cached prefix hold another blend: recompute them
-        return (yield from super().generate(tokens, *args, **kwargs))
+        try:
+            return (yield from super().generate(tokens, *args, **kwargs))
+        finally:
+            if self._generation is generation:  # (not if another generate() started since)
+                self._generation, self._every_row = None, False
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
@@ -365,14 +376,19 @@ class DeRaLlama(Llama):
                 f"{start + n} tokens do not fit the context of {len(self.input_ids)} (n_ctx): "
                 "create the DeRaLlama with a larger n_ctx or start a shorter conversation"
             )
+        rows = n if self._every_row else 1
+        if rows > self.n_batch:
+            raise DeRaError(
+                f"generate() is to sample {rows} rows of one decode (the tokens given to send() and a draft), "
+                f"more than a batch holds (n_batch {self.n_batch}): send fewer tokens at a time"
+            )
         scores = self.scores[start : start + n] if self._logits_all else None
         weights = self._prepare_contexts()
-        drafted = self.draft_model.take_pending() if self.draft_model is not None else 0
-        rows = min(n, 1 + drafted)  # generate() samples every drafted row
         self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores, rows)
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False
+        self._every_row = self._generation is not None
         self._eval_realign = self._realign
 
     def _prepare_contexts(self) -> tuple:

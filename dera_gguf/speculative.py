@@ -282,7 +282,7 @@ class Speculation(LlamaDraftModel):
 
     Called with the text so far (its last token sampled, not yet decoded); checks how much
     of its previous draft the sampler kept, asks the gate for a size and the source for a
-    draft. ``pending`` tells DeRaLlama's next decode how many drafted rows to output.
+    draft.
 
     Args:
         source: ``source(ids, n)`` returns at most n drafted tokens (deterministic).
@@ -301,18 +301,13 @@ class Speculation(LlamaDraftModel):
         self.gate = gate or Gate()
         self.pace = pace or Pace()
         self.stats = SpeculationStats()
-        self.pending = 0
         self._last: Optional[tuple] = None  # (start position, drafted tokens)
         self._clock: Optional[tuple] = None  # (text length, time, kind of draft or None) at the previous call
 
     def restart(self) -> None:
         """A new generation: the previous draft is not verified against it."""
-        self._last, self._clock, self.pending = None, None, 0
+        self._last, self._clock = None, None
         self.gate.reset()
-
-    def take_pending(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         now = time.perf_counter()
@@ -323,7 +318,6 @@ class Speculation(LlamaDraftModel):
         draft, kind = self._propose(ids, n) if n > 0 else (EMPTY, None)
         self._last = (len(ids), draft) if len(draft) else None
         self._clock = (len(ids), now, kind if len(draft) else None)  # the drafting counts towards its step
-        self.pending = len(draft)
         if len(draft):
             self.stats.verifications += 1
             self.stats.drafted += len(draft)

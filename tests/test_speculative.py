@@ -70,6 +70,24 @@ def test_speculative_greedy_tokens_are_the_blends(ref_path, aligned_path, refere
     assert llm.speculation_stats.accepted > 0  # drafted rows were sampled, not only the last token's
 
 
+def test_tokens_sent_into_generate_are_verified_like_drafts(ref_path, aligned_path, reference_models):
+    """llama-cpp-python's generate() decodes what send() gives after the sampled token and samples every
+    row of it, keeping sent tokens while they are what it samples: greedy output is the blend's whatever
+    is sent (plain llama-cpp-python without logits_all reads rows it never asked for and aborts)."""
+    prompt, expected = greedy_cases(tuple(reference_models), 1.5)
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=1.5, n_batch=8, **KW)
+    gen = llm.generate(prompt, temp=0.0, top_k=1)
+    got = [next(gen)]
+    got.append(gen.send(expected[1:4]))  # right guesses: they pass
+    got += [next(gen), next(gen)]
+    got.append(gen.send([expected[5], 7, 7, 7]))  # one right, then wrong ones: dropped
+    while len(got) < 20:
+        got.append(next(gen))
+    assert got == expected[:20]
+    with pytest.raises(DeRaError, match="send fewer tokens"):
+        gen.send(list(expected[21:30]))  # 10 rows to sample, a batch holds 8
+
+
 def test_logits_all_rows_of_a_speculative_call_are_the_blends(ref_path, aligned_path, reference_models):
     """With logits_all, every row of every verification batch lands in scores (the echo / logprobs path)."""
     lam = 1.5
