@@ -209,7 +209,7 @@ class DeRaLlama(Llama):
             source = spec.ModelDraft(self._drafting_context, self._draft_on, self.n_batch)
         else:
             source = spec.from_draft_model(speculative)
-        return spec.Speculation(source, limit=self.n_batch - 1)
+        return spec.Speculation(source, room=lambda length: self.n_batch - (length - self.n_tokens))
 
     def _drafting_context(self) -> Optional[Context]:
         """The model that drafts in ``speculative="model"``: the one with the largest weight (blend mode only)."""

@@ -286,18 +286,19 @@ class Speculation(LlamaDraftModel):
 
     Args:
         source: ``source(ids, n)`` returns at most n drafted tokens (deterministic).
-        limit: the most tokens a draft may have (the decode batch holds it with the last token).
+        room: ``room(n)``: the most tokens a draft may have when the text so far has n tokens (the
+            decode batch holds the draft with the tokens not yet decoded: the last one, any sent ones).
     """
 
     def __init__(
         self,
         source: Callable[[np.ndarray, int], np.ndarray],
-        limit: int,
+        room: Callable[[int], int],
         gate: Optional[Gate] = None,
         pace: Optional[Pace] = None,
     ):
         self.source = source
-        self.limit = limit
+        self.room = room
         self.gate = gate or Gate()
         self.pace = pace or Pace()
         self.stats = SpeculationStats()
@@ -314,7 +315,7 @@ class Speculation(LlamaDraftModel):
         ids = np.asarray(input_ids)
         self._settle(ids)
         self._time_step(len(ids), now)
-        n = min(self.gate.allows(len(ids)), self.limit)
+        n = min(self.gate.allows(len(ids)), self.room(len(ids)))
         draft, kind = self._propose(ids, n) if n > 0 else (EMPTY, None)
         self._last = (len(ids), draft) if len(draft) else None
         self._clock = (len(ids), now, kind if len(draft) else None)  # the drafting counts towards its step

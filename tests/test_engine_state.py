@@ -210,14 +210,24 @@ def complete_checked(
     return choice["text"]
 
 
-def generate_checked(llm: DeRaLlama, ref: Reference, prompt: List[int], n: int) -> List[int]:
-    """``n`` greedy tokens from llm.generate (at the default lam), then the generator is dropped."""
-    got = []
-    for token in llm.generate(prompt, temp=0.0):
-        got.append(token)
-        if len(got) == n:
-            break
-    expected = ref.greedy(prompt, llm.lam, n, stop_at_eog=False)
+def generate_checked(
+    llm: DeRaLlama, ref: Reference, prompt: List[int], n: int, send: Optional[str] = None
+) -> List[int]:
+    """``n`` greedy tokens from llm.generate (at the default lam), then the generator is dropped.
+
+    ``send``: after the first token, send() the next two tokens of the greedy text ("right") or a
+    token that is not the next ("wrong"); llama-cpp-python verifies sent tokens like drafts, so the
+    tokens are the greedy text either way.
+    """
+    expected = ref.greedy(prompt, llm.lam, max(n, 3), stop_at_eog=False)
+    tokens = llm.generate(prompt, temp=0.0)
+    got = [next(tokens)]
+    if send is not None and n > 1:
+        nxt = expected.tokens[1]
+        got.append(tokens.send(list(expected.tokens[1:3]) if send == "right" else [(nxt + 1) % llm.n_vocab()]))
+    while len(got) < n:
+        got.append(next(tokens))
+    tokens.close()
     tie = next((i for i in range(n) if expected.near_tie_within(i + 1)), n)
     assert got[:tie] == expected.tokens[:tie]
     return got
@@ -349,12 +359,12 @@ class CallSequence(RuleBasedStateMachine):
             self.llm, self.ref, prompt, tokens, lam, logprobs=self.logits_all, via_call=form == "call"
         )
 
-    def do_generate(self, change, words, lam, n) -> None:
+    def do_generate(self, change, words, lam, n, send) -> None:
         self.next_messages(change, words)
         if lam is not None:  # generate takes no lam=: it runs at the default
             self.set_lam(lam)
         prompt = self.ref.chat_tokens(self.messages)
-        self.answer = self.ref.text(generate_checked(self.llm, self.ref, prompt, n), prompt)
+        self.answer = self.ref.text(generate_checked(self.llm, self.ref, prompt, n, send), prompt)
 
     def do_stream(self, form, change, words, lam, n_chunks) -> None:
         messages = self.next_messages(change, words)
@@ -398,9 +408,9 @@ def machine_for(lams: dict):
         def complete(self, form, change, words, lam):
             self.do_complete(form, change, words, lam)
 
-        @rule(change=change, words=words, lam=lam, n=st.integers(1, 6))
-        def generate(self, change, words, lam, n):
-            self.do_generate(change, words, lam, n)
+        @rule(change=change, words=words, lam=lam, n=st.integers(1, 6), send=st.sampled_from([None, "right", "wrong"]))
+        def generate(self, change, words, lam, n, send):
+            self.do_generate(change, words, lam, n, send)
 
         @rule(form=st.sampled_from(["chat", "text"]), change=change, words=words, lam=lam, n_chunks=st.integers(1, 4))
         def stream_dropped(self, form, change, words, lam, n_chunks):
