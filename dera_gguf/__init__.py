@@ -6,7 +6,7 @@ llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], lam=0.5
 """
 
 from .blend import blend_logits, kl_divergence, log_softmax, mixing_weights, normalize_lam, sweep_stats
-from .errors import ContextFullError, DecodeError, DeRaError
+from .errors import ContextFullError, DecodeError, DeRaError, Stopped
 from .llama import DeRaLlama
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DeRaError",
     "ContextFullError",
     "DecodeError",
+    "Stopped",
     "blend_logits",
     "kl_divergence",
     "log_softmax",

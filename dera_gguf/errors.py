@@ -16,3 +16,7 @@ class ContextFullError(DeRaError):
 
 class DecodeError(DeRaError):
     """llama.cpp failed during a call (``llama_decode`` returned an error, for example): not bad input."""
+
+
+class Stopped(DeRaError):
+    """A call ended before its next decode because the caller asked (:meth:`DeRaLlama.stopping`)."""

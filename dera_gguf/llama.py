@@ -28,7 +28,7 @@ import difflib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
 import numpy as np
@@ -39,7 +39,7 @@ from . import checks
 from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
 from .contexts import Context, Lockstep
-from .errors import ContextFullError, DecodeError, DeRaError
+from .errors import ContextFullError, DecodeError, DeRaError, Stopped
 from .models import PairFiles, PairModels, as_path_list
 from .threads import ThreadPlan, physical_cores
 
@@ -138,6 +138,7 @@ class DeRaLlama(Llama):
         self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
         self._generation: Optional[object] = None  # the generate() call under way, if any
         self._every_row = False  # whether the next decode's every row will be sampled
+        self._stop: Optional[Callable[[], bool]] = None  # asked before every decode (stopping())
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
         self.draft_model = self._speculation(speculative)
 
@@ -364,8 +365,21 @@ class DeRaLlama(Llama):
             if self._generation is generation:  # (not if another generate() started since)
                 self._generation, self._every_row = None, False
 
+    @contextlib.contextmanager
+    def stopping(self, when: Callable[[], bool]):
+        """Within it, every decode first asks ``when()``, and a true answer ends the call with
+        :class:`~dera_gguf.errors.Stopped` before anything is decoded (the engine stays as it was,
+        the next call goes on normally). dera-serve stops a request whose client went away so."""
+        self._stop = when
+        try:
+            yield self
+        finally:
+            self._stop = None
+
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
+        if self._stop is not None and self._stop():
+            raise Stopped("the call was stopped (DeRaLlama.stopping) before its next decode")
         tokens = list(tokens)
         if not tokens and self.n_tokens:  # nothing new: refresh the last row instead
             self.n_tokens -= 1

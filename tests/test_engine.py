@@ -10,7 +10,7 @@ import pytest
 import reference as R
 from llama_cpp import LlamaGrammar, llama_chat_format
 
-from dera_gguf import DeRaLlama
+from dera_gguf import DeRaLlama, Stopped
 
 PROMPT = "hello world, tell me about the cat"
 LAMS = [-0.5, 0.0, 0.3, 1.0, 1.5, 3.0]
@@ -254,3 +254,22 @@ def test_physical_cores_counts_cores_not_hyperthreads():
     assert _cpuinfo_cores(two_packages_ht) == 4  # 8 logical CPUs: 2 packages x 2 cores x 2 threads
     assert _cpuinfo_cores("processor : 0\n") == 0
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_a_stopped_call_raises_and_leaves_the_engine_exact(ref_path, aligned_path, pair):
+    """DeRaLlama.stopping: the 6th decode of a call is refused with Stopped; the next call's greedy
+    tokens are still the blend's (plain Llamas in numpy)."""
+    llm = dera(ref_path, str(aligned_path), lam=1.5)
+    asked = []
+    with llm.stopping(lambda: len(asked.append(1) or asked) > 5):
+        with pytest.raises(Stopped):
+            llm.create_completion(PROMPT, max_tokens=50, temperature=0.0, logit_bias={llm.token_eos(): -100.0})
+    assert len(asked) == 6
+    prompt = prompt_tokens(llm)
+    expected, _ = R.greedy(pair, [-0.5, 1.5], prompt, 8)
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected

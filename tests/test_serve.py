@@ -411,6 +411,52 @@ def test_client_disconnect_mid_stream_frees_the_engine_at_once(env, paths, tmp_p
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
 
 
+def test_client_gone_before_a_whole_answer_frees_the_engine(env, paths, tmp_path):
+    """A non-streamed 4000-token answer whose client gives up after about 40 tokens' time: the server
+    stops generating it (at its next token), so the next request need not wait for the rest."""
+    ref, aligned, _ = paths
+    args = ["--ref", str(ref), "--aligned", str(aligned), "--alias", "my-dpo", "--n-ctx", "4096"]
+    proc = ServerProcess([*args, "--max-tokens", "4000"], env, tmp_path / "server.log")
+    ask = dict(model="my-dpo", messages=CAT, max_tokens=8, **GREEDY)
+    long = dict(model="my-dpo@1.5", messages=HELLO, max_tokens=4000, logit_bias=EOG_BAN, **GREEDY)
+    try:
+        with proc.http() as http:
+            assert http.post("/v1/chat/completions", json=ask).status_code == 200  # warm-up (first call is slow)
+            start = time.monotonic()
+            assert http.post("/v1/chat/completions", json={**long, "max_tokens": 40}).status_code == 200
+            seconds_per_token = (time.monotonic() - start) / 40
+        with proc.http(timeout=40 * seconds_per_token) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                impatient.post("/v1/chat/completions", json=long)
+        with proc.http() as http:
+            start = time.monotonic()
+            answer = http.post("/v1/chat/completions", json=ask)
+            waited = time.monotonic() - start
+        # the rest would take 3960 tokens at the early rate at least; a loaded machine delays noticing by some
+        assert waited < 0.8 * 3960 * seconds_per_token, (waited, seconds_per_token)
+        llm = DeRaLlama(str(ref), str(aligned), n_ctx=4096, verbose=False)
+        assert answer.json()["choices"][0]["message"]["content"] == chat_answer(llm, CAT, max_tokens=8, **GREEDY)[0]
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()
+    assert "Traceback" not in proc.log(), proc.log()
+
+
+def test_sigterm_ends_a_whole_answer_with_a_503(env, tmp_path):
+    proc = ServerProcess(["--n-ctx", "4096", "--max-tokens", "4000"], env, tmp_path / "server.log")  # default pair
+    body = dict(model="tiny@1.5", messages=HELLO, max_tokens=4000, logit_bias=EOG_BAN, **GREEDY)
+    answers = []
+    with proc.http() as http:
+        asking = threading.Thread(target=lambda: answers.append(http.post("/v1/chat/completions", json=body)))
+        asking.start()
+        time.sleep(1.0)  # the answer is under way (4000 tokens take far longer)
+        proc.process.send_signal(signal.SIGTERM)
+        asking.join(60)
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["code"] == "server_shutting_down"
+    assert proc.process.wait(30) == 0
+    assert "Traceback" not in proc.log(), proc.log()
+
+
 def test_sigterm_ends_running_streams_and_exits_cleanly(env, tmp_path):
     proc = ServerProcess(["--n-ctx", "4096", "--max-tokens", "4000"], env, tmp_path / "server.log")  # default pair
     body = dict(model="tiny@1.5", messages=HELLO, stream=True, max_tokens=4000, logit_bias=EOG_BAN, **GREEDY)

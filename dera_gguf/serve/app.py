@@ -10,26 +10,32 @@ shape (:mod:`.catalog`).
 
 Each pair's engine serves one request at a time (an ``asyncio.Lock`` per pair, in
 arrival order); the call runs on a worker thread with the request's own ``lam=``, so no
-λ leaks between requests, and a waiting request never cuts a running stream.
+λ leaks between requests, and a waiting request never cuts a running stream. A call
+stops at its next token once its client has gone or the server is stopping (streams:
+:mod:`.stream`; other answers: :func:`_watched`), so it does not hold the engine for
+nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..cli.chat_session import Sampling
+from ..errors import Stopped
 from .catalog import Catalog
 from .errors import ApiError, install_handlers
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given
-from .stream import start_stream
+from .stream import SHUTTING_DOWN, start_stream
 
 
 @dataclass
@@ -70,17 +76,17 @@ def create_app(catalog: Catalog, settings: Optional[ServeSettings] = None) -> Fa
         return {"id": model_id, "object": "model", "created": catalog.created, "owned_by": "dera-gguf"}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatRequest):
-        return await _answer(catalog, settings, body)
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await _answer(catalog, settings, body, request)
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest):
-        return await _answer(catalog, settings, body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await _answer(catalog, settings, body, request)
 
     return app
 
 
-async def _answer(catalog: Catalog, settings: ServeSettings, body):
+async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Request):
     """One request: checks first (model, λ, fields), then the call on the pair's engine."""
     target = catalog.resolve(body.model, given(body, "lam"))
     kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
@@ -91,7 +97,29 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body):
     if body.stream:
         return await start_stream(target.pair.lock, call, count, settings.stopping)
     async with target.pair.lock:
-        return JSONResponse(await anyio.to_thread.run_sync(call))
+        return await _watched(request, target.pair.llm, call, settings.stopping)
+
+
+async def _watched(request: Request, llm, call: Callable, stopping: Callable[[], bool]) -> Response:
+    """A whole (not streamed) answer from a worker thread, stopped at its next token once the client
+    has disconnected (nobody would read it) or the server is stopping (then a 503)."""
+    gone = threading.Event()
+    watcher = asyncio.create_task(_watch_client(request, gone))
+    try:
+        with llm.stopping(lambda: gone.is_set() or stopping()):
+            return JSONResponse(await anyio.to_thread.run_sync(call))
+    except Stopped:
+        if stopping():
+            raise SHUTTING_DOWN from None
+        return Response(status_code=499)  # (nginx's "client closed request": nobody receives it)
+    finally:
+        watcher.cancel()
+
+
+async def _watch_client(request: Request, gone: threading.Event) -> None:
+    while not await request.is_disconnected():
+        await anyio.sleep(0.1)
+    gone.set()
 
 
 def _api_key_check(api_key: Optional[str]):
