@@ -64,6 +64,41 @@ class NgramLookup:
         return EMPTY, None
 
 
+class NgramIndex:
+    """Prompt lookup for one text that only grows (a sequence of dera-eval generate): the drafts of
+    :class:`NgramLookup`, from a table of where each n-gram was last followed, kept up to date token
+    by token, so a draft costs a few dictionary lookups instead of a scan of the whole text."""
+
+    def __init__(self, tokens: Sequence[int] = (), min_ngram: int = 1, max_ngram: int = 4, short: int = 2):
+        self.min_ngram, self.max_ngram, self.short = min_ngram, max_ngram, short
+        self.ids: list = []
+        self.follows: dict = {}  # n-gram (a tuple) -> where the tokens after its latest occurrence start
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens``: each n-gram they complete now has a continuation."""
+        for token in tokens:
+            end = len(self.ids)
+            for size in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self.follows[tuple(self.ids[end - size : end])] = end
+            self.ids.append(int(token))
+
+    def fork(self) -> "NgramIndex":
+        """An independent copy (every sequence of one prompt starts from the prompt's index)."""
+        twin = NgramIndex((), self.min_ngram, self.max_ngram, self.short)
+        twin.ids, twin.follows = list(self.ids), dict(self.follows)
+        return twin
+
+    def __call__(self, n: int) -> np.ndarray:
+        """At most ``n`` tokens that followed the latest earlier occurrence of the text's longest last n-gram."""
+        for size in range(min(self.max_ngram, len(self.ids) - 1), self.min_ngram - 1, -1):
+            start = self.follows.get(tuple(self.ids[-size:]))
+            if start is not None:
+                take = min(n, self.short) if size == 1 else n
+                return np.array(self.ids[start : start + take], dtype=np.intc)
+        return EMPTY
+
+
 class ModelDraft:
     """Greedy drafts from one context of the pair, chosen per call (the one with the largest weight).
 

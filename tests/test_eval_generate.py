@@ -192,10 +192,10 @@ def speculative_run(pair, prompt, jobs, max_tokens):  # noqa: F811 (fixture)
     """Decode ``jobs`` together on ``prompt`` with prompt lookup drafting for each sequence."""
     from dera_gguf.eval.batch import ParallelSequences
     from dera_gguf.eval.generate import decode_batch
-    from dera_gguf.speculative import NgramLookup
+    from dera_gguf.speculative import NgramIndex
 
     with ParallelSequences(pair, n_seq=len(jobs), n_extra=(len(jobs) - 1) * max_tokens) as decoder:
-        decode_batch(pair, decoder, prompt, jobs, max_tokens, NgramLookup())
+        decode_batch(pair, decoder, prompt, jobs, max_tokens, NgramIndex(prompt))
         return [[c.extent(i) for c in decoder.contexts] for i in range(len(jobs))]  # positions each sequence holds
 
 

@@ -21,7 +21,7 @@ from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecodi
 from scipy import stats
 
 from dera_gguf import DeRaError, DeRaLlama
-from dera_gguf.speculative import Gate, NgramLookup, Pace
+from dera_gguf.speculative import Gate, NgramIndex, NgramLookup, Pace
 
 N_CTX = 256
 KW = dict(n_ctx=N_CTX, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
@@ -152,7 +152,7 @@ def test_sampled_tokens_at_verified_rows_follow_the_blend(ref_path, aligned_path
 @given(st.lists(st.integers(0, 3), min_size=2, max_size=30), st.integers(1, 6), st.integers(1, 3))
 def test_lookup_drafts_follow_the_latest_longest_earlier_ngram(ids, n, min_ngram):
     """Brute force: for n-gram sizes 4 down to min_ngram, the latest earlier occurrence of the text's last n-gram;
-    a one-token match drafts at most 2 tokens."""
+    a one-token match drafts at most 2 tokens. Both the scan (NgramLookup) and the index grown token by token."""
     expected = []
     for size in range(min(4, len(ids) - 1), min_ngram - 1, -1):
         starts = [j for j in range(len(ids) - size) if ids[j : j + size] == ids[-size:]]
@@ -160,6 +160,11 @@ def test_lookup_drafts_follow_the_latest_longest_earlier_ngram(ids, n, min_ngram
             expected = ids[starts[-1] + size : starts[-1] + size + (n if size > 1 else min(n, 2))]
             break
     assert NgramLookup(min_ngram=min_ngram, max_ngram=4)(np.array(ids), n).tolist() == expected
+    grown = NgramIndex(ids[:1], min_ngram=min_ngram, max_ngram=4)  # the same, kept up to date token by token
+    for token in ids[1:]:
+        grown = grown.fork()
+        grown.extend([token])
+    assert grown(n).tolist() == expected
 
 
 def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..blend import blend_logits, kl_divergence, mixing_weights
 from ..errors import DeRaError
-from ..speculative import EMPTY, Gate, NgramLookup
+from ..speculative import EMPTY, Gate, NgramIndex
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
 from .models import EvalPair, PairSpec, check_mode, files_of
@@ -39,6 +39,7 @@ class _Sequence:
         self.kl: List[float] = []
         self.finish: Optional[str] = None
         self.gate = Gate()  # how much to draft next (speculation only)
+        self.lookup: Optional[NgramIndex] = None  # prompt lookup over its prompt and tokens (speculation only)
         self.drafted = self.accepted = 0
 
 
@@ -48,15 +49,17 @@ def decode_batch(
     prompt: Sequence[int],
     jobs: List[_Sequence],
     max_tokens: int,
-    lookup: Optional[NgramLookup] = None,
+    lookup: Optional[NgramIndex] = None,
 ) -> None:
     """Generate every job's response in lockstep (one batch per model and step).
 
-    With ``lookup``, each sequence's batch entry is its last token and the tokens prompt lookup
-    drafts after it; its chain samples row after row while it picks the drafted token (one draw
+    With ``lookup`` (the prompt's index), each sequence's batch entry is its last token and the
+    tokens prompt lookup drafts after it; its chain samples row after row while it picks the drafted token (one draw
     per emitted token, as without drafts), and the caches drop the drafted tokens it did not pick.
     """
     sampler = RowSampler(pair.n_vocab)
+    for job in jobs:
+        job.lookup = lookup.fork() if lookup is not None else None
     first = decoder.prefill(prompt, len(jobs))
     rows = np.repeat(first[:, None, :], len(jobs), axis=1)  # (n_models, n_rows, n_vocab)
     runs = [(i, EMPTY) for i in range(len(jobs))]  # (job, its draft): 1 + len(draft) rows each, in order
@@ -66,16 +69,18 @@ def decode_batch(
         kls = kl_divergence(blended, rows[0])
         at = 0
         for i, draft in runs:
-            job, n = jobs[i], 1 + len(draft)
+            job, n, before = jobs[i], 1 + len(draft), len(jobs[i].tokens)
             passed = _emit(pair, job, sampler, blended[at : at + n], kls[at : at + n], draft, max_tokens)
             at += n
+            if job.lookup is not None:
+                job.lookup.extend(job.tokens[before:])
             if len(draft):
                 job.gate.record(len(prompt) + len(job.tokens), len(draft), passed)
                 job.drafted, job.accepted = job.drafted + len(draft), job.accepted + passed
                 if passed < len(draft) and job.finish is None:
                     decoder.drop_from(i, len(prompt) + len(job.tokens) - 1)
         live = [i for i, _ in runs if jobs[i].finish is None]
-        runs = _drafts(jobs, live, prompt, lookup, decoder.n_batch - len(live), max_tokens)
+        runs = _drafts(jobs, live, len(prompt), decoder.n_batch - len(live), max_tokens)
         if runs:
             rows = decoder.advance(
                 [(i, len(prompt) + len(jobs[i].tokens) - 1, [jobs[i].tokens[-1], *draft]) for i, draft in runs]
@@ -100,16 +105,15 @@ def _emit(pair, job: _Sequence, sampler: RowSampler, rows, kls, draft: np.ndarra
     return len(draft)
 
 
-def _drafts(jobs, live: List[int], prompt, lookup: Optional[NgramLookup], room: int, max_tokens: int) -> List[tuple]:
+def _drafts(jobs, live: List[int], n_prompt: int, room: int, max_tokens: int) -> List[tuple]:
     """(job, draft) for every live job: drafts as long as each gate allows, within ``room`` batch
     entries in all and never past the job's last row (``max_tokens``)."""
     runs = []
     for i in live:
         job, draft = jobs[i], EMPTY
-        ids = len(prompt) + len(job.tokens)
-        n = min(job.gate.allows(ids), max_tokens - len(job.tokens) - 1, room) if lookup else 0
-        if n > 0:
-            draft = lookup(np.concatenate([np.asarray(prompt, dtype=np.intc), job.tokens]), n)
+        if job.lookup is not None:
+            n = min(job.gate.allows(n_prompt + len(job.tokens)), max_tokens - len(job.tokens) - 1, room)
+            draft = job.lookup(n) if n > 0 else EMPTY
             room -= len(draft)
         runs.append((i, draft))
     return runs
@@ -133,9 +137,6 @@ def generate_row(
     adapter's scale is per context), each sampled from the adapted model alone. With
     ``speculative="lookup"`` the records also count the drafted tokens and those that passed.
     """
-    # matches of 2 tokens or more: in a batch of many sequences a drafted token that fails costs a
-    # batch entry, and one-token matches fail most (31 % passed on open text here, against 51 %)
-    lookup = NgramLookup(min_ngram=2) if speculative == "lookup" else None
     prompt_text = pair.prompt_text(row.prompt, row.messages)
     prompt = pair.tokenize(prompt_text)
     if not prompt:
@@ -145,6 +146,9 @@ def generate_row(
             f"the prompt is {len(prompt)} tokens: with max {params.max_tokens} new tokens it needs "
             f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens"
         )
+    # matches of 2 tokens or more: in a batch of many sequences a drafted token that fails costs a
+    # batch entry, and one-token matches fail most (31 % passed on open text here, against 51 %)
+    lookup = NgramIndex(prompt, min_ngram=2) if speculative == "lookup" else None
     jobs = [
         _Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
         for lam in lams
