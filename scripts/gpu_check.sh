@@ -10,7 +10,7 @@
 # (scripts/bench_decode.py, speculation included) on a synthetic ~0.9B-parameter model
 # (random weights, 32k vocabulary, Q4_K_M) and a random LoRA adapter on it (scale chosen so
 # that the aligned model's greedy drafts pass about as often as the demo pair's, 0.8), times
-# dera-eval sweeps (scripts/bench_eval.py) on the model, then runs the exactness tests with
+# dera-eval sweeps (scripts/bench_eval.py: score, generate, generate --speculative) on the model, then runs the exactness tests with
 # every layer offloaded. Each stage has a time limit so that one lease holds them all;
 # logs go to $OUT (or /tmp) as they come.
 # --exclude-libs,ALL hides the libstdc++ copy the CUDA link exports from libggml-cuda.so (else loads crash in print_info).
@@ -52,7 +52,7 @@ export PYTHONUNBUFFERED=1
 timeout ${DECODE_S:-170} python3 scripts/bench_decode.py --model /tmp/bench.gguf --aligned /tmp/bench-lora.gguf \
   --n-gpu-layers -1 --rounds ${ROUNDS:-3} 2>&1 | tee "$log/bench_decode.txt" || true
 # dera-eval's sweep costs (issue 11: 11-λ score ≤ 1.2x one λ; 8-λ generate ≤ 3x), with llama.cpp's batch floor
-timeout ${EVAL_S:-100} python3 scripts/bench_eval.py --model /tmp/bench.gguf --n-gpu-layers -1 --rounds ${ROUNDS:-3} \
+timeout ${EVAL_S:-150} python3 scripts/bench_eval.py --model /tmp/bench.gguf --n-gpu-layers -1 --rounds ${ROUNDS:-3} \
   2>&1 | tee "$log/bench_eval.txt" || true
 DERA_TEST_N_GPU_LAYERS=-1 timeout ${TESTS_S:-170} python3 -m pytest -q -p no:cacheprovider \
   ${GPU_TESTS:-tests/test_speculative.py tests/test_engine.py tests/test_lora.py} 2>&1 | tee "$log/tests.txt" || true
