@@ -18,7 +18,7 @@ buffer of the first active context, so llama.cpp's own sampler chain samples the
 from __future__ import annotations
 
 import ctypes
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -201,6 +201,7 @@ class Lockstep:
         weights: Sequence[float],
         scores: Optional[np.ndarray] = None,
         n_rows: int = 1,
+        before_batch: Callable[[], None] = lambda: None,
     ) -> Context:
         """Decode ``tokens`` after ``prefix`` in every context with a non-zero weight.
 
@@ -208,6 +209,8 @@ class Lockstep:
         ``scores``, the ``(len(tokens), n_vocab)`` destination rows, is given) into the
         logits buffer of the first active context, and returns that context (the one to
         sample from). The last ``n_rows`` tokens must fit one batch of ``n_batch``.
+        ``before_batch()`` runs before each batch of ``tokens`` (it may raise to stop a long prompt:
+        the contexts then hold a prefix of the text, which the next call keeps or trims).
         """
         active = [(c, w) for c, w in zip(self.contexts, weights) if w != 0.0]
         contexts = [c for c, _ in active]
@@ -215,6 +218,7 @@ class Lockstep:
         self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
         first_row = 0 if scores is not None else len(tokens) - n_rows
         for start in range(0, len(tokens), self.n_batch):
+            before_batch()
             chunk = list(tokens[start : start + self.n_batch])
             end = start + len(chunk)
             n_out = max(1, end - max(first_row, start))

@@ -367,19 +367,22 @@ class DeRaLlama(Llama):
 
     @contextlib.contextmanager
     def stopping(self, when: Callable[[], bool]):
-        """Within it, every decode first asks ``when()``, and a true answer ends the call with
-        :class:`~dera_gguf.errors.Stopped` before anything is decoded (the engine stays as it was,
-        the next call goes on normally). dera-serve stops a request whose client went away so."""
+        """Within it, every decode (each batch of a long prompt too) first asks ``when()``, and a true
+        answer ends the call with :class:`~dera_gguf.errors.Stopped` before that decode (the engine
+        stays consistent: the next call goes on normally). dera-serve stops a request whose client
+        went away so."""
         self._stop = when
         try:
             yield self
         finally:
             self._stop = None
 
-    def eval(self, tokens: Sequence[int]) -> None:
-        """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
+    def _check_stop(self) -> None:
         if self._stop is not None and self._stop():
             raise Stopped("the call was stopped (DeRaLlama.stopping) before its next decode")
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
         tokens = list(tokens)
         if not tokens and self.n_tokens:  # nothing new: refresh the last row instead
             self.n_tokens -= 1
@@ -398,7 +401,7 @@ class DeRaLlama(Llama):
             )
         scores = self.scores[start : start + n] if self._logits_all else None
         weights = self._prepare_contexts()
-        self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores, rows)
+        self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores, rows, self._check_stop)
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False

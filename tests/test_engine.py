@@ -273,3 +273,23 @@ def test_a_stopped_call_raises_and_leaves_the_engine_exact(ref_path, aligned_pat
         if len(got) == len(expected):
             break
     assert got == expected
+
+
+def test_a_long_prompt_stops_between_its_batches_and_the_next_call_is_exact(ref_path, aligned_path, pair):
+    """Stopped before the 4th batch of 8 prompt tokens: both contexts hold the 24 decoded (read from
+    llama.cpp), and generating from the same prompt afterwards gives the blend's greedy tokens."""
+    llm = dera(ref_path, str(aligned_path), lam=1.5, n_batch=8)
+    prompt = prompt_tokens(llm) * 5
+    assert len(prompt) > 32
+    asked = []
+    with llm.stopping(lambda: len(asked.append(1) or asked) > 3):
+        with pytest.raises(Stopped):
+            next(llm.generate(prompt, temp=0.0, top_k=1))
+    assert [c.extent() for c in llm._lockstep.contexts] == [24, 24]
+    expected, _ = R.greedy(pair, [-0.5, 1.5], prompt, 6)
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected

@@ -11,9 +11,9 @@ shape (:mod:`.catalog`).
 Each pair's engine serves one request at a time (an ``asyncio.Lock`` per pair, in
 arrival order); the call runs on a worker thread with the request's own ``lam=``, so no
 λ leaks between requests, and a waiting request never cuts a running stream. A call
-stops at its next token once its client has gone or the server is stopping (streams:
-:mod:`.stream`; other answers: :func:`_watched`), so it does not hold the engine for
-nobody.
+stops at its next decode once its client has gone or the server is stopping
+(:func:`_watching`; a stream that has started is closed by :mod:`.stream`), so it does
+not hold the engine for nobody.
 """
 
 from __future__ import annotations
@@ -93,25 +93,29 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Requ
     kwargs.update(lam=target.lam, model=target.model, mode=given(body, "mode") or settings.mode)
     options = given(body, "stream_options")
     count = counted(kwargs) if body.stream and options is not None and options.include_usage else None
-    call = partial(engine_call, target.pair.llm, body, kwargs)
-    if body.stream:
-        return await start_stream(target.pair.lock, call, count, settings.stopping)
-    async with target.pair.lock:
-        return await _watched(request, target.pair.llm, call, settings.stopping)
+    llm = target.pair.llm
+    call = partial(engine_call, llm, body, kwargs)
+    watch = partial(_watching, request, llm, settings.stopping)
+    try:
+        if body.stream:  # watched up to the first chunk; then a disconnect closes the stream itself
+            return await start_stream(target.pair.lock, call, count, settings.stopping, watch)
+        async with target.pair.lock, watch():
+            return JSONResponse(await anyio.to_thread.run_sync(call))
+    except Stopped:
+        if settings.stopping():
+            raise SHUTTING_DOWN from None
+        return Response(status_code=499)  # (nginx's "client closed request": nobody receives it)
 
 
-async def _watched(request: Request, llm, call: Callable, stopping: Callable[[], bool]) -> Response:
-    """A whole (not streamed) answer from a worker thread, stopped at its next token once the client
-    has disconnected (nobody would read it) or the server is stopping (then a 503)."""
+@contextlib.asynccontextmanager
+async def _watching(request: Request, llm, stopping: Callable[[], bool]):
+    """While inside (holding the pair's engine), the engine's call stops before its next decode
+    once the client has disconnected (nobody would read the answer) or the server is stopping."""
     gone = threading.Event()
     watcher = asyncio.create_task(_watch_client(request, gone))
     try:
         with llm.stopping(lambda: gone.is_set() or stopping()):
-            return JSONResponse(await anyio.to_thread.run_sync(call))
-    except Stopped:
-        if stopping():
-            raise SHUTTING_DOWN from None
-        return Response(status_code=499)  # (nginx's "client closed request": nobody receives it)
+            yield
     finally:
         watcher.cancel()
 

@@ -15,6 +15,7 @@ client raises as an ``APIError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any, Callable, Iterator, Optional
@@ -104,14 +105,20 @@ class EventResponse(StreamingResponse):
 
 
 async def start_stream(
-    lock: asyncio.Lock, call: Callable[[], Iterator[dict]], count: Optional[TokenCount], stopping: Callable[[], bool]
+    lock: asyncio.Lock,
+    call: Callable[[], Iterator[dict]],
+    count: Optional[TokenCount],
+    stopping: Callable[[], bool],
+    watch: Callable = contextlib.nullcontext,
 ) -> EventResponse:
-    """Take the engine, make the call and draw its first chunk; errors so far raise (a JSON answer)."""
+    """Take the engine, make the call and draw its first chunk (inside ``watch()``, an async context
+    entered once the engine is held); errors so far raise (a JSON answer)."""
     await lock.acquire()
     chunks = None
     try:
-        chunks = await anyio.to_thread.run_sync(call)
-        first = await anyio.to_thread.run_sync(next, chunks, _END)
+        async with watch():
+            chunks = await anyio.to_thread.run_sync(call)
+            first = await anyio.to_thread.run_sync(next, chunks, _END)
     except BaseException:
         if chunks is not None and hasattr(chunks, "close"):
             chunks.close()
