@@ -18,6 +18,7 @@ buffer of the first active context, so llama.cpp's own sampler chain samples the
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import llama_cpp
@@ -202,6 +203,7 @@ class Lockstep:
         scores: Optional[np.ndarray] = None,
         n_rows: int = 1,
         before_batch: Callable[[], None] = lambda: None,
+        known: Optional["KnownRows"] = None,
     ) -> Context:
         """Decode ``tokens`` after ``prefix`` in every context with a non-zero weight.
 
@@ -211,8 +213,13 @@ class Lockstep:
         sample from). The last ``n_rows`` tokens must fit one batch of ``n_batch``.
         ``before_batch()`` runs before each batch of ``tokens`` (it may raise to stop a long prompt:
         the contexts then hold a prefix of the text, which the next call keeps or trims).
+        ``known``: rows one context already has for the first of ``tokens`` (a model draft's).
         """
         active = [(c, w) for c, w in zip(self.contexts, weights) if w != 0.0]
+        if known is not None and n_rows == len(tokens) <= self.n_batch:
+            target = self._verify(prefix, list(tokens), active, known, scores, before_batch)
+            if target is not None:
+                return target
         contexts = [c for c, _ in active]
         behind = [c for c in contexts if c.keep_prefix(prefix) < len(prefix)]
         self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
@@ -230,6 +237,54 @@ class Lockstep:
                 if scores is not None:
                     scores[end - n_out : end] = rows
         return active[0][0]
+
+    def _verify(self, prefix, tokens: List[int], active: List[tuple], known: "KnownRows", scores, before_batch):
+        """Decode a draft's batch in every active context but the one that drafted it: that one holds
+        the first of ``tokens`` with their rows already (``known``, from one-token decodes, as without
+        drafts) and decodes only the rest, at the same time as the others. Returns the context whose
+        buffer holds the blended rows, or None where ``known`` does not apply (nothing decoded)."""
+        start, drafter = len(prefix), known.context
+        others = [c for c, _ in active if c is not drafter]
+        if len(others) == len(active) or not others or known.start != start:
+            return None
+        held = drafter.keep_prefix(np.concatenate([np.asarray(prefix, dtype=np.intc), np.asarray(tokens, np.intc)]))
+        have = min(held - start, len(known.rows), len(tokens))
+        if have < 1:
+            return None  # (its cache now holds at most the prefix: the usual path catches it up)
+        drafter.truncate(start + have)
+        behind = [c for c in others if c.keep_prefix(prefix) < len(prefix)]
+        self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
+        before_batch()
+        rest = tokens[have:]
+
+        def work(c: Context) -> None:
+            if c is not drafter:
+                c.decode_run(tokens, start, len(tokens))
+            elif rest:
+                c.decode_run(rest, start + have, len(rest))
+
+        self.threads.run([c for c, _ in active], work)
+        rows = [
+            (np.concatenate([known.rows[:have], c.rows(len(rest))]) if rest else known.rows[:have])
+            if c is drafter
+            else c.rows(len(tokens))
+            for c, _ in active
+        ]
+        target = others[0]
+        blended = blend_logits(rows, [w for _, w in active], out=rows[[c for c, _ in active].index(target)])
+        if scores is not None:
+            scores[:] = blended
+        return target
+
+
+@dataclass
+class KnownRows:
+    """Rows a context computed for tokens it decoded one at a time from position ``start`` (a model
+    draft): ``rows[i]`` is its logits row after the token at ``start + i``."""
+
+    context: Context
+    start: int
+    rows: np.ndarray
 
 
 def _blend_rows(active: List[tuple], n_rows: int) -> np.ndarray:

@@ -218,6 +218,11 @@ class DeRaLlama(Llama):
             return None
         return spec.largest_weight(self._lockstep.contexts, self._realign.weights)
 
+    def _known_rows(self):
+        """The rows a model draft left in its context (verification need not decode them again)."""
+        source = getattr(self.draft_model, "source", None)
+        return source.take_known() if isinstance(source, spec.ModelDraft) else None
+
     def _draft_on(self, context: Context, work) -> None:
         self._lockstep.threads.run([context], work)
 
@@ -401,7 +406,10 @@ class DeRaLlama(Llama):
             )
         scores = self.scores[start : start + n] if self._logits_all else None
         weights = self._prepare_contexts()
-        self._target = self._lockstep.eval(self.input_ids[:start], tokens, weights, scores, rows, self._check_stop)
+        known = self._known_rows()  # (taken by every decode: rows left by a model draft serve only the next)
+        self._target = self._lockstep.eval(
+            self.input_ids[:start], tokens, weights, scores, rows, self._check_stop, known
+        )
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from llama_cpp.llama_speculative import LlamaDraftModel
 
+from .contexts import KnownRows
 from .errors import DeRaError
 
 KINDS = ("lookup", "model")
@@ -102,6 +103,9 @@ class NgramIndex:
 class ModelDraft:
     """Greedy drafts from one context of the pair, chosen per call (the one with the largest weight).
 
+    The drafting context keeps what it decoded, and its rows (:attr:`known`): verification then
+    decodes the draft only in the other contexts, and in this one only the last drafted token.
+
     Args:
         pick: returns the context to draft with, or None (no drafts, e.g. only one model is active).
         run: runs a decode on a context with its thread share (``ThreadPlan.run`` for one context).
@@ -110,23 +114,31 @@ class ModelDraft:
 
     def __init__(self, pick: Callable[[], Any], run: Callable, n_batch: int):
         self.pick, self.run, self.n_batch = pick, run, n_batch
+        self.known: Optional[KnownRows] = None  # the rows of the latest draft, until taken
 
     def __call__(self, ids: np.ndarray, n: int) -> np.ndarray:
+        self.known = None
         context = self.pick()
         if context is None or n < 1:
             return EMPTY
-        draft = []
+        draft, rows = [], []
 
         def work(c):
             c.catch_up(ids[:-1], self.n_batch)
             token = int(ids[-1])
             for i in range(n):
                 c.decode_run([token], len(ids) - 1 + i, 1)
-                token = int(np.argmax(c.rows(1)[0]))
+                rows.append(c.rows(1)[0].copy())
+                token = int(np.argmax(rows[-1]))
                 draft.append(token)
 
         self.run(context, work)
+        self.known = KnownRows(context, len(ids) - 1, np.array(rows))
         return np.array(draft, dtype=np.intc)
+
+    def take_known(self) -> Optional[KnownRows]:
+        known, self.known = self.known, None
+        return known
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import llama_cpp
 import numpy as np
 import pytest
 import reference as R
@@ -68,6 +69,31 @@ def test_speculative_greedy_tokens_are_the_blends(ref_path, aligned_path, refere
     assert got == expected
     assert llm.speculation_stats.verifications > 0
     assert llm.speculation_stats.accepted > 0  # drafted rows were sampled, not only the last token's
+
+
+def decoded(context) -> int:
+    """Tokens llama.cpp has decoded in this context (its own counters)."""
+    perf = llama_cpp.llama_perf_context(context.ctx.ctx)
+    return perf.n_p_eval + perf.n_eval
+
+
+@pytest.mark.parametrize("lam", [1.5, -0.5])
+def test_model_drafts_are_not_decoded_again_in_the_drafting_context(ref_path, aligned_path, reference_models, lam):
+    """speculative="model": verification reuses the rows the drafting model computed while drafting, so
+    it decodes each token once, as the other model does (without the reuse: each drafted token twice)."""
+    prompt, expected = greedy_cases(tuple(reference_models), lam)
+    llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", **KW))
+    reference, aligned = llm._lockstep.contexts
+    drafter, other = (aligned, reference) if lam > 0.5 else (reference, aligned)
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(expected):
+            break
+    assert got == expected
+    stats = llm.speculation_stats
+    assert stats.verifications > 5 and stats.accepted > 0
+    assert decoded(drafter) == decoded(other)
 
 
 def test_tokens_sent_into_generate_are_verified_like_drafts(ref_path, aligned_path, reference_models):
