@@ -3,7 +3,8 @@
 All (λ, sample) sequences of one prompt decode together: the prompt is evaluated once
 per model and shared through the KV cache, then each step is one llama.cpp batch per
 model holding one token per live sequence. Each sequence blends its rows at its own
-λ and draws from its own seeded llama.cpp sampler chain.
+λ and draws from its own seeded llama.cpp sampler chain. With ``speculative="lookup"`` a
+sequence's entry also holds what prompt lookup drafts for it, verified row by row.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def decode_batch(
     """Generate every job's response in lockstep (one batch per model and step).
 
     With ``lookup`` (the prompt's index), each sequence's batch entry is its last token and the
-    tokens prompt lookup drafts after it; its chain samples row after row while it picks the drafted token (one draw
-    per emitted token, as without drafts), and the caches drop the drafted tokens it did not pick.
+    tokens prompt lookup drafts after it; its chain samples row after row while it picks the
+    drafted token (one draw per emitted token, as without drafts), and the caches drop the
+    drafted tokens it did not pick, so sequences move on at positions of their own.
     """
     sampler = RowSampler(pair.n_vocab)
     for job in jobs:
