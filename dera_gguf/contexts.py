@@ -264,14 +264,13 @@ class Lockstep:
                 c.decode_run(rest, start + have, len(rest))
 
         self.threads.run([c for c, _ in active], work)
-        rows = [
-            (np.concatenate([known.rows[:have], c.rows(len(rest))]) if rest else known.rows[:have])
-            if c is drafter
-            else c.rows(len(tokens))
-            for c, _ in active
-        ]
-        target = others[0]
-        blended = blend_logits(rows, [w for _, w in active], out=rows[[c for c, _ in active].index(target)])
+        drafted = known.rows[:have]
+        if rest:
+            drafted = np.concatenate([drafted, drafter.rows(len(rest))])
+        rows = [drafted if c is drafter else c.rows(len(tokens)) for c, _ in active]
+        target = others[0]  # its buffer holds a row per token: the blend goes there, for the sampler
+        out = rows[[c for c, _ in active].index(target)]
+        blended = blend_logits(rows, [w for _, w in active], out=out)
         if scores is not None:
             scores[:] = blended
         return target
