@@ -13,6 +13,8 @@ A :class:`Lockstep` keeps several contexts on one logical token sequence for
 or 1 a step costs one model); a context left behind catches up in one batch the next
 time it is needed; after a batch the blended logits are written into the logits
 buffer of the first active context, so llama.cpp's own sampler chain samples the blend.
+A model draft's batch is decoded only where it was not drafted: the drafting context
+already holds its tokens and their rows (:class:`KnownRows`).
 """
 
 from __future__ import annotations
