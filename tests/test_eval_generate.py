@@ -52,6 +52,22 @@ def test_batched_greedy_equals_single_sequence_decoding(pair, plain_pair, tmp_pa
     assert len(outputs) > len(PROMPTS)  # lams lead to different responses: the test can tell them apart
 
 
+def test_contexts_decoding_at_the_same_time_give_the_same_tokens(ref_path, aligned_path, plain_pair, tmp_path):
+    """With 2 threads the pair's contexts decode concurrently, one thread each: greedy responses are
+    still plain Llamas' blends."""
+    from dera_gguf.eval import EvalPair
+    from dera_gguf.eval.batch import ParallelSequences
+
+    with EvalPair(ref_path, aligned_path, n_ctx=256, n_threads=2) as concurrent_pair:
+        with ParallelSequences(concurrent_pair) as decoder:
+            assert decoder.threads.concurrent
+        result = generate(concurrent_pair, write_jsonl(tmp_path / "p.jsonl", PROMPTS), LAMS[::2], params=GREEDY)
+    eos = plain_pair[0].token_eos()
+    for record in result.records:
+        prompt = plain_pair[0].tokenize(PROMPTS[record["line"] - 1]["prompt"].encode(), add_bos=True, special=True)
+        assert record["tokens"] == reference_greedy(plain_pair, prompt, record["lam"], GREEDY.max_tokens, eos)[0]
+
+
 def test_batched_greedy_equals_dera_llama(ref_path, aligned_path, pair, tmp_path):
     result = generate(pair, write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1]), [0.3, 1.5], params=GREEDY)
     llm = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)

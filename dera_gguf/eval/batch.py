@@ -25,6 +25,7 @@ class ParallelSequences:
     def __init__(self, pair: EvalPair, n_seq: int = 1, n_extra: int = 0):
         self.pair = pair
         self.contexts: List[Context] = pair.contexts(n_seq, n_extra)
+        self.threads = pair.thread_plan()  # the two contexts at the same time on a CPU
         self.n_vocab = pair.n_vocab
         self.n_batch = self.contexts[0].batch_size
 
@@ -33,6 +34,7 @@ class ParallelSequences:
         self.contexts[1].set_adapters(self.pair.models.adapters_at([lam]))
 
     def close(self) -> None:
+        self.threads.close()
         for context in self.contexts:
             context.ctx.close()
             context.batch.close()
@@ -49,10 +51,13 @@ class ParallelSequences:
         """Decode one batch in every context; return the output rows, shape (n_models, n_out, n_vocab)."""
         n_out = int(sum(bool(o) for o in outputs))
         rows = np.empty((len(self.contexts), n_out, self.n_vocab), dtype=np.float32)
-        for m, context in enumerate(self.contexts):
+
+        def decode(context: Context) -> None:
             context.decode(tokens, positions, seq_ids, outputs)
             if n_out:  # the output rows lie in batch order in llama.cpp's logits buffer
-                rows[m] = context.rows(n_out)
+                rows[self.contexts.index(context)] = context.rows(n_out)
+
+        self.threads.run(self.contexts, decode)
         return rows
 
     def clear(self) -> None:
