@@ -20,7 +20,8 @@ import pexpect
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "you> "
 STATUS = re.compile(
-    r"(?:\x1b\[2m)?lam (\S+)(?: \(weights\))? · (\d+) tokens · [\d.]+ tok/s( · interrupted)?(?:\x1b\[0m)?\r\n"
+    r"(?:\x1b\[2m)?lam (\S+)(?: \(weights\))? · (\d+) tokens · [\d.]+ tok/s( · interrupted)?"
+    r"(?: · drafts (\d+)/(\d+) passed)?(?:\x1b\[0m)?\r\n"
 )
 # The paper's Zephyr settings, which must be the CLI's defaults.
 PAPER = dict(temperature=0.7, top_k=50, top_p=0.95, min_p=0.0, repeat_penalty=1.0)

@@ -249,6 +249,29 @@ def test_lam_change_answers_like_the_engine_on_the_whole_history(env, plain_ref,
     assert chat.quit("eof") == 0
 
 
+def test_status_line_counts_the_drafts_of_each_answer(env, engine):
+    """--speculative lookup: each answer is still the engine's without drafts, and the status line adds
+    how many drafted tokens passed of those verified in that answer (no such part without it)."""
+    settings = dict(PAPER, seed=5, max_tokens=40, temperature=0.0)  # greedy: tiny random models repeat themselves
+    args = ["--seed", "5", "--max-tokens", "40", "--temperature", "0", "--n-ctx", "512", "--lam", "1.5"]
+    chat = Terminal([*args, "--speculative", "lookup"], env)
+    history, totals = [], [0, 0]
+    for text in ("hello there", "tell me about the cat"):
+        history.append(user(text))
+        answer, status = chat.ask(text)
+        assert answer == streamed(engine, history, lam=1.5, **settings)
+        passed, verified = int(status.group(4)), int(status.group(5))
+        assert 0 <= passed <= verified
+        totals = [totals[0] + passed, totals[1] + verified]
+        history.append(assistant(answer))
+    assert totals[1] > 0 and totals[0] > 0  # drafts were made and some passed
+    assert chat.quit("eof") == 0
+    plain = Terminal(["--seed", "5", "--max-tokens", "8", "--n-ctx", "512"], env)
+    _, status = plain.ask("hello there")
+    assert status.group(4) is None
+    assert plain.quit("eof") == 0
+
+
 def test_a_history_too_long_for_the_context_is_an_error_not_a_crash(env):
     chat = Terminal(["--seed", "1", "--max-tokens", "8", "--n-ctx", "256"], env)
     printed = chat.command("tell me " * 150)

@@ -202,6 +202,7 @@ def _finish(answer: Answer) -> None:
     status = (
         f"lam {format_lam(answer.lam)}{weights} · {answer.tokens} tokens · {answer.tokens_per_second:.1f} tok/s"
         + (" · interrupted" if answer.interrupted else "")
+        + (" · drafts {}/{} passed".format(*answer.drafts) if answer.drafts is not None else "")
     )
     click.secho(status, err=True, dim=True)
 

@@ -67,6 +67,7 @@ class Answer:
     tokens: int  # tokens sampled, the end-of-turn token included
     seconds: float
     finish_reason: Optional[str]
+    drafts: Optional[tuple] = None  # (passed, drafted) in this answer, when speculating
 
     @property
     def interrupted(self) -> bool:
@@ -187,13 +188,15 @@ class ChatSession:
         """Stream one ``create_chat_completion``; a stop request ends it at the next token."""
         watch = _TokenWatch(should_stop, self.llm.token_eos())
         kwargs = self.sampling.call_kwargs(self.sampling.next_seed() if seed is None else seed)
-        start = time.perf_counter()
+        start, drafts = time.perf_counter(), _draft_counts(self.llm)
         stream = self.llm.create_chat_completion(
             messages, lam=lam, mode=self.mode, stream=True, logits_processor=[watch], **kwargs
         )
         text, finish = _consume(stream, on_text)
         finish = INTERRUPTED if watch.stopped else finish
-        return Answer("".join(text), lam, self.mode, watch.n, time.perf_counter() - start, finish)
+        if drafts is not None:
+            drafts = tuple(now - then for now, then in zip(_draft_counts(self.llm), drafts))
+        return Answer("".join(text), lam, self.mode, watch.n, time.perf_counter() - start, finish, drafts)
 
     def _through_last_user(self) -> List[dict]:
         for i in range(len(self.history) - 1, -1, -1):
@@ -219,6 +222,12 @@ def _consume(stream: Iterator[dict], on_text: OnText) -> tuple[List[str], Option
         if close is not None:
             close()  # on an error midway, end llama-cpp-python's generator now
     return pieces, finish
+
+
+def _draft_counts(llm) -> Optional[tuple]:
+    """(drafted tokens that passed, drafted tokens whose fate is known) so far; None without speculation."""
+    stats = getattr(llm, "speculation_stats", None)
+    return None if stats is None else (stats.accepted, stats.settled)
 
 
 def _n_lams(lam: Lam) -> int:
