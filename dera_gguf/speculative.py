@@ -165,8 +165,15 @@ class Gate:
         self.reset()
 
     def reset(self) -> None:
-        """A new text: positions start again, and so does what was learned about the drafts."""
+        """Forget everything: the next draft is ``first_draft`` long."""
         self.size, self._pause, self._misses, self._paused_until = self.first_draft, self.pause, 0, 0
+
+    def new_text(self) -> None:
+        """A new text: positions start again; the draft size stays, as it describes how well this engine's
+        texts copy (one run on 2 CPU cores at lam 1.5: chat replies 1.01x of no drafting with the same
+        tokens, copy ones 1.17x; when each reply began at 4 tokens, copy 1.14x, and 2 of 3 chat replies
+        took another path by batch rounding)."""
+        self._misses, self._paused_until = 0, 0
 
     def allows(self, position: int) -> int:
         """Tokens to draft at this position of the text (0: not now)."""
@@ -355,7 +362,7 @@ class Speculation(LlamaDraftModel):
     def restart(self) -> None:
         """A new generation: the previous draft is not verified against it."""
         self._last, self._clock = None, None
-        self.gate.reset()
+        self.gate.new_text()
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         now = time.perf_counter()
