@@ -84,6 +84,17 @@ def greedy(
     return tokens, logits
 
 
+def generated(llm: llama_cpp.Llama, prompt: Sequence[int], n: int, **sampling) -> list[int]:
+    """The first ``n`` tokens ``llm.generate(prompt, **sampling)`` yields (greedy by default); the
+    generator is then dropped, as a caller that stops reading drops it."""
+    got = []
+    for token in llm.generate(prompt, **(sampling or dict(temp=0.0, top_k=1))):
+        got.append(token)
+        if len(got) == n:
+            break
+    return got
+
+
 def sample_with_chain(chain_owner: llama_cpp.Llama, logits: np.ndarray, **sampling) -> tuple:
     """One token from llama.cpp's own sampler chain (built by plain llama-cpp-python) on ``logits``.
 

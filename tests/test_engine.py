@@ -41,13 +41,8 @@ def prompt_tokens(llm) -> list[int]:
 def test_greedy_tokens_are_the_argmax_of_the_blend(engine, pair, lam):
     prompt = prompt_tokens(engine)
     expected, _ = R.greedy(pair, [1 - lam, lam], prompt, 12)
-    got = []
     engine.lam = lam
-    for token in engine.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert R.generated(engine, prompt, len(expected)) == expected
 
 
 @pytest.mark.parametrize("lam", [-0.5, 0.7, 2.0])
@@ -94,11 +89,7 @@ def test_seeded_sampling_is_llama_cpp_chain_on_the_blend(ref_path, aligned_path,
     llm = dera(ref_path, str(aligned_path), lam=lam)
     prompt = prompt_tokens(llm)
     llm.set_seed(1234)
-    got = []
-    for token in llm.generate(prompt, **settings):
-        got.append(token)
-        if len(got) == 12:
-            break
+    got = R.generated(llm, prompt, 12, **settings)
     owner = pair[1]
     owner.set_seed(1234)
     for m in pair:
@@ -160,12 +151,7 @@ def test_several_aligned_models(ref_path, aligned_path, aligned2_path):
     models = [R.plain(ref_path), R.plain(aligned_path), R.plain(aligned2_path)]
     prompt = prompt_tokens(llm)
     expected, _ = R.greedy(models, [1 - sum(lams), *lams], prompt, 10)
-    got = []
-    for token in llm.generate(prompt, temp=0.0):
-        got.append(token)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert R.generated(llm, prompt, len(expected), temp=0.0) == expected
     # Weight zero on the reference: it must not decode at all.
     llm.create_completion(PROMPT, max_tokens=4, temperature=0.0, lam=[0.5, 0.5])
 
@@ -267,12 +253,7 @@ def test_a_stopped_call_raises_and_leaves_the_engine_exact(ref_path, aligned_pat
     assert len(asked) == 6
     prompt = prompt_tokens(llm)
     expected, _ = R.greedy(pair, [-0.5, 1.5], prompt, 8)
-    got = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert R.generated(llm, prompt, len(expected)) == expected
 
 
 def test_a_long_prompt_stops_between_its_batches_and_the_next_call_is_exact(ref_path, aligned_path, pair):
@@ -287,9 +268,4 @@ def test_a_long_prompt_stops_between_its_batches_and_the_next_call_is_exact(ref_
             next(llm.generate(prompt, temp=0.0, top_k=1))
     assert [c.extent() for c in llm._lockstep.contexts] == [24, 24]
     expected, _ = R.greedy(pair, [-0.5, 1.5], prompt, 6)
-    got = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert R.generated(llm, prompt, len(expected)) == expected

@@ -21,21 +21,13 @@ def adapter2_path(models_dir):
     return write_tiny_lora(models_dir / "adapter2.gguf", seed=10)
 
 
-def greedy_tokens(llm, prompt, n):
-    got = []
-    for token in llm.generate(prompt, temp=0.0):
-        got.append(token)
-        if len(got) == n:
-            return got
-
-
 @pytest.mark.parametrize("lam", [-0.5, 0.5, 1.0, 2.0])
 def test_adapter_pair_equals_independent_blend(ref_path, adapter_path, lam):
     llm = DeRaLlama(str(ref_path), str(adapter_path), lam=lam, n_ctx=256, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)
     models = [R.plain(ref_path), R.plain(ref_path, lora_path=str(adapter_path))]
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     expected, _ = R.greedy(models, [1 - lam, lam], prompt, 10)
-    assert greedy_tokens(llm, prompt, len(expected)) == expected
+    assert R.generated(llm, prompt, len(expected), temp=0.0) == expected
 
 
 def test_adapter_changes_the_model(ref_path, adapter_path):
@@ -64,7 +56,7 @@ def test_mixed_full_model_and_adapter(ref_path, aligned_path, adapter_path, adap
     ]
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     expected, _ = R.greedy(models, [1 - sum(lams), *lams], prompt, 8)
-    assert greedy_tokens(llm, prompt, len(expected)) == expected
+    assert R.generated(llm, prompt, len(expected), temp=0.0) == expected
 
 
 def test_adapter_detection_agrees_with_gguf_py(ref_path, adapter_path, smollm2_path, tmp_path):

@@ -61,12 +61,7 @@ CASES = [(kind, lam) for kind in SPECULATIVE for lam in (1.5, 0.5, -0.5)] + [("l
 def test_speculative_greedy_tokens_are_the_blends(ref_path, aligned_path, reference_models, kind, lam):
     prompt, expected = greedy_cases(tuple(reference_models), lam)
     llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative=SPECULATIVE[kind](), **KW))
-    got = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert R.generated(llm, prompt, len(expected)) == expected
     assert llm.speculation_stats.verifications > 0
     assert llm.speculation_stats.accepted > 0  # drafted rows were sampled, not only the last token's
 
@@ -85,12 +80,7 @@ def test_model_drafts_are_not_decoded_again_in_the_drafting_context(ref_path, al
     llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", **KW))
     reference, aligned = llm._lockstep.contexts
     drafter, other = (aligned, reference) if lam > 0.5 else (reference, aligned)
-    got = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == len(expected):
-            break
-    assert got == expected
+    assert R.generated(llm, prompt, len(expected)) == expected
     stats = llm.speculation_stats
     assert stats.verifications > 5 and stats.accepted > 0
     assert decoded(drafter) == decoded(other)
@@ -119,11 +109,7 @@ def test_logits_all_rows_of_a_speculative_call_are_the_blends(ref_path, aligned_
     lam = 1.5
     prompt = repeated_prompt(reference_models[0].n_vocab(), seed=1)
     llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", logits_all=True, **KW))
-    got = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == 24:
-            break
+    got = R.generated(llm, prompt, 24)
     assert llm.speculation_stats.accepted > 0
     for m in reference_models:
         m.reset()
