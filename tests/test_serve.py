@@ -380,12 +380,32 @@ def _openai(settings, **extra_body):
 # ------------------------------------------------------ process lifecycle
 
 
-def test_client_disconnect_mid_stream_frees_the_engine_at_once(env, paths, tmp_path):
-    """A 4000-token stream dropped after 40 tokens: the next request need not wait for the rest."""
+def long_answer_server(paths, env, tmp_path) -> tuple:
+    """dera-serve on the test pair as "my-dpo", answers of up to 4000 tokens; and a short request for it."""
     ref, aligned, _ = paths
     args = ["--ref", str(ref), "--aligned", str(aligned), "--alias", "my-dpo", "--n-ctx", "4096"]
     proc = ServerProcess([*args, "--max-tokens", "4000"], env, tmp_path / "server.log")
-    ask = dict(model="my-dpo", messages=CAT, max_tokens=8, **GREEDY)
+    return proc, dict(model="my-dpo", messages=CAT, max_tokens=8, **GREEDY)
+
+
+def assert_engine_free(proc, paths, ask: dict, seconds_per_token: float) -> None:
+    """After a 4000-token answer was given up on: the next request (``ask``) need not wait for the rest
+    of it, and is answered as the engine answers it."""
+    ref, aligned, _ = paths
+    with proc.http() as http:
+        start = time.monotonic()
+        answer = http.post("/v1/chat/completions", json=ask)
+        waited = time.monotonic() - start
+    # the rest would take 3960 tokens at the early rate at least (later ones are slower); a loaded machine
+    # delays noticing the client has gone by up to about half of that
+    assert waited < 0.8 * 3960 * seconds_per_token, (waited, seconds_per_token)
+    llm = DeRaLlama(str(ref), str(aligned), n_ctx=4096, verbose=False)
+    assert answer.json()["choices"][0]["message"]["content"] == chat_answer(llm, CAT, max_tokens=8, **GREEDY)[0]
+
+
+def test_client_disconnect_mid_stream_frees_the_engine_at_once(env, paths, tmp_path):
+    """A 4000-token stream dropped after 40 tokens: the next request need not wait for the rest."""
+    proc, ask = long_answer_server(paths, env, tmp_path)
     try:
         with proc.http() as http:
             ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
@@ -399,14 +419,7 @@ def test_client_disconnect_mid_stream_frees_the_engine_at_once(env, paths, tmp_p
                     if n == 40:
                         break
                 seconds_per_token = (time.monotonic() - start) / n
-            start = time.monotonic()
-            answer = http.post("/v1/chat/completions", json=ask)
-            waited = time.monotonic() - start
-        # the rest of the dropped stream would take 3960 tokens at the early rate at least (later ones are slower);
-        # a loaded machine delays the disconnect by up to about half of that
-        assert waited < 0.8 * 3960 * seconds_per_token, (waited, seconds_per_token)
-        llm = DeRaLlama(str(ref), str(aligned), n_ctx=4096, verbose=False)
-        assert answer.json()["choices"][0]["message"]["content"] == chat_answer(llm, CAT, max_tokens=8, **GREEDY)[0]
+        assert_engine_free(proc, paths, ask, seconds_per_token)
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
 
@@ -414,10 +427,7 @@ def test_client_disconnect_mid_stream_frees_the_engine_at_once(env, paths, tmp_p
 def test_client_gone_before_a_whole_answer_frees_the_engine(env, paths, tmp_path):
     """A non-streamed 4000-token answer whose client gives up after about 40 tokens' time: the server
     stops generating it (at its next token), so the next request need not wait for the rest."""
-    ref, aligned, _ = paths
-    args = ["--ref", str(ref), "--aligned", str(aligned), "--alias", "my-dpo", "--n-ctx", "4096"]
-    proc = ServerProcess([*args, "--max-tokens", "4000"], env, tmp_path / "server.log")
-    ask = dict(model="my-dpo", messages=CAT, max_tokens=8, **GREEDY)
+    proc, ask = long_answer_server(paths, env, tmp_path)
     long = dict(model="my-dpo@1.5", messages=HELLO, max_tokens=4000, logit_bias=EOG_BAN, **GREEDY)
     try:
         with proc.http() as http:
@@ -428,14 +438,7 @@ def test_client_gone_before_a_whole_answer_frees_the_engine(env, paths, tmp_path
         with proc.http(timeout=40 * seconds_per_token) as impatient:
             with pytest.raises(httpx.ReadTimeout):
                 impatient.post("/v1/chat/completions", json=long)
-        with proc.http() as http:
-            start = time.monotonic()
-            answer = http.post("/v1/chat/completions", json=ask)
-            waited = time.monotonic() - start
-        # the rest would take 3960 tokens at the early rate at least; a loaded machine delays noticing by some
-        assert waited < 0.8 * 3960 * seconds_per_token, (waited, seconds_per_token)
-        llm = DeRaLlama(str(ref), str(aligned), n_ctx=4096, verbose=False)
-        assert answer.json()["choices"][0]["message"]["content"] == chat_answer(llm, CAT, max_tokens=8, **GREEDY)[0]
+        assert_engine_free(proc, paths, ask, seconds_per_token)
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
     assert "Traceback" not in proc.log(), proc.log()
