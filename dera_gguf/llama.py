@@ -7,8 +7,8 @@ change:
 
 * ``eval`` decodes the new tokens in every model with a non-zero weight (the
   :class:`~dera_gguf.contexts.Lockstep` group) and leaves the blended logits in a
-  context's logits buffer, for the last token and every drafted one (and in
-  ``self.scores`` when ``logits_all`` is on);
+  context's logits buffer, for every row ``generate()`` samples (the last token's,
+  and those of drafted or sent tokens; and in ``self.scores`` when ``logits_all`` is on);
 * ``sample`` points llama.cpp's sampler chain at that buffer;
 * the public calls take ``lam=`` to override the default for one call.
 
