@@ -1,4 +1,4 @@
-"""The README's demo table: greedy answers of the smollm2-demo pair to the held-out prompts.
+"""The demo table of docs/demo-pair.md: greedy answers of the smollm2-demo pair to the held-out prompts.
 
     python scripts/demo_sweep.py [--lams 0,0.5,1,2] [--out runs/demo] [--limit N]
     python scripts/demo_sweep.py --write-prompts heldout.jsonl   # only the prompts, for dera-eval

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the CUDA figures in the README were measured, on a lent GPU machine with no network.
+# How the CUDA figures in docs/gpu.md were measured, on a lent GPU machine with no network.
 #
 #   bash scripts/gpu_check.sh CARRY_DIR
 #

@@ -17,7 +17,7 @@ import numpy as np
 # Set on a GPU machine to run every test model offloaded (CUDA / Metal builds).
 N_GPU_LAYERS = int(os.environ.get("DERA_TEST_N_GPU_LAYERS", "0"))
 
-# The tests' per-backend tolerance policy, stated here only (see the README's GPU section).
+# The tests' per-backend tolerance policy, stated here only (see docs/gpu.md).
 # Greedy tokens are compared exactly on every backend. A log-prob, KL or score computed by
 # dera_gguf may lie from the independent one by LOGPROB_ATOL:
 # - CPU (N_GPU_LAYERS == 0): 2e-4, for tests whose engine and reference decode in the same batch

@@ -115,7 +115,7 @@ def write_outputs(out_dir: str, summary: Dict[str, Any]) -> None:
 
 
 def markdown_table(summary: Dict[str, Any]) -> str:
-    """The README table: one line per lam and method."""
+    """The table of docs/figure2.md: one line per lam and method."""
     ruler = {e["lam"]: e for e in summary["ruler"]}
     lines = [
         "| λ (β/λ) | method | mean reward (eq. 10) | mean length (tokens) | below / in / above the range | "
