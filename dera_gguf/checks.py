@@ -46,11 +46,18 @@ _STRING, _ARRAY = 8, 9
 
 
 def gguf_general_type(path: str) -> str:
-    """``general.type`` from a GGUF header ("model", "adapter", ...); "model" when absent.
+    """``general.type`` from a GGUF header ("model", "adapter", ...); "model" when absent."""
+    return gguf_strings(path, ("general.type",)).get("general.type", "model")
 
-    Reads the key/value section only, stopping at that key, so checking a multi-GB
-    model costs a few kilobytes of I/O and no parsing of its tokenizer arrays.
+
+def gguf_strings(path: str, keys) -> dict:
+    """The string values of ``keys`` in a GGUF header (absent keys are left out).
+
+    Reads the key/value section only, stopping once every key is found, so checking a
+    multi-GB model costs a few kilobytes of I/O (a key after the tokenizer's arrays, such
+    as the chat template, costs a pass over their lengths) and no parsing of tensors.
     """
+    wanted, found = set(keys), {}
     try:
         with open(path, "rb") as f:
             f.read(4)  # magic, checked by check_gguf_file
@@ -58,12 +65,15 @@ def gguf_general_type(path: str) -> str:
             for _ in range(n_kv):
                 key = _read_string(f)
                 kind = _read_u32(f)
-                if key == "general.type" and kind == _STRING:
-                    return _read_string(f)
-                _skip_value(f, kind)
+                if key in wanted and kind == _STRING:
+                    found[key] = _read_string(f)
+                    if len(found) == len(wanted):
+                        break
+                else:
+                    _skip_value(f, kind)
     except (struct.error, ValueError, OSError) as e:
         raise DeRaError(f"{path} is not a readable GGUF file ({e}): re-download or re-convert it") from None
-    return "model"
+    return found
 
 
 def _read_u32(f) -> int:

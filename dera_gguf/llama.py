@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_speculative import LlamaDraftModel
 
 from . import checks
@@ -98,6 +99,9 @@ class DeRaLlama(Llama):
             seed, as far as llama.cpp's logits do not depend on the batch shape
             (:mod:`dera_gguf.speculative`). Drafting pauses while drafts keep failing or cost
             more time per token than they save.
+        chat_template: a Jinja chat template that formats chats instead of the GGUF's own.
+            Without it (and without ``chat_format`` / ``chat_handler``) the aligned model's
+            template is used, or the reference's when the aligned model has none.
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
             that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the
@@ -112,16 +116,25 @@ class DeRaLlama(Llama):
         mode: str = "blend",
         concurrent: Optional[bool] = None,
         speculative: Union[None, str, LlamaDraftModel] = None,
+        chat_template: Optional[str] = None,
         **llama_kwargs: Any,
     ):
         _check_llama_kwargs(llama_kwargs)
+        _check_template(chat_template, llama_kwargs)
         speculative = spec.check_kind(speculative, llama_kwargs.pop("draft_model", None))
         files = PairFiles.check(
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )
         self._files = files
         self._realign = Realign(mixing_weights(lam, len(files.aligned)), self._check_mode(mode))
-        self._init_args = (files.reference, list(files.aligned), mode, concurrent, speculative, dict(llama_kwargs))
+        self._init_args = (
+            files.reference,
+            list(files.aligned),
+            mode,
+            concurrent,
+            speculative,
+            dict(llama_kwargs, chat_template=chat_template),
+        )
         llama_kwargs = {**llama_kwargs}
         if llama_kwargs.get("n_threads") is None:  # llama-cpp-python's default is half the logical CPUs
             llama_kwargs["n_threads"] = physical_cores()
@@ -129,6 +142,8 @@ class DeRaLlama(Llama):
             super().__init__(model_path=files.reference, lora_path=files.aligned[0], **llama_kwargs)
         else:
             super().__init__(model_path=files.aligned[0], **llama_kwargs)
+        if not (llama_kwargs.get("chat_format") or llama_kwargs.get("chat_handler")):
+            self._use_template(chat_template or files.template)
         # llama.cpp may round the context up (to 256); Llama's token buffer keeps the size
         # asked for, so that is the real limit.
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
@@ -152,9 +167,11 @@ class DeRaLlama(Llama):
     ) -> "DeRaLlama":
         """A DeRaLlama for a pair named in models.toml (``None``: its default pair).
 
-        ``models`` (or ``$DERA_MODELS``) points at another models.toml. Hub files are
-        fetched through huggingface_hub; missing local files raise a DeRaError that says
-        how to make them.
+        ``models`` (or ``$DERA_MODELS``) adds another models.toml to the shipped one and the
+        user's. Nothing is downloaded here: a pair whose files are missing raises a DeRaError
+        naming the command that gets them (``dera-pull NAME``, or :func:`dera_gguf.pull`).
+        The pair's chat template (models.toml's ``chat_format`` / ``chat_template``) is used
+        unless the call names one.
         """
         from .registry import load_registry
 
@@ -163,6 +180,8 @@ class DeRaLlama(Llama):
         ref, aligned = pair.resolve()
         if lam is None:
             lam = pair.lam if pair.lam is not None else [1.0] * len(aligned)
+        if not any(llama_kwargs.get(k) for k in ("chat_format", "chat_handler", "chat_template")):
+            llama_kwargs.update(pair.template_kwargs())
         return cls(ref, aligned, lam=normalize_lam(lam, len(aligned)), **llama_kwargs)
 
     # ----------------------------------------------------------------- set-up
@@ -201,6 +220,17 @@ class DeRaLlama(Llama):
         own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch, self._own_adapters)
         return [make(0), own] + [make(m) for m in range(2, len(files.aligned) + 1)]
 
+    def _use_template(self, template: Optional[str]) -> None:
+        """Format chats with ``template`` (Jinja text), with this model's BOS / EOS as llama-cpp-python does."""
+        if template is None:
+            return
+        token = lambda t: self._model.token_get_text(t) if t != -1 else ""
+        eos, bos = self._model.token_eos(), self._model.token_bos()
+        self.chat_format = None
+        self.chat_handler = Jinja2ChatFormatter(
+            template=template, eos_token=token(eos), bos_token=token(bos), stop_token_ids=[eos]
+        ).to_chat_handler()
+
     def _speculation(self, speculative: Any) -> Optional[spec.Speculation]:
         if speculative is None:
             return None
@@ -225,6 +255,11 @@ class DeRaLlama(Llama):
 
     def _draft_on(self, context: Context, work) -> None:
         self._lockstep.threads.run([context], work)
+
+    @property
+    def pair_files(self) -> PairFiles:
+        """The pair's checked files: paths, which are adapters, the chat template and its notes."""
+        return self._files
 
     @property
     def speculation_stats(self) -> Optional[spec.SpeculationStats]:
@@ -468,7 +503,7 @@ class DeRaLlama(Llama):
         }
 
     def __setstate__(self, state):
-        self.__init__(
+        self.__init__(  # (llama_kwargs carries chat_template)
             state["reference_model_path"],
             state["aligned_model_path"],
             state["lam"],
@@ -490,6 +525,15 @@ def _check_llama_kwargs(kwargs: dict) -> None:
                 f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
                 f"{_closest(name, _LLAMA_KWARGS + ['lam', 'mode', 'concurrent', 'speculative'])}"
             )
+
+
+def _check_template(template: Any, kwargs: dict) -> None:
+    if template is None:
+        return
+    if not isinstance(template, str) or not template.strip():
+        raise DeRaError(f"chat_template must be the text of a Jinja chat template, got {template!r}")
+    if kwargs.get("chat_format") or kwargs.get("chat_handler"):
+        raise DeRaError("give one of chat_template, chat_format and chat_handler, not several")
 
 
 def _bind(method, *args: Any, **kwargs: Any) -> dict:

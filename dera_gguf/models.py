@@ -23,13 +23,24 @@ from .errors import DeRaError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+TEMPLATE_KEY = "tokenizer.chat_template"
+
+
 @dataclass(frozen=True)
 class PairFiles:
-    """The checked GGUF paths of a pair and which aligned models are LoRA adapters."""
+    """The checked GGUF paths of a pair, which aligned models are LoRA adapters, and its chat template.
+
+    ``template`` is the template to use when the model whose context formats chats (aligned
+    model 1, or the reference under an adapter) has none of its own but the reference has
+    (None otherwise: llama-cpp-python's own choice stands); ``notes`` say which template is
+    used when the files disagree.
+    """
 
     reference: str
     aligned: tuple
     is_adapter: tuple
+    template: Optional[str] = None
+    notes: tuple = ()
 
     @classmethod
     def check(cls, reference: PathLike, aligned: Sequence[PathLike], verbose: bool = False) -> "PairFiles":
@@ -41,11 +52,30 @@ class PairFiles:
         paths = tuple(checks.check_gguf_file(p, f"aligned model {i + 1}") for i, p in enumerate(aligned))
         is_adapter = tuple(checks.gguf_general_type(p) == "adapter" for p in paths)
         checks.check_vocabularies(ref, [p for p, a in zip(paths, is_adapter) if not a], verbose)
-        return cls(ref, paths, is_adapter)
+        template, notes = _choose_template(ref, paths[0] if not is_adapter[0] else None)
+        return cls(ref, paths, is_adapter, template, notes)
 
     def weights(self, i: int) -> str:
         """The GGUF whose weights aligned model ``i`` runs on (the reference's, for an adapter)."""
         return self.reference if self.is_adapter[i] else self.aligned[i]
+
+
+def _choose_template(reference: str, aligned: Optional[str]) -> tuple:
+    """``(template, notes)``: the aligned model's template rules; the reference's fills in for none.
+
+    ``aligned`` is None when aligned model 1 is an adapter (its chats use the reference's template).
+    """
+    if aligned is None:
+        return None, ()
+    ref_t = checks.gguf_strings(reference, (TEMPLATE_KEY,)).get(TEMPLATE_KEY)
+    own_t = checks.gguf_strings(aligned, (TEMPLATE_KEY,)).get(TEMPLATE_KEY)
+    if own_t is None and ref_t is not None:
+        return ref_t, (f"{aligned} has no chat template: using the reference model's ({reference})",)
+    if own_t is not None and ref_t is not None and own_t != ref_t:
+        return None, (f"the chat templates of the two models differ: using the aligned model's ({aligned})",)
+    if own_t is None:
+        return None, ("neither model has a chat template: llama-cpp-python guesses one (name one with chat_format=)",)
+    return None, ()
 
 
 def as_path_list(aligned: Any) -> List[Any]:

