@@ -24,6 +24,7 @@ from .hparams import HParams
 from .tensors import PlannedTensor, iter_tensors
 from .vocab import TokenizerData
 
+
 def check_writable_folder(folder: Path) -> None:
     """Refuse early when the output folder is missing or cannot take new files."""
     if not folder.is_dir():
