@@ -1,0 +1,111 @@
+"""The package as a user gets it: a wheel installed (not editable), used from a folder outside the checkout.
+
+Nothing may depend on the checkout: no shipped pair may look for a model file inside the installed
+package, and every hint must name a command that the install provides.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from chat_driver import ROOT
+
+CHECK = """
+import sys
+from pathlib import Path
+import dera_gguf
+from dera_gguf.registry import PACKAGED, load_registry
+
+package = Path(dera_gguf.__file__).parent
+assert "site-packages" in str(package) and Path(sys.argv[1]) not in package.parents, package
+registry = load_registry()
+assert registry.files == [PACKAGED], registry.files
+for pair in registry.pairs.values():
+    for source in pair.sources():
+        if source.kind == "path":
+            assert package not in source.local_path().parents, (pair.name, source.local_path())
+        hint = source.hint(pair)
+        assert hint.startswith(("dera-pull ", "pip install ")) and "scripts/" not in hint, (pair.name, hint)
+print("ok", package)
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A virtual environment with dera-gguf's wheel (its dependencies from this environment)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"  # a copy, so that no stale build/ folder of the checkout goes into the wheel
+    junk = shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".gpu", "runs", "models"
+    )
+    shutil.copytree(ROOT, source, symlinks=True, ignore=junk)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next(root.glob("dera_gguf-*.whl"))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    return venv
+
+
+def outside(tmp_path: Path) -> dict:
+    """No PYTHONPATH to the checkout, an empty hub cache, a user model folder of the test's own."""
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", DERA_HOME=str(tmp_path / "home"))
+    for key in ("PYTHONPATH", "DERA_MODELS"):
+        env.pop(key, None)
+    return env
+
+
+def test_no_shipped_pair_needs_the_checkout_or_the_package_folder(installed, tmp_path):
+    check = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", CHECK, str(ROOT)],
+        cwd=tmp_path,
+        env=outside(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith("ok ")
+
+
+def test_the_main_command_works_from_another_folder(installed, tmp_path):
+    """The README's main job after a plain install: the default pair is not pulled, the demo answers."""
+    bin_ = installed / "bin"
+    chat = subprocess.run(
+        [str(bin_ / "dera-chat"), "--lam", "1.5", "--max-tokens", "8", "--prompt", "Explain what a rainbow is."],
+        cwd=tmp_path,
+        env=outside(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip()
+    assert "pair 'zephyr-7b' is not downloaded: get it with: dera-pull zephyr-7b (8.74 GB)" in chat.stderr
+    assert "using the fallback pair 'smollm2-demo'" in chat.stderr
+    for command in ("dera-pull", "dera-pairs", "dera-convert", "dera-eval", "dera-serve"):
+        helped = subprocess.run(
+            [str(bin_ / command), "--help"], cwd=tmp_path, env=outside(tmp_path), capture_output=True
+        )
+        assert helped.returncode == 0, (command, helped.stderr)
+    listed = subprocess.run(
+        [str(bin_ / "dera-pairs")], cwd=tmp_path, env=outside(tmp_path), capture_output=True, text=True
+    )
+    assert "site-packages/dera_gguf/models.toml" in listed.stdout and str(ROOT) not in listed.stdout
