@@ -29,7 +29,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def format_size(n_bytes: float) -> str:
     """Human-readable size in decimal units, as the hub shows them: ``4.37 GB``, ``812.3 MB``."""
-    if n_bytes >= 1e8:
+    if n_bytes >= 1e9:
         return f"{n_bytes / 1e9:.2f} GB"
     if n_bytes >= 1e5:
         return f"{n_bytes / 1e6:.1f} MB"

@@ -356,7 +356,8 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_unknown_pair_lists_the_known_ones(env):
-    assert_one_line_error(invoke(["--pair", "nope", "--prompt", "hi"], env), "nope", "absent, tiny, tiny2")
+    # (the shipped pairs are listed too: a user's models.toml adds to them)
+    assert_one_line_error(invoke(["--pair", "nope", "--prompt", "hi"], env), "nope", "known pairs: absent,", "tiny, tiny2")
 
 
 @pytest.mark.parametrize("lam", ["nan", "inf", "-inf", "1e999", "abc", "0.5,nan"])
@@ -401,7 +402,8 @@ def test_one_shot_prompt_longer_than_the_context(env):
 
 
 def test_errors_in_a_real_process_exit_non_zero_without_traceback(tmp_path, models_toml):
-    text = models_toml.read_text().replace('default = "tiny"', 'default = "absent"')
+    # (without a fallback of its own the shipped one, the demo pair, would answer)
+    text = models_toml.read_text().replace('default = "tiny"', 'default = "absent"\nfallback = "absent"')
     (tmp_path / "models.toml").write_text(text)
     result = run_cli(["--prompt", "hi"], cli_env(tmp_path / "models.toml"))
     assert result.returncode == 1 and result.stdout == ""
