@@ -357,7 +357,9 @@ def assert_one_line_error(result, *fragments):
 
 def test_unknown_pair_lists_the_known_ones(env):
     # (the shipped pairs are listed too: a user's models.toml adds to them)
-    assert_one_line_error(invoke(["--pair", "nope", "--prompt", "hi"], env), "nope", "known pairs: absent,", "tiny, tiny2")
+    assert_one_line_error(
+        invoke(["--pair", "nope", "--prompt", "hi"], env), "nope", "known pairs: absent,", "tiny, tiny2"
+    )
 
 
 @pytest.mark.parametrize("lam", ["nan", "inf", "-inf", "1e999", "abc", "0.5,nan"])

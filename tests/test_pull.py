@@ -258,9 +258,11 @@ def test_hub_failures_are_one_clear_line(case, expected, tmp_path, work, pair_by
     mine = tmp_path / "mine.toml"
     mine.write_text(
         "[pairs.nohub]\n"
-        'reference = { repo = "nobody/none-GGUF", file = "x.gguf" }\naligned = { repo = "nobody/none-GGUF", file = "y.gguf" }\n'
+        'reference = { repo = "nobody/none-GGUF", file = "x.gguf" }\n'
+        'aligned = { repo = "nobody/none-GGUF", file = "y.gguf" }\n'
         "[pairs.nofile]\n"
-        f'reference = {{ repo = "{zephyr_repo}", file = "gone.gguf" }}\naligned = {{ repo = "{zephyr_repo}", file = "gone.gguf" }}\n'
+        f'reference = {{ repo = "{zephyr_repo}", file = "gone.gguf" }}\n'
+        f'aligned = {{ repo = "{zephyr_repo}", file = "gone.gguf" }}\n'
     )
     pair = {"unknown pair": "nope", "no such repo": "nohub", "no such file": "nofile"}.get(case, "zephyr-7b")
     with FakeHub(files, gated=(zephyr_repo,) if case == "gated" else ()) as hub:
