@@ -121,6 +121,37 @@ class Context:
         self.clear()
         self.adapters = adapters
 
+    def save(self) -> "SavedSequence":
+        """What sequence 0 holds: its tokens, llama.cpp's state of it (KV cells, positions), the adapters' scales."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, 0)
+        buffer = (ctypes.c_uint8 * max(size, 1))()
+        n = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buffer, size, 0)
+        return SavedSequence(self.held().copy(), bytes(buffer[:n]), tuple(s for _, s in self.adapters))
+
+    def restore(self, saved: "SavedSequence") -> None:
+        """Make sequence 0 hold what ``saved`` holds, through llama.cpp's state API.
+
+        Saved under other adapter scales (weight-space mode at another lam) it holds what
+        other weights computed: the context is left empty instead, to be caught up when needed.
+        """
+        self.clear()
+        if not len(saved.tokens) or saved.adapter_scales != tuple(s for _, s in self.adapters):
+            return
+        if len(saved.tokens) > len(self._written):
+            raise ContextFullError(
+                f"the saved state holds {len(saved.tokens)} tokens but the {self.name}'s context holds "
+                f"{len(self._written)} (n_ctx): load it into an engine with a larger n_ctx"
+            )
+        data = (ctypes.c_uint8 * len(saved.data)).from_buffer_copy(saved.data)
+        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, data, len(saved.data), 0)
+        if read != len(saved.data) or self.extent(0) != len(saved.tokens):
+            self.clear()
+            raise DeRaError(
+                f"llama.cpp could not restore the {self.name}'s saved state (made by another model, or "
+                "a damaged state): it was not loaded"
+            )
+        self._written[: len(saved.tokens)] = saved.tokens
+
     def share_sequence(self, src: int, dst: int) -> None:
         """Let sequence ``dst`` use the cells of ``src`` (a shared prompt; unified KV cache)."""
         llama_cpp.llama_memory_seq_cp(self.ctx.memory, src, dst, -1, -1)
@@ -276,6 +307,19 @@ class Lockstep:
         if scores is not None:
             scores[:] = blended
         return target
+
+
+@dataclass(frozen=True)
+class SavedSequence:
+    """A context's sequence 0 as :meth:`Context.save` took it (plain data: it pickles)."""
+
+    tokens: np.ndarray
+    data: bytes
+    adapter_scales: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + self.tokens.nbytes
 
 
 @dataclass
