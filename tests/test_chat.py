@@ -8,6 +8,9 @@ plain models blended in numpy (tests/reference.py) for the JSON completion.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 
 import llama_cpp
@@ -465,3 +468,34 @@ def test_mode_flag_and_command_switch_between_weight_space_and_blend(env, ref_pa
     full = Terminal(["--ref", str(ref_path), "--aligned", str(aligned_path), "--n-ctx", "256"], env)
     assert "full GGUF model" in full.command("/mode weights")
     assert full.quit() == 0
+
+
+@pytest.mark.parametrize("hangup", ["signalled", "ignored by the shell"])
+@pytest.mark.parametrize("when", ["at the prompt", "while an answer streams"])
+def test_a_terminal_that_goes_away_ends_the_chat_quietly(env, tmp_path, when, hangup):
+    """A closed window or tmux pane: the chat ends without a word (stderr kept in a file to check).
+
+    The hangup may reach it as SIGHUP, or not at all (a shell that ignores SIGHUP, nohup):
+    then reading the terminal ends (EOF) and writing to it fails.
+    """
+    import pexpect
+
+    err = tmp_path / "stderr.txt"
+    args = ["--max-tokens", "200", "--n-ctx", "512", "--temperature", "1.5"]
+    chat = f'"{sys.executable}" -m dera_gguf.cli.chat "$@" 2>"{err}"'
+    script = f"exec {chat}" if hangup == "signalled" else f"trap '' HUP; {chat}"
+    child = pexpect.spawn("bash", ["-c", script, "bash", *args], env=env, encoding="utf-8", timeout=30)
+    child.expect_exact("you> ")
+    if when == "while an answer streams":
+        child.sendline("tell me a long story about the sun and the rain")
+        child.expect_exact("the rain\r\n")
+        child.expect(r"(?s).")  # the answer has started
+    os.close(child.child_fd)  # the terminal goes away: the kernel hangs up on the chat
+    deadline = time.monotonic() + 30
+    while child.isalive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not child.isalive()
+    # 129: the hangup; 1: a write to the gone terminal failed first (EPIPE), also without a word
+    assert child.exitstatus in (0, 1, 129) or child.signalstatus == signal.SIGHUP, (child.exitstatus, err.read_text())
+    text = err.read_text()
+    assert "Traceback" not in text and "Error" not in text, text

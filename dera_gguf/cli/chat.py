@@ -13,7 +13,9 @@ plain ``DeRaLlama.create_chat_completion`` calls.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import re
 import signal
 import sys
@@ -133,9 +135,15 @@ def main(
         if one_shot_text is not None:
             _one_shot(session, one_shot_text, as_json)
         else:
+            _leave_quietly_on_hangup()
             _interactive(session, name)
     except KeyboardInterrupt:  # Ctrl-C outside an answer in one-shot mode
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in (errno.EIO, errno.EPIPE):
+            raise
+        # the terminal (EIO: as for SIGHUP) or the pipe went away: nobody is left to read an error
+        _quit_quietly(128 + signal.SIGHUP if e.errno == errno.EIO else 1)
     except ContextFullError as e:
         raise ContextFullError(f"{e} (dera-chat: --n-ctx)") from None
 
@@ -184,7 +192,7 @@ def _interactive(session: ChatSession, name: str) -> None:
     while True:
         try:
             line = input(PROMPT).strip()
-        except EOFError:
+        except EOFError:  # Ctrl-D, or a terminal that is gone (then the newline fails: OSError, above)
             click.echo()
             return
         except KeyboardInterrupt:
@@ -202,6 +210,25 @@ def _interactive(session: ChatSession, name: str) -> None:
             click.echo(f"error: {e} (dera-chat: /reset, or start again with a larger --n-ctx)", err=True)
         except DeRaError as e:  # a bad command argument, or llama.cpp failing on this history
             click.echo(f"error: {e}", err=True)
+
+
+def _leave_quietly_on_hangup() -> None:
+    """When the terminal goes away (SIGHUP: a closed window or tmux pane), end without a word.
+
+    Python's default would be silent too, but an ignored SIGHUP (nohup) or a stream in
+    progress would end in tracebacks written at a terminal that is gone.
+    """
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda signum, frame: _quit_quietly(128 + signum))
+
+
+def _quit_quietly(code: int) -> None:
+    """Exit with ``code``, with the standard streams pointed at /dev/null (their terminal is gone)."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+    raise SystemExit(code)
 
 
 def _answer(session: ChatSession, text: str) -> None:
@@ -262,7 +289,8 @@ def _keep_output_on_ctrl_c():
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
+        with contextlib.suppress(termios.error):  # (a terminal that went away has nothing to restore)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 # ------------------------------------------------------------ slash commands
