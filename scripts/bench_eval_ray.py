@@ -30,7 +30,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -105,13 +105,13 @@ def main() -> None:
     prompts.write_text(
         "".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]}]}) + "\n" for r in rows)
     )
-    spec = PairSpec(smollm2_path(), str(ADAPTER), n_ctx=512)
+    spec = PairSpec.check(smollm2_path(), str(ADAPTER), n_ctx=512)
 
     def run(name, threads, **ray_args):
         clock, lines = Clock(), []
         start = time.perf_counter()
         result = generate(
-            PairSpec(spec.reference_model_path, spec.aligned_model_path, n_ctx=512, n_threads=threads),
+            replace(spec, n_threads=threads),
             str(prompts), lams, out_dir=str(tmp / name), params=params, progress=clock, log=lines.append, **ray_args,
         )  # fmt: skip
         wall = time.perf_counter() - start

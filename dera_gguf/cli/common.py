@@ -8,7 +8,6 @@ stderr with a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, List, Optional, Sequence
 
 import click
@@ -16,20 +15,6 @@ import click
 from ..blend import normalize_lam
 from ..errors import DeRaError
 from ..registry import Pair, load_registry
-
-
-def parse_lams(text: str) -> List[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; every value must be a finite number."""
-    values = []
-    for part in str(text).split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise DeRaError(f"lam {part.strip()!r} is not a number (give e.g. 0.5 or 0,0.5,1)") from None
-        if not math.isfinite(value):
-            raise DeRaError(f"lam must be finite, got {part.strip()}")
-        values.append(value)
-    return values
 
 
 def model_options(

@@ -16,15 +16,15 @@ from typing import List, Optional, Sequence
 
 import click
 
+from ..blend import format_lam, parse_lams
 from ..errors import DeRaError
-from .chat_session import Sampling, format_lam
+from ..sampling import Sampling
 from .common import (
     choose_models,
     initial_lam,
     mode_option,
     model_options,
     new_engine,
-    parse_lams,
     reports_errors,
     speculative_option,
 )
@@ -52,7 +52,7 @@ from .common import (
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
-    default=256,
+    default=Sampling().max_tokens,
     show_default=True,
     help="Tokens per answer: the default, and the most a request may ask.",
 )
@@ -89,8 +89,8 @@ def main(
 ):
     """Serve DeRa-realigned models over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
-    Sampling defaults are the paper's (temperature 0.7, top-k 50, top-p 0.95, min-p 0, no
-    repeat penalty) for whatever a request leaves out. With --seed, requests without a
+    A request samples with dera-chat's defaults, the paper's settings, for whatever it
+    leaves out. With --seed, requests without a
     seed all use it (reproducible); without, each draws a fresh one. SIGTERM or Ctrl-C
     stops the server: running streams end at the next token, the engines are closed.
     """
