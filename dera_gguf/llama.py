@@ -185,7 +185,7 @@ class DeRaLlama(Llama):
             self.model_params,
             self._stack,
             self.verbose,
-            loaded={files.weights(0): self._model},
+            loaded={files.model_file(0): self._model},
             adapters=adapters,
         )
         own_adapters = tuple((a, self.lora_scale) for a in adapters.values())

@@ -43,8 +43,8 @@ class PairFiles:
         checks.check_vocabularies(ref, [p for p, a in zip(paths, is_adapter) if not a], verbose)
         return cls(ref, paths, is_adapter)
 
-    def weights(self, i: int) -> str:
-        """The GGUF whose weights aligned model ``i`` runs on (the reference's, for an adapter)."""
+    def model_file(self, i: int) -> str:
+        """The GGUF model file aligned model ``i`` runs on (the reference's, for an adapter)."""
         return self.reference if self.is_adapter[i] else self.aligned[i]
 
 
@@ -114,7 +114,7 @@ class PairModels:
         else:
             i = member - 1
             name = f"aligned model {member}"
-            model = self.model(self.files.weights(i), name)
+            model = self.model(self.files.model_file(i), name)
             adapter = self.adapter(self.files.aligned[i]) if self.files.is_adapter[i] else None
         ctx = internals.LlamaContext(model=model, params=context_params, verbose=self.verbose)
         self._stack.callback(ctx.close)

@@ -1,9 +1,8 @@
 """The sampling settings every front uses (dera-chat, dera-serve, dera-eval), defaults written once.
 
-The defaults are the paper's Zephyr settings: temperature 0.7, top-k 50, top-p 0.95 and
-256 new tokens. ``min_p`` is 0 (off) and ``repeat_penalty`` 1 (off), unlike
-llama-cpp-python's defaults (0.05 and 1.1 in its server), because the paper sampled with
-Hugging Face ``generate``, which applies neither.
+The defaults are the paper's Zephyr settings. Min-p and the repeat penalty are off, unlike
+in llama-cpp-python, because the paper sampled with Hugging Face ``generate``, which
+applies neither.
 """
 
 from __future__ import annotations

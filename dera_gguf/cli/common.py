@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import click
 
 from ..blend import normalize_lam
+from ..engine import MODES
 from ..errors import DeRaError
 from ..registry import Pair, load_registry
 
@@ -100,7 +101,7 @@ def mode_option(note: str = "") -> Callable:
     """``--mode blend|weights``, the same in every command (``note``: what it means there)."""
     return click.option(
         "--mode",
-        type=click.Choice(["blend", "weights"]),
+        type=click.Choice(MODES),
         default="blend",
         show_default=True,
         help="blend: DeRa, the models' logits blended. weights: LoRA-aligned pairs only, the adapter applied on "

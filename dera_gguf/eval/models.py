@@ -123,7 +123,7 @@ class EvalPair:
         params.n_gpu_layers = 0x7FFFFFFF if spec.n_gpu_layers == -1 else spec.n_gpu_layers
         self.models = PairModels(self.files, params, self._stack, spec.verbose)
         self.ref_model = self.models.model(self.ref_path, "reference model")
-        self.aligned_model = self.models.model(self.files.weights(0), "aligned model")
+        self.aligned_model = self.models.model(self.files.model_file(0), "aligned model")
         self.n_vocab = self.ref_model.n_vocab()
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import checks
+from ..engine import MODES
 from ..errors import DeRaError
 from ..sampling import Sampling
 from .errors import ApiError
@@ -70,7 +71,7 @@ class ChatRequest(CreateChatCompletionRequest):
 
     model_config = ConfigDict(extra="forbid")
     lam: Any = LAM_FIELD
-    mode: Optional[Literal["blend", "weights"]] = MODE_FIELD
+    mode: Optional[Literal[MODES]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
     max_completion_tokens: Optional[int] = Field(None, description="OpenAI's newer name for max_tokens.")
 
@@ -81,7 +82,7 @@ class CompletionRequest(CreateCompletionRequest):
     model_config = ConfigDict(extra="forbid")
     prompt: Union[str, List[int], List[str]] = Field(default="", description="The prompt (text or token ids).")
     lam: Any = LAM_FIELD
-    mode: Optional[Literal["blend", "weights"]] = MODE_FIELD
+    mode: Optional[Literal[MODES]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
 
 
