@@ -72,12 +72,6 @@ class Realign:
         return Realign(weights, self.mode if mode is None else check_mode(mode, files))
 
 
-def default_threads(n_threads: Optional[int]) -> int:
-    """``n_threads``, else the physical cores (llama-cpp-python's default, half the logical CPUs, and
-    llama.cpp's, 4, over- or undersubscribe machines with hyper-threads or few cores)."""
-    return n_threads or physical_cores()
-
-
 def thread_plan(
     n_gpu_layers: int,
     n_threads: Optional[int] = None,
@@ -86,12 +80,14 @@ def thread_plan(
 ) -> ThreadPlan:
     """The threads of a pair's contexts, shared among those that decode at the same time.
 
-    ``n_threads`` defaults to :func:`default_threads`, ``n_threads_batch`` to the logical CPUs.
+    ``n_threads`` defaults to the physical cores (llama-cpp-python's default, half the logical
+    CPUs, and llama.cpp's, 4, misjudge machines with hyper-threads or few cores),
+    ``n_threads_batch`` to the logical CPUs.
     ``concurrent=None``: the contexts decode at the same time on a CPU with 2 threads or more
     (one token's decode of a small model does not use every core), one after the other when
     offloaded to a GPU (there the overlap is unmeasured). The logits are the same either way.
     """
-    n_threads = default_threads(n_threads)
+    n_threads = n_threads or physical_cores()
     if concurrent is None:
         offloaded = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         concurrent = not offloaded and n_threads >= 2

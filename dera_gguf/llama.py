@@ -94,8 +94,8 @@ class DeRaLlama(Llama):
             pairs only: the adapters applied on the reference at scale lam, one forward pass;
             an approximation of DeRa, the paper's weight-space alternative).
         concurrent: decode the contexts at the same time, each on its share of ``n_threads``
-            (None: on a CPU with 2 threads or more; not when offloaded to a GPU). The logits
-            are the same either way.
+            (None: :func:`~dera_gguf.engine.thread_plan` decides). The logits are the same
+            either way.
         speculative: draft tokens and verify them in one batch per model: ``"lookup"`` (copies
             of earlier text: edits, quotes, code), ``"model"`` (greedy drafts from the pair's
             model with the largest weight) or a llama_cpp ``LlamaDraftModel`` (``draft_model=``
@@ -106,7 +106,7 @@ class DeRaLlama(Llama):
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
             that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the
-            physical cores (llama-cpp-python's default is half the logical CPUs).
+            physical cores (:func:`~dera_gguf.engine.thread_plan`).
     """
 
     def __init__(

@@ -40,6 +40,7 @@ from dera_gguf.eval.cluster import RayExecutor
 from dera_gguf.eval.models import PairSpec
 from dera_gguf.eval.runner import run_sweep
 from dera_gguf.eval.summary import GENERATE_METRICS
+from dera_gguf.eval.tasks import RowWork
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "dera_gguf" / "data" / "smollm2-demo-dpo-lora.gguf"
@@ -80,7 +81,10 @@ class EchoTask:
             template = self.records[(row.line - 1) % len(self.records)]
             return [dict(r, row=row.id, line=row.line) for r in template]
 
-        return work, lambda: None
+        return RowWork(work, lambda: None)
+
+    def user_code(self):
+        return ()
 
 
 def main() -> None:
@@ -142,7 +146,7 @@ def main() -> None:
             clock = Clock()
             with RayExecutor(spec, EchoTask(by_row), workers=workers) as execute:
                 run_sweep(
-                    data, lams, None, 1, GENERATE_METRICS, "samples.jsonl", str(tmp / f"echo{workers}"),
+                    data, lams, 1, GENERATE_METRICS, "samples.jsonl", str(tmp / f"echo{workers}"),
                     {"echo": workers}, clock, "echo", execute=execute,
                 )  # fmt: skip
             print(

@@ -128,6 +128,14 @@ class _Worker:
         self.held: Deque[Any] = collections.deque()  # refs of rows given to it, in order
 
 
+class _Given(NamedTuple):
+    """A row handed to a worker, with the λ values it is to compute."""
+
+    worker: _Worker
+    row: Row
+    lams: List[float]
+
+
 class RayExecutor:
     """``execute(todo)`` for :func:`~.runner.run_sweep`, over Ray workers; a context manager.
 
@@ -205,7 +213,7 @@ class RayExecutor:
         ray = self.ray
         queue: Deque[Tuple[Row, List[float]]] = collections.deque(todo)
         self.tries: Dict[str, int] = collections.defaultdict(int)  # row id -> tries lost to dead workers
-        self.given: Dict[Any, Tuple[_Worker, Row, List[float]]] = {}  # row ref -> who holds which row
+        self.given: Dict[Any, _Given] = {}  # row ref -> who holds which row
         self.loading: Dict[Any, _Worker] = {}  # info ref -> a worker not yet known to be ready
         self.max_starts = self.n_workers + len(todo) * self.options.max_tries
         for _ in range(min(self.n_workers, len(todo))):
@@ -226,7 +234,7 @@ class RayExecutor:
                     f"(pid {worker.info['pid']} on {worker.info['host']}, {self.worker_spec.n_threads} thread(s))"
                 )
                 continue
-            worker, row, _ = self.given[ref]
+            worker, row = self.given[ref].worker, self.given[ref].row
             try:
                 result: RowResult = ray.get(ref)
             except ray.exceptions.RayActorError as e:
@@ -260,7 +268,7 @@ class RayExecutor:
                     row, lams = queue.popleft()
                     ref = worker.actor.run.remote(row, lams)
                     worker.held.append(ref)
-                    self.given[ref] = (worker, row, lams)
+                    self.given[ref] = _Given(worker, row, lams)
 
     def _lost(self, worker: _Worker, error, queue) -> List[Outcome]:
         """A worker died: its rows go back to the queue's front (the oldest one loses a try); replace it."""
