@@ -145,9 +145,8 @@ class DeRaLlama(Llama):
         self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
-        self.draft_model = self.runtime.drafting(
-            speculative, room=lambda length: self.n_batch - (length - self.n_tokens)
-        )
+        room = lambda length: self.n_batch - (length - self.n_tokens)  # the decode batch holds the draft too
+        self.draft_model = self.runtime.drafting(speculative, room)
 
     @classmethod
     def from_pair(
@@ -180,14 +179,8 @@ class DeRaLlama(Llama):
         The other contexts are made on the same loaded weights (an adapter's reference is loaded once).
         """
         adapters = {files.aligned[0]: self._lora_adapter} if files.is_adapter[0] else {}
-        models = PairModels(
-            files,
-            self.model_params,
-            self._stack,
-            self.verbose,
-            loaded={files.model_file(0): self._model},
-            adapters=adapters,
-        )
+        loaded = {files.model_file(0): self._model}
+        models = PairModels(files, self.model_params, self._stack, self.verbose, loaded=loaded, adapters=adapters)
         own_adapters = tuple((a, self.lora_scale) for a in adapters.values())
         own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch, own_adapters)
         runtime = PairRuntime.open(
