@@ -5,7 +5,7 @@ token by token by ``softmax(lam * h_aligned + (1 - lam) * h_ref)``. With several
 aligned models the weights are ``lam_i`` on aligned model i and ``1 - sum(lam)``
 on the reference. Everything here works on float32 logits of shape
 ``(..., n_vocab)``: the blend, log-softmax, KL, and the per-token statistics of a
-whole λ sweep from one pair of logits.
+whole λ sweep from one pair of logits; and λ itself: checked, as mixing weights, as text.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -61,6 +61,26 @@ def mixing_weights(lam: Lam, n_aligned: int = 1) -> np.ndarray:
     """
     lams = as_lams(lam, n_aligned)
     return np.array((1.0 - math.fsum(lams),) + lams, dtype=np.float64)
+
+
+def parse_lams(text: str) -> List[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (command lines, ``PAIR@λ`` ids); every value must be a finite number."""
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise DeRaError(f"lam {part.strip()!r} is not a number (give e.g. 0.5 or 0,0.5,1)") from None
+        if not math.isfinite(value):
+            raise DeRaError(f"lam must be finite, got {part.strip()}")
+        values.append(value)
+    return values
+
+
+def format_lam(lam: Lam) -> str:
+    """``1.5`` or ``0.5,1`` (several aligned models), as :func:`parse_lams` reads it back."""
+    values = lam if isinstance(lam, (list, tuple)) else [lam]
+    return ",".join(f"{float(v):g}" for v in values)
 
 
 def _is_number(value) -> bool:

@@ -6,15 +6,19 @@ what to do, so bad input never crashes the process inside C.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
 import struct
-from typing import Any, List, Mapping
+from typing import Any, Callable, List, Mapping, Sequence
 
 import llama_cpp
+import numpy as np
+from llama_cpp import Llama
 from llama_cpp import _internals as internals
 
-from .errors import DeRaError
+from .errors import ContextFullError, DeRaError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -182,6 +186,19 @@ def _in_range(name: str, value: Any, lo: float, hi: float) -> None:
 
 def check_sampling(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) -> None:
     """Check the sampling arguments of a completion call (only those given)."""
+    check_sampling_values(kwargs)
+    _check_logprobs(kwargs, n_vocab, logits_all)
+    stop = kwargs.get("stop")
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
+    ):
+        raise DeRaError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+def check_sampling_values(kwargs: Mapping[str, Any]) -> None:
+    """Check the sampler settings among ``kwargs`` (only those given): what llama.cpp's chain would misread."""
     get = kwargs.get
     if get("temperature") is not None:
         _number("temperature", get("temperature"))
@@ -204,14 +221,6 @@ def check_sampling(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) ->
     seed = get("seed")
     if seed is not None and not 0 <= _integer("seed", seed) < 2**32:
         raise DeRaError(f"seed must lie in [0, 2**32), got {seed!r}")
-    _check_logprobs(kwargs, n_vocab, logits_all)
-    stop = get("stop")
-    if (
-        stop is not None
-        and not isinstance(stop, str)
-        and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))
-    ):
-        raise DeRaError(f"stop must be a string or a list of strings, got {stop!r}")
 
 
 def check_grammar(grammar: Any, vocab) -> None:
@@ -243,3 +252,76 @@ def _check_logprobs(kwargs: Mapping[str, Any], n_vocab: int, logits_all: bool) -
             raise DeRaError(f"{name} must lie in [0, {n_vocab}], got {value!r}")
     if not logits_all:
         raise DeRaError("logprobs need the logits of every position: create the DeRaLlama with logits_all=True")
+
+
+# ---------------------------------------------------------- DeRaLlama's arguments
+
+# Llama arguments that would break the lockstep or make no sense for a pair.
+_REFUSED_KWARGS = {
+    "model_path": "give the models as reference_model_path and aligned_model_path",
+    "embedding": "DeRa blends next-token logits; use a plain llama_cpp.Llama for embeddings",
+    "lora_path": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
+    "lora_base": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
+}
+# Every keyword llama_cpp.Llama names; Llama itself swallows unknown ones (**kwargs) without a word.
+_LLAMA_KWARGS = [
+    n for n, p in inspect.signature(Llama.__init__).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
+]
+
+
+def check_llama_kwargs(kwargs: Mapping[str, Any], own: Sequence[str]) -> None:
+    """Refuse keywords that would break the pair, and any that ``llama_cpp.Llama`` does not name
+    (``own``: DeRaLlama's own keywords, suggested for a misspelt one)."""
+    for name, why in _REFUSED_KWARGS.items():
+        if name in kwargs and kwargs[name] not in (None, False):
+            raise DeRaError(f"DeRaLlama does not take {name}=: {why}")
+    for name in kwargs:
+        if name not in _LLAMA_KWARGS:
+            raise DeRaError(
+                f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
+                f"{_closest(name, _LLAMA_KWARGS + list(own))}"
+            )
+
+
+def bind(method: Callable, *args: Any, **kwargs: Any) -> dict:
+    """The arguments of a call to ``method`` by name; an unknown keyword is refused by name."""
+    signature = inspect.signature(method)
+    try:
+        return signature.bind(*args, **kwargs).arguments
+    except TypeError as e:
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        names = [n for n in signature.parameters if n != "self"] + ["lam"]
+        hint = _closest(unknown[0], names) if unknown else ""
+        raise DeRaError(f"{method.__name__}: {e}{hint}") from None
+
+
+def _closest(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {close[0]}=?)" if close else ""
+
+
+def check_prompt(prompt: Any, n_vocab: int, n_ctx: int, tokenize: Callable[..., List[int]]) -> None:
+    """A completion's prompt: text, or token ids in the vocabulary, shorter than the context."""
+    if isinstance(prompt, str):
+        n = len(tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+    elif isinstance(prompt, list) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        n = len(prompt)
+        if any(not 0 <= t < n_vocab for t in prompt):
+            raise DeRaError(f"prompt token ids must lie in [0, {n_vocab})")
+    else:
+        raise DeRaError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if n >= n_ctx:
+        raise ContextFullError(
+            f"the prompt is {n} tokens but the context holds {n_ctx} (n_ctx): "
+            "shorten the prompt or create the DeRaLlama with a larger n_ctx"
+        )
+
+
+def check_chat_template(template: Any, llama_kwargs: Mapping[str, Any]) -> None:
+    """A chat template is Jinja text, and only one way of formatting chats is named."""
+    if template is None:
+        return
+    if not isinstance(template, str) or not template.strip():
+        raise DeRaError(f"chat_template must be the text of a Jinja chat template, got {template!r}")
+    if llama_kwargs.get("chat_format") or llama_kwargs.get("chat_handler"):
+        raise DeRaError("give one of chat_template, chat_format and chat_handler, not several")

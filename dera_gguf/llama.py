@@ -5,32 +5,31 @@ method of llama-cpp-python (completions, chat with the GGUF's template, streamin
 stop strings, seeds, logprobs, grammars, JSON mode) keeps working. Only three seams
 change:
 
-* ``eval`` decodes the new tokens in every model with a non-zero weight (the
-  :class:`~dera_gguf.contexts.Lockstep` group) and leaves the blended logits in a
+* ``eval`` decodes the new tokens in every model with a non-zero weight (through the
+  pair's :class:`~dera_gguf.engine.PairRuntime`) and leaves the blended logits in a
   context's logits buffer, for every row ``generate()`` samples (the last token's,
   and those of drafted or sent tokens; and in ``self.scores`` when ``logits_all`` is on);
 * ``sample`` points llama.cpp's sampler chain at that buffer;
-* the public calls take ``lam=`` to override the default for one call.
+* the public calls take ``lam=`` and ``mode=`` to override the defaults for one call.
+
+What a call runs with (its realignment, which rows to blend, where the blend lies) is
+one :class:`Call` object, made where the call starts.
 
 At lam 0 and 1 a single model decodes and its logits are left untouched, so outputs
 equal those of plain ``llama_cpp.Llama`` on that model exactly. What each context
 holds is read from llama.cpp at every call (:mod:`dera_gguf.contexts`), so whatever
 llama-cpp-python does to its own context (it trims it inside ``generate``), the next
-call is exact. This leans on
-llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``, ``input_ids``,
+call is exact. This leans on llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``, ``input_ids``,
 ``scores``); pyproject.toml pins the release line the tests cover.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
-import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -39,38 +38,44 @@ from llama_cpp.llama_speculative import LlamaDraftModel
 from . import checks
 from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
-from .contexts import Context, Lockstep
+from .contexts import Context
+from .engine import PairRuntime, Realign, check_mode, thread_plan
 from .errors import ContextFullError, DecodeError, DeRaError, Stopped
 from .models import PairFiles, PairModels, as_path_list
-from .threads import ThreadPlan, physical_cores
+from .threads import ThreadPlan
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Llama arguments that would break the lockstep or make no sense for a pair.
-_REFUSED_KWARGS = {
-    "model_path": "give the models as reference_model_path and aligned_model_path",
-    "embedding": "DeRa blends next-token logits; use a plain llama_cpp.Llama for embeddings",
-    "lora_path": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
-    "lora_base": "pass the LoRA adapter GGUF as an aligned model: it is applied on the reference",
-}
-# Every keyword llama_cpp.Llama names; Llama itself swallows unknown ones (**kwargs) without a word.
-_LLAMA_KWARGS = [
-    n for n, p in inspect.signature(Llama.__init__).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
-]
-
 _DONE = object()
-MODES = ("blend", "weights")
 
 
-@dataclass(frozen=True)
-class Realign:
-    """The realignment in effect: mixing weights on [reference, aligned_1, ...] and the mode."""
+@dataclass
+class Call:
+    """What one call runs with, made where it starts: a public call (its ``lam=`` and ``mode=``), a
+    ``generate()`` called directly, or an ``eval()`` outside both (``lone``: Llama.eval then Llama.sample
+    by hand; the next eval makes another).
 
-    weights: tuple
-    mode: str = "blend"
+    ``every_row``: the next decode's every row is sampled, so every row is blended (``generate()``
+    samples the row of every token it decodes after its first decode: the sampled token, tokens
+    given to ``send()``, drafts); else only the last row. ``target``: the context whose logits
+    buffer holds the latest blend, where :meth:`DeRaLlama.sample` samples.
+    """
 
-    def __post_init__(self):
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+    realign: Realign
+    lone: bool = False
+    generating: bool = False
+    every_row: bool = False
+    target: Optional[Context] = None
+
+
+class _Setup(NamedTuple):
+    """What ``__init__`` was given besides lam and mode: a pickled DeRaLlama is made again from it."""
+
+    reference_model_path: str
+    aligned_model_path: list
+    concurrent: Optional[bool]
+    speculative: Any
+    llama_kwargs: dict
 
 
 class DeRaLlama(Llama):
@@ -90,8 +95,8 @@ class DeRaLlama(Llama):
             pairs only: the adapters applied on the reference at scale lam, one forward pass;
             an approximation of DeRa, the paper's weight-space alternative).
         concurrent: decode the contexts at the same time, each on its share of ``n_threads``
-            (None: on a CPU with 2 threads or more; not when offloaded to a GPU). The logits
-            are the same either way.
+            (None: :func:`~dera_gguf.engine.thread_plan` decides). The logits are the same
+            either way.
         speculative: draft tokens and verify them in one batch per model: ``"lookup"`` (copies
             of earlier text: edits, quotes, code), ``"model"`` (greedy drafts from the pair's
             model with the largest weight) or a llama_cpp ``LlamaDraftModel`` (``draft_model=``
@@ -105,7 +110,7 @@ class DeRaLlama(Llama):
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
             that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the
-            physical cores (llama-cpp-python's default is half the logical CPUs).
+            physical cores (:func:`~dera_gguf.engine.thread_plan`).
     """
 
     def __init__(
@@ -119,25 +124,28 @@ class DeRaLlama(Llama):
         chat_template: Optional[str] = None,
         **llama_kwargs: Any,
     ):
-        _check_llama_kwargs(llama_kwargs)
-        _check_template(chat_template, llama_kwargs)
+        checks.check_llama_kwargs(llama_kwargs, ["lam", "mode", "concurrent", "speculative", "chat_template"])
+        checks.check_chat_template(chat_template, llama_kwargs)
         speculative = spec.check_kind(speculative, llama_kwargs.pop("draft_model", None))
         files = PairFiles.check(
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )
         self._files = files
-        self._realign = Realign(mixing_weights(lam, len(files.aligned)), self._check_mode(mode))
-        self._init_args = (
+        self._default = Realign.of(lam, mode, files)  # lam and mode of a call that names neither
+        self._setup = _Setup(
             files.reference,
             list(files.aligned),
-            mode,
             concurrent,
             speculative,
             dict(llama_kwargs, chat_template=chat_template),
         )
-        llama_kwargs = {**llama_kwargs}
-        if llama_kwargs.get("n_threads") is None:  # llama-cpp-python's default is half the logical CPUs
-            llama_kwargs["n_threads"] = physical_cores()
+        threads = thread_plan(
+            llama_kwargs.get("n_gpu_layers", 0),
+            llama_kwargs.get("n_threads"),
+            llama_kwargs.get("n_threads_batch"),
+            concurrent,
+        )
+        llama_kwargs = {**llama_kwargs, "n_threads": threads.n_threads, "n_threads_batch": threads.n_threads_batch}
         if files.is_adapter[0]:  # this Llama is the reference with the adapter applied
             super().__init__(model_path=files.reference, lora_path=files.aligned[0], **llama_kwargs)
         else:
@@ -147,15 +155,13 @@ class DeRaLlama(Llama):
         # llama.cpp may round the context up (to 256); Llama's token buffer keeps the size
         # asked for, so that is the real limit.
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
-        self._n_aligned = len(files.aligned)
-        self._eval_realign: Optional[Realign] = None  # what made the logits buffers and scores
-        self._lockstep = Lockstep(self._open_contexts(files), self.n_batch, self._thread_plan(concurrent))
-        self._target: Context = self._lockstep.contexts[1]  # the context whose logits buffer holds the blend
-        self._generation: Optional[object] = None  # the generate() call under way, if any
-        self._every_row = False  # whether the next decode's every row will be sampled
-        self._stop: Optional[Callable[[], bool]] = None  # asked before every decode (stopping())
+        self.runtime = self._open_runtime(files, threads)
+        self._call: Optional[Call] = None  # the call in effect (or the latest lone one)
+        self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
+        self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
-        self.draft_model = self._speculation(speculative)
+        room = lambda length: self.n_batch - (length - self.n_tokens)  # the decode batch holds the draft too
+        self.draft_model = self.runtime.drafting(speculative, room)
 
     @classmethod
     def from_pair(
@@ -186,39 +192,21 @@ class DeRaLlama(Llama):
 
     # ----------------------------------------------------------------- set-up
 
-    def _thread_plan(self, concurrent: Optional[bool]) -> ThreadPlan:
-        """All contexts share this Llama's threads; by default they decode at the same time on a CPU.
+    def _open_runtime(self, files: PairFiles, threads: ThreadPlan) -> PairRuntime:
+        """The pair's runtime on this Llama's loaded weights: its own context is aligned model 1's.
 
-        Offloaded to a GPU they decode one after the other unless ``concurrent=True``: the
-        overlap there has not been measured yet.
+        The other contexts are made on the same loaded weights (an adapter's reference is loaded once).
         """
-        params = self.context_params
-        if concurrent is None:
-            offloaded = self.model_params.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
-            concurrent = not offloaded and params.n_threads >= 2
-        plan = ThreadPlan(params.n_threads, params.n_threads_batch, bool(concurrent))
-        self._stack.callback(plan.close)
-        return plan
-
-    def _open_contexts(self, files: PairFiles) -> List[Context]:
-        """Contexts in lockstep order: reference first, then the aligned models.
-
-        Aligned model 1 is this Llama's own context; the others are made on the same
-        loaded weights (an adapter's reference is loaded once).
-        """
-        adapter = {files.aligned[0]: self._lora_adapter} if files.is_adapter[0] else {}
-        self._models = PairModels(
-            files,
-            self.model_params,
-            self._stack,
-            self.verbose,
-            loaded={files.weights(0): self._model},
-            adapters=adapter,
+        adapters = {files.aligned[0]: self._lora_adapter} if files.is_adapter[0] else {}
+        loaded = {files.model_file(0): self._model}
+        models = PairModels(files, self.model_params, self._stack, self.verbose, loaded=loaded, adapters=adapters)
+        own_adapters = tuple((a, self.lora_scale) for a in adapters.values())
+        own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch, own_adapters)
+        runtime = PairRuntime.open(
+            models, self.context_params, self.n_batch, threads, aligned_context=own, lora_scale=self.lora_scale
         )
-        make = lambda m: self._models.context(m, self.context_params, self.n_batch, lora_scale=self.lora_scale)
-        self._own_adapters = tuple((a, self.lora_scale) for a in adapter.values())  # its adapter in blend mode
-        own = Context("aligned model 1", self._ctx, self._n_vocab, self._batch, self.n_batch, self._own_adapters)
-        return [make(0), own] + [make(m) for m in range(2, len(files.aligned) + 1)]
+        self._stack.callback(runtime.close)
+        return runtime
 
     def _use_template(self, template: Optional[str]) -> None:
         """Format chats with ``template`` (Jinja text), with this model's BOS / EOS as llama-cpp-python does."""
@@ -230,31 +218,6 @@ class DeRaLlama(Llama):
         self.chat_handler = Jinja2ChatFormatter(
             template=template, eos_token=token(eos), bos_token=token(bos), stop_token_ids=[eos]
         ).to_chat_handler()
-
-    def _speculation(self, speculative: Any) -> Optional[spec.Speculation]:
-        if speculative is None:
-            return None
-        if speculative == "lookup":
-            source = spec.NgramLookup()
-        elif speculative == "model":
-            source = spec.ModelDraft(self._drafting_context, self._draft_on, self.n_batch)
-        else:
-            source = spec.from_draft_model(speculative)
-        return spec.Speculation(source, room=lambda length: self.n_batch - (length - self.n_tokens))
-
-    def _drafting_context(self) -> Optional[Context]:
-        """The model that drafts in ``speculative="model"``: the one with the largest weight (blend mode only)."""
-        if self._realign.mode != "blend":
-            return None
-        return spec.largest_weight(self._lockstep.contexts, self._realign.weights)
-
-    def _known_rows(self):
-        """The rows a model draft left in its context (verification need not decode them again)."""
-        source = getattr(self.draft_model, "source", None)
-        return source.take_known() if isinstance(source, spec.ModelDraft) else None
-
-    def _draft_on(self, context: Context, work) -> None:
-        self._lockstep.threads.run([context], work)
 
     @property
     def pair_files(self) -> PairFiles:
@@ -271,60 +234,67 @@ class DeRaLlama(Llama):
     @property
     def lam(self) -> Union[float, tuple]:
         """The default realignment strength (one float, or one per aligned model)."""
-        return normalize_lam(self._realign.weights[1:], self._n_aligned)
+        return normalize_lam(self._default.lams, len(self.runtime.files.aligned))
 
     @lam.setter
     def lam(self, value: Lam) -> None:
-        self._realign = Realign(mixing_weights(value, self._n_aligned), self._realign.mode)
+        self._default = Realign(mixing_weights(value, len(self.runtime.files.aligned)), self._default.mode)
 
     @property
     def mode(self) -> str:
         """The default mode: ``"blend"`` (DeRa) or ``"weights"`` (adapters at scale lam)."""
-        return self._realign.mode
+        return self._default.mode
 
     @mode.setter
     def mode(self, value: str) -> None:
-        self._realign = Realign(self._realign.weights, self._check_mode(value))
+        self._default = Realign(self._default.weights, check_mode(value, self.runtime.files))
 
     @property
     def weights(self) -> np.ndarray:
         """Mixing weights on [reference, aligned_1, ...] in effect now."""
-        return np.array(self._realign.weights)
+        return np.array(self._realign().weights)
 
-    def _check_mode(self, mode: Any) -> str:
-        if mode not in MODES:
-            raise DeRaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode == "weights" and not all(self._files.is_adapter):
-            raise DeRaError(
-                "mode='weights' applies LoRA adapters on the reference at scale lam, but an aligned model here is a "
-                "full GGUF model (interpolating two quantized GGUF files is not supported): use mode='blend'"
-            )
-        return mode
+    def _open_call(self) -> Optional[Call]:
+        """The public call or generate() in effect (not a lone eval's), if any."""
+        return self._call if self._call is not None and not self._call.lone else None
+
+    def _realign(self) -> Realign:
+        """The realignment in effect: the open call's, else the default."""
+        call = self._open_call()
+        return call.realign if call is not None else self._default
+
+    def _new_call(self, lam: Optional[Lam], mode: Optional[str]) -> Call:
+        """A public call's: its ``lam`` and ``mode``, else those in effect (a chat's inner completion keeps
+        the chat's)."""
+        return Call(self._realign().override(self.runtime.files, lam, mode))
 
     @contextlib.contextmanager
-    def _using(self, realign: "Realign"):
-        """Realign with ``realign`` inside; a llama.cpp failure in llama-cpp-python becomes a DeRaError."""
-        saved, self._realign = self._realign, realign
+    def _in_effect(self, call: Call):
+        """``call`` in effect inside (calls nest: a chat's completion, a call between generate() steps)."""
+        saved, self._call = self._call, call
         try:
             yield
-        except RuntimeError as e:  # llama-cpp-python raises RuntimeError for llama.cpp's failures
-            raise DecodeError(f"llama.cpp failed during the call ({e})") from None
         finally:
-            self._realign = saved
+            self._call = saved
 
-    def _realign_for(self, lam: Optional[Lam], mode: Optional[str]) -> "Realign":
-        weights = self._realign.weights if lam is None else mixing_weights(lam, self._n_aligned)
-        return Realign(weights, self._realign.mode if mode is None else self._check_mode(mode))
+    @contextlib.contextmanager
+    def _using(self, call: Call):
+        """``call`` in effect inside; a llama.cpp failure in llama-cpp-python becomes a DeRaError."""
+        with self._in_effect(call):
+            try:
+                yield
+            except RuntimeError as e:  # llama-cpp-python raises RuntimeError for llama.cpp's failures
+                raise DecodeError(f"llama.cpp failed during the call ({e})") from None
 
-    def _run(self, realign: "Realign", call) -> Any:
-        """Run ``call`` under ``realign``; a stream keeps it while it is consumed."""
-        with self._using(realign):
-            result = call()
-        return self._stream(realign, result) if isinstance(result, Iterator) else result
+    def _run(self, call: Call, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` with ``call`` in effect; a stream has it in effect while each chunk is made."""
+        with self._using(call):
+            result = fn()
+        return self._stream(call, result) if isinstance(result, Iterator) else result
 
-    def _stream(self, realign: "Realign", chunks: Iterator) -> Iterator:
+    def _stream(self, call: Call, chunks: Iterator) -> Iterator:
         while True:
-            with self._using(realign):
+            with self._using(call):
                 chunk = next(chunks, _DONE)
             if chunk is _DONE:
                 return
@@ -336,15 +306,15 @@ class DeRaLlama(Llama):
         self, prompt: Union[str, List[int]], *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs
     ):
         """``llama_cpp.Llama.create_completion`` with ``lam=`` and ``mode=`` for this call."""
-        realign = self._realign_for(lam, mode)
-        bound = _bind(Llama.create_completion, self, prompt, *args, **kwargs)
+        call = self._new_call(lam, mode)
+        bound = checks.bind(Llama.create_completion, self, prompt, *args, **kwargs)
         self._check_call(bound)
-        self._check_prompt_length(prompt)
-        return self._run(realign, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
+        checks.check_prompt(prompt, self._n_vocab, self._n_ctx, self.tokenize)
+        return self._run(call, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
 
     def __call__(self, prompt: str, *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs: Any):
         """``llama_cpp.Llama.__call__`` with ``lam=`` and ``mode=`` for this call."""
-        bound = _bind(Llama.__call__, self, prompt, *args, **kwargs)
+        bound = checks.bind(Llama.__call__, self, prompt, *args, **kwargs)
         bound.pop("self")
         return self.create_completion(lam=lam, mode=mode, **bound)
 
@@ -352,33 +322,18 @@ class DeRaLlama(Llama):
         self, messages, *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs: Any
     ):
         """``llama_cpp.Llama.create_chat_completion`` with ``lam=`` and ``mode=`` for this call."""
-        realign = self._realign_for(lam, mode)
-        bound = _bind(Llama.create_chat_completion, self, messages, *args, **kwargs)
+        call = self._new_call(lam, mode)
+        bound = checks.bind(Llama.create_chat_completion, self, messages, *args, **kwargs)
         self._check_call(bound)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DeRaError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        return self._run(realign, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
+        return self._run(call, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
 
     def _check_call(self, bound: dict) -> None:
         """Sampling values and grammar, checked before anything reaches llama.cpp."""
         checks.check_sampling(bound, self._n_vocab, self._logits_all)
         if bound.get("grammar") is not None:
             checks.check_grammar(bound["grammar"], self._model.vocab)
-
-    def _check_prompt_length(self, prompt: Any) -> None:
-        if isinstance(prompt, str):
-            n = len(self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
-        elif isinstance(prompt, list) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            n = len(prompt)
-            if any(not 0 <= t < self._n_vocab for t in prompt):
-                raise DeRaError(f"prompt token ids must lie in [0, {self._n_vocab})")
-        else:
-            raise DeRaError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if n >= self._n_ctx:
-            raise ContextFullError(
-                f"the prompt is {n} tokens but the context holds {self._n_ctx} (n_ctx): "
-                "shorten the prompt or create the DeRaLlama with a larger n_ctx"
-            )
 
     # ------------------------------------------------ llama-cpp-python seams
 
@@ -388,22 +343,31 @@ class DeRaLlama(Llama):
         llama-cpp-python would sample an exactly cached prompt from the logits buffer as
         it stands, but a context that caught up since may have overwritten it, and lam
         may have changed; replaying one token costs one decode and is always exact.
-        After its first decode (the prompt: one row sampled) ``Llama.generate`` samples
-        the row of every token it decodes (the sampled token, what ``send()`` gave, a
-        draft), so :meth:`eval` blends them all from then on.
+        Runs in the public call that started it, else in a call of its own at the default
+        lam and mode, in effect while each of its steps runs.
         """
+        call = self._open_call()
+        if call is None or call.generating:
+            call = Call(self._realign())
+        call.generating, call.every_row = True, False
         self._requires_eval = True
-        generation = self._generation = object()
-        self._every_row = False
         if self.draft_model is not None:
             self.draft_model.restart()
-        if self._logits_all and self._eval_realign != self._realign:
+        if self._logits_all and self._scored != call.realign:
             self.reset()  # the score rows of the cached prefix hold another blend: recompute them
+        steps = super().generate(tokens, *args, **kwargs)
+        sent = None
         try:
-            return (yield from super().generate(tokens, *args, **kwargs))
+            while True:
+                with self._in_effect(call):
+                    try:
+                        token = steps.send(sent)
+                    except StopIteration as end:
+                        return end.value
+                sent = yield token
         finally:
-            if self._generation is generation:  # (not if another generate() started since)
-                self._generation, self._every_row = None, False
+            call.generating = call.every_row = False
+            steps.close()
 
     @contextlib.contextmanager
     def stopping(self, when: Callable[[], bool]):
@@ -423,6 +387,7 @@ class DeRaLlama(Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
+        call = self._open_call() or self._lone_call()
         tokens = list(tokens)
         if not tokens and self.n_tokens:  # nothing new: refresh the last row instead
             self.n_tokens -= 1
@@ -433,40 +398,31 @@ class DeRaLlama(Llama):
                 f"{start + n} tokens do not fit the context of {len(self.input_ids)} (n_ctx): "
                 "create the DeRaLlama with a larger n_ctx or start a shorter conversation"
             )
-        rows = n if self._every_row else 1
+        rows = n if call.every_row else 1
         if rows > self.n_batch:
             raise DeRaError(
                 f"generate() is to sample {rows} rows of one decode (the tokens given to send() and a draft), "
                 f"more than a batch holds (n_batch {self.n_batch}): send fewer tokens at a time"
             )
         scores = self.scores[start : start + n] if self._logits_all else None
-        weights = self._prepare_contexts()
-        known = self._known_rows()  # (taken by every decode: rows left by a model draft serve only the next)
-        self._target = self._lockstep.eval(
-            self.input_ids[:start], tokens, weights, scores, rows, self._check_stop, known
-        )
+        call.target = self.runtime.eval(self.input_ids[:start], tokens, call.realign, scores, rows, self._check_stop)
         self.input_ids[start : start + n] = tokens
         self.n_tokens += n
         self._requires_eval = False
-        self._every_row = self._generation is not None
-        self._eval_realign = self._realign
+        call.every_row = call.generating
+        self._scored = call.realign
 
-    def _prepare_contexts(self) -> tuple:
-        """Set this Llama's own context up for the mode; return the weights the lockstep blends with.
-
-        In weight-space mode only the own context decodes, with every adapter at its lam;
-        in blend mode it runs aligned model 1 (its adapter at ``lora_scale``, if any).
-        """
-        own = self._lockstep.contexts[1]
-        if self._realign.mode == "weights":
-            own.set_adapters(self._models.adapters_at(self._realign.weights[1:]))
-            return (0.0, 1.0) + (0.0,) * (self._n_aligned - 1)
-        own.set_adapters(self._own_adapters)
-        return self._realign.weights
+    def _lone_call(self) -> Call:
+        """The call of an eval() outside any call, at the default lam and mode; sample() reads its target."""
+        self._call = Call(self._default, lone=True)
+        return self._call
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``Llama.sample`` on the context whose logits buffer holds the blend."""
-        saved, self._ctx = self._ctx, self._target.ctx
+        call = self._call
+        saved = self._ctx
+        if call is not None and call.target is not None:
+            self._ctx = call.target.ctx
         try:
             return super().sample(*args, **kwargs)
         finally:
@@ -491,63 +447,8 @@ class DeRaLlama(Llama):
         raise DeRaError("load_state would restore one of the DeRa contexts only; it is not supported")
 
     def __getstate__(self):
-        ref, aligned, mode, concurrent, speculative, kwargs = self._init_args
-        return {
-            "reference_model_path": ref,
-            "aligned_model_path": aligned,
-            "lam": self.lam,
-            "mode": self.mode,
-            "concurrent": concurrent,
-            "speculative": speculative,
-            "llama_kwargs": kwargs,
-        }
+        return {**self._setup._asdict(), "lam": self.lam, "mode": self.mode}
 
     def __setstate__(self, state):
-        self.__init__(  # (llama_kwargs carries chat_template)
-            state["reference_model_path"],
-            state["aligned_model_path"],
-            state["lam"],
-            mode=state["mode"],
-            concurrent=state["concurrent"],
-            speculative=state.get("speculative"),
-            **state["llama_kwargs"],
-        )
-
-
-def _check_llama_kwargs(kwargs: dict) -> None:
-    """Refuse keywords that would break the pair, and any that ``llama_cpp.Llama`` does not name."""
-    for name, why in _REFUSED_KWARGS.items():
-        if name in kwargs and kwargs[name] not in (None, False):
-            raise DeRaError(f"DeRaLlama does not take {name}=: {why}")
-    for name in kwargs:
-        if name not in _LLAMA_KWARGS:
-            raise DeRaError(
-                f"DeRaLlama got an unknown keyword argument {name}={kwargs[name]!r}"
-                f"{_closest(name, _LLAMA_KWARGS + ['lam', 'mode', 'concurrent', 'speculative'])}"
-            )
-
-
-def _check_template(template: Any, kwargs: dict) -> None:
-    if template is None:
-        return
-    if not isinstance(template, str) or not template.strip():
-        raise DeRaError(f"chat_template must be the text of a Jinja chat template, got {template!r}")
-    if kwargs.get("chat_format") or kwargs.get("chat_handler"):
-        raise DeRaError("give one of chat_template, chat_format and chat_handler, not several")
-
-
-def _bind(method, *args: Any, **kwargs: Any) -> dict:
-    """The arguments of a call to ``method`` by name; an unknown keyword is refused by name."""
-    signature = inspect.signature(method)
-    try:
-        return signature.bind(*args, **kwargs).arguments
-    except TypeError as e:
-        unknown = [k for k in kwargs if k not in signature.parameters]
-        names = [n for n in signature.parameters if n != "self"] + ["lam"]
-        hint = _closest(unknown[0], names) if unknown else ""
-        raise DeRaError(f"{method.__name__}: {e}{hint}") from None
-
-
-def _closest(name: str, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=1)
-    return f" (did you mean {close[0]}=?)" if close else ""
+        state = dict(state)
+        self.__init__(**state.pop("llama_kwargs"), **state)

@@ -55,8 +55,8 @@ class PairFiles:
         template, notes = _choose_template(ref, paths[0] if not is_adapter[0] else None)
         return cls(ref, paths, is_adapter, template, notes)
 
-    def weights(self, i: int) -> str:
-        """The GGUF whose weights aligned model ``i`` runs on (the reference's, for an adapter)."""
+    def model_file(self, i: int) -> str:
+        """The GGUF model file aligned model ``i`` runs on (the reference's, for an adapter)."""
         return self.reference if self.is_adapter[i] else self.aligned[i]
 
 
@@ -144,7 +144,7 @@ class PairModels:
         else:
             i = member - 1
             name = f"aligned model {member}"
-            model = self.model(self.files.weights(i), name)
+            model = self.model(self.files.model_file(i), name)
             adapter = self.adapter(self.files.aligned[i]) if self.files.is_adapter[i] else None
         ctx = internals.LlamaContext(model=model, params=context_params, verbose=self.verbose)
         self._stack.callback(ctx.close)

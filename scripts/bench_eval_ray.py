@@ -30,7 +30,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -40,6 +40,7 @@ from dera_gguf.eval.cluster import RayExecutor
 from dera_gguf.eval.models import PairSpec
 from dera_gguf.eval.runner import run_sweep
 from dera_gguf.eval.summary import GENERATE_METRICS
+from dera_gguf.eval.tasks import RowWork
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "dera_gguf" / "data" / "smollm2-demo-dpo-lora.gguf"
@@ -80,7 +81,10 @@ class EchoTask:
             template = self.records[(row.line - 1) % len(self.records)]
             return [dict(r, row=row.id, line=row.line) for r in template]
 
-        return work, lambda: None
+        return RowWork(work, lambda: None)
+
+    def user_code(self):
+        return ()
 
 
 def main() -> None:
@@ -105,13 +109,13 @@ def main() -> None:
     prompts.write_text(
         "".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]}]}) + "\n" for r in rows)
     )
-    spec = PairSpec(smollm2_path(), str(ADAPTER), n_ctx=512)
+    spec = PairSpec.check(smollm2_path(), str(ADAPTER), n_ctx=512)
 
     def run(name, threads, **ray_args):
         clock, lines = Clock(), []
         start = time.perf_counter()
         result = generate(
-            PairSpec(spec.reference_model_path, spec.aligned_model_path, n_ctx=512, n_threads=threads),
+            replace(spec, n_threads=threads),
             str(prompts), lams, out_dir=str(tmp / name), params=params, progress=clock, log=lines.append, **ray_args,
         )  # fmt: skip
         wall = time.perf_counter() - start
@@ -142,7 +146,7 @@ def main() -> None:
             clock = Clock()
             with RayExecutor(spec, EchoTask(by_row), workers=workers) as execute:
                 run_sweep(
-                    data, lams, None, 1, GENERATE_METRICS, "samples.jsonl", str(tmp / f"echo{workers}"),
+                    data, lams, 1, GENERATE_METRICS, "samples.jsonl", str(tmp / f"echo{workers}"),
                     {"echo": workers}, clock, "echo", execute=execute,
                 )  # fmt: skip
             print(

@@ -73,7 +73,7 @@ def test_lam_0_and_1_equal_plain_llama(ref_path, aligned_path, lam, which, sampl
 
 def test_only_one_model_decodes_at_lam_0_and_1(ref_path, aligned_path):
     llm = dera(ref_path, str(aligned_path), lam=1.0)
-    ref_ctx, aligned_ctx = (m.ctx.ctx for m in llm._lockstep.contexts)
+    ref_ctx, aligned_ctx = (m.ctx.ctx for m in llm.runtime.contexts)
     decoded = lambda ctx: (lambda d: d.n_p_eval + d.n_eval)(llama_cpp.llama_perf_context(ctx))
     at_start = decoded(ref_ctx)
     llm.create_completion(PROMPT, max_tokens=10, temperature=0.0)
@@ -159,7 +159,7 @@ def test_several_aligned_models(ref_path, aligned_path, aligned2_path):
 def test_prefix_reuse_across_turns_and_lam_changes(ref_path, aligned_path, pair):
     """A growing chat decodes only new tokens, and stays exact when lam changes between turns."""
     llm = dera(ref_path, str(aligned_path))
-    ctxs = [m.ctx.ctx for m in llm._lockstep.contexts]
+    ctxs = [m.ctx.ctx for m in llm.runtime.contexts]
     decoded = lambda: [(lambda d: d.n_p_eval + d.n_eval)(llama_cpp.llama_perf_context(c)) for c in ctxs]
     history = [{"role": "user", "content": "hello, write about the sun"}]
     held: list[int] = []  # tokens every context holds after the previous turn
@@ -266,6 +266,6 @@ def test_a_long_prompt_stops_between_its_batches_and_the_next_call_is_exact(ref_
     with llm.stopping(lambda: len(asked.append(1) or asked) > 3):
         with pytest.raises(Stopped):
             next(llm.generate(prompt, temp=0.0, top_k=1))
-    assert [c.extent() for c in llm._lockstep.contexts] == [24, 24]
+    assert [c.extent() for c in llm.runtime.contexts] == [24, 24]
     expected, _ = R.greedy(pair, [-0.5, 1.5], prompt, 6)
     assert R.generated(llm, prompt, len(expected)) == expected

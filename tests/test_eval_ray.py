@@ -68,7 +68,7 @@ def models(ref_path, aligned_path):
 
 
 def spec(ref_path, aligned_path):
-    return PairSpec(str(ref_path), str(aligned_path), n_ctx=256, n_threads=1)
+    return PairSpec.check(str(ref_path), str(aligned_path), n_ctx=256, n_threads=1)
 
 
 def records(path):

@@ -78,7 +78,7 @@ def test_model_drafts_are_not_decoded_again_in_the_drafting_context(ref_path, al
     it decodes each token once, as the other model does (without the reuse: each drafted token twice)."""
     prompt, expected = greedy_cases(tuple(reference_models), lam)
     llm = drafting(DeRaLlama(str(ref_path), str(aligned_path), lam=lam, speculative="model", **KW))
-    reference, aligned = llm._lockstep.contexts
+    reference, aligned = llm.runtime.contexts
     drafter, other = (aligned, reference) if lam > 0.5 else (reference, aligned)
     assert R.generated(llm, prompt, len(expected)) == expected
     stats = llm.speculation_stats

@@ -24,15 +24,16 @@ from typing import Callable, Dict, Optional, Tuple
 
 import click
 
+from ..blend import format_lam, parse_lams
 from ..errors import ContextFullError, DeRaError
-from .chat_session import Answer, ChatSession, Sampling, format_lam
+from ..sampling import Sampling
+from .chat_session import Answer, ChatSession
 from .common import (
     choose_models,
     initial_lam,
     mode_option,
     model_options,
     new_engine,
-    parse_lams,
     reports_errors,
     say_notes,
     speculative_option,
@@ -40,6 +41,7 @@ from .common import (
 )
 
 PROMPT = "you> "
+PAPER = Sampling()  # the flags' defaults
 QUIT = object()
 
 
@@ -55,24 +57,26 @@ QUIT = object()
 @mode_option()
 @speculative_option("lookup", "model")
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 turns top-k off.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True)
+@click.option("--temperature", type=float, default=PAPER.temperature, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=PAPER.top_k, show_default=True, help="0 turns top-k off.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=PAPER.top_p, show_default=True)
 @click.option(
     "--min-p",
     type=click.FloatRange(0.0, 1.0),
-    default=0.0,
+    default=PAPER.min_p,
     show_default=True,
     help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.",
 )
 @click.option(
     "--repeat-penalty",
     type=click.FloatRange(min=0.0, min_open=True),
-    default=1.0,
+    default=PAPER.repeat_penalty,
     show_default=True,
     help="1.0 turns it off, as in the paper.",
 )
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per answer.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=PAPER.max_tokens, show_default=True, help="Tokens per answer."
+)
 @click.option("--prompt", default=None, help="One-shot: answer this one message, print only the answer, exit.")
 @click.option("--json", "as_json", is_flag=True, help="One-shot: print the OpenAI-shaped completion as JSON.")
 @reports_errors

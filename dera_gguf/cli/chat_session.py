@@ -8,7 +8,6 @@ callers pass ``on_text`` (print a streamed piece) and ``should_stop`` (Ctrl-C se
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Set
@@ -17,44 +16,11 @@ import numpy as np
 
 from ..blend import Lam, normalize_lam
 from ..errors import DeRaError
+from ..sampling import Sampling
 
 OnText = Callable[[str], None]
 ShouldStop = Callable[[], bool]
 INTERRUPTED = "interrupted"  # finish_reason of an answer stopped by the user
-
-
-@dataclass
-class Sampling:
-    """Sampling settings of every answer; the defaults are the paper's Zephyr settings.
-
-    ``min_p`` defaults to 0 (off), unlike llama-cpp-python's 0.05, because the paper
-    sampled with Hugging Face ``generate``, which applies no min-p. ``seed=None``
-    draws a fresh seed per answer; a fixed seed makes every answer reproducible from
-    the history alone (the same seed is passed to each call).
-    """
-
-    temperature: float = 0.7
-    top_k: int = 50
-    top_p: float = 0.95
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    max_tokens: int = 256
-    seed: Optional[int] = None
-
-    def call_kwargs(self, seed: int) -> dict:
-        """Keyword arguments of ``create_chat_completion`` for one answer."""
-        return dict(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty,
-            max_tokens=self.max_tokens,
-            seed=seed,
-        )
-
-    def next_seed(self) -> int:
-        return self.seed if self.seed is not None else secrets.randbelow(2**32)
 
 
 @dataclass
@@ -232,9 +198,3 @@ def _draft_counts(llm) -> Optional[tuple]:
 
 def _n_lams(lam: Lam) -> int:
     return len(lam) if isinstance(lam, (list, tuple)) else 1
-
-
-def format_lam(lam: Lam) -> str:
-    """``1.5`` or ``0.5,1`` (several aligned models), as typed on the command line."""
-    values = lam if isinstance(lam, (list, tuple)) else [lam]
-    return ",".join(f"{float(v):g}" for v in values)

@@ -8,29 +8,15 @@ stderr with a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, List, Optional, Sequence
 
 import click
 
 from ..blend import normalize_lam
+from ..engine import MODES
 from ..errors import DeRaError
 from ..home import find_in_home
 from ..registry import Pair, load_registry
-
-
-def parse_lams(text: str) -> List[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; every value must be a finite number."""
-    values = []
-    for part in str(text).split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise DeRaError(f"lam {part.strip()!r} is not a number (give e.g. 0.5 or 0,0.5,1)") from None
-        if not math.isfinite(value):
-            raise DeRaError(f"lam must be finite, got {part.strip()}")
-        values.append(value)
-    return values
 
 
 def model_options(
@@ -118,7 +104,7 @@ def mode_option(note: str = "") -> Callable:
     """``--mode blend|weights``, the same in every command (``note``: what it means there)."""
     return click.option(
         "--mode",
-        type=click.Choice(["blend", "weights"]),
+        type=click.Choice(MODES),
         default="blend",
         show_default=True,
         help="blend: DeRa, the models' logits blended. weights: LoRA-aligned pairs only, the adapter applied on "

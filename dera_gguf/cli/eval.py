@@ -9,15 +9,21 @@ resume an interrupted run with the same --out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
+from ..blend import parse_lams
 from ..errors import DeRaError
-from .common import choose_pair, mode_option, model_options, parse_lams, reports_errors, speculative_option
+from ..sampling import Sampling
+from .common import choose_pair, mode_option, model_options, reports_errors, speculative_option
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
+PAPER = Sampling()  # the flags' defaults
 
 
 def sweep_options(fn):
@@ -63,21 +69,88 @@ def sweep_options(fn):
     return fn
 
 
-def pair_spec(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose):
-    """The pair to sweep, as a spec: loaded by this process, or by each Ray worker with --ray."""
-    from ..eval.models import PairSpec, one_aligned
-
-    ref, aligned, _ = choose_pair(pair_name, ref_path, aligned_paths, models_file)
-    return PairSpec(str(ref), str(one_aligned(aligned)), n_ctx, n_gpu_layers, threads, verbose=verbose)
+def take(flags: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """Remove ``names`` from a command's flags and return them (each object takes its own)."""
+    return {name: flags.pop(name) for name in names}
 
 
-def cluster_args(ray, workers) -> dict:
-    """score()/generate()'s Ray arguments from --ray / --workers (worker lines go to stderr)."""
-    if ray is None:
-        if workers is not None:
-            raise DeRaError("--workers shares rows out to Ray workers: add --ray (or --ray auto for a cluster)")
-        return {}
-    return {"ray": ray, "workers": workers, "log": lambda line: click.echo(line, err=True)}
+def _names(cls) -> list:
+    return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    """The model flags of a sweep (:func:`~.common.model_options`)."""
+
+    pair_name: Optional[str]
+    ref_path: Optional[str]
+    aligned_paths: Sequence[str]
+    models_file: Optional[str]
+    n_ctx: int
+    n_gpu_layers: int
+    threads: Optional[int]
+    seed: Optional[int]
+    verbose: bool
+
+    def spec(self):
+        """The pair to sweep, checked once: loaded by this process, or by each Ray worker with --ray."""
+        from ..eval.models import PairSpec
+
+        ref, aligned, _ = choose_pair(self.pair_name, self.ref_path, self.aligned_paths, self.models_file)
+        return PairSpec.check(str(ref), aligned, self.n_ctx, self.n_gpu_layers, self.threads, verbose=self.verbose)
+
+
+@dataclass(frozen=True)
+class SweepFlags:
+    """What both subcommands are asked besides the models: λ values, output, rows, mode, Ray, metric."""
+
+    lams: str
+    out_dir: str
+    limit: Optional[int]
+    maximize: Optional[bool]
+    no_progress: bool
+    mode: str
+    ray: Optional[str]
+    workers: Optional[int]
+    metric: str
+
+    def checked(self, metrics) -> "SweepFlags":
+        """Refuse bad flags before anything is read or loaded."""
+        parse_lams(self.lams)
+        if self.metric not in metrics:
+            raise DeRaError(f"--metric {self.metric}: choose one of {', '.join(metrics)}")
+        self.cluster_args()
+        return self
+
+    def cluster_args(self) -> dict:
+        """score()/generate()'s Ray arguments from --ray / --workers (worker lines go to stderr)."""
+        if self.ray is None:
+            if self.workers is not None:
+                raise DeRaError("--workers shares rows out to Ray workers: add --ray (or --ray auto for a cluster)")
+            return {}
+        return {"ray": self.ray, "workers": self.workers, "log": lambda line: click.echo(line, err=True)}
+
+    def run(self, sweep: Callable, models: ModelFlags, data_path: str, command: str, metrics, **extra) -> Any:
+        """Read the rows, run ``sweep`` (:func:`~dera_gguf.eval.score` or ``generate``) and report it."""
+        from ..eval import read_rows
+
+        data = read_rows(data_path, command, self.limit)
+        if data.bad:
+            click.echo(data.report(), err=True)
+        pair = models.spec()
+        with progress_bar(not self.no_progress) as bar:
+            result = sweep(
+                pair,
+                data,
+                parse_lams(self.lams),
+                out_dir=self.out_dir,
+                progress=bar,
+                mode=self.mode,
+                **extra,
+                **self.cluster_args(),
+            )
+        report(result, self.metric, self.maximize, metrics, len(data.bad))
+        return result
 
 
 class ProgressBar:
@@ -102,8 +175,6 @@ class ProgressBar:
 
 def progress_bar(show: bool):
     """A progress callback (or None) to hand to the sweep, as a context manager that ends the bar."""
-    import contextlib
-
     return ProgressBar() if show else contextlib.nullcontext()
 
 
@@ -157,41 +228,14 @@ def main():
 @sweep_options
 @click.option("--metric", default="pairwise_accuracy", show_default=True, help="Metric that picks the best λ.")
 @reports_errors
-def score(
-    pair_name,
-    ref_path,
-    aligned_paths,
-    models_file,
-    n_ctx,
-    n_gpu_layers,
-    threads,
-    seed,
-    verbose,
-    data_path,
-    lams,
-    out_dir,
-    limit,
-    maximize,
-    no_progress,
-    mode,
-    ray,
-    workers,
-    metric,
-):
+def score(**flags):
     """Pairwise accuracy (eq. 14), log-probs and KL to the reference on preference data."""
-    from ..eval import SCORE_METRICS, read_rows
+    from ..eval import SCORE_METRICS
     from ..eval import score as run
 
-    lams = parse_lams(lams)
-    _check_metric(metric, SCORE_METRICS)
-    cluster = cluster_args(ray, workers)
-    data = read_rows(data_path, "score", limit)
-    if data.bad:
-        click.echo(data.report(), err=True)
-    pair = pair_spec(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose)
-    with progress_bar(not no_progress) as bar:
-        result = run(pair, data, lams, out_dir=out_dir, progress=bar, mode=mode, **cluster)
-    report(result, metric, maximize, SCORE_METRICS, len(data.bad))
+    sweep = SweepFlags(**take(flags, _names(SweepFlags))).checked(SCORE_METRICS)
+    data_path = flags.pop("data_path")
+    sweep.run(run, ModelFlags(**flags), data_path, "score", SCORE_METRICS)
 
 
 @main.command(short_help="Sample per λ: length, reward and KL to the reference.")
@@ -214,12 +258,18 @@ def score(
 )
 @click.option("--lmin", type=click.IntRange(min=0), default=20, show_default=True, help="Length reward: min tokens.")
 @click.option("--lmax", type=click.IntRange(min=0), default=60, show_default=True, help="Length reward: max tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True, help="0: greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
-@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option(
-    "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="New tokens per response."
+    "--temperature", type=click.FloatRange(min=0), default=PAPER.temperature, show_default=True, help="0: greedy."
+)
+@click.option("--top-k", type=click.IntRange(min=0), default=PAPER.top_k, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=PAPER.top_p, show_default=True)
+@click.option("--min-p", type=click.FloatRange(0, 1), default=PAPER.min_p, show_default=True)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=PAPER.max_tokens,
+    show_default=True,
+    help="New tokens per response.",
 )
 @click.option("--metric", default="mean_reward", show_default=True, help="Metric that picks the best λ.")
 @speculative_option(
@@ -227,73 +277,23 @@ def score(
     gate="Drafts are sized by how much of each response's earlier drafts passed, not by timing: a run repeats itself.",
 )
 @reports_errors
-def generate(
-    pair_name,
-    ref_path,
-    aligned_paths,
-    models_file,
-    n_ctx,
-    n_gpu_layers,
-    threads,
-    seed,
-    verbose,
-    prompts_path,
-    lams,
-    out_dir,
-    limit,
-    maximize,
-    no_progress,
-    mode,
-    ray,
-    workers,
-    samples,
-    reward_spec,
-    lmin,
-    lmax,
-    temperature,
-    top_k,
-    top_p,
-    min_p,
-    max_tokens,
-    metric,
-    speculative,
-):
+def generate(**flags):
     """Sample at every λ; length, reward and KL to the reference per λ (seed 0 unless --seed)."""
-    from ..eval import GENERATE_METRICS, SamplingParams, load_reward, read_rows
+    from ..eval import GENERATE_METRICS, load_reward
     from ..eval import generate as run
 
-    lams = parse_lams(lams)
-    _check_metric(metric, GENERATE_METRICS)
-    reward = load_reward(reward_spec, lmin, lmax)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens)
-    cluster = cluster_args(ray, workers)
-    data = read_rows(prompts_path, "generate", limit)
-    if data.bad:
-        click.echo(data.report(), err=True)
-    pair = pair_spec(pair_name, ref_path, aligned_paths, models_file, n_ctx, n_gpu_layers, threads, verbose)
-    with progress_bar(not no_progress) as bar:
-        result = run(
-            pair,
-            data,
-            lams,
-            out_dir=out_dir,
-            params=params,
-            seed=0 if seed is None else seed,
-            reward=reward,
-            samples=samples,
-            progress=bar,
-            mode=mode,
-            speculative=speculative,
-            **cluster,
-        )
-    report(result, metric, maximize, GENERATE_METRICS, len(data.bad))
-    if speculative:
+    sweep = SweepFlags(**take(flags, _names(SweepFlags))).checked(GENERATE_METRICS)
+    reward = load_reward(flags.pop("reward_spec"), flags.pop("lmin"), flags.pop("lmax"))
+    params = Sampling(**take(flags, ["temperature", "top_k", "top_p", "min_p", "max_tokens"]))
+    extra = take(flags, ["samples", "speculative"])
+    data_path = flags.pop("prompts_path")
+    models = ModelFlags(**flags)
+    seed = 0 if models.seed is None else models.seed
+    result = sweep.run(
+        run, models, data_path, "generate", GENERATE_METRICS, params=params, seed=seed, reward=reward, **extra
+    )
+    if extra["speculative"]:
         click.echo(drafts_report(result.records), err=True)
-
-
-def _check_metric(metric: str, metrics) -> None:
-    if metric not in metrics:
-        raise DeRaError(f"--metric {metric}: choose one of {', '.join(metrics)}")
 
 
 if __name__ == "__main__":

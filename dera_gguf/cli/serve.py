@@ -12,19 +12,20 @@ client) or a model alias ``PAIR@λ``; ``/v1/models`` lists each pair and its ali
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import click
 
+from ..blend import format_lam, parse_lams
 from ..errors import DeRaError
-from .chat_session import Sampling, format_lam
+from ..registry import Pair
+from ..sampling import Sampling
 from .common import (
     choose_models,
     initial_lam,
     mode_option,
     model_options,
     new_engine,
-    parse_lams,
     reports_errors,
     say_notes,
     speculative_option,
@@ -54,7 +55,7 @@ from .common import (
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
-    default=256,
+    default=Sampling().max_tokens,
     show_default=True,
     help="Tokens per answer: the default, and the most a request may ask.",
 )
@@ -91,8 +92,8 @@ def main(
 ):
     """Serve DeRa-realigned models over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
-    Sampling defaults are the paper's (temperature 0.7, top-k 50, top-p 0.95, min-p 0, no
-    repeat penalty) for whatever a request leaves out. With --seed, requests without a
+    A request samples with dera-chat's defaults, the paper's settings, for whatever it
+    leaves out. With --seed, requests without a
     seed all use it (reproducible); without, each draws a fresh one. SIGTERM or Ctrl-C
     stops the server: running streams end at the next token, the engines are closed.
     """
@@ -141,19 +142,28 @@ def main(
     click.echo("dera-serve: stopped", err=True)
 
 
+class ToServe(NamedTuple):
+    """A pair to serve: its model id, resolved paths, and its models.toml entry (None for --ref/--aligned)."""
+
+    model_id: str
+    ref: str
+    aligned: List[str]
+    pair: Optional[Pair]
+
+
 def _choose(
     pair_names: Sequence[str],
     ref_path: Optional[str],
     aligned_paths: Sequence[str],
     models_file: Optional[str],
     alias: Optional[str],
-) -> List[tuple]:
-    """``(model id, reference path, aligned paths, Pair or None)`` for each pair to serve."""
+) -> List[ToServe]:
+    """Each pair to serve."""
     if ref_path or aligned_paths:
         if pair_names:
             raise DeRaError("give either --pair or --ref/--aligned, not both")
         ref, aligned, _, _ = choose_models(None, ref_path, aligned_paths, models_file)
-        return [(_model_id(alias or Path(aligned[0]).stem), ref, aligned, None)]
+        return [ToServe(_model_id(alias or Path(aligned[0]).stem), ref, aligned, None)]
     if alias:
         raise DeRaError("--alias names the --ref/--aligned models; a --pair is served under its own name")
     repeated = sorted({n for n in pair_names if pair_names.count(n) > 1})
@@ -164,7 +174,7 @@ def _choose(
         ref, aligned, pair, note = choose_models(name, None, (), models_file)
         if note:
             click.echo(note, err=True)
-        chosen.append((_model_id(pair.name), ref, aligned, pair))
+        chosen.append(ToServe(_model_id(pair.name), ref, aligned, pair))
     return chosen
 
 

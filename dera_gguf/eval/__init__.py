@@ -1,6 +1,6 @@
 """λ sweeps on validation data, as the paper uses DeRa to pick a KL strength.
 
-    from dera_gguf.eval import EvalPair, score, generate, SamplingParams, LengthReward
+    from dera_gguf.eval import EvalPair, score, generate, Sampling, LengthReward
     with EvalPair("sft.gguf", "dpo.gguf", n_ctx=2048) as pair:
         result = score(pair, "prefs.jsonl", lams=[0, 0.5, 1, 1.5, 2], out_dir="runs/score")
         result.summary  # one dict per λ: pairwise_accuracy, mean_logprob_*, ... with *_stderr
@@ -9,20 +9,23 @@
 sweep resumes where it stopped.
 """
 
+from ..sampling import Sampling
 from .data import Dataset, read_rows
 from .generate import generate
 from .models import EvalPair, PairSpec
 from .rewards import LengthReward, load_reward
 from .runner import SweepResult
-from .sampling import SamplingParams
 from .score import score
 from .summary import GENERATE_METRICS, SCORE_METRICS, best_lam
+
+SamplingParams = Sampling  # the name dera-eval's sampling settings had before all fronts shared one type
 
 __all__ = [
     "EvalPair",
     "PairSpec",
     "score",
     "generate",
+    "Sampling",
     "SamplingParams",
     "LengthReward",
     "load_reward",

@@ -11,33 +11,35 @@ not depend on which rows came before it (on a GPU, kernels differ with batch sha
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import numpy as np
 
-from ..contexts import Context
+from ..engine import PairRuntime
 from .models import EvalPair
 
 
+class Run(NamedTuple):
+    """Tokens appended to one sequence in a batch: ``tokens`` at positions ``start``, ``start + 1``, ..."""
+
+    seq: int
+    start: int
+    tokens: Sequence[int]
+
+
 class ParallelSequences:
-    """The pair's contexts (reference first), decoding the same tokens for up to ``n_seq`` sequences."""
+    """The pair's runtime (reference first), decoding the same tokens for up to ``n_seq`` sequences."""
 
     def __init__(self, pair: EvalPair, n_seq: int = 1, n_extra: int = 0):
         self.pair = pair
-        self.contexts: List[Context] = pair.contexts(n_seq, n_extra)
-        self.threads = pair.thread_plan()  # the two contexts at the same time on a CPU
+        self.runtime: PairRuntime = pair.runtime(n_seq, n_extra)
+        self.contexts = self.runtime.contexts
+        self.threads = self.runtime.threads  # the two contexts at the same time on a CPU
         self.n_vocab = pair.n_vocab
-        self.n_batch = self.contexts[0].batch_size
-
-    def use_weight_space(self, lam: float) -> None:
-        """Make the aligned context the reference with the adapter at scale ``lam`` (weight-space mode)."""
-        self.contexts[1].set_adapters(self.pair.models.adapters_at([lam]))
+        self.n_batch = self.runtime.n_batch
 
     def close(self) -> None:
-        self.threads.close()
-        for context in self.contexts:
-            context.ctx.close()
-            context.batch.close()
+        self.runtime.close()
 
     def __enter__(self) -> "ParallelSequences":
         return self
@@ -45,24 +47,8 @@ class ParallelSequences:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _decode(
-        self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int], outputs: Sequence[bool]
-    ) -> np.ndarray:
-        """Decode one batch in every context; return the output rows, shape (n_models, n_out, n_vocab)."""
-        n_out = int(sum(bool(o) for o in outputs))
-        rows = np.empty((len(self.contexts), n_out, self.n_vocab), dtype=np.float32)
-
-        def decode(context: Context) -> None:
-            context.decode(tokens, positions, seq_ids, outputs)
-            if n_out:  # the output rows lie in batch order in llama.cpp's logits buffer
-                rows[self.contexts.index(context)] = context.rows(n_out)
-
-        self.threads.run(self.contexts, decode)
-        return rows
-
     def clear(self) -> None:
-        for context in self.contexts:
-            context.clear()
+        self.runtime.clear()
 
     # --------------------------------------------------------- generation
 
@@ -78,21 +64,20 @@ class ParallelSequences:
         for start in range(0, n, self.n_batch):
             chunk = list(prompt[start : start + self.n_batch])
             pos = range(start, start + len(chunk))
-            rows = self._decode(chunk, pos, [0] * len(chunk), [p == n - 1 for p in pos])
+            rows = self.runtime.decode(chunk, pos, [0] * len(chunk), [p == n - 1 for p in pos])
             if rows.shape[1]:
                 last = rows[:, 0]
-        for context in self.contexts:
-            for seq in range(1, n_seq):
-                context.share_sequence(0, seq)
+        for seq in range(1, n_seq):
+            self.runtime.share_sequence(0, seq)
         return last
 
     def step(self, tokens: Sequence[int], seq_ids: Sequence[int], position: int) -> np.ndarray:
         """Append ``tokens[i]`` to sequence ``seq_ids[i]`` at ``position``; rows (n_models, len, n_vocab)."""
-        return self.advance([(seq, position, [token]) for token, seq in zip(tokens, seq_ids)])
+        return self.advance([Run(seq, position, [token]) for token, seq in zip(tokens, seq_ids)])
 
-    def advance(self, runs: Sequence[tuple]) -> np.ndarray:
-        """Append runs ``(seq_id, position, tokens)``, each to its sequence from its position, in one
-        batch per model; the rows of every token in run order, shape (n_models, n_tokens, n_vocab)."""
+    def advance(self, runs: Sequence[Run]) -> np.ndarray:
+        """Append each run to its sequence, in one batch per model; the rows of every token in run order,
+        shape (n_models, n_tokens, n_vocab)."""
         tokens: List[int] = []
         positions: List[int] = []
         seq_ids: List[int] = []
@@ -100,12 +85,11 @@ class ParallelSequences:
             tokens += [int(t) for t in run]
             positions += range(start, start + len(run))
             seq_ids += [seq] * len(run)
-        return self._decode(tokens, positions, seq_ids, [True] * len(tokens))
+        return self.runtime.decode(tokens, positions, seq_ids, [True] * len(tokens))
 
     def drop_from(self, seq: int, n: int) -> None:
         """Drop sequence ``seq``'s positions from ``n`` on in every context (drafts that did not pass)."""
-        for context in self.contexts:
-            context.drop_from(seq, n)
+        self.runtime.drop_from(seq, n)
 
     # ------------------------------------------------------------ scoring
 
@@ -124,5 +108,5 @@ class ParallelSequences:
         for start in range(keep, end, self.n_batch):
             chunk = tokens[start : min(start + self.n_batch, end)]
             pos = range(start, start + len(chunk))
-            parts.append(self._decode(chunk.tolist(), pos, [0] * len(chunk), [p >= first for p in pos]))
+            parts.append(self.runtime.decode(chunk.tolist(), pos, [0] * len(chunk), [p >= first for p in pos]))
         return np.concatenate(parts, axis=1)

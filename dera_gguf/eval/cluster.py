@@ -21,12 +21,12 @@ import collections
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from ..errors import DeRaError
 from .data import Row, RowProblem
 from .models import PairSpec
-from .runner import Outcome
+from .tasks import Outcome, RowTask
 
 LOCAL = "local"
 THREADS_PER_CPU_WORKER = 4  # default llama.cpp threads of a CPU worker (when --threads is not given)
@@ -78,10 +78,19 @@ def import_ray():
     return ray
 
 
+class RowResult(NamedTuple):
+    """What a worker sends back for a row: its records, or why it was skipped (a RowProblem), or a
+    DeRaError's message (the driver raises it: as in one process, it stops the sweep)."""
+
+    records: List[Dict[str, Any]]
+    problem: Optional[str] = None
+    error: Optional[str] = None
+
+
 class RowWorker:
     """A Ray actor: one loaded pair, computing the rows it is given (one at a time)."""
 
-    def __init__(self, spec: PairSpec, task):
+    def __init__(self, spec: PairSpec, task: RowTask):
         start = time.perf_counter()
         self.pair = spec.open()
         self.work, self.close = task.open(self.pair)
@@ -93,14 +102,21 @@ class RowWorker:
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "load_s": self.load_s}
 
-    def run(self, row: Row, lams: List[float]) -> Tuple[List[Dict[str, Any]], Optional[str], Optional[str]]:
-        """``(records, row problem, error)``: a DeRaError comes back as a message, re-raised by the driver."""
+    def run(self, row: Row, lams: List[float]) -> RowResult:
         try:
-            return self.work(row, lams), None, None
+            return RowResult(self.work(row, lams))
         except RowProblem as e:
-            return [], str(e), None
+            return RowResult([], problem=str(e))
         except DeRaError as e:
-            return [], None, str(e)
+            return RowResult([], error=str(e))
+
+
+class WorkerPlan(NamedTuple):
+    """How many workers, the Ray resources of each, and the pair spec they load (with their threads)."""
+
+    n_workers: int
+    actor_options: Dict[str, Any]
+    spec: PairSpec
 
 
 class _Worker:
@@ -112,6 +128,14 @@ class _Worker:
         self.held: Deque[Any] = collections.deque()  # refs of rows given to it, in order
 
 
+class _Given(NamedTuple):
+    """A row handed to a worker, with the λ values it is to compute."""
+
+    worker: _Worker
+    row: Row
+    lams: List[float]
+
+
 class RayExecutor:
     """``execute(todo)`` for :func:`~.runner.run_sweep`, over Ray workers; a context manager.
 
@@ -120,7 +144,7 @@ class RayExecutor:
     neither Ctrl-C nor an error leaves a worker behind.
     """
 
-    def __init__(self, spec: PairSpec, task, address: Any = LOCAL, workers: Optional[int] = None, log=None):
+    def __init__(self, spec: PairSpec, task: RowTask, address: Any = LOCAL, workers: Optional[int] = None, log=None):
         self.spec, self.task = spec, task
         self.options = ray_options(address, workers)
         self.log: Callable[[str], None] = log or (lambda message: None)
@@ -141,7 +165,8 @@ class RayExecutor:
                 ray.init(address=self.options.address, configure_logging=False, log_to_driver=True)
             self.owns_runtime = True
         try:
-            ship_reward_code(getattr(self.task, "reward", None))
+            for code in self.task.user_code():
+                ship_user_code(code)
             self.n_workers, self.actor_options, self.worker_spec = self._plan()
             self.actor_class = ray.remote(RowWorker).options(max_restarts=0, **self.actor_options)
         except BaseException:
@@ -149,13 +174,15 @@ class RayExecutor:
             raise
         return self
 
-    def _plan(self) -> Tuple[int, Dict[str, Any], PairSpec]:
+    def _plan(self) -> WorkerPlan:
         """Workers, each one's Ray resources, and the pair spec they load (with their thread count)."""
         resources = self.ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         if self.spec.n_gpu_layers != 0 and gpus > 0:  # (with no GPU in the cluster, offloading is a no-op)
             threads = self.spec.n_threads or 1  # the GPU computes; the thread samples and blends
-            return self.options.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, replace(self.spec, n_threads=threads)
+            return WorkerPlan(
+                self.options.workers or gpus, {"num_gpus": 1, "num_cpus": 1}, replace(self.spec, n_threads=threads)
+            )
         if self.spec.n_threads:
             threads = self.spec.n_threads
             n = self.options.workers or max(cpus // threads, 1)
@@ -165,7 +192,7 @@ class RayExecutor:
         else:
             threads = max(min(THREADS_PER_CPU_WORKER, cpus), 1)
             n = max(cpus // threads, 1)
-        return n, {"num_cpus": min(threads, max(cpus, 1))}, replace(self.spec, n_threads=threads)
+        return WorkerPlan(n, {"num_cpus": min(threads, max(cpus, 1))}, replace(self.spec, n_threads=threads))
 
     def __exit__(self, *exc) -> None:
         for worker in self.workers:
@@ -186,7 +213,7 @@ class RayExecutor:
         ray = self.ray
         queue: Deque[Tuple[Row, List[float]]] = collections.deque(todo)
         self.tries: Dict[str, int] = collections.defaultdict(int)  # row id -> tries lost to dead workers
-        self.given: Dict[Any, Tuple[_Worker, Row, List[float]]] = {}  # row ref -> who holds which row
+        self.given: Dict[Any, _Given] = {}  # row ref -> who holds which row
         self.loading: Dict[Any, _Worker] = {}  # info ref -> a worker not yet known to be ready
         self.max_starts = self.n_workers + len(todo) * self.options.max_tries
         for _ in range(min(self.n_workers, len(todo))):
@@ -207,17 +234,17 @@ class RayExecutor:
                     f"(pid {worker.info['pid']} on {worker.info['host']}, {self.worker_spec.n_threads} thread(s))"
                 )
                 continue
-            worker, row, _ = self.given[ref]
+            worker, row = self.given[ref].worker, self.given[ref].row
             try:
-                records, problem, error = ray.get(ref)
+                result: RowResult = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 yield from self._lost(worker, e, queue)
                 continue
             del self.given[ref]
             worker.held.remove(ref)
-            if error is not None:
-                raise DeRaError(error)
-            yield row, records, problem
+            if result.error is not None:
+                raise DeRaError(result.error)
+            yield Outcome(row, result.records, result.problem)
 
     def _start_worker(self) -> _Worker:
         if self.started >= self.max_starts:
@@ -241,7 +268,7 @@ class RayExecutor:
                     row, lams = queue.popleft()
                     ref = worker.actor.run.remote(row, lams)
                     worker.held.append(ref)
-                    self.given[ref] = (worker, row, lams)
+                    self.given[ref] = _Given(worker, row, lams)
 
     def _lost(self, worker: _Worker, error, queue) -> List[Outcome]:
         """A worker died: its rows go back to the queue's front (the oldest one loses a try); replace it."""
@@ -257,7 +284,7 @@ class RayExecutor:
                 self.tries[row.id] += 1
                 if self.tries[row.id] >= self.options.max_tries:
                     message = f"failed on {self.tries[row.id]} tries: the Ray worker computing it died ({cause})"
-                    failed.append((row, [], message))
+                    failed.append(Outcome(row, [], message))
                     continue
             back.append((row, lams))
         queue.extendleft(reversed(back))
@@ -267,8 +294,8 @@ class RayExecutor:
         return failed
 
 
-def ship_reward_code(reward) -> None:
-    """Send a reward function's module to the workers by value unless it is installed code.
+def ship_user_code(code) -> None:
+    """Send the module of ``code`` (a reward function) to the workers by value unless it is installed code.
 
     A ``--reward my_rewards:f`` module found on the driver's path (the current folder, say) is
     not on the workers' path; an installed package is, and is imported there by name.
@@ -276,7 +303,7 @@ def ship_reward_code(reward) -> None:
     import sys
     import sysconfig
 
-    module = sys.modules.get(getattr(reward, "__module__", None) or "")
+    module = sys.modules.get(getattr(code, "__module__", None) or "")
     path = getattr(module, "__file__", None)
     if module is None or path is None or module.__name__.startswith("dera_gguf"):
         return

@@ -16,15 +16,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..blend import blend_logits, kl_divergence, mixing_weights
+from ..engine import Realign, check_mode
 from ..errors import DeRaError
+from ..sampling import Sampling
 from ..speculative import EMPTY, Gate, NgramIndex
-from .batch import ParallelSequences
+from .batch import ParallelSequences, Run
+from .chains import RowSampler, check_sweep_sampling, new_chain, recorded, sequence_seed
 from .data import Dataset, Row, RowProblem, read_rows
-from .models import EvalPair, PairSpec, check_mode, files_of
+from .executors import row_executor
+from .models import EvalPair, PairSpec
 from .rewards import LengthReward, describe_reward, reward_of
-from .runner import Progress, SweepResult, row_executor, run_sweep
-from .sampling import RowSampler, SamplingParams, new_chain, sequence_seed
+from .runner import Progress, SweepResult, run_sweep
 from .summary import GENERATE_METRICS
+from .tasks import RowWork
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -32,7 +36,7 @@ SAMPLES_FILE = "samples.jsonl"
 class _Sequence:
     """One response being generated: its λ, sample index, chain and what it produced."""
 
-    def __init__(self, lam: float, sample: int, seed: int, params: SamplingParams):
+    def __init__(self, lam: float, sample: int, seed: int, params: Sampling):
         self.lam, self.sample, self.seed = lam, sample, seed
         self.weights = mixing_weights(lam)
         self.chain = new_chain(params, seed)
@@ -85,7 +89,7 @@ def decode_batch(
         runs = _drafts(jobs, live, len(prompt), decoder.n_batch - len(live), max_tokens)
         if runs:
             rows = decoder.advance(
-                [(i, len(prompt) + len(jobs[i].tokens) - 1, [jobs[i].tokens[-1], *draft]) for i, draft in runs]
+                [Run(i, len(prompt) + len(jobs[i].tokens) - 1, [jobs[i].tokens[-1], *draft]) for i, draft in runs]
             )
 
 
@@ -127,7 +131,7 @@ def generate_row(
     row: Row,
     lams: Sequence[float],
     samples: int,
-    params: SamplingParams,
+    params: Sampling,
     seed: int,
     reward,
     mode: str = "blend",
@@ -149,7 +153,7 @@ def generate_row(
             f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens"
         )
     # matches of 2 tokens or more: in a batch of many sequences a drafted token that fails costs a
-    # batch entry, and one-token matches fail most (31 % passed on open text here, against 51 %)
+    # batch entry, and one-token matches fail most often
     lookup = NgramIndex(prompt, min_ngram=2) if speculative == "lookup" else None
     jobs = [
         _Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
@@ -160,10 +164,10 @@ def generate_row(
         decode_batch(pair, decoder, prompt, jobs, params.max_tokens, lookup)
     else:
         for lam in lams:
-            decoder.use_weight_space(float(lam))
+            weights = np.array(decoder.runtime.prepare(Realign(mixing_weights(lam), "weights")))
             group = [job for job in jobs if job.lam == float(lam)]
             for job in group:
-                job.weights = mixing_weights(1.0)  # all on the adapted model
+                job.weights = weights
             decode_batch(pair, decoder, prompt, group, params.max_tokens, lookup)
     records = []
     for job in jobs:
@@ -196,14 +200,14 @@ class GenerateTask:
 
     n_lams: int
     samples: int
-    params: SamplingParams
+    params: Sampling
     seed: int
     reward: Any
     mode: str = "blend"
     speculative: Optional[str] = None
 
-    def open(self, pair: EvalPair):
-        """``(work, close)``: ``work(row, lams) -> records``, decoding up to every λ of the sweep at once."""
+    def open(self, pair: EvalPair) -> RowWork:
+        """``work(row, lams) -> records`` on ``pair``, decoding up to every λ of the sweep at once."""
         n_seq = self.n_lams * self.samples
         decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * self.params.max_tokens)
 
@@ -212,7 +216,11 @@ class GenerateTask:
                 pair, decoder, row, todo, self.samples, self.params, self.seed, self.reward, self.mode, self.speculative
             )
 
-        return work, decoder.close
+        return RowWork(work, decoder.close)
+
+    def user_code(self) -> tuple:
+        """The reward: a function from the user's own module, which Ray workers may need sent by value."""
+        return (self.reward,)
 
 
 def generate(
@@ -220,7 +228,7 @@ def generate(
     data,
     lams: Sequence[float],
     out_dir: Optional[str] = None,
-    params: SamplingParams = SamplingParams(),
+    params: Sampling = Sampling(),
     seed: int = 0,
     reward=LengthReward(),
     samples: int = 1,
@@ -240,7 +248,7 @@ def generate(
         data: a prompts.jsonl path or a :class:`Dataset` from :func:`read_rows`.
         out_dir: where samples.jsonl, summary.json/csv and sweep.png go (None: in memory);
             an earlier run there with the same settings is resumed.
-        params: sampling settings (default: the paper's Zephyr settings).
+        params: sampling settings (default: the paper's; no repeat penalty, no seed of their own).
         seed: every (row, λ, sample) draws from its own chain seeded from this.
         reward: :class:`LengthReward` (eq. 10) or a callable ``f(prompt, response) -> float``
             (with Ray, it is pickled to the workers).
@@ -256,8 +264,9 @@ def generate(
     """
     if speculative not in (None, "lookup"):
         raise DeRaError(f"speculative must be None or 'lookup' for generate (drafts per sequence), got {speculative!r}")
-    files = files_of(pair)
+    files = pair.files
     check_mode(mode, files)
+    check_sweep_sampling(params)
     if not isinstance(data, Dataset):
         data = read_rows(data, "generate", limit)
     if samples < 1:
@@ -266,7 +275,7 @@ def generate(
         "command": "generate",
         "reference": os.path.abspath(files.reference),
         "aligned": os.path.abspath(files.aligned[0]),
-        "sampling": params.as_dict(),
+        "sampling": recorded(params),
         "seed": seed,
         "samples": samples,
         "reward": describe_reward(reward),
@@ -277,7 +286,6 @@ def generate(
         return run_sweep(
             data,
             [float(x) for x in lams],
-            None,
             per_lam=samples,
             metrics=GENERATE_METRICS,
             results_name=SAMPLES_FILE,

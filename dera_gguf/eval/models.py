@@ -1,8 +1,8 @@
-"""The model pair of a sweep: weights loaded once, tokenizer, chat template, contexts.
+"""The model pair of a sweep: checked files, weights loaded once, tokenizer, chat template, runtimes.
 
 A sweep blends one reference and one aligned model (or a LoRA adapter on the
 reference). Unlike :class:`~dera_gguf.DeRaLlama`, which holds one sequence, the
-contexts made here hold several sequences on a unified KV cache.
+runtimes made here hold several sequences on a unified KV cache.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..contexts import Context
+from ..engine import PairRuntime, thread_plan
 from ..errors import DeRaError
 from ..models import PairFiles, PairModels, as_path_list
-from ..threads import ThreadPlan, physical_cores
+from ..threads import ThreadPlan
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
 PathLike = Union[str, "os.PathLike[str]"]
@@ -27,33 +28,44 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 @dataclass(frozen=True)
 class PairSpec:
-    """How to load an :class:`EvalPair`: its files and settings, loading nothing.
+    """How to load an :class:`EvalPair`: its checked files and settings, loading nothing.
 
     What a sweep hands to other processes (Ray workers), each of which opens its own pair.
+    The files are checked once, where the spec is made (:meth:`check`), not again per process.
     """
 
-    reference_model_path: str
-    aligned_model_path: str
+    files: PairFiles
     n_ctx: int = 4096
     n_gpu_layers: int = 0
     n_threads: Optional[int] = None
     flash_attn: bool = False
     verbose: bool = False
 
-    def files(self) -> PairFiles:
-        """The checked files (GGUF, same tokenizer, adapter or model), without loading weights."""
-        return PairFiles.check(self.reference_model_path, [self.aligned_model_path], self.verbose)
+    @classmethod
+    def check(
+        cls,
+        reference_model_path: PathLike,
+        aligned_model_path: Union[PathLike, Sequence[PathLike]],
+        n_ctx: int = 4096,
+        n_gpu_layers: int = 0,
+        n_threads: Optional[int] = None,
+        flash_attn: bool = False,
+        verbose: bool = False,
+    ) -> "PairSpec":
+        """The spec of these files (GGUF, same tokenizer, adapter or model), checked now; nothing is loaded."""
+        files = PairFiles.check(reference_model_path, [one_aligned(aligned_model_path)], verbose)
+        return cls(files, n_ctx, n_gpu_layers, n_threads, flash_attn, verbose)
+
+    @property
+    def reference_model_path(self) -> str:
+        return self.files.reference
+
+    @property
+    def aligned_model_path(self) -> str:
+        return self.files.aligned[0]
 
     def open(self) -> "EvalPair":
-        return EvalPair(
-            self.reference_model_path,
-            self.aligned_model_path,
-            n_ctx=self.n_ctx,
-            n_gpu_layers=self.n_gpu_layers,
-            n_threads=self.n_threads,
-            flash_attn=self.flash_attn,
-            verbose=self.verbose,
-        )
+        return EvalPair.from_spec(self)
 
 
 def one_aligned(aligned_model_path: Union[PathLike, Sequence[PathLike]]) -> PathLike:
@@ -67,23 +79,6 @@ def one_aligned(aligned_model_path: Union[PathLike, Sequence[PathLike]]) -> Path
     return aligned[0]
 
 
-def files_of(pair: Union["EvalPair", PairSpec]) -> PairFiles:
-    """The checked files of an open pair or of a spec (checked now, nothing loaded)."""
-    return pair.files() if isinstance(pair, PairSpec) else pair.files
-
-
-def check_mode(mode: str, files: PairFiles) -> str:
-    """``"blend"`` (DeRa) or ``"weights"`` (the adapter at scale λ: LoRA pairs only)."""
-    if mode not in ("blend", "weights"):
-        raise DeRaError(f"mode must be blend or weights, got {mode!r}")
-    if mode == "weights" and not files.is_adapter[0]:
-        raise DeRaError(
-            f"mode weights applies a LoRA adapter at scale lam, but {files.aligned[0]} is a full GGUF model "
-            "(interpolating two quantized GGUF files is not supported): use mode blend"
-        )
-    return mode
-
-
 class EvalPair:
     """A reference model and an aligned model (GGUF, or GGUF LoRA adapter) for λ sweeps.
 
@@ -92,7 +87,7 @@ class EvalPair:
         aligned_model_path: GGUF of the aligned model, or a LoRA adapter GGUF for the reference.
         n_ctx: tokens one sequence (prompt + response) may hold.
         n_gpu_layers: layers to offload (-1: all).
-        n_threads: CPU threads (None: llama.cpp's default).
+        n_threads: CPU threads (None: the physical cores, as in DeRaLlama).
         flash_attn: use flash attention (off by default, as in llama_cpp.Llama).
     """
 
@@ -106,37 +101,30 @@ class EvalPair:
         flash_attn: bool = False,
         verbose: bool = False,
     ):
-        aligned = [one_aligned(aligned_model_path)]
-        self.files = PairFiles.check(reference_model_path, aligned, verbose)
+        spec = PairSpec.check(
+            reference_model_path, aligned_model_path, n_ctx, n_gpu_layers, n_threads, flash_attn, verbose
+        )
+        self._load(spec)
+
+    @classmethod
+    def from_spec(cls, spec: PairSpec) -> "EvalPair":
+        """The pair of ``spec``, whose files were checked when it was made."""
+        pair = cls.__new__(cls)
+        pair._load(spec)
+        return pair
+
+    def _load(self, spec: PairSpec) -> None:
+        self.spec, self.files, self.n_ctx = spec, spec.files, spec.n_ctx
         self.ref_path, self.aligned_path = self.files.reference, self.files.aligned[0]
         self.is_adapter = self.files.is_adapter[0]
-        self.n_ctx, self.n_threads, self.flash_attn, self.verbose = n_ctx, n_threads, flash_attn, verbose
-        self.n_gpu_layers = n_gpu_layers
-        set_verbose(verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
+        set_verbose(spec.verbose)  # llama.cpp's log, as llama_cpp.Llama(verbose=...) does
         self._stack = contextlib.ExitStack()
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
-        self.models = PairModels(self.files, params, self._stack, verbose)
+        params.n_gpu_layers = 0x7FFFFFFF if spec.n_gpu_layers == -1 else spec.n_gpu_layers
+        self.models = PairModels(self.files, params, self._stack, spec.verbose)
         self.ref_model = self.models.model(self.ref_path, "reference model")
-        self.aligned_model = self.models.model(self.files.weights(0), "aligned model")
+        self.aligned_model = self.models.model(self.files.model_file(0), "aligned model")
         self.n_vocab = self.ref_model.n_vocab()
-
-    @property
-    def spec(self) -> PairSpec:
-        """What another process needs to load this same pair (see :class:`PairSpec`)."""
-        return PairSpec(
-            self.ref_path,
-            self.aligned_path,
-            n_ctx=self.n_ctx,
-            n_gpu_layers=self.n_gpu_layers,
-            n_threads=self.n_threads,
-            flash_attn=self.flash_attn,
-            verbose=self.verbose,
-        )
-
-    def check_mode(self, mode: str) -> str:
-        """``"blend"`` (DeRa) or ``"weights"`` (the adapter at scale λ: LoRA pairs only)."""
-        return check_mode(mode, self.files)
 
     def close(self) -> None:
         self._stack.close()
@@ -185,7 +173,12 @@ class EvalPair:
         """A row's prompt as text: the prompt itself, or its messages through the chat template."""
         return prompt if messages is None else self.render_chat(messages)
 
-    # ----------------------------------------------------------- contexts
+    # ------------------------------------------------------------ runtime
+
+    def runtime(self, n_seq: int = 1, n_extra: int = 0) -> PairRuntime:
+        """The pair's :meth:`contexts` for ``n_seq`` sequences, on :meth:`thread_plan`'s threads."""
+        contexts = self.contexts(n_seq, n_extra)
+        return PairRuntime(self.models, contexts, contexts[0].batch_size, self.thread_plan(), owned=contexts)
 
     def contexts(self, n_seq: int = 1, n_extra: int = 0, n_batch: int = 512) -> List[Context]:
         """Reference and aligned contexts for ``n_seq`` sequences on one unified KV cache.
@@ -202,17 +195,14 @@ class EvalPair:
         params.kv_unified = True
         # as llama_cpp.Llama (and so DeRaLlama) by default: the same logits as there
         params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self.spec.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         plan = self.thread_plan()
         params.n_threads, params.n_threads_batch = plan.n_threads, plan.n_threads_batch
         return [self.models.context(member, params, params.n_batch, n_seq) for member in (0, 1)]
 
     def thread_plan(self) -> ThreadPlan:
-        """The contexts' threads, as DeRaLlama's: the physical cores (llama.cpp's own default, 4,
-        oversubscribes small machines), and on a CPU with 2 or more the two contexts decode at the
-        same time, each on its share (a step of 1 to 8 sequences took 1.16-1.19x less time so on 2
-        cores, 32 sequences 1.05x); offloaded, one after the other."""
-        n_threads = self.n_threads or physical_cores()
-        offloaded = self.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
-        return ThreadPlan(n_threads, self.n_threads or (os.cpu_count() or 1), not offloaded and n_threads >= 2)
+        """The contexts' threads, by DeRaLlama's rule (:func:`~dera_gguf.engine.thread_plan`)."""
+        return thread_plan(self.spec.n_gpu_layers, self.spec.n_threads, self.spec.n_threads)

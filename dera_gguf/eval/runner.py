@@ -1,70 +1,27 @@
 """The loop both commands share: rows x λ with resume, progress, skipped rows, summaries.
 
-A command supplies ``work(row, lams) -> records`` for the λ values a row still lacks
-(or an ``execute`` that runs many rows elsewhere: :mod:`.cluster`); this module decides
-what is left, writes results row by row as they arrive, and writes the summary (json,
-csv, plot) at the end, and also when interrupted, from whatever was finished.
+A command supplies an ``execute`` that computes the λ values each row still lacks
+(:mod:`.executors`: in this process, or on Ray workers); this module decides what is
+left, writes results row by row as they arrive, and writes the summary (json, csv,
+plot) at the end, and also when interrupted, from whatever was finished.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .data import BadRow, Dataset, Row, RowProblem
+from .data import BadRow, Dataset, Row
 from .plot import plot_sweep
 from .store import ResultStore, check_run_settings
 from .summary import summarize, write_summary
+from .tasks import Execute
 
 KEY_FIELDS = ("row", "lam", "sample")  # what identifies one result record
 
 # progress(label, rows_done, rows_total): called once before the first row and after every row.
 Progress = Callable[[str, int, int], None]
-Work = Callable[[Row, List[float]], List[Dict[str, Any]]]
-# One finished row: its records, or why it was skipped (a RowProblem's message).
-Outcome = Tuple[Row, List[Dict[str, Any]], Optional[str]]
-# execute(rows and the λ values each lacks) -> outcomes, in any order, as rows finish.
-Execute = Callable[[List[Tuple[Row, List[float]]]], Iterable[Outcome]]
-
-
-def serial(work: Work) -> Execute:
-    """Run ``work`` on the rows one after the other, in this process."""
-
-    def execute(todo: List[Tuple[Row, List[float]]]) -> Iterator[Outcome]:
-        for row, lams in todo:
-            try:
-                yield row, work(row, lams), None
-            except RowProblem as e:
-                yield row, [], str(e)
-
-    return execute
-
-
-@contextlib.contextmanager
-def row_executor(pair, task, ray=None, workers: Optional[int] = None, log: Optional[Callable[[str], None]] = None):
-    """How a command's rows run: ``task`` on ``pair`` here, or on Ray workers when ``ray`` is set.
-
-    ``pair`` is an open :class:`~.models.EvalPair` or a :class:`~.models.PairSpec` (opened here,
-    and closed at the end, when rows run in this process). ``task.open(pair)`` returns
-    ``(work, close)``; a Ray worker calls it on its own pair.
-    """
-    from .models import PairSpec
-
-    if ray is not None and ray is not False:
-        from .cluster import RayExecutor
-
-        spec = pair if isinstance(pair, PairSpec) else pair.spec
-        with RayExecutor(spec, task, address=ray, workers=workers, log=log) as execute:
-            yield execute
-        return
-    with contextlib.ExitStack() as stack:
-        if isinstance(pair, PairSpec):
-            pair = stack.enter_context(pair.open())
-        work, close = task.open(pair)
-        stack.callback(close)
-        yield serial(work)
 
 
 @dataclass
@@ -92,7 +49,6 @@ class SweepResult:
 def run_sweep(
     data: Dataset,
     lams: Sequence[float],
-    work: Optional[Work],
     per_lam: int,
     metrics: Mapping[str, tuple],
     results_name: str,
@@ -100,14 +56,13 @@ def run_sweep(
     settings: Dict[str, Any],
     progress: Optional[Progress],
     label: str,
-    execute: Optional[Execute] = None,
+    execute: Execute,
 ) -> SweepResult:
-    """Run ``work`` (or ``execute``) on every row for the λ values it lacks; summarize all of them.
+    """Run ``execute`` on every row for the λ values it lacks; summarize all of them.
 
     Results are written as rows finish, in whatever order ``execute`` yields them; the
     summary does not depend on that order (exactly rounded sums).
     """
-    execute = execute or serial(work)
     store = _open_store(out_dir, settings, results_name)
     result = SweepResult(summary=[], records=[], skipped=list(data.bad), out_dir=out_dir)
     todo = [(row, _missing(store, row, lams, per_lam)) for row in data.rows]

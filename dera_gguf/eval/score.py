@@ -14,12 +14,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..blend import sweep_stats
+from ..blend import mixing_weights, sweep_stats
+from ..engine import Realign, check_mode
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
-from .models import EvalPair, PairSpec, check_mode, files_of
-from .runner import Progress, SweepResult, row_executor, run_sweep
+from .executors import row_executor
+from .models import EvalPair, PairSpec
+from .runner import Progress, SweepResult, run_sweep
 from .summary import SCORE_METRICS
+from .tasks import RowWork
 
 RESULTS_FILE = "results.jsonl"
 
@@ -53,9 +56,9 @@ def response_stats(
         return logp.mean(axis=1), kl.mean(axis=1)
     per_lam = []
     for lam in lams:
-        decoder.use_weight_space(lam)
+        weights = decoder.runtime.prepare(Realign(mixing_weights(lam), "weights"))
         h_ref, h_adapted = decoder.rows_after(tokens, n_prompt - 1)
-        per_lam.append(sweep_stats(h_ref, h_adapted, [1.0], tokens[n_prompt:]))  # weight 1 on the adapted model
+        per_lam.append(sweep_stats(h_ref, h_adapted, weights[1:], tokens[n_prompt:]))  # the adapted model alone
     return (np.array([logp.mean() for logp, _ in per_lam]), np.array([kl.mean() for _, kl in per_lam]))
 
 
@@ -92,10 +95,13 @@ class ScoreTask:
 
     mode: str = "blend"
 
-    def open(self, pair: EvalPair):
-        """``(work, close)``: ``work(row, lams) -> records`` on ``pair``'s contexts."""
+    def open(self, pair: EvalPair) -> RowWork:
+        """``work(row, lams) -> records`` on ``pair``'s contexts."""
         decoder = ParallelSequences(pair, n_seq=1)
-        return (lambda row, todo: score_row(pair, decoder, row, todo, self.mode)), decoder.close
+        return RowWork(lambda row, todo: score_row(pair, decoder, row, todo, self.mode), decoder.close)
+
+    def user_code(self) -> tuple:
+        return ()
 
 
 def score(
@@ -129,7 +135,7 @@ def score(
         workers: Ray workers (default: one per GPU when offloading, else CPUs / threads per worker).
         log: called with a line per worker as it loads its pair (Ray only).
     """
-    files = files_of(pair)
+    files = pair.files
     check_mode(mode, files)
     if not isinstance(data, Dataset):
         data = read_rows(data, "score", limit)
@@ -143,7 +149,6 @@ def score(
         return run_sweep(
             data,
             [float(x) for x in lams],
-            None,
             per_lam=1,
             metrics=SCORE_METRICS,
             results_name=RESULTS_FILE,

@@ -30,8 +30,8 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..cli.chat_session import Sampling
 from ..errors import Stopped
+from ..sampling import Sampling
 from .catalog import Catalog
 from .errors import ApiError, install_handlers
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given

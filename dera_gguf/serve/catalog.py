@@ -14,9 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from ..blend import Lam, normalize_lam
-from ..cli.chat_session import format_lam
-from ..cli.common import parse_lams
+from ..blend import Lam, format_lam, normalize_lam, parse_lams
 from ..errors import DeRaError
 from .errors import ApiError
 

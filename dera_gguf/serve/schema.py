@@ -7,7 +7,7 @@ name, type and range check) with three changes:
   misspelt ``temprature`` would quietly sample at the default);
 * ``lam`` (a number, or a list with one per aligned model) and ``stream_options`` are added;
 * the defaults are not theirs: a field the request leaves out gets the paper's sampling
-  settings (:class:`~dera_gguf.cli.chat_session.Sampling`, as in dera-chat), not
+  settings (:class:`~dera_gguf.sampling.Sampling`, as in dera-chat), not
   llama-cpp-python's (temperature 0.8, top-k 40, min-p 0.05, repeat penalty 1.1).
 """
 
@@ -23,8 +23,9 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import checks
-from ..cli.chat_session import Sampling
+from ..engine import MODES
 from ..errors import DeRaError
+from ..sampling import Sampling
 from .errors import ApiError
 
 LAM_FIELD = Field(
@@ -70,7 +71,7 @@ class ChatRequest(CreateChatCompletionRequest):
 
     model_config = ConfigDict(extra="forbid")
     lam: Any = LAM_FIELD
-    mode: Optional[Literal["blend", "weights"]] = MODE_FIELD
+    mode: Optional[Literal[MODES]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
     max_completion_tokens: Optional[int] = Field(None, description="OpenAI's newer name for max_tokens.")
 
@@ -81,7 +82,7 @@ class CompletionRequest(CreateCompletionRequest):
     model_config = ConfigDict(extra="forbid")
     prompt: Union[str, List[int], List[str]] = Field(default="", description="The prompt (text or token ids).")
     lam: Any = LAM_FIELD
-    mode: Optional[Literal["blend", "weights"]] = MODE_FIELD
+    mode: Optional[Literal[MODES]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
 
 

@@ -9,38 +9,36 @@ from __future__ import annotations
 
 import ctypes
 import zlib
-from dataclasses import asdict, dataclass
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
 from ..errors import DeRaError
+from ..sampling import Sampling
+
+RECORDED = ("temperature", "top_k", "top_p", "min_p", "max_tokens")  # the settings a run folder records
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How responses are sampled; the defaults are the paper's Zephyr settings.
+def check_sweep_sampling(params: Sampling) -> Sampling:
+    """Settings a sweep's chains apply: no repeat penalty, and no seed of their own (each sequence's
+    chain is seeded from the sweep's seed, so resumed and sharded runs draw the same)."""
+    if not params.temperature >= 0 or not params.top_p > 0:
+        raise DeRaError(
+            f"a sweep samples at temperature >= 0 and top_p in (0, 1], got {params.temperature}, {params.top_p}"
+        )
+    if params.repeat_penalty != 1.0:
+        raise DeRaError("a sweep samples without a repeat penalty (as the paper): leave repeat_penalty at 1")
+    if params.seed is not None:
+        raise DeRaError(
+            "a sweep seeds every sequence from its own seed: give generate(seed=...), not Sampling(seed=...)"
+        )
+    return params
 
-    ``temperature`` 0 is greedy decoding (the argmax of the blend).
-    """
 
-    temperature: float = 0.7
-    top_k: int = 50
-    top_p: float = 0.95
-    min_p: float = 0.0
-    max_tokens: int = 256
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise DeRaError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1:
-            raise DeRaError("top_k must be >= 0 (0: off), top_p in (0, 1], min_p in [0, 1]")
-        if self.max_tokens < 1:
-            raise DeRaError(f"max_tokens must be at least 1, got {self.max_tokens}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+def recorded(params: Sampling) -> dict:
+    """The sampling settings a run folder records (a resumed run must match them)."""
+    return {name: getattr(params, name) for name in RECORDED}
 
 
 def sequence_seed(seed: int, row_id: str, lam: float, sample: int) -> int:
@@ -48,7 +46,7 @@ def sequence_seed(seed: int, row_id: str, lam: float, sample: int) -> int:
     return zlib.crc32(f"{seed}|{row_id}|{lam!r}|{sample}".encode()) & 0xFFFFFFFF
 
 
-def new_chain(params: SamplingParams, seed: int) -> internals.LlamaSampler:
+def new_chain(params: Sampling, seed: int) -> internals.LlamaSampler:
     """top-k, top-p, min-p, temperature, then a seeded draw (or greedy at temperature 0)."""
     chain = internals.LlamaSampler()
     if params.temperature == 0:

@@ -1,0 +1,253 @@
+"""The pair runtime every front uses: a pair's contexts, their threads, the realignment, drafting.
+
+A :class:`PairRuntime` owns the llama.cpp contexts of one pair (reference first, then the
+aligned models) and the sequences they hold. :class:`~dera_gguf.DeRaLlama` steps one
+sequence in lockstep through it (:meth:`PairRuntime.eval`); a λ sweep
+(:mod:`dera_gguf.eval`) decodes many sequences in one batch (:meth:`PairRuntime.decode`).
+The rules both need are written here once: how the contexts share the CPU
+(:func:`thread_plan`), which modes a pair has (:func:`check_mode`), and what weight-space
+mode does to the contexts (:meth:`PairRuntime.prepare`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from . import speculative as spec
+from .blend import Lam, mixing_weights
+from .contexts import Context, KnownRows, Lockstep
+from .errors import DeRaError
+from .models import PairFiles, PairModels
+from .threads import ThreadPlan, physical_cores
+
+MODES = ("blend", "weights")
+
+
+def check_mode(mode: Any, files: PairFiles) -> str:
+    """``"blend"`` (DeRa: the models' logits blended) or ``"weights"`` (the LoRA adapters applied on the
+    reference at scale lam, one forward pass: the paper's weight-space approximation of DeRa).
+
+    Weight-space mode needs every aligned model to be a LoRA adapter: two full GGUF models,
+    quantized, cannot be interpolated.
+    """
+    if mode not in MODES:
+        raise DeRaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    full = [path for path, adapter in zip(files.aligned, files.is_adapter) if not adapter]
+    if mode == "weights" and full:
+        raise DeRaError(
+            f"mode 'weights' applies LoRA adapters on the reference at scale lam, but {full[0]} is a full GGUF "
+            "model (interpolating two quantized GGUF files is not supported): use mode 'blend'"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class Realign:
+    """A realignment: mixing weights on [reference, aligned_1, ...] and the mode (see :func:`check_mode`)."""
+
+    weights: tuple
+    mode: str = "blend"
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+    @classmethod
+    def of(cls, lam: Lam, mode: str, files: PairFiles) -> "Realign":
+        """``lam`` and ``mode`` checked against the pair's files."""
+        return cls(mixing_weights(lam, len(files.aligned)), check_mode(mode, files))
+
+    @property
+    def lams(self) -> tuple:
+        """The weight of each aligned model."""
+        return self.weights[1:]
+
+    def override(self, files: PairFiles, lam: Optional[Lam] = None, mode: Optional[str] = None) -> "Realign":
+        """This realignment with ``lam`` and ``mode`` (where given) instead of its own, checked."""
+        weights = self.weights if lam is None else mixing_weights(lam, len(files.aligned))
+        return Realign(weights, self.mode if mode is None else check_mode(mode, files))
+
+
+def thread_plan(
+    n_gpu_layers: int,
+    n_threads: Optional[int] = None,
+    n_threads_batch: Optional[int] = None,
+    concurrent: Optional[bool] = None,
+) -> ThreadPlan:
+    """The threads of a pair's contexts, shared among those that decode at the same time.
+
+    ``n_threads`` defaults to the physical cores (llama-cpp-python's default, half the logical
+    CPUs, and llama.cpp's, 4, misjudge machines with hyper-threads or few cores),
+    ``n_threads_batch`` to the logical CPUs.
+    ``concurrent=None``: the contexts decode at the same time on a CPU with 2 threads or more
+    (one token's decode of a small model does not use every core), one after the other when
+    offloaded to a GPU (there the overlap is unmeasured). The logits are the same either way.
+    """
+    n_threads = n_threads or physical_cores()
+    if concurrent is None:
+        offloaded = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        concurrent = not offloaded and n_threads >= 2
+    return ThreadPlan(n_threads, n_threads_batch or os.cpu_count() or 1, bool(concurrent))
+
+
+class PairRuntime:
+    """The contexts of one pair, reference first, and what runs on them.
+
+    Args:
+        models: the pair's loaded weights.
+        contexts: one per model: the reference, then aligned model 1, 2, ...
+        n_batch: the most tokens one decode holds.
+        threads: how the contexts share the CPU; closed with the runtime.
+        owned: the contexts this runtime closes (not one its caller lent it).
+    """
+
+    def __init__(
+        self,
+        models: PairModels,
+        contexts: Sequence[Context],
+        n_batch: int,
+        threads: ThreadPlan,
+        owned: Sequence[Context] = (),
+    ):
+        self.models, self.files = models, models.files
+        self.contexts: List[Context] = list(contexts)
+        self.n_batch, self.threads = n_batch, threads
+        self.n_vocab = self.contexts[0].n_vocab
+        self._owned = list(owned)
+        self._blend_adapters = self.contexts[1].adapters  # what aligned model 1 runs on in blend mode
+        self._lockstep = Lockstep(self.contexts, n_batch, threads)
+        self.realign: Optional[Realign] = None  # what the contexts are set up for (prepare)
+        self.speculation: Optional[spec.Speculation] = None  # the drafts of eval(), if any
+
+    @classmethod
+    def open(
+        cls,
+        models: PairModels,
+        context_params,
+        n_batch: int,
+        threads: ThreadPlan,
+        n_seq: int = 1,
+        aligned_context: Optional[Context] = None,
+        lora_scale: float = 1.0,
+    ) -> "PairRuntime":
+        """New contexts for every model of the pair, each for ``n_seq`` sequences, an adapter at ``lora_scale``.
+
+        ``aligned_context``: a context the caller holds for aligned model 1 (DeRaLlama's own), used
+        instead of a new one and left to the caller to close.
+        """
+        members = range(len(models.files.aligned) + 1)
+        contexts = [
+            aligned_context
+            if m == 1 and aligned_context is not None
+            else models.context(m, context_params, n_batch, n_seq, lora_scale=lora_scale)
+            for m in members
+        ]
+        return cls(models, contexts, n_batch, threads, [c for c in contexts if c is not aligned_context])
+
+    # ----------------------------------------------------------- realignment
+
+    def prepare(self, realign: Realign) -> tuple:
+        """Set the contexts up for ``realign``; return the weights their rows are blended with.
+
+        Weight-space mode runs aligned model 1's context on the reference with every adapter at
+        its lam, and only that context decodes (weight 1 on it, 0 on the others). Blend mode runs
+        it on its own weights (its adapter, if any, at the scale the context was made with).
+        """
+        adapted = self.contexts[1]
+        if realign.mode == "weights":
+            adapted.set_adapters(self.models.adapters_at(realign.lams))
+            weights = (0.0, 1.0) + (0.0,) * (len(realign.weights) - 2)
+        else:
+            adapted.set_adapters(self._blend_adapters)
+            weights = realign.weights
+        self.realign = realign
+        return weights
+
+    # ------------------------------------------------------- one sequence
+
+    def eval(
+        self,
+        prefix: np.ndarray,
+        tokens: Sequence[int],
+        realign: Realign,
+        scores: Optional[np.ndarray] = None,
+        n_rows: int = 1,
+        before_batch: Callable[[], None] = lambda: None,
+    ) -> Context:
+        """Decode ``tokens`` after ``prefix`` in sequence 0 of the contexts ``realign`` weighs; blend their
+        rows (:meth:`~dera_gguf.contexts.Lockstep.eval`). Returns the context whose logits buffer holds
+        the blend. Rows a model draft left behind serve this decode only."""
+        weights = self.prepare(realign)
+        return self._lockstep.eval(prefix, tokens, weights, scores, n_rows, before_batch, self._take_known())
+
+    # --------------------------------------------------- many sequences
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], outputs: Sequence[bool]
+    ) -> np.ndarray:
+        """Decode one batch in every context; the output rows in batch order, shape (n_models, n_out, n_vocab)."""
+        n_out = int(sum(bool(o) for o in outputs))
+        rows = np.empty((len(self.contexts), n_out, self.n_vocab), dtype=np.float32)
+
+        def decode(context: Context) -> None:
+            context.decode(tokens, positions, seqs, outputs)
+            if n_out:
+                rows[self.contexts.index(context)] = context.rows(n_out)
+
+        self.threads.run(self.contexts, decode)
+        return rows
+
+    def share_sequence(self, src: int, dst: int) -> None:
+        """Let sequence ``dst`` use the cells of ``src`` in every context (a shared prompt)."""
+        for context in self.contexts:
+            context.share_sequence(src, dst)
+
+    def drop_from(self, seq: int, n: int) -> None:
+        """Drop sequence ``seq``'s positions from ``n`` on in every context (drafts that did not pass)."""
+        for context in self.contexts:
+            context.drop_from(seq, n)
+
+    def clear(self) -> None:
+        for context in self.contexts:
+            context.clear()
+
+    # ------------------------------------------------------------- drafts
+
+    def drafting(self, kind: Any, room: Callable[[int], int]) -> Optional[spec.Speculation]:
+        """The drafts :meth:`eval` verifies: ``kind`` is ``"lookup"``, ``"model"`` or a llama-cpp-python
+        ``LlamaDraftModel`` (None: no drafts); ``room(n)``, the most tokens a draft may have after n."""
+        if kind is None:
+            source = None
+        elif kind == "lookup":
+            source = spec.NgramLookup()
+        elif kind == "model":
+            source = spec.ModelDraft(
+                self._drafter, lambda context, work: self.threads.run([context], work), self.n_batch
+            )
+        else:
+            source = spec.from_draft_model(kind)
+        self.speculation = None if source is None else spec.Speculation(source, room)
+        return self.speculation
+
+    def _drafter(self) -> Optional[Context]:
+        """The context that drafts for a model draft: the one with the largest weight in the realignment
+        in effect (blend mode only: in weight-space mode one context decodes)."""
+        if self.realign is None or self.realign.mode != "blend":
+            return None
+        return spec.largest_weight(self.contexts, self.realign.weights)
+
+    def _take_known(self) -> Optional[KnownRows]:
+        """The rows the latest model draft left in its context (verification need not decode them again)."""
+        source = getattr(self.speculation, "source", None)
+        return source.take_known() if isinstance(source, spec.ModelDraft) else None
+
+    def close(self) -> None:
+        """Stop the decode threads and free the contexts this runtime made."""
+        self.threads.close()
+        for context in self._owned:
+            context.ctx.close()
+            context.batch.close()
