@@ -185,7 +185,7 @@ class DeRaLlama(Llama):
         pair = registry.get(name) if name is not None else registry.default_pair()
         ref, aligned = pair.resolve()
         if lam is None:
-            lam = pair.lam if pair.lam is not None else [1.0] * len(aligned)
+            lam = pair.default_lam()
         if not any(llama_kwargs.get(k) for k in ("chat_format", "chat_handler", "chat_template")):
             llama_kwargs.update(pair.template_kwargs())
         return cls(ref, aligned, lam=normalize_lam(lam, len(aligned)), **llama_kwargs)

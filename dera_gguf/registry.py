@@ -130,6 +130,10 @@ class Pair:
     def sources(self) -> List[Source]:
         return [self.reference, *self.aligned]
 
+    def default_lam(self) -> List[float]:
+        """The pair's own lam (models.toml's ``lam``), else 1.0 per aligned model: the aligned models."""
+        return list(self.lam) if self.lam else [1.0] * len(self.aligned)
+
     def missing(self) -> List[Source]:
         """Sources not on disk now."""
         return [s for s in self.sources() if not s.is_available()]

@@ -98,3 +98,18 @@ def test_a_pair_names_its_template_in_models_toml(tmp_path, ref_path, aligned_pa
     import json
 
     assert json.loads(result.stdout)["choices"][0]["message"] == expected
+
+
+def test_dera_eval_renders_chats_with_the_same_template(ref_path, no_template, aligned_path):
+    """EvalPair: the template a spec names, else the aligned model's, else the reference's (as DeRaLlama)."""
+    from tiny_models import CHAT_TEMPLATE
+
+    from dera_gguf.eval.models import PairSpec
+
+    def rendered(template: str) -> str:
+        return Jinja2ChatFormatter(template, "</s>", "<s>")(messages=MESSAGES).prompt
+
+    with PairSpec.check(ref_path, no_template).open() as pair:
+        assert pair.render_chat(MESSAGES) == rendered(CHAT_TEMPLATE)
+    with PairSpec.check(ref_path, aligned_path, chat_template=OTHER_TEMPLATE).open() as pair:
+        assert pair.render_chat(MESSAGES) == rendered(OTHER_TEMPLATE)

@@ -29,15 +29,11 @@ from ..errors import ContextFullError, DeRaError
 from ..sampling import Sampling
 from .chat_session import Answer, ChatSession
 from .common import (
-    choose_models,
     initial_lam,
     mode_option,
     model_options,
-    new_engine,
     reports_errors,
-    say_notes,
     speculative_option,
-    template_kwargs,
 )
 
 PROMPT = "you> "
@@ -81,15 +77,7 @@ QUIT = object()
 @click.option("--json", "as_json", is_flag=True, help="One-shot: print the OpenAI-shaped completion as JSON.")
 @reports_errors
 def main(
-    pair_name,
-    ref_path,
-    aligned_paths,
-    models_file,
-    n_ctx,
-    n_gpu_layers,
-    threads,
-    seed,
-    verbose,
+    models,
     lam_text,
     mode,
     speculative,
@@ -112,35 +100,21 @@ def main(
     """
     lams = parse_lams(lam_text) if lam_text is not None else None  # refuse bad lam before loading
     one_shot_text = _one_shot_text(prompt, as_json)
-    ref, aligned, pair, note = choose_models(pair_name, ref_path, aligned_paths, models_file)
-    if note:
-        click.echo(note, err=True)
-    lam = initial_lam(lams, pair, len(aligned))
-    name = f"pair {pair.name!r}" if pair else "the given models"
+    chosen = models.choose()
+    if chosen.note:
+        click.echo(chosen.note, err=True)
+    lam = initial_lam(lams, chosen.pair, len(chosen.aligned))
     if one_shot_text is None:
-        click.echo(f"loading {name} ...", err=True)
-    llm = new_engine(
-        ref,
-        aligned,
-        lam,
-        n_ctx,
-        n_gpu_layers,
-        threads,
-        seed,
-        verbose,
-        mode=mode,
-        speculative=speculative,
-        **template_kwargs(pair),
-    )
-    say_notes(llm)
-    sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed)
+        click.echo(f"loading {chosen.name} ...", err=True)
+    llm = models.engine(chosen, lam, mode=mode, speculative=speculative)
+    sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, models.seed)
     session = ChatSession(llm, lam=lam, mode=mode, system=system, sampling=sampling)
     try:
         if one_shot_text is not None:
             _one_shot(session, one_shot_text, as_json)
         else:
             _leave_quietly_on_hangup()
-            _interactive(session, name)
+            _interactive(session, chosen.name)
     except KeyboardInterrupt:  # Ctrl-C outside an answer in one-shot mode
         sys.exit(130)
     except OSError as e:

@@ -8,7 +8,8 @@ stderr with a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import click
 
@@ -22,11 +23,12 @@ from ..registry import Pair, load_registry
 def model_options(
     fn: Optional[Callable] = None, *, several_aligned: bool = True, several_pairs: bool = False
 ) -> Callable:
-    """Flags that choose the models and how llama.cpp runs them.
+    """Flags that choose the models and how llama.cpp runs them, handed to the command as ``models``,
+    one :class:`ModelFlags`.
 
     Use as ``@model_options``, or ``@model_options(several_aligned=False)`` for a command
     that blends exactly one aligned model. With ``several_pairs`` (dera-serve), ``--pair``
-    may be repeated and the command gets ``pair_names``, a tuple.
+    may be repeated.
     """
     if fn is None:
         return lambda f: model_options(f, several_aligned=several_aligned, several_pairs=several_pairs)
@@ -68,31 +70,94 @@ def model_options(
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]
+    pair_key = "pair_names" if several_pairs else "pair_name"
+
+    @functools.wraps(fn)
+    def with_model_flags(*args, **kwargs):
+        pairs = kwargs.pop(pair_key)
+        values = {name: kwargs.pop(name) for name in ModelFlags.FLAGS}
+        pairs = tuple(pairs) if several_pairs else ((pairs,) if pairs else ())
+        return fn(*args, models=ModelFlags(pairs=pairs, **values), **kwargs)
+
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        with_model_flags = option(with_model_flags)
+    return with_model_flags
 
 
-def choose_pair(
-    pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str], models_file: Optional[str]
-) -> tuple[str, List[str], Optional[Pair]]:
-    """Resolve the model flags to ``(reference path, aligned paths, pair or None)``."""
-    if ref_path or aligned_paths:
-        if pair_name:
-            raise DeRaError("give either --pair or --ref/--aligned, not both")
-        if not (ref_path and aligned_paths):
-            raise DeRaError("--ref and --aligned go together: give the reference and at least one aligned model")
-        return find_in_home(ref_path), [find_in_home(p) for p in aligned_paths], None
-    registry = load_registry(models_file)
-    pair = registry.get(pair_name) if pair_name else registry.default_pair()
-    ref, aligned = pair.resolve()
-    return ref, aligned, pair
+class Chosen(NamedTuple):
+    """The models the flags chose: resolved paths, the pair (None for --ref/--aligned), a note to say."""
+
+    reference: str
+    aligned: List[str]
+    pair: Optional[Pair]
+    note: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return f"pair {self.pair.name!r}" if self.pair else "the given models"
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    """The flags that choose the models and how llama.cpp runs them (:func:`model_options`), as one object."""
+
+    FLAGS = ("ref_path", "aligned_paths", "models_file", "n_ctx", "n_gpu_layers", "threads", "seed", "verbose")
+
+    pairs: tuple  # --pair values: several only for dera-serve
+    ref_path: Optional[str]
+    aligned_paths: Sequence[str]
+    models_file: Optional[str]
+    n_ctx: int
+    n_gpu_layers: int
+    threads: Optional[int]
+    seed: Optional[int]
+    verbose: bool
+
+    @property
+    def pair_name(self) -> Optional[str]:
+        return self.pairs[0] if self.pairs else None
+
+    @property
+    def given_files(self) -> bool:
+        return bool(self.ref_path or self.aligned_paths)
+
+    def choose(self, pair_name: Optional[str] = None) -> Chosen:
+        """The models: --ref/--aligned, else the pair named (``pair_name``, else --pair), else the default.
+
+        For the default pair, a note (say it on stderr) tells when its files are missing,
+        how to get them, and which fallback pair is used instead.
+        """
+        pair_name = pair_name or self.pair_name
+        if self.given_files:
+            if pair_name:
+                raise DeRaError("give either --pair or --ref/--aligned, not both")
+            if not (self.ref_path and self.aligned_paths):
+                raise DeRaError("--ref and --aligned go together: give the reference and at least one aligned model")
+            return Chosen(find_in_home(self.ref_path), [find_in_home(p) for p in self.aligned_paths], None)
+        registry = load_registry(self.models_file)
+        pair, note = (registry.get(pair_name), None) if pair_name else registry.choose_default()
+        return Chosen(*pair.resolve(), pair, note)
+
+    def engine(self, chosen: Chosen, lam, **llama_kwargs):
+        """A DeRaLlama on the chosen models (lam: a float, or one value per aligned model), with the
+        pair's chat template; what its check noticed is said on stderr."""
+        from ..llama import DeRaLlama
+
+        kwargs = dict(n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers, n_threads=self.threads, verbose=self.verbose)
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if chosen.pair is not None:
+            kwargs.update(chosen.pair.template_kwargs())
+        llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
+        for note in llm.pair_files.notes:
+            click.echo(note, err=True)
+        return llm
 
 
 def initial_lam(lams: Optional[List[float]], pair: Optional[Pair], n_aligned: int):
-    """--lam, else the pair's own lam, else 1.0 per aligned model; one value per aligned model."""
+    """--lam, else the pair's own lam (:meth:`Pair.default_lam`); one value per aligned model."""
     if lams is None:
-        lams = list(pair.lam) if pair and pair.lam else [1.0] * n_aligned
+        lams = pair.default_lam() if pair else [1.0] * n_aligned
     if len(lams) != n_aligned:
         raise DeRaError(
             f"{n_aligned} aligned model(s) need {n_aligned} comma-separated --lam value(s), got {len(lams)}"
@@ -145,49 +210,3 @@ def reports_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
-
-
-def choose_models(
-    pair_name: Optional[str], ref_path: Optional[str], aligned_paths: Sequence[str], models_file: Optional[str]
-) -> tuple[str, List[str], Optional[Pair], Optional[str]]:
-    """Like :func:`choose_pair`, plus a note when the default pair's files are missing.
-
-    The note (say it on stderr) names the missing files, how to make them, and the
-    fallback pair used instead, so a newcomer learns how to get the real pair.
-    """
-    if ref_path or aligned_paths or pair_name:
-        return (*choose_pair(pair_name, ref_path, aligned_paths, models_file), None)
-    pair, note = load_registry(models_file).choose_default()
-    ref, aligned = pair.resolve()
-    return ref, aligned, pair, note
-
-
-def template_kwargs(pair: Optional[Pair]) -> dict:
-    """The chat template a pair names in models.toml, as DeRaLlama keywords (empty: the GGUF's own)."""
-    return pair.template_kwargs() if pair is not None else {}
-
-
-def say_notes(llm) -> None:
-    """What the pair's check noticed (which chat template is used when the files disagree), on stderr."""
-    for note in llm.pair_files.notes:
-        click.echo(note, err=True)
-
-
-def new_engine(
-    ref: str,
-    aligned: Sequence[str],
-    lam,
-    n_ctx: int,
-    n_gpu_layers: int,
-    threads: Optional[int],
-    seed: Optional[int],
-    verbose: bool,
-    **llama_kwargs,
-):
-    """A DeRaLlama on resolved paths (lam: a float, or a tuple with one value per aligned model)."""
-    from ..llama import DeRaLlama
-
-    kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose, **llama_kwargs)
-    if seed is not None:
-        kwargs["seed"] = seed
-    return DeRaLlama(ref, list(aligned), lam=lam, **kwargs)

@@ -20,14 +20,14 @@ import click
 from ..blend import parse_lams
 from ..errors import DeRaError
 from ..sampling import Sampling
-from .common import choose_pair, mode_option, model_options, reports_errors, speculative_option
+from .common import ModelFlags, mode_option, model_options, reports_errors, speculative_option
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
 PAPER = Sampling()  # the flags' defaults
 
 
 def sweep_options(fn):
-    """Flags both subcommands share (besides the model flags)."""
+    """Flags both subcommands share (besides the model flags, :class:`~.common.ModelFlags`)."""
     options = [
         click.option("--lams", default=DEFAULT_LAMS, show_default=True, help="Comma-separated λ values to sweep."),
         click.option(
@@ -78,26 +78,26 @@ def _names(cls) -> list:
     return [f.name for f in fields(cls)]
 
 
-@dataclass(frozen=True)
-class ModelFlags:
-    """The model flags of a sweep (:func:`~.common.model_options`)."""
+def sweep_spec(models: ModelFlags):
+    """The pair to sweep, checked once: loaded by this process, or by each Ray worker with --ray."""
+    from ..eval.models import PairSpec
 
-    pair_name: Optional[str]
-    ref_path: Optional[str]
-    aligned_paths: Sequence[str]
-    models_file: Optional[str]
-    n_ctx: int
-    n_gpu_layers: int
-    threads: Optional[int]
-    seed: Optional[int]
-    verbose: bool
-
-    def spec(self):
-        """The pair to sweep, checked once: loaded by this process, or by each Ray worker with --ray."""
-        from ..eval.models import PairSpec
-
-        ref, aligned, _ = choose_pair(self.pair_name, self.ref_path, self.aligned_paths, self.models_file)
-        return PairSpec.check(str(ref), aligned, self.n_ctx, self.n_gpu_layers, self.threads, verbose=self.verbose)
+    chosen = models.choose()
+    template = chosen.pair.chat_template if chosen.pair else None
+    if chosen.pair is not None and chosen.pair.chat_format and not template:
+        raise DeRaError(
+            f"pair {chosen.pair.name!r} names a chat_format ({chosen.pair.chat_format}); dera-eval renders chats "
+            "with Jinja templates: give the pair a chat_template in models.toml, or use prompt rows"
+        )
+    return PairSpec.check(
+        chosen.reference,
+        chosen.aligned,
+        models.n_ctx,
+        models.n_gpu_layers,
+        models.threads,
+        verbose=models.verbose,
+        chat_template=template,
+    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class SweepFlags:
         data = read_rows(data_path, command, self.limit)
         if data.bad:
             click.echo(data.report(), err=True)
-        pair = models.spec()
+        pair = sweep_spec(models)
         with progress_bar(not self.no_progress) as bar:
             result = sweep(
                 pair,
@@ -235,7 +235,7 @@ def score(**flags):
 
     sweep = SweepFlags(**take(flags, _names(SweepFlags))).checked(SCORE_METRICS)
     data_path = flags.pop("data_path")
-    sweep.run(run, ModelFlags(**flags), data_path, "score", SCORE_METRICS)
+    sweep.run(run, flags.pop("models"), data_path, "score", SCORE_METRICS)
 
 
 @main.command(short_help="Sample per λ: length, reward and KL to the reference.")
@@ -287,7 +287,7 @@ def generate(**flags):
     params = Sampling(**take(flags, ["temperature", "top_k", "top_p", "min_p", "max_tokens"]))
     extra = take(flags, ["samples", "speculative"])
     data_path = flags.pop("prompts_path")
-    models = ModelFlags(**flags)
+    models = flags.pop("models")
     seed = 0 if models.seed is None else models.seed
     result = sweep.run(
         run, models, data_path, "generate", GENERATE_METRICS, params=params, seed=seed, reward=reward, **extra

@@ -12,24 +12,21 @@ client) or a model alias ``PAIR@λ``; ``/v1/models`` lists each pair and its ali
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, Optional, Tuple
 
 import click
 
 from ..blend import format_lam, parse_lams
 from ..errors import DeRaError
-from ..registry import Pair
 from ..sampling import Sampling
 from .common import (
-    choose_models,
+    Chosen,
+    ModelFlags,
     initial_lam,
     mode_option,
     model_options,
-    new_engine,
     reports_errors,
-    say_notes,
     speculative_option,
-    template_kwargs,
 )
 
 
@@ -70,15 +67,7 @@ from .common import (
 )
 @reports_errors
 def main(
-    pair_names,
-    ref_path,
-    aligned_paths,
-    models_file,
-    n_ctx,
-    n_gpu_layers,
-    threads,
-    seed,
-    verbose,
+    models,
     alias,
     lam_text,
     mode,
@@ -108,30 +97,15 @@ def main(
 
     lams = parse_lams(lam_text) if lam_text is not None else None  # refuse bad input before loading
     presets = parse_lams(lam_presets) if lam_presets.strip() else []
-    chosen = _choose(pair_names, ref_path, aligned_paths, models_file, alias)
     served = []
-    for name, ref, aligned, pair in chosen:
-        lam = initial_lam(lams, pair, len(aligned))
-        click.echo(f"dera-serve: loading {name} (lam {format_lam(lam)}) ...", err=True)
-        llm = new_engine(
-            ref,
-            aligned,
-            lam,
-            n_ctx,
-            n_gpu_layers,
-            threads,
-            seed,
-            verbose,
-            logits_all=logprobs,
-            mode=mode,
-            speculative=speculative,
-            **template_kwargs(pair),
-        )
-        say_notes(llm)
-        served.append(ServedPair(name, llm, lam, len(aligned)))
+    for model_id, chosen in _choose(models, alias):
+        lam = initial_lam(lams, chosen.pair, len(chosen.aligned))
+        click.echo(f"dera-serve: loading {model_id} (lam {format_lam(lam)}) ...", err=True)
+        llm = models.engine(chosen, lam, logits_all=logprobs, mode=mode, speculative=speculative)
+        served.append(ServedPair(model_id, llm, lam, len(chosen.aligned)))
     catalog = Catalog(served, presets)
     settings = ServeSettings(
-        Sampling(max_tokens=max_tokens, seed=seed), api_key=api_key, logits_all=logprobs, mode=mode
+        Sampling(max_tokens=max_tokens, seed=models.seed), api_key=api_key, logits_all=logprobs, mode=mode
     )
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(
@@ -142,40 +116,24 @@ def main(
     click.echo("dera-serve: stopped", err=True)
 
 
-class ToServe(NamedTuple):
-    """A pair to serve: its model id, resolved paths, and its models.toml entry (None for --ref/--aligned)."""
-
-    model_id: str
-    ref: str
-    aligned: List[str]
-    pair: Optional[Pair]
-
-
-def _choose(
-    pair_names: Sequence[str],
-    ref_path: Optional[str],
-    aligned_paths: Sequence[str],
-    models_file: Optional[str],
-    alias: Optional[str],
-) -> List[ToServe]:
-    """Each pair to serve."""
-    if ref_path or aligned_paths:
-        if pair_names:
-            raise DeRaError("give either --pair or --ref/--aligned, not both")
-        ref, aligned, _, _ = choose_models(None, ref_path, aligned_paths, models_file)
-        return [ToServe(_model_id(alias or Path(aligned[0]).stem), ref, aligned, None)]
+def _choose(models: ModelFlags, alias: Optional[str]) -> List[Tuple[str, Chosen]]:
+    """``(model id, chosen models)`` of each pair to serve."""
+    if models.given_files:
+        chosen = models.choose()
+        return [(_model_id(alias or Path(chosen.aligned[0]).stem), chosen)]
     if alias:
         raise DeRaError("--alias names the --ref/--aligned models; a --pair is served under its own name")
-    repeated = sorted({n for n in pair_names if pair_names.count(n) > 1})
+    names = list(models.pairs)
+    repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DeRaError(f"--pair {repeated[0]} is given twice: each pair is served once, at any lam")
-    chosen = []
-    for name in pair_names or [None]:
-        ref, aligned, pair, note = choose_models(name, None, (), models_file)
-        if note:
-            click.echo(note, err=True)
-        chosen.append(ToServe(_model_id(pair.name), ref, aligned, pair))
-    return chosen
+    served = []
+    for name in names or [None]:
+        chosen = models.choose(name)
+        if chosen.note:
+            click.echo(chosen.note, err=True)
+        served.append((_model_id(chosen.pair.name), chosen))
+    return served
 
 
 def _model_id(name: str) -> str:

@@ -40,6 +40,7 @@ class PairSpec:
     n_threads: Optional[int] = None
     flash_attn: bool = False
     verbose: bool = False
+    chat_template: Optional[str] = None  # Jinja text a pair names, instead of the GGUF's
 
     @classmethod
     def check(
@@ -51,10 +52,11 @@ class PairSpec:
         n_threads: Optional[int] = None,
         flash_attn: bool = False,
         verbose: bool = False,
+        chat_template: Optional[str] = None,
     ) -> "PairSpec":
         """The spec of these files (GGUF, same tokenizer, adapter or model), checked now; nothing is loaded."""
         files = PairFiles.check(reference_model_path, [one_aligned(aligned_model_path)], verbose)
-        return cls(files, n_ctx, n_gpu_layers, n_threads, flash_attn, verbose)
+        return cls(files, n_ctx, n_gpu_layers, n_threads, flash_attn, verbose, chat_template)
 
     @property
     def reference_model_path(self) -> str:
@@ -148,17 +150,19 @@ class EvalPair:
         return bool(llama_cpp.llama_vocab_is_eog(self.aligned_model.vocab, token))
 
     def render_chat(self, messages: list) -> str:
-        """The aligned model's chat template applied to ``messages``, ready for a reply.
+        """The pair's chat template applied to ``messages``, ready for a reply.
 
-        The rendered text is tokenized like a plain prompt (BOS added by the model's
-        rules), except that a template that writes the BOS text itself gets no second BOS.
+        The template is DeRaLlama's: the one the pair names, else the aligned model's,
+        else the reference's. The rendered text is tokenized like a plain prompt (BOS added
+        by the model's rules), except that a template that writes the BOS text itself gets
+        no second BOS.
         """
         model = self.aligned_model  # the reference's weights and metadata for an adapter
-        template = model.metadata().get("tokenizer.chat_template")
+        template = self.spec.chat_template or model.metadata().get("tokenizer.chat_template") or self.files.template
         if not template:
             raise DeRaError(
-                f"{self.aligned_path} has no chat template (tokenizer.chat_template): "
-                'give "prompt" strings instead of "messages"'
+                f"{self.aligned_path} has no chat template (tokenizer.chat_template), nor has the reference: "
+                'give "prompt" strings instead of "messages", or name a chat_template for the pair in models.toml'
             )
         text = lambda t: model.token_get_text(t) if t >= 0 else ""
         formatter = Jinja2ChatFormatter(template, eos_token=text(model.token_eos()), bos_token=text(model.token_bos()))

@@ -104,7 +104,7 @@ def test_end_to_end_offline(tmp_path, hf_home, monkeypatch):
     assert text.startswith('# our models\n[pairs.other]\nreference = { path = "x.gguf" }  # keep me\n')
     entry = tomllib.loads(text)["pairs"]["zephyr-7b-q8_0"]
     assert entry["reference"] == {"path": ref.name} and entry["aligned"] == [{"path": ali.name}]
-    assert entry["beta"] == 0.1 and entry["license"] == "MIT" and entry["chat_format"] == "zephyr"
+    assert entry["beta"] == 0.1 and entry["license"] == "MIT" and "<|assistant|>" in entry["chat_template"]
 
     # the registered pair resolves from the user's models.toml, relative to its folder
     from dera_gguf.registry import load_registry
