@@ -20,7 +20,7 @@ import numpy as np
 
 from . import speculative as spec
 from .blend import Lam, mixing_weights
-from .contexts import Context, KnownRows, Lockstep
+from .contexts import Context, KnownRows, Lockstep, SavedSequence
 from .errors import DeRaError
 from .models import PairFiles, PairModels
 from .threads import ThreadPlan, physical_cores
@@ -214,6 +214,19 @@ class PairRuntime:
     def clear(self) -> None:
         for context in self.contexts:
             context.clear()
+
+    # ------------------------------------------------------------ states
+
+    def save(self) -> tuple:
+        """Every context's sequence 0 (:meth:`~dera_gguf.contexts.Context.save`), reference first."""
+        return tuple(context.save() for context in self.contexts)
+
+    def restore(self, saved: Sequence[SavedSequence]) -> None:
+        """Make every context hold what :meth:`save` saw; a context left behind catches up when needed."""
+        if len(saved) != len(self.contexts):
+            raise DeRaError(f"the state has {len(saved)} contexts, this pair {len(self.contexts)}: another pair's")
+        for context, sequence in zip(self.contexts, saved):
+            context.restore(sequence)
 
     # ------------------------------------------------------------- drafts
 

@@ -42,6 +42,7 @@ from .contexts import Context
 from .engine import PairRuntime, Realign, check_mode, thread_plan
 from .errors import ContextFullError, DecodeError, DeRaError, Stopped
 from .models import PairFiles, PairModels, as_path_list
+from .state import PairState, pair_owner
 from .threads import ThreadPlan
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -432,19 +433,48 @@ class DeRaLlama(Llama):
         if hasattr(self, "_stack"):  # __init__ may have refused its arguments before Llama set up
             super().close()
 
-    def set_cache(self, cache) -> None:
-        if cache is not None:
+    # -------------------------------------------------------------- states
+
+    def save_state(self) -> PairState:
+        """The state of every context (llama.cpp's KV cells and positions of each), the tokens, and the
+        scores where ``logits_all`` keeps them: ``load_state`` (in this or another process, an engine
+        on the same files) goes on exactly from here. No KV cache depends on lam: it serves every lam.
+
+        llama-cpp-python's prompt caches (:meth:`set_cache`) hold these states.
+        """
+        n = self.n_tokens
+        scores = self.scores[:n].copy() if self._logits_all else np.zeros((0, self._n_vocab), dtype=np.single)
+        state = PairState(self.input_ids[:n].copy(), scores, n, self._seed, self.runtime.save(), *self._owner())
+        state.scored = self._scored if self._logits_all else None
+        return state
+
+    def load_state(self, state: PairState) -> None:
+        """Restore a state from :meth:`save_state` into every context; a state of another pair (or
+        one that does not fit ``n_ctx``) is refused with a DeRaError and changes nothing."""
+        if not isinstance(state, PairState):
             raise DeRaError(
-                "DeRaLlama keeps no llama-cpp-python prompt cache: prefix reuse between calls "
-                "is automatic in every context"
+                f"DeRaLlama.load_state takes a state from DeRaLlama.save_state, got {type(state).__name__} "
+                "(a plain llama_cpp.Llama's state holds one model's context)"
             )
-        super().set_cache(cache)
+        state.check_owner(*self._owner(), self._n_ctx)
+        self.runtime.restore(state.sequences)
+        n = state.n_tokens
+        self.input_ids[:n] = state.input_ids[:n]
+        self.n_tokens = n
+        if self._logits_all and len(state.scores) == n:
+            self.scores[:n] = state.scores
+            self._scored = getattr(state, "scored", None)
+        else:
+            self._scored = None  # no rows kept: the next generate() recomputes them
+        self._seed = state.seed
+        self._requires_eval = True
 
-    def save_state(self):
-        raise DeRaError("save_state would capture one of the DeRa contexts only; it is not supported")
-
-    def load_state(self, state) -> None:
-        raise DeRaError("load_state would restore one of the DeRa contexts only; it is not supported")
+    def _owner(self) -> tuple:
+        """``(fingerprint, name)`` of this pair's files, which a state must match (computed once)."""
+        if getattr(self, "_owner_cache", None) is None:
+            files = self._files
+            self._owner_cache = pair_owner(files.reference, files.aligned, files.is_adapter)
+        return self._owner_cache
 
     def __getstate__(self):
         return {**self._setup._asdict(), "lam": self.lam, "mode": self.mode}

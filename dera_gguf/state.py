@@ -55,6 +55,7 @@ class PairState(LlamaState):
         self.sequences = sequences
         self.owner = owner
         self.owner_name = owner_name
+        self.scored = None  # the realignment the scores rows hold (logits_all), when known
 
     def check_owner(self, owner: str, owner_name: str, n_ctx: int) -> None:
         """Refuse a state of another pair, or one that does not fit this context."""

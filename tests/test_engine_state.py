@@ -12,6 +12,7 @@ write out the sequences that broke the engine.
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
@@ -22,7 +23,7 @@ import reference as R
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from llama_cpp import llama_chat_format
+from llama_cpp import LlamaRAMCache, llama_chat_format
 from tiny_models import WORDS, write_tiny_lora
 
 from dera_gguf import DeRaLlama
@@ -50,8 +51,8 @@ PAIR_LAMS = {
     "all decode": [(0.7, 0.6), (-0.5, 1.5), (0.3, 0.3)],
 }
 # How the next prompt comes from the previous one; extend and repeat (the ones that reuse cached
-# prefixes) come up more often.
-CHANGES = ["extend", "extend", "extend", "repeat", "repeat", "edit", "restart"]
+# prefixes) come up more often; revisit goes back to an earlier conversation (a prompt cache's hit).
+CHANGES = ["extend", "extend", "extend", "repeat", "repeat", "edit", "restart", "revisit"]
 
 
 # ------------------------------------------------------------------- the reference side
@@ -307,12 +308,15 @@ class CallSequence(RuleBasedStateMachine):
     when the next call extends it.
     """
 
-    def __init__(self, llm: DeRaLlama, ref: Reference, logits_all: bool):
+    def __init__(self, llm: DeRaLlama, ref: Reference, logits_all: bool, fresh=None):
         super().__init__()
         self.llm, self.ref, self.logits_all = llm, ref, logits_all
+        self.fresh = fresh  # makes another engine of the same configuration (load_state in a new engine)
         self.expected_lam = llm.lam  # the default lam the engine must report
         self.messages = [{"role": "user", "content": "hello world"}]
         self.answer = ""
+        self.earlier: List[tuple] = []  # conversations seen before, to come back to (a prompt cache's hits)
+        self.saved: Optional[tuple] = None  # (state, conversation, answer) from save_state
 
     def next_messages(self, change: str, words: List[str]) -> list:
         """The conversation after ``change``; restarted when it grows past HISTORY_BUDGET."""
@@ -330,8 +334,15 @@ class CallSequence(RuleBasedStateMachine):
             middle = len(old) // 2
             edited = {**self.messages[i], "content": " ".join(old[:middle] + words + old[middle + 1 :])}
             messages = self.messages[:i] + [edited] + self.messages[i + 1 :]
+        elif change == "revisit" and self.earlier:  # an earlier conversation, one more turn
+            old_messages, old_answer = self.earlier[len(words) % len(self.earlier)]
+            messages = old_messages + [
+                {"role": "assistant", "content": old_answer},
+                {"role": "user", "content": text},
+            ]
         else:
             messages = list(self.messages)
+        self.earlier = (self.earlier + [(self.messages, self.answer)])[-4:]
         if len(self.ref.chat_tokens(messages)) > HISTORY_BUDGET:
             messages = [{"role": "user", "content": text}]
         self.messages = messages
@@ -379,6 +390,27 @@ class CallSequence(RuleBasedStateMachine):
         self.llm.lam = lam
         self.expected_lam = lam
 
+    def do_save(self) -> None:
+        """save_state, kept as a pickle would carry it to another process."""
+        self.saved = (pickle.loads(pickle.dumps(self.llm.save_state())), self.messages, self.answer)
+
+    def do_load(self, into_new_engine: bool) -> None:
+        """load_state of the saved state (into this engine, or a new one that replaces it): the conversation
+        goes on from the saved one, and every later call is checked as before."""
+        if self.saved is None:
+            return
+        state, self.messages, self.answer = self.saved
+        if into_new_engine:
+            llm = self.fresh()
+            llm.lam = self.expected_lam
+            self.llm.close()
+            self.llm = llm
+        self.llm.load_state(state)
+
+    def use_prompt_cache(self, on: bool) -> None:
+        """llama-cpp-python's RAM cache: calls that come back to an earlier prompt restore its state."""
+        self.llm.set_cache(LlamaRAMCache(capacity_bytes=64 << 20) if on else None)
+
     @invariant()
     def default_lam_is_kept(self) -> None:
         assert self.llm.lam == pytest.approx(self.expected_lam)
@@ -420,6 +452,18 @@ def machine_for(lams: dict):
         def set_default_lam(self, lam):
             self.set_lam(lam)
 
+        @rule()
+        def save_state(self):
+            self.do_save()
+
+        @rule(into_new_engine=st.booleans())
+        def load_state(self, into_new_engine):
+            self.do_load(into_new_engine)
+
+        @rule(on=st.booleans())
+        def prompt_cache(self, on):
+            self.use_prompt_cache(on)
+
     return Machine
 
 
@@ -456,11 +500,13 @@ def test_random_call_sequences_stay_exact(paths, name):
     ref = reference_for(paths, engine.aligned)
     Machine = machine_for(engine.lams)
 
-    def new_machine():
-        llm = engine_for(
+    def new_engine():
+        return engine_for(
             paths, engine.aligned, engine.start_lam, engine.logits_all, engine.small_batch, engine.speculative
         )
-        return Machine(llm, ref, engine.logits_all)
+
+    def new_machine():
+        return Machine(new_engine(), ref, engine.logits_all, fresh=new_engine)
 
     run_state_machine_as_test(
         new_machine,

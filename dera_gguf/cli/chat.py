@@ -75,6 +75,13 @@ QUIT = object()
 )
 @click.option("--prompt", default=None, help="One-shot: answer this one message, print only the answer, exit.")
 @click.option("--json", "as_json", is_flag=True, help="One-shot: print the OpenAI-shaped completion as JSON.")
+@click.option(
+    "--session",
+    "session_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Go on from this saved session when it exists (/save writes one), and save the chat there on leaving.",
+)
 @reports_errors
 def main(
     models,
@@ -90,6 +97,7 @@ def main(
     max_tokens,
     prompt,
     as_json,
+    session_file,
 ):
     """Chat with a DeRa-realigned model; /help inside the chat lists the commands.
 
@@ -100,6 +108,8 @@ def main(
     """
     lams = parse_lams(lam_text) if lam_text is not None else None  # refuse bad lam before loading
     one_shot_text = _one_shot_text(prompt, as_json)
+    if session_file and one_shot_text is not None:
+        raise DeRaError("--session goes with the interactive chat, not with --prompt, --json or a piped prompt")
     chosen = models.choose()
     if chosen.note:
         click.echo(chosen.note, err=True)
@@ -108,13 +118,17 @@ def main(
         click.echo(f"loading {chosen.name} ...", err=True)
     llm = models.engine(chosen, lam, mode=mode, speculative=speculative)
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, models.seed)
-    session = ChatSession(llm, lam=lam, mode=mode, system=system, sampling=sampling)
+    session = ChatSession(llm, lam=lam, mode=mode, system=system, sampling=sampling, session_file=session_file)
+    if session_file and os.path.exists(session_file):
+        _cmd_load(session, "")
     try:
         if one_shot_text is not None:
             _one_shot(session, one_shot_text, as_json)
         else:
             _leave_quietly_on_hangup()
             _interactive(session, chosen.name)
+            if session_file:
+                _cmd_save(session, "")
     except KeyboardInterrupt:  # Ctrl-C outside an answer in one-shot mode
         sys.exit(130)
     except OSError as e:
@@ -345,6 +359,25 @@ def _cmd_history(session: ChatSession, arg: str):
         click.echo("(no messages yet)", err=True)
 
 
+def _cmd_save(session: ChatSession, arg: str):
+    path = _session_path(arg, session)
+    session.save(path)
+    click.echo(f"saved the session in {path}", err=True)
+
+
+def _cmd_load(session: ChatSession, arg: str):
+    path = _session_path(arg, session)
+    session.load(path)
+    click.echo(f"loaded {path}: {len(session.history)} messages, lam {format_lam(session.lam)}", err=True)
+
+
+def _session_path(arg: str, session: ChatSession) -> str:
+    path = arg or session.session_file
+    if not path:
+        raise DeRaError("give a file name, e.g. /save chat.dera (or start dera-chat with --session FILE)")
+    return os.path.expanduser(path)
+
+
 def _cmd_help(session: ChatSession, arg: str):
     for name, (_, text) in COMMANDS.items():
         click.echo(f"  {name:<9} {text}")
@@ -362,6 +395,8 @@ COMMANDS: Dict[str, Tuple[Callable, str]] = {
     "/system": (_cmd_system, "TEXT: set the system prompt (no TEXT: clear it)"),
     "/reset": (_cmd_reset, "forget the conversation"),
     "/history": (_cmd_history, "show the conversation"),
+    "/save": (_cmd_save, "FILE: save the conversation, lam, settings and the models' state (FILE: --session's)"),
+    "/load": (_cmd_load, "FILE: go on from a saved session (of this pair), without recomputing it"),
     "/help": (_cmd_help, "this list"),
     "/quit": (_cmd_quit, "leave (Ctrl-D too)"),
 }

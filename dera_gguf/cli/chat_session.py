@@ -8,6 +8,7 @@ callers pass ``on_text`` (print a streamed piece) and ``should_stop`` (Ctrl-C se
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Set
@@ -17,10 +18,12 @@ import numpy as np
 from ..blend import Lam, normalize_lam
 from ..errors import DeRaError
 from ..sampling import Sampling
+from ..state import read_state_file, write_state_file
 
 OnText = Callable[[str], None]
 ShouldStop = Callable[[], bool]
 INTERRUPTED = "interrupted"  # finish_reason of an answer stopped by the user
+SESSION_KIND = "dera-chat session 1"
 
 
 @dataclass
@@ -79,6 +82,7 @@ class ChatSession:
     sampling: Sampling = field(default_factory=Sampling)
     history: List[dict] = field(default_factory=list)  # user/assistant messages, as sent
     partial: Set[int] = field(default_factory=set)  # history indices of interrupted answers
+    session_file: Optional[str] = None  # --session: where /save and /load go without a file name
 
     # ------------------------------------------------------------ settings
 
@@ -98,6 +102,38 @@ class ChatSession:
         """Forget the conversation (the system prompt and lam stay)."""
         self.history.clear()
         self.partial.clear()
+
+    # ------------------------------------------------------------ sessions
+
+    def save(self, path: os.PathLike) -> None:
+        """The conversation, lam, mode, sampling and every context's state in one file, written
+        atomically: :meth:`load` goes on from here without recomputing the conversation."""
+        extra = {
+            "kind": SESSION_KIND,
+            "lam": list(self.lam) if isinstance(self.lam, tuple) else self.lam,
+            "mode": self.mode,
+            "system": self.system,
+            "history": self.history,
+            "partial": sorted(self.partial),
+            "sampling": self.sampling.as_dict(),
+        }
+        write_state_file(path, self.llm.save_state(), extra)
+
+    def load(self, path: os.PathLike) -> None:
+        """Go on from a session :meth:`save` wrote (for the same pair: another pair's is refused by name)."""
+        state, extra = read_state_file(path)
+        if extra.get("kind") != SESSION_KIND:
+            raise DeRaError(f"{path} holds an engine state, not a dera-chat session")
+        try:
+            lam = normalize_lam(extra["lam"], _n_lams(self.lam))
+            sampling = Sampling(**extra["sampling"])
+            history = [{"role": str(m["role"]), "content": str(m["content"])} for m in extra["history"]]
+            mode, system, partial = extra["mode"], extra["system"], set(extra["partial"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeRaError(f"{path} is not a dera-chat session of this pair's shape ({e})") from None
+        self.llm.load_state(state)  # first: a state of another pair changes nothing
+        self.set_mode(mode)
+        self.lam, self.sampling, self.system, self.history, self.partial = lam, sampling, system, history, partial
 
     def messages(self, history: Optional[Sequence[dict]] = None) -> List[dict]:
         """What the model sees: the system prompt (if any), then ``history``."""

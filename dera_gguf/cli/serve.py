@@ -11,10 +11,12 @@ client) or a model alias ``PAIR@λ``; ``/v1/models`` lists each pair and its ali
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import click
+from llama_cpp import LlamaRAMCache
 
 from ..blend import format_lam, parse_lams
 from ..errors import DeRaError
@@ -57,6 +59,15 @@ from .common import (
     help="Tokens per answer: the default, and the most a request may ask.",
 )
 @click.option("--logprobs", is_flag=True, help="Keep every position's logits so requests may ask for logprobs.")
+@click.option(
+    "--cache-size",
+    "cache_size",
+    default="2GB",
+    show_default=True,
+    callback=lambda ctx, param, value: parse_size(value, "--cache-size"),
+    help="Prompt cache per pair, in RAM (e.g. 512MB, 4GB; 0: off): a conversation that comes back after other "
+    "requests restores its models' state instead of recomputing its prompt.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(
@@ -75,6 +86,7 @@ def main(
     lam_presets,
     max_tokens,
     logprobs,
+    cache_size,
     host,
     port,
     api_key,
@@ -102,6 +114,8 @@ def main(
         lam = initial_lam(lams, chosen.pair, len(chosen.aligned))
         click.echo(f"dera-serve: loading {model_id} (lam {format_lam(lam)}) ...", err=True)
         llm = models.engine(chosen, lam, logits_all=logprobs, mode=mode, speculative=speculative)
+        if cache_size:
+            llm.set_cache(LlamaRAMCache(capacity_bytes=cache_size))
         served.append(ServedPair(model_id, llm, lam, len(chosen.aligned)))
     catalog = Catalog(served, presets)
     settings = ServeSettings(
@@ -134,6 +148,15 @@ def _choose(models: ModelFlags, alias: Optional[str]) -> List[Tuple[str, Chosen]
             click.echo(chosen.note, err=True)
         served.append((_model_id(chosen.pair.name), chosen))
     return served
+
+
+def parse_size(text: str, flag: str) -> int:
+    """``2GB``, ``512MB``, ``1.5G``, ``0`` -> bytes (decimal units, as disks and the hub count)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a size: give e.g. 512MB, 2GB or 0", param_hint=flag)
+    unit = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(2).lower()]
+    return int(float(match.group(1)) * unit)
 
 
 def _model_id(name: str) -> str:
