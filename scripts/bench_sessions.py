@@ -7,8 +7,11 @@ Two dera-serve processes (this checkout's code) on the same pair, one with its p
 alternating order, conversation A (about --words words of earlier turns, ~1,000 tokens),
 then conversation B (as long), then A again with one new user turn, each streamed and greedy.
 The time to the first streamed chunk of A's return is compared with that of A's first
-visit (prompt processing plus one token), for each server; the answers of the two servers
-are checked to be equal. Every round writes new texts, so nothing is shared across rounds.
+visit (prompt processing plus one token), for each server, and whether the two servers gave
+the same answers is counted: without the cache, A's earlier answer is recomputed in prompt
+batches instead of token by token, and CPU logits differ in their last digits between batch
+shapes, so a greedy near-tie may go the other way (as for a plain llama_cpp.Llama with or
+without its cache). Every round writes new texts, so nothing is shared across rounds.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def main() -> None:
     }
     ratios = {name: [] for name in servers}
     firsts = {name: [] for name in servers}
+    same = []  # whether both servers gave the same answers in a round
     try:
         clients = {name: httpx.Client(base_url=url, timeout=600) for name, (_, url) in servers.items()}
         for i in range(args.rounds):
@@ -128,11 +132,11 @@ def main() -> None:
                 answers[name] = (answer_a, answer_back)
                 ratios[name].append(t_back / t_first)
                 firsts[name].append(t_first)
-            if len(set(answers.values())) != 1:
-                raise SystemExit(f"round {i}: the answers with and without the cache differ")
+            same.append(len(set(answers.values())) == 1)
             print(
                 f"round {i}: conversation of {n_tokens} tokens; return / first visit: "
-                + ", ".join(f"{n} {ratios[n][-1]:.3f}" for n in ratios),
+                + ", ".join(f"{n} {ratios[n][-1]:.3f}" for n in ratios)
+                + f"; same answers: {same[-1]}",
                 flush=True,
             )
     finally:
@@ -143,6 +147,7 @@ def main() -> None:
         f"pair {args.pair}, lam {args.lam:g}, ~{args.words}-word conversations, {args.rounds} rounds, "
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     )
+    print(f"same answers with and without the cache: {sum(same)} of {len(same)} rounds")
     for name in ratios:
         print(
             f"{name:9s} first visit {statistics.median(firsts[name]):.2f} s to the first chunk; "
