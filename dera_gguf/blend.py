@@ -27,6 +27,9 @@ SWEEP_BLOCK_ROWS = 8  # 8 rows x 49k vocab x 4 bytes x 3 arrays fit a typical L2
 # ------------------------------------------------------------------ lam
 
 
+MAX_LAM = 1e4  # |lam| above it: the blended float32 logits lose all precision (1e308 made them inf)
+
+
 def as_lams(lam: Lam, n_aligned: int) -> tuple[float, ...]:
     """Check ``lam`` (a float, or one float per aligned model) and return it as a tuple."""
     if _is_number(lam):
@@ -42,8 +45,11 @@ def as_lams(lam: Lam, n_aligned: int) -> tuple[float, ...]:
     for value in lams:
         if not _is_number(value):
             raise DeRaError(f"lam values must be numbers, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise DeRaError(f"lam must be finite, got {value!r}")
+        if not math.isfinite(float(value)) or abs(float(value)) > MAX_LAM:
+            raise DeRaError(
+                f"lam must be a finite number within ±{MAX_LAM:g}, got {value!r} (far out, the blend is only "
+                "the argmax of the models' logit difference, and at extremes its float32 logits overflow)"
+            )
     return tuple(float(v) for v in lams)
 
 

@@ -293,6 +293,9 @@ BAD = [
     ("alias lam nan", _chat(model="tiny@nan"), 400, "finite"),
     ("alias lam inf", _chat(model="tiny@-inf"), 400, "finite"),
     ("alias lam count", _chat(model="tiny@1,2"), 400, "2 value(s) but there are 1 aligned"),
+    # (a blend at 1e308 overflowed to inf: every token equally likely, the answer "........")
+    ("lam whose blend overflows", _chat(lam=1e308), 400, "lam must be a finite number within"),
+    ("alias lam whose blend overflows", _chat(model="tiny@-2e5"), 400, "lam must be a finite number within"),
     ("unknown field", _chat(temprature=0.5), 400, "unknown field 'temprature'"),
     ("top_p out of range", _chat(top_p=2), 400, "top_p"),
     ("n above 1", _chat(n=2), 400, "n must be 1"),
