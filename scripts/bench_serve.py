@@ -42,14 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
-    """dera-serve on a free local port; returns once it answers /v1/models."""
+def launch(serve_args: list, log) -> tuple[subprocess.Popen, str]:
+    """dera-serve (this checkout's code) with ``serve_args`` on a free local port; returns once it
+    answers /v1/models."""
     port = free_port()
-    command = [sys.executable, "-m", "dera_gguf.cli.serve", "--pair", args.pair, "--port", str(port)]
-    command += ["--n-ctx", str(args.n_ctx), "--max-tokens", str(args.tokens), "--n-gpu-layers", str(args.n_gpu_layers)]
-    command += ["--threads", str(args.threads)] if args.threads else []
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "dera_gguf.cli.serve", *serve_args, "--port", str(port)]
+    process = subprocess.Popen(
+        command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -60,6 +60,12 @@ def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     process.kill()
     raise SystemExit(f"dera-serve did not start; its log is {log.name}")
+
+
+def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
+    command = ["--pair", args.pair, "--n-ctx", str(args.n_ctx), "--max-tokens", str(args.tokens)]
+    command += ["--n-gpu-layers", str(args.n_gpu_layers)] + (["--threads", str(args.threads)] if args.threads else [])
+    return launch(command, log)
 
 
 def direct(llm: DeRaLlama, settings: dict, stream: bool) -> tuple[float, str]:

@@ -22,17 +22,14 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from bench_serve import launch
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
     "the river mountain city garden window morning evening letter journey harbor lantern forest "
     "village teacher student music silence winter summer bridge market story travel question answer "
@@ -59,26 +56,8 @@ def conversation(rng: random.Random, n_words: int) -> list:
 
 
 def start_server(pair: str, cache: str, n_ctx: int, threads, log) -> tuple[subprocess.Popen, str]:
-    sock_port = _free_port()
-    command = [sys.executable, "-m", "dera_gguf.cli.serve", "--pair", pair, "--port", str(sock_port)]
-    command += ["--n-ctx", str(n_ctx), "--cache-size", cache] + (["--threads", str(threads)] if threads else [])
-    process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{sock_port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"dera-serve did not start; its log is {log.name}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    command = ["--pair", pair, "--n-ctx", str(n_ctx), "--cache-size", cache]
+    return launch(command + (["--threads", str(threads)] if threads else []), log)
 
 
 def ask(http: httpx.Client, body: dict) -> tuple[float, str, int]:

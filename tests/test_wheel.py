@@ -72,40 +72,33 @@ def outside(tmp_path: Path) -> dict:
     return env
 
 
-def test_no_shipped_pair_needs_the_checkout_or_the_package_folder(installed, tmp_path):
-    check = subprocess.run(
-        [str(installed / "bin" / "python"), "-c", CHECK, str(ROOT)],
-        cwd=tmp_path,
-        env=outside(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert check.returncode == 0, check.stderr
-    assert check.stdout.startswith("ok ")
-
-
-def test_the_main_command_works_from_another_folder(installed, tmp_path):
-    """The README's main job after a plain install: the default pair is not pulled, the demo answers."""
-    bin_ = installed / "bin"
-    chat = subprocess.run(
-        [str(bin_ / "dera-chat"), "--lam", "1.5", "--max-tokens", "8", "--prompt", "Explain what a rainbow is."],
+def run_installed(installed: Path, tmp_path: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+    """A command of the installed package, run from ``tmp_path`` (outside the checkout)."""
+    return subprocess.run(
+        [str(installed / "bin" / command), *args],
         cwd=tmp_path,
         env=outside(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_no_shipped_pair_needs_the_checkout_or_the_package_folder(installed, tmp_path):
+    check = run_installed(installed, tmp_path, "python", "-c", CHECK, str(ROOT))
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith("ok ")
+
+
+def test_the_main_command_works_from_another_folder(installed, tmp_path):
+    """The README's main job after a plain install: the default pair is not pulled, the demo answers."""
+    chat = run_installed(installed, tmp_path, "dera-chat", "--lam", "1.5", "--max-tokens", "8", "--prompt", "Hi!")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip()
     assert "pair 'zephyr-7b' is not downloaded: get it with: dera-pull zephyr-7b (8.74 GB)" in chat.stderr
     assert "using the fallback pair 'smollm2-demo'" in chat.stderr
     for command in ("dera-pull", "dera-pairs", "dera-convert", "dera-eval", "dera-serve"):
-        helped = subprocess.run(
-            [str(bin_ / command), "--help"], cwd=tmp_path, env=outside(tmp_path), capture_output=True
-        )
+        helped = run_installed(installed, tmp_path, command, "--help")
         assert helped.returncode == 0, (command, helped.stderr)
-    listed = subprocess.run(
-        [str(bin_ / "dera-pairs")], cwd=tmp_path, env=outside(tmp_path), capture_output=True, text=True
-    )
+    listed = run_installed(installed, tmp_path, "dera-pairs")
     assert "site-packages/dera_gguf/models.toml" in listed.stdout and str(ROOT) not in listed.stdout

@@ -19,6 +19,15 @@ from ..errors import DeRaError
 from ..home import find_in_home
 from ..registry import Pair, load_registry
 
+MODELS_OPTION = click.option(
+    "--models",
+    "models_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="DERA_MODELS",
+    help="A models.toml whose pairs are added to the shipped ones and $DERA_HOME/models.toml [env: DERA_MODELS].",
+)
+
 
 def model_options(
     fn: Optional[Callable] = None, *, several_aligned: bool = True, several_pairs: bool = False
@@ -47,15 +56,7 @@ def model_options(
             "user model folder, $DERA_HOME).",
         ),
         click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False), help=aligned_help),
-        click.option(
-            "--models",
-            "models_file",
-            type=click.Path(dir_okay=False),
-            default=None,
-            envvar="DERA_MODELS",
-            help="A models.toml whose pairs are added to the shipped ones and $DERA_HOME/models.toml "
-            "[env: DERA_MODELS].",
-        ),
+        MODELS_OPTION,
         click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),
         click.option(
             "--n-gpu-layers",

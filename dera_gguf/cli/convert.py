@@ -13,7 +13,7 @@ from ..convert.quantize import normalize_quant
 from ..errors import DeRaError
 from ..home import model_home, output_in_home
 from ..registry import load_registry
-from .common import reports_errors
+from .common import MODELS_OPTION, reports_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,14 +33,7 @@ from .common import reports_errors
     help="Convert both checkpoints of a pair named in models.toml (e.g. zephyr-7b) and register the result "
     "as PAIR-QUANT in $DERA_HOME/models.toml.",
 )
-@click.option(
-    "--models",
-    "models_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    envvar="DERA_MODELS",
-    help="A models.toml whose pairs are added to the shipped ones [env: DERA_MODELS].",
-)
+@MODELS_OPTION
 @click.option("--dry-run", is_flag=True, help="With --pair: list downloads and disk needs; write nothing.")
 @click.option("--force", is_flag=True, help="With --pair: convert again even if the GGUF files exist.")
 @reports_errors

@@ -10,16 +10,7 @@ import click
 from .. import hub
 from ..home import model_home
 from ..registry import Pair, Registry, load_registry
-from .common import reports_errors
-
-MODELS_OPTION = click.option(
-    "--models",
-    "models_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    envvar="DERA_MODELS",
-    help="A models.toml whose pairs are added to the shipped ones and $DERA_HOME/models.toml [env: DERA_MODELS].",
-)
+from .common import MODELS_OPTION, reports_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

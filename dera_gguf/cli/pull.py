@@ -10,8 +10,8 @@ import click
 
 from ..pull import pull
 from ..registry import load_registry
-from .common import reports_errors
-from .pairs import MODELS_OPTION, print_pairs
+from .common import MODELS_OPTION, reports_errors
+from .pairs import print_pairs
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -155,21 +155,8 @@ def test_output_defaults_to_the_user_model_folder(tmp_path, hf_home):
 
 def test_cli_accepts_hub_repo_id(tmp_path, hf_home):
     """dera-convert SRC may be a repo id: resolved through the (offline) HF cache."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO_ROOT),
-        HF_HOME=str(hf_home),
-        HF_HUB_CACHE=str(hf_home / "hub"),
-        HF_HUB_OFFLINE="1",
-    )
     out = tmp_path / "z.gguf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dera_gguf.cli.convert", ALIGNED, str(out), "--quant", "q8_0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_convert(tmp_path, hf_home, tmp_path / "home", ALIGNED, str(out), "--quant", "q8_0")
     assert proc.returncode == 0, proc.stderr
     llm = load_llama(out, vocab_only=True)
     assert llm.metadata["general.name"] == ALIGNED
