@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from llama_cpp import Llama
@@ -38,35 +37,15 @@ from llama_cpp.llama_speculative import LlamaDraftModel
 from . import checks
 from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
+from .calls import Call, CallScope
 from .contexts import Context
 from .engine import PairRuntime, Realign, check_mode, thread_plan
-from .errors import ContextFullError, DecodeError, DeRaError, Stopped
+from .errors import ContextFullError, DeRaError, Stopped
 from .models import PairFiles, PairModels, as_path_list
 from .state import PairState, pair_owner
 from .threads import ThreadPlan
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-_DONE = object()
-
-
-@dataclass
-class Call:
-    """What one call runs with, made where it starts: a public call (its ``lam=`` and ``mode=``), a
-    ``generate()`` called directly, or an ``eval()`` outside both (``lone``: Llama.eval then Llama.sample
-    by hand; the next eval makes another).
-
-    ``every_row``: the next decode's every row is sampled, so every row is blended (``generate()``
-    samples the row of every token it decodes after its first decode: the sampled token, tokens
-    given to ``send()``, drafts); else only the last row. ``target``: the context whose logits
-    buffer holds the latest blend, where :meth:`DeRaLlama.sample` samples.
-    """
-
-    realign: Realign
-    lone: bool = False
-    generating: bool = False
-    every_row: bool = False
-    target: Optional[Context] = None
 
 
 class _Setup(NamedTuple):
@@ -132,7 +111,7 @@ class DeRaLlama(Llama):
             reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
         )
         self._files = files
-        self._default = Realign.of(lam, mode, files)  # lam and mode of a call that names neither
+        self._calls = CallScope(Realign.of(lam, mode, files), files)
         self._setup = _Setup(
             files.reference,
             list(files.aligned),
@@ -157,7 +136,6 @@ class DeRaLlama(Llama):
         # asked for, so that is the real limit.
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
         self.runtime = self._open_runtime(files, threads)
-        self._call: Optional[Call] = None  # the call in effect (or the latest lone one)
         self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
@@ -235,71 +213,26 @@ class DeRaLlama(Llama):
     @property
     def lam(self) -> Union[float, tuple]:
         """The default realignment strength (one float, or one per aligned model)."""
-        return normalize_lam(self._default.lams, len(self.runtime.files.aligned))
+        return normalize_lam(self._calls.default.lams, len(self.runtime.files.aligned))
 
     @lam.setter
     def lam(self, value: Lam) -> None:
-        self._default = Realign(mixing_weights(value, len(self.runtime.files.aligned)), self._default.mode)
+        default = self._calls.default
+        self._calls.default = Realign(mixing_weights(value, len(self.runtime.files.aligned)), default.mode)
 
     @property
     def mode(self) -> str:
         """The default mode: ``"blend"`` (DeRa) or ``"weights"`` (adapters at scale lam)."""
-        return self._default.mode
+        return self._calls.default.mode
 
     @mode.setter
     def mode(self, value: str) -> None:
-        self._default = Realign(self._default.weights, check_mode(value, self.runtime.files))
+        self._calls.default = Realign(self._calls.default.weights, check_mode(value, self.runtime.files))
 
     @property
     def weights(self) -> np.ndarray:
         """Mixing weights on [reference, aligned_1, ...] in effect now."""
-        return np.array(self._realign().weights)
-
-    def _open_call(self) -> Optional[Call]:
-        """The public call or generate() in effect (not a lone eval's), if any."""
-        return self._call if self._call is not None and not self._call.lone else None
-
-    def _realign(self) -> Realign:
-        """The realignment in effect: the open call's, else the default."""
-        call = self._open_call()
-        return call.realign if call is not None else self._default
-
-    def _new_call(self, lam: Optional[Lam], mode: Optional[str]) -> Call:
-        """A public call's: its ``lam`` and ``mode``, else those in effect (a chat's inner completion keeps
-        the chat's)."""
-        return Call(self._realign().override(self.runtime.files, lam, mode))
-
-    @contextlib.contextmanager
-    def _in_effect(self, call: Call):
-        """``call`` in effect inside (calls nest: a chat's completion, a call between generate() steps)."""
-        saved, self._call = self._call, call
-        try:
-            yield
-        finally:
-            self._call = saved
-
-    @contextlib.contextmanager
-    def _using(self, call: Call):
-        """``call`` in effect inside; a llama.cpp failure in llama-cpp-python becomes a DeRaError."""
-        with self._in_effect(call):
-            try:
-                yield
-            except RuntimeError as e:  # llama-cpp-python raises RuntimeError for llama.cpp's failures
-                raise DecodeError(f"llama.cpp failed during the call ({e})") from None
-
-    def _run(self, call: Call, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` with ``call`` in effect; a stream has it in effect while each chunk is made."""
-        with self._using(call):
-            result = fn()
-        return self._stream(call, result) if isinstance(result, Iterator) else result
-
-    def _stream(self, call: Call, chunks: Iterator) -> Iterator:
-        while True:
-            with self._using(call):
-                chunk = next(chunks, _DONE)
-            if chunk is _DONE:
-                return
-            yield chunk
+        return np.array(self._calls.realign().weights)
 
     # --------------------------------------------------------- public calls
 
@@ -307,11 +240,11 @@ class DeRaLlama(Llama):
         self, prompt: Union[str, List[int]], *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs
     ):
         """``llama_cpp.Llama.create_completion`` with ``lam=`` and ``mode=`` for this call."""
-        call = self._new_call(lam, mode)
+        call = self._calls.new(lam, mode)
         bound = checks.bind(Llama.create_completion, self, prompt, *args, **kwargs)
         self._check_call(bound)
         checks.check_prompt(prompt, self._n_vocab, self._n_ctx, self.tokenize)
-        return self._run(call, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
+        return self._calls.run(call, lambda: super(DeRaLlama, self).create_completion(prompt, *args, **kwargs))
 
     def __call__(self, prompt: str, *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs: Any):
         """``llama_cpp.Llama.__call__`` with ``lam=`` and ``mode=`` for this call."""
@@ -323,12 +256,12 @@ class DeRaLlama(Llama):
         self, messages, *args: Any, lam: Optional[Lam] = None, mode: Optional[str] = None, **kwargs: Any
     ):
         """``llama_cpp.Llama.create_chat_completion`` with ``lam=`` and ``mode=`` for this call."""
-        call = self._new_call(lam, mode)
+        call = self._calls.new(lam, mode)
         bound = checks.bind(Llama.create_chat_completion, self, messages, *args, **kwargs)
         self._check_call(bound)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DeRaError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        return self._run(call, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
+        return self._calls.run(call, lambda: super(DeRaLlama, self).create_chat_completion(messages, *args, **kwargs))
 
     def _check_call(self, bound: dict) -> None:
         """Sampling values and grammar, checked before anything reaches llama.cpp."""
@@ -347,9 +280,9 @@ class DeRaLlama(Llama):
         Runs in the public call that started it, else in a call of its own at the default
         lam and mode, in effect while each of its steps runs.
         """
-        call = self._open_call()
+        call = self._calls.open()
         if call is None or call.generating:
-            call = Call(self._realign())
+            call = Call(self._calls.realign())
         call.generating, call.every_row = True, False
         self._requires_eval = True
         if self.draft_model is not None:
@@ -360,7 +293,7 @@ class DeRaLlama(Llama):
         sent = None
         try:
             while True:
-                with self._in_effect(call):
+                with self._calls.in_effect(call):
                     try:
                         token = steps.send(sent)
                     except StopIteration as end:
@@ -388,7 +321,7 @@ class DeRaLlama(Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode ``tokens`` in lockstep and leave their blended logits for the sampler."""
-        call = self._open_call() or self._lone_call()
+        call = self._calls.open() or self._calls.lone()
         tokens = list(tokens)
         if not tokens and self.n_tokens:  # nothing new: refresh the last row instead
             self.n_tokens -= 1
@@ -413,14 +346,9 @@ class DeRaLlama(Llama):
         call.every_row = call.generating
         self._scored = call.realign
 
-    def _lone_call(self) -> Call:
-        """The call of an eval() outside any call, at the default lam and mode; sample() reads its target."""
-        self._call = Call(self._default, lone=True)
-        return self._call
-
     def sample(self, *args: Any, **kwargs: Any) -> int:
         """``Llama.sample`` on the context whose logits buffer holds the blend."""
-        call = self._call
+        call = self._calls.current
         saved = self._ctx
         if call is not None and call.target is not None:
             self._ctx = call.target.ctx
