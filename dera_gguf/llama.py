@@ -210,7 +210,16 @@ class DeRaLlama(Llama):
             source = spec.ModelDraft(self._drafting_context, self._draft_on, self.n_batch)
         else:
             source = spec.from_draft_model(speculative)
-        return spec.Speculation(source, room=lambda length: self.n_batch - (length - self.n_tokens))
+        return spec.Speculation(source, room=lambda length: self.n_batch - (length - self.n_tokens), key=self._cost_key)
+
+    def _cost_key(self) -> tuple:
+        """What a step's cost depends on now (speculation times steps per key): the models and which of
+        them decode, the thread plan, offloading and attention settings."""
+        plan, params = self._lockstep.threads, self.context_params
+        active = tuple(w != 0.0 for w in self._realign.weights) if self._realign.mode == "blend" else "weights"
+        files = (self._files.reference, *self._files.aligned)
+        threads = (plan.n_threads, plan.n_threads_batch, plan.concurrent)
+        return files, active, threads, self.model_params.n_gpu_layers, params.flash_attn_type, params.type_k
 
     def _drafting_context(self) -> Optional[Context]:
         """The model that drafts in ``speculative="model"``: the one with the largest weight (blend mode only)."""
