@@ -96,8 +96,8 @@ class DeRaLlama(Llama):
             model with the largest weight) or a llama_cpp ``LlamaDraftModel`` (``draft_model=``
             means the same); None: off. Outputs stay those of decoding without drafts, seed for
             seed, as far as llama.cpp's logits do not depend on the batch shape
-            (:mod:`dera_gguf.speculative`). Drafting pauses while drafts keep failing or cost
-            more time per token than they save.
+            (:mod:`dera_gguf.speculative`). A draft is made only where, at the step costs this
+            process has measured for the pair, it is expected to save time (none at first).
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
             that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the

@@ -104,7 +104,7 @@ class Pace:
     timed: bool = True
     max_draft: int = 8
     margin: float = 0.1
-    explore: float = 0.03
+    explore: float = 0.02
     trust: int = 3
     probe_size: int = 8
     memory: float = 0.9

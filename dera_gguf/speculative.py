@@ -155,12 +155,12 @@ class Speculation(LlamaDraftModel):
         self._free = hasattr(source, "propose")  # drafts cost nothing: proposed at every step, watched
         self._family = "lookup" if self._free else getattr(source, "kind", "draft")
         self._last: Optional[tuple] = None  # (start position, drafted tokens, kind)
-        self._watched: Optional[tuple] = None  # (start position, tokens, kind): a free draft not verified
+        self._watched: list = []  # (start position, tokens, kind) of free drafts not verified, until settled
         self._clock: Optional[tuple] = None  # (text length, time, costs, rows, probe) at the previous call
 
     def restart(self) -> None:
         """A new generation: the previous draft is not verified against it."""
-        self._last, self._watched, self._clock = None, None, None
+        self._last, self._watched, self._clock = None, [], None
         self.gate.new_text()
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
@@ -194,9 +194,9 @@ class Speculation(LlamaDraftModel):
         """(draft, kind, probe): the draft the pace finds worth its measured cost, if any."""
         if self._free:
             proposal, kind = self.source.propose(ids, self.pace.max_draft)
-            if len(proposal) and self._watched is None:
-                self._watched = (len(ids), proposal, kind)
             n, probe = self.pace.choose(kind, min(len(proposal), room), costs)
+            if len(proposal) and not n:  # a draft not made: the text will tell how much of it would have passed
+                self._watched.append((len(ids), proposal, kind))
             return proposal[:n], kind, probe
         n, probe = self.pace.choose(self._family, min(self.pace.max_draft, room), costs)
         return (self.source(ids, n)[:n] if n else EMPTY), self._family, probe
@@ -222,15 +222,16 @@ class Speculation(LlamaDraftModel):
         self._last = None
 
     def _watch(self, ids: np.ndarray) -> None:
-        """Once the text shows how much of a watched (unverified) draft it follows, count it as a draft."""
-        if self._watched is None:
-            return
-        start, draft, kind = self._watched
-        got = ids[start : start + len(draft)]
-        passed = _passed(draft, got)
-        if passed < len(got) or len(got) == len(draft):
-            self.pace.acceptance.add(kind, passed, len(draft))
-            self._watched = None
+        """Count each watched (unverified) draft as a draft once the text shows how much of it it follows."""
+        waiting = []
+        for start, draft, kind in self._watched:
+            got = ids[start : start + len(draft)]
+            passed = _passed(draft, got)
+            if passed < len(got) or len(got) == len(draft):
+                self.pace.acceptance.add(kind, passed, len(draft))
+            else:
+                waiting.append((start, draft, kind))
+        self._watched = waiting
 
 
 def _passed(draft: np.ndarray, got: np.ndarray) -> int:

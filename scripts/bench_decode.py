@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -98,21 +99,24 @@ def chat_tokens(llm: llama_cpp.Llama, prompt: str) -> List[int]:
 
 
 def run(llm: llama_cpp.Llama, tokens: List[int], n_tokens: int) -> tuple:
-    """(seconds after the first token, generated tokens): greedy after ``tokens`` up to EOS or n_tokens.
+    """(seconds after the first token, generated tokens, CPU seconds of this process after the first token):
+    greedy after ``tokens`` up to EOS or n_tokens.
 
     The clock starts at the first token, so the prompt's decode is left out: replies that end at
-    different lengths (drafts verified in batches may change a near-tie) compare fairly.
+    different lengths (drafts verified in batches may change a near-tie) compare fairly. The CPU
+    time (all threads) is a cross-check that other processes on the machine disturb less.
     """
     llm.reset()  # no prefix reuse between rounds: every run decodes its prompt
-    out, first = [], None
+    out, first, cpu = [], None, None
     for token in llm.generate(tokens, temp=0.0, top_k=1):
-        first = first or time.perf_counter()
+        if first is None:
+            first, cpu = time.perf_counter(), time.process_time()
         if token == llm.token_eos():
             break
         out.append(token)
         if len(out) == n_tokens:
             break
-    return time.perf_counter() - first, out
+    return time.perf_counter() - first, out, time.process_time() - cpu
 
 
 def _is_adapter(path: str) -> bool:
@@ -146,38 +150,43 @@ def measure(llms: dict, prompts: List[dict], args) -> dict:
         run(llm, chat_tokens(llm, "Say hello."), 8)
     results = []
     for r in range(args.rounds):
-        order = list(llms) if r % 2 == 0 else list(reversed(llms))
         per = {name: [] for name in llms}
-        for tokens in token_lists:
-            for name in order:
+        for i, tokens in enumerate(token_lists):
+            for name in list(llms) if (r + i) % 2 == 0 else list(reversed(llms)):
                 before = counts(llms[name])
-                seconds, out = run(llms[name], tokens, args.tokens)
+                seconds, out, cpu = run(llms[name], tokens, args.tokens)
                 after = counts(llms[name])
-                per[name].append((seconds, out, after[0] - before[0], after[1] - before[1]))
+                per[name].append((seconds, out, after[0] - before[0], after[1] - before[1], cpu))
+            progress(f"round {r + 1}/{args.rounds}, prompt {i + 1}/{len(token_lists)}")
         results.append(per)
     return results
+
+
+def progress(message: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def fresh(reference: str, aligned: str, prompts: List[dict], args, kw: dict) -> list:
     """Per round and prompt, {"lam=L": ..., "lam=L lookup": ...} of a new engine's first reply (costs forgotten)."""
     rows = []
     for r in range(args.fresh):
-        for p in prompts:
+        for i, p in enumerate(prompts):
             row = {}
-            names = ["", " lookup"] if r % 2 == 0 else [" lookup", ""]
-            for suffix in names:
+            for suffix in ["", " lookup"] if (r + i) % 2 == 0 else [" lookup", ""]:
                 costs.forget()
                 llm = DeRaLlama(reference, aligned, lam=args.fresh_lam, speculative=suffix.strip() or None, **kw)
-                seconds, out = run(llm, chat_tokens(llm, p["prompt"]), args.tokens)
-                row[f"lam={args.fresh_lam}{suffix}"] = (seconds, out) + counts(llm)
+                seconds, out, cpu = run(llm, chat_tokens(llm, p["prompt"]), args.tokens)
+                row[f"lam={args.fresh_lam}{suffix}"] = (seconds, out, *counts(llm), cpu)
                 llm.close()
             rows.append((p["category"], row))
+            progress(f"fresh round {r + 1}/{args.fresh}, prompt {i + 1}/{len(prompts)}")
     return rows
 
 
-def tps(entries: list) -> float:
-    """Tokens per second after each reply's first token, over replies."""
-    return sum(len(out) - 1 for _, out, *_ in entries) / max(1e-9, sum(s for s, *_ in entries))
+def tps(entries: list, cpu: bool = False) -> float:
+    """Tokens per second after each reply's first token, over replies (``cpu``: per CPU second)."""
+    seconds = sum(e[4] if cpu else e[0] for e in entries)
+    return sum(len(e[1]) - 1 for e in entries) / max(1e-9, seconds)
 
 
 def category_report(results: list, prompts: List[dict], names: List[str], base: str) -> dict:
@@ -192,11 +201,13 @@ def category_report(results: list, prompts: List[dict], names: List[str], base: 
         for name in names:
             speeds = [tps([res[name][i] for i in idx]) for res in results]
             ratios = [tps([res[name][i] for i in idx]) / tps([res[base][i] for i in idx]) for res in results]
+            cpu = [tps([res[name][i] for i in idx], True) / tps([res[base][i] for i in idx], True) for res in results]
             last = results[-1]
             same = sum(last[name][i][1] == last[base][i][1] for i in idx)
             accepted = sum(res[name][i][2] for res in results for i in idx)
             drafted = sum(res[name][i][3] for res in results for i in idx)
-            row[name] = (statistics.median(speeds), statistics.median(ratios), same, len(idx), accepted, drafted)
+            medians = statistics.median(speeds), statistics.median(ratios), statistics.median(cpu)
+            row[name] = (*medians, same, len(idx), accepted, drafted)
         table[group] = row
     return table
 
@@ -205,8 +216,11 @@ def print_table(title: str, table: dict) -> None:
     print(f"\n{title}")
     for group, row in table.items():
         cells = []
-        for name, (speed, ratio, same, n, accepted, drafted) in row.items():
-            cell = f"{name}: {speed:5.1f} tok/s x{ratio:.3f}"
+        for name, (speed, ratio, cpu, same, n, accepted, drafted) in row.items():
+            if name == next(reversed(row)):  # the baseline
+                cells.append(f"{name}: {speed:5.1f} tok/s")
+                continue
+            cell = f"{name}: {speed:5.1f} tok/s x{ratio:.3f} (cpu x{cpu:.3f})"
             if drafted:
                 cell += f" ({accepted}/{drafted} passed)"
             cells.append(cell + f" same {same}/{n}")
@@ -215,13 +229,13 @@ def print_table(title: str, table: dict) -> None:
 
 def report_pair(pair: str, results: list, prompts: List[dict], args) -> dict:
     tables = {}
-    plain = f"plain t={max(args.threads)}"
+    plain = f"plain t={max(args.threads, default=0)}"
     for lam in args.lams:
         names = [n for n in results[0] if n.startswith(f"lam={lam} ")]
         tables[f"lam={lam}"] = category_report(results, prompts, names + [f"lam={lam}"], f"lam={lam}")
         title = f"[{pair}] lam {lam}: speculative / no drafts (same tokens: as without drafts)"
         print_table(title, tables[f"lam={lam}"])
-    if 1.0 in args.lams:
+    if 1.0 in args.lams and args.threads:
         tables["plain"] = category_report(results, prompts, ["lam=1.0", plain], plain)
         print_table(f"[{pair}] DeRa lam 1 / plain llama-cpp-python {plain}", tables["plain"])
     return tables
@@ -237,11 +251,12 @@ def report_fresh(pair: str, rows: list, args) -> dict:
         if not pick:
             continue
         ratio = tps([r[spec] for r in pick]) / tps([r[base] for r in pick])
+        cpu = tps([r[spec] for r in pick], True) / tps([r[base] for r in pick], True)
         same = sum(r[spec][1] == r[base][1] for r in pick)
-        out[group] = (ratio, same, len(pick), sum(r[spec][2] for r in pick), sum(r[spec][3] for r in pick))
+        out[group] = (ratio, cpu, same, len(pick), sum(r[spec][2] for r in pick), sum(r[spec][3] for r in pick))
     print(f"\n[{pair}] fresh engine, first reply, lam {args.fresh_lam}: lookup / no drafts, {args.fresh} round(s)")
-    for group, (ratio, same, n, accepted, drafted) in out.items():
-        print(f"  {group:12s} x{ratio:.3f}  same {same}/{n}  {accepted}/{drafted} drafted tokens passed")
+    for group, (ratio, cpu, same, n, accepted, drafted) in out.items():
+        print(f"  {group:12s} x{ratio:.3f} (cpu x{cpu:.3f})  same {same}/{n}  {accepted}/{drafted} drafted passed")
     return out
 
 
@@ -256,7 +271,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fresh", type=int, default=1, help="rounds of fresh engines' first replies (0: none)")
     parser.add_argument("--fresh-lam", type=float, default=1.5)
-    parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python thread counts")
+    parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads (none: no plain)")
     parser.add_argument("--categories", default=None, help="only these categories (comma-separated)")
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
@@ -264,7 +279,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     args.lams = [float(x) for x in args.lams.split(",")]
-    args.threads = [int(t) for t in args.threads.split(",")]
+    args.threads = [] if args.threads == "none" else [int(t) for t in args.threads.split(",")]
     prompts = load_prompts(args.split)
     if args.categories:
         prompts = [p for p in prompts if p["category"] in args.categories.split(",")]
