@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fresh", type=int, default=1, help="rounds of fresh engines' first replies (0: none)")
     parser.add_argument("--fresh-lam", type=float, default=1.5)
-    parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads (none: no plain)")
+    parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads, or none")
     parser.add_argument("--categories", default=None, help="only these categories (comma-separated)")
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
