@@ -9,9 +9,10 @@ step (from one draft call to the next: decode, blend, sampling, drafting) and ke
 one-row step's seconds and, for each batch size that was verified, its cost in one-row steps.
 
 The table lives as long as the process: a second engine, or the next request of a server,
-starts from what the first one measured. A batch size never verified is priced at one whole
-step per extra row, a cost at which no draft pays: drafting at a new size is a probe
-(:mod:`dera_gguf.pacing`), never a bet on a constant.
+starts from what the first one measured. A batch size never verified is priced as dear as it
+could be (:func:`ratio_at`): past the largest measured size, one whole step per extra row, a cost
+at which no draft pays, so drafting at a new size is a probe (:mod:`dera_gguf.pacing`), never a
+bet on a constant.
 """
 
 from __future__ import annotations
@@ -75,21 +76,21 @@ class StepCosts:
 def ratio_at(rows: int, known: Dict[int, float]) -> float:
     """The cost of a ``rows``-row step in one-row steps, from the measured sizes ``known`` (size -> cost).
 
-    A measured size costs what was measured; between measured sizes (a one-row step costs 1) the
-    cost is interpolated linearly; past the largest measured size every further row costs
-    :data:`UNMEASURED_ROW`.
+    A measured size costs what was measured. Any other costs the most it could, were costs to grow
+    with the rows by at most :data:`UNMEASURED_ROW` per row: no more than the next larger measured
+    size, and no more than the next smaller one (a one-row step costs 1) plus that much per row.
+    (Interpolating would be optimistic: on CPUs a batch's cost grows less and less per row, so a
+    straight line under-prices the sizes between.)
     """
     if rows <= 1:
         return 1.0
     if rows in known:
         return known[rows]
-    points = sorted({1: 1.0, **known}.items())
-    below = max((p for p in points if p[0] < rows), key=lambda p: p[0])
-    above = [p for p in points if p[0] > rows]
-    if not above:
-        return below[1] + UNMEASURED_ROW * (rows - below[0])
-    (k0, r0), (k1, r1) = below, min(above, key=lambda p: p[0])
-    return r0 + (r1 - r0) * (rows - k0) / (k1 - k0)
+    points = {1: 1.0, **known}
+    below = max(k for k in points if k < rows)
+    most = points[below] + UNMEASURED_ROW * (rows - below)
+    above = [k for k in points if k > rows]
+    return min(most, points[min(above)]) if above else most
 
 
 _TABLES: Dict[Hashable, StepCosts] = {}

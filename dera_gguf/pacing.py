@@ -117,8 +117,8 @@ class Pace:
     def choose(self, kind: Optional[str], longest: int, costs: StepCosts) -> tuple:
         """(tokens to draft, whether that is a probe) for a draft of ``kind`` of at most ``longest`` tokens.
 
-        A probe has ``probe_size`` tokens: the largest batch is measured first, and the sizes below
-        it are priced by interpolation until they are measured themselves.
+        A probe has ``probe_size`` tokens: the largest batch is measured, and a smaller size costs no
+        more than it (:func:`~dera_gguf.costs.ratio_at`) until measured itself.
         """
         rate = self.acceptance.rate(kind)
         drafted = best_draft(rate, longest, costs.ratio, self.margin)

@@ -93,15 +93,17 @@ def test_a_probe_is_priced_at_a_whole_step_per_unmeasured_row(a, d):
 
 
 @given(st.dictionaries(st.integers(2, 12), st.floats(1.0, 10.0), min_size=1), st.integers(1, 16))
-def test_ratio_at_measured_interpolated_and_past_the_largest(known, rows):
-    sizes = sorted(known)
-    if rows in known:
-        assert ratio_at(rows, known) == known[rows]
-    elif rows > sizes[-1]:
-        assert ratio_at(rows, known) == pytest.approx(known[sizes[-1]] + UNMEASURED_ROW * (rows - sizes[-1]))
-    else:
-        xs, ys = [1] + sizes, [1.0] + [known[k] for k in sizes]
-        assert ratio_at(rows, known) == pytest.approx(np.interp(rows, xs, ys))
+def test_an_unmeasured_size_costs_the_most_it_could(known, rows):
+    """Measured sizes cost what was measured; any other the least of: the next larger measured size, and the
+    next smaller one (or a one-row step) plus a whole step per row."""
+    points = {1: 1.0, **known}
+    if rows in points:
+        assert ratio_at(rows, known) == points[rows]
+        return
+    below = max(k for k in points if k < rows)
+    bounds = [points[below] + UNMEASURED_ROW * (rows - below)]
+    bounds += [points[min(k for k in points if k > rows)]] if rows < max(points) else []
+    assert ratio_at(rows, known) == pytest.approx(min(bounds))
 
 
 def test_acceptance_starts_at_zero_and_counts_tested_tokens():
@@ -125,7 +127,8 @@ def test_step_costs_price_a_batch_in_one_row_steps():
     table.record(5, 0.030)
     assert table.step_seconds == pytest.approx(0.010)
     assert table.ratio(5) == pytest.approx(3.0) and table.measured(5) == 1
-    assert table.ratio(3) == pytest.approx(2.0)  # interpolated between (1, 1) and (5, 3)
+    assert table.ratio(2) == pytest.approx(1.0 + UNMEASURED_ROW)  # unmeasured: as dear as it could be
+    assert table.ratio(4) == pytest.approx(3.0)  # no dearer than the measured larger size
     assert table.ratio(7) == pytest.approx(3.0 + 2 * UNMEASURED_ROW)
 
 
