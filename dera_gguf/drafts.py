@@ -23,10 +23,9 @@ class NgramLookup:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the text's last n-gram.
 
     The longest match of ``min_ngram`` to ``max_ngram`` tokens wins, and among equal ones the
-    latest. Each match length is its own kind of draft ("lookup-1" ... "lookup-4"): a longer
-    match is stronger evidence, and the pace learns how often each kind passes. A one-token
-    match drafts at most ``short`` tokens.
-
+    latest. Each match length is its own kind of draft ("lookup-1" ... "lookup-16", see
+    :meth:`NgramIndex._kind`): a longer match is stronger evidence, and the pace learns how often
+    each kind passes. A one-token match drafts at most ``short`` tokens.
 
     The scan is kept as an :class:`NgramIndex` of the text last asked about, grown by the new
     tokens while the text only grows (as it does within a generation), so a draft costs a few
@@ -89,8 +88,18 @@ class NgramIndex:
             start = self.follows.get(tuple(self.ids[-size:]))
             if start is not None:
                 take = min(n, self.short) if size == 1 else n  # weak evidence: a short draft
-                return np.array(self.ids[start : start + take], dtype=np.intc), f"lookup-{size}"
+                return np.array(self.ids[start : start + take], dtype=np.intc), self._kind(size, start)
         return EMPTY, None
+
+    def _kind(self, size: int, start: int) -> str:
+        """The kind "lookup-<m>": m the match length; a match of ``max_ngram`` tokens is followed further back;
+        then m is ``max_ngram`` times 1, 2 or 4 by how far it reaches (a copy well under way passes more often)."""
+        if size < self.max_ngram:
+            return f"lookup-{size}"
+        ids, reach, most = self.ids, size, 4 * size
+        while reach < most and start - reach - 1 >= 0 and ids[start - reach - 1] == ids[len(ids) - reach - 1]:
+            reach += 1
+        return f"lookup-{size * (4 if reach >= most else 2 if reach >= 2 * size else 1)}"
 
 
 class ModelDraft:

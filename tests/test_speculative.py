@@ -179,6 +179,21 @@ def test_lookup_drafts_follow_the_latest_longest_earlier_ngram(ids, n, min_ngram
     assert grown(n).tolist() == expected
 
 
+@given(st.lists(st.integers(0, 2), min_size=2, max_size=60))
+def test_a_lookup_drafts_kind_is_how_far_its_match_reaches_back(ids):
+    """Brute force: m tokens matched (m < 4), or for a 4-token match at the latest earlier occurrence, 4, 8 or 16
+    by whether the text's last 8 or 16 tokens also stand before that occurrence."""
+    kind = None
+    for size in range(min(4, len(ids) - 1), 0, -1):
+        starts = [j + size for j in range(len(ids) - size) if ids[j : j + size] == ids[-size:]]
+        if starts:
+            end = starts[-1]
+            reach = [k for k in (16, 8) if end - k >= 0 and ids[end - k : end] == ids[-k:]]
+            kind = f"lookup-{size if size < 4 else max(reach, default=4)}"
+            break
+    assert NgramLookup().propose(np.array(ids), 4)[1] == kind
+
+
 @given(st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=2, max_size=20), st.booleans()), min_size=1, max_size=6))
 def test_one_lookup_asked_about_many_texts_answers_as_a_new_one_would(steps):
     """NgramLookup keeps an index of the last text and grows it while texts extend it: texts that extend the
