@@ -10,9 +10,10 @@ that gives the most.
 Both numbers are learned, and both start where no draft pays:
 
 * how often drafts pass (:class:`Acceptance`), per kind of draft (prompt lookup's match
-  length, a model's drafts), starts at a prior of one failed token. Prompt lookup is free, so
-  its draft is proposed at every step, drafted or not, and the tokens that follow tell how
-  many of it would have passed: acceptance is learned without verifying anything.
+  length, a model's drafts), starts at a prior of one failed token with every text. Prompt
+  lookup is free, so its draft is proposed at every step, drafted or not, and the tokens that
+  follow tell how many of it would have passed: acceptance is learned without verifying
+  anything.
 * what a batch size costs is known only once a step of that size has been timed. Drafting at
   an unmeasured size is a probe, paid from an exploration budget: a share of the time spent
   so far, minus what earlier probes cost beyond plain steps (:func:`may_probe`). An engine
@@ -128,6 +129,10 @@ class Pace:
         if longest < size or not step or costs.measured(size + 1) >= self.trust:
             return 0, False
         return (size, True) if may_probe(rate, size, self.budget / step) else (0, False)
+
+    def new_text(self) -> None:
+        """A new text: acceptance is learned again (from its own drafts); costs and the budget stay."""
+        self.acceptance = Acceptance(self.memory)
 
     def record(self, costs: StepCosts, rows: int, seconds: float, tokens: int, probe: bool) -> None:
         """A step of ``rows`` rows that took ``seconds`` and emitted ``tokens``; a probe pays what it cost

@@ -159,9 +159,13 @@ class Speculation(LlamaDraftModel):
         self._clock: Optional[tuple] = None  # (text length, time, costs, rows, probe) at the previous call
 
     def restart(self) -> None:
-        """A new generation: the previous draft is not verified against it."""
+        """A new generation: the previous draft is not verified against it. How often free drafts pass is
+        learned again from the new text's own (another text copies more or less: a server's next request
+        is another user's); a source that drafts at a cost learns only from its drafts, and keeps that."""
         self._last, self._watched, self._clock = None, [], None
         self.gate.new_text()
+        if self._free:
+            self.pace.new_text()
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         now = time.perf_counter()
