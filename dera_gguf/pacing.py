@@ -20,6 +20,10 @@ Both numbers are learned, and both start where no draft pays:
   that has measured nothing drafts nothing at first, and what exploring costs stays within
   that share of its time.
 
+Acceptance learned from earlier drafts is an optimistic guide to the next one (a copy ends, and
+the evidence that it was going on is what made the draft look good), so the expected tokens are
+also scaled by how many of their expected tokens the drafts made so far did emit.
+
 The decisions are pure functions of those numbers; :class:`Pace` holds the numbers.
 """
 
@@ -37,16 +41,19 @@ def expected_tokens(acceptance: float, drafted: int) -> float:
     return sum(acceptance**i for i in range(drafted + 1))
 
 
-def best_draft(acceptance: float, longest: int, ratio: Callable[[int], float], margin: float) -> int:
+def best_draft(
+    acceptance: float, longest: int, ratio: Callable[[int], float], margin: float, calibration: float = 1.0
+) -> int:
     """How many tokens to draft (1 ... ``longest``), or 0 for none.
 
-    The size with the most expected tokens per unit of cost, ``expected_tokens(a, d) / ratio(d + 1)``
-    (``ratio(k)``: a k-row step's cost in one-row steps), if that is at least ``1 + margin`` tokens
+    The size with the most expected tokens per unit of cost, ``calibration * expected_tokens(a, d) /
+    ratio(d + 1)`` (``ratio(k)``: a k-row step's cost in one-row steps; ``calibration``: the share of
+    their expected tokens that drafts made so far emitted), if that is at least ``1 + margin`` tokens
     per one-row step (a plain step emits 1); the smaller size on a tie.
     """
     best, value = 0, 1.0 + margin
     for drafted in range(1, longest + 1):
-        per_cost = expected_tokens(acceptance, drafted) / ratio(drafted + 1)
+        per_cost = calibration * expected_tokens(acceptance, drafted) / ratio(drafted + 1)
         if per_cost > value or (best == 0 and per_cost == value):
             best, value = drafted, per_cost
     return best
@@ -99,7 +106,8 @@ class Pace:
         trust: a batch size counts as measured after this many timed steps; before, drafting at
             it is a probe.
         probe_size: tokens a probe drafts (a draft of prompt lookup that has fewer is not a probe).
-        memory: how fast old drafts fade from the acceptance rates (:class:`Acceptance`).
+        memory: how fast old drafts fade from the acceptance rates (:class:`Acceptance`) and from
+            the calibration.
     """
 
     timed: bool = True
@@ -111,9 +119,25 @@ class Pace:
     memory: float = 0.9
     acceptance: Acceptance = field(init=False)
     budget: float = field(default=0.0, init=False)  # seconds that probes may still cost beyond plain steps
+    _emitted: list = field(default_factory=lambda: [8.0, 8.0], init=False)  # [emitted, expected] tokens of drafts
 
     def __post_init__(self):
         self.acceptance = Acceptance(self.memory)
+
+    @property
+    def calibration(self) -> float:
+        """Tokens the drafts made so far emitted, per token expected of them (a prior of one draft as expected)."""
+        return self._emitted[0] / self._emitted[1]
+
+    def expected(self, kind: Optional[str], drafted: int) -> float:
+        """Tokens a draft of ``kind`` and ``drafted`` tokens is expected to emit (uncalibrated)."""
+        return expected_tokens(self.acceptance.rate(kind), drafted)
+
+    def drafted(self, kind: Optional[str], drafted: int, passed: int, expected: float) -> None:
+        """A draft was verified: ``passed`` of its ``drafted`` tokens passed (its step emitted one more),
+        where ``expected`` tokens were expected."""
+        self.acceptance.add(kind, passed, drafted)
+        self._emitted = [self.memory * self._emitted[0] + passed + 1, self.memory * self._emitted[1] + expected]
 
     def choose(self, kind: Optional[str], longest: int, costs: StepCosts) -> tuple:
         """(tokens to draft, whether that is a probe) for a draft of ``kind`` of at most ``longest`` tokens.
@@ -122,7 +146,7 @@ class Pace:
         more than it (:func:`~dera_gguf.costs.ratio_at`) until measured itself.
         """
         rate = self.acceptance.rate(kind)
-        drafted = best_draft(rate, longest, costs.ratio, self.margin)
+        drafted = best_draft(rate, longest, costs.ratio, self.margin, self.calibration)
         if drafted:
             return drafted, False
         size, step = self.probe_size, costs.step_seconds
@@ -131,7 +155,7 @@ class Pace:
         return (size, True) if may_probe(rate, size, self.budget / step) else (0, False)
 
     def new_text(self) -> None:
-        """A new text: acceptance is learned again (from its own drafts); costs and the budget stay."""
+        """A new text: acceptance is learned again (from its own drafts); costs, budget, calibration stay."""
         self.acceptance = Acceptance(self.memory)
 
     def record(self, costs: StepCosts, rows: int, seconds: float, tokens: int, probe: bool) -> None:

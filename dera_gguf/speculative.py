@@ -154,7 +154,7 @@ class Speculation(LlamaDraftModel):
         self.stats = SpeculationStats()
         self._free = hasattr(source, "propose")  # drafts cost nothing: proposed at every step, watched
         self._family = "lookup" if self._free else getattr(source, "kind", "draft")
-        self._last: Optional[tuple] = None  # (start position, drafted tokens, kind)
+        self._last: Optional[tuple] = None  # (start position, drafted tokens, kind, tokens expected)
         self._watched: list = []  # (start position, tokens, kind) of free drafts not verified, until settled
         self._clock: Optional[tuple] = None  # (text length, time, costs, rows, probe) at the previous call
 
@@ -176,7 +176,7 @@ class Speculation(LlamaDraftModel):
         room = self.room(len(ids))
         costs = step_costs((self.key(), self._family)) if self.pace.timed else None
         draft, kind, probe = self._paced(ids, room, costs) if costs is not None else self._gated(ids, room)
-        self._last = (len(ids), draft, kind) if len(draft) else None
+        self._last = (len(ids), draft, kind, self.pace.expected(kind, len(draft))) if len(draft) else None
         self._clock = (len(ids), now, costs, 1 + len(draft), probe)  # the drafting counts towards its step
         if len(draft):
             self.stats.verifications += 1
@@ -217,10 +217,10 @@ class Speculation(LlamaDraftModel):
         """Record how many tokens of the last draft the sampler kept (they now stand in ``ids``)."""
         if self._last is None:
             return
-        start, draft, kind = self._last
+        start, draft, kind, expected = self._last
         accepted = _passed(draft, ids[start : start + len(draft)])
         self.gate.record(len(ids), len(draft), accepted)
-        self.pace.acceptance.add(kind, accepted, len(draft))
+        self.pace.drafted(kind, len(draft), accepted, expected)
         self.stats.settled += len(draft)
         self.stats.accepted += accepted
         self._last = None

@@ -86,6 +86,21 @@ def test_cheaper_verification_never_stops_a_draft(a, longest, table, cheaper, ma
         assert best_draft(a, longest, cheap, margin)
 
 
+@given(acceptances, st.integers(1, 8), cost_tables, st.floats(0.3, 1.0), st.floats(0.0, 0.3))
+def test_drafts_that_emitted_less_than_expected_never_draft_more(a, longest, table, calibration, margin):
+    ratio = lambda k: float(table[k - 2])
+    if best_draft(a, longest, ratio, margin, calibration):
+        assert best_draft(a, longest, ratio, margin)
+
+
+def test_calibration_is_what_drafts_emitted_per_token_expected():
+    pace = Pace(memory=1.0)
+    assert pace.calibration == 1.0  # before any draft: as expected
+    pace.drafted("lookup-4", drafted=8, passed=2, expected=7.0)  # emitted 3
+    pace.drafted("lookup-4", drafted=8, passed=8, expected=7.0)  # emitted 9
+    assert pace.calibration == pytest.approx((8 + 3 + 9) / (8 + 7 + 7))
+
+
 @given(acceptances, st.integers(1, 8))
 def test_a_probe_is_priced_at_a_whole_step_per_unmeasured_row(a, d):
     assert probe_cost(a, d) == pytest.approx(max(0.0, 1 + UNMEASURED_ROW * d - expected_tokens(a, d)))
