@@ -67,6 +67,10 @@ class StepCosts:
         """A step of ``rows`` rows in one-row steps (see :func:`ratio_at`)."""
         return ratio_at(rows, {k: a.value for k, a in self._rows.items()})
 
+    def sizes(self) -> Dict[int, tuple]:
+        """Every measured batch size: (its cost in one-row steps, how many steps were timed)."""
+        return {k: (a.value, a.count) for k, a in sorted(self._rows.items())}
+
     @property
     def step_seconds(self) -> Optional[float]:
         """Seconds of a one-row step (None: none measured yet)."""
@@ -102,6 +106,11 @@ def step_costs(key: Hashable) -> StepCosts:
     if table is None:
         table = _TABLES.setdefault(key, StepCosts())
     return table
+
+
+def measured() -> Dict[Hashable, StepCosts]:
+    """Every kind of step this process has timed, and its costs."""
+    return dict(_TABLES)
 
 
 def forget() -> None:

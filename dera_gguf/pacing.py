@@ -16,9 +16,9 @@ Both numbers are learned, and both start where no draft pays:
   anything.
 * what a batch size costs is known only once a step of that size has been timed. Drafting at
   an unmeasured size is a probe, paid from an exploration budget: a share of the time spent
-  so far, minus what earlier probes cost beyond plain steps (:func:`may_probe`). An engine
-  that has measured nothing drafts nothing at first, and what exploring costs stays within
-  that share of its time.
+  so far, minus what earlier probes cost beyond plain steps, and made only once the budget
+  covers the most a probe can cost (:func:`may_probe`). An engine that has measured nothing
+  drafts nothing at first, and what exploring costs stays within that share of its time.
 
 Acceptance learned from earlier drafts is an optimistic guide to the next one (a copy ends, and
 the evidence that it was going on is what made the draft look good), so the expected tokens are
@@ -59,16 +59,21 @@ def best_draft(
     return best
 
 
-def probe_cost(acceptance: float, drafted: int) -> float:
-    """What verifying ``drafted`` tokens at a batch size never measured may cost beyond plain steps,
-    in one-row steps: the step priced at :data:`~dera_gguf.costs.UNMEASURED_ROW` per extra row, less
-    the tokens it is expected to emit (which plain steps would have cost one step each)."""
-    return max(0.0, 1.0 + UNMEASURED_ROW * drafted - expected_tokens(acceptance, drafted))
+def probe_cost(drafted: int) -> float:
+    """The most a probe of ``drafted`` tokens at a batch size never measured costs beyond plain steps, in
+    one-row steps: the step priced at :data:`~dera_gguf.costs.UNMEASURED_ROW` per extra row, and only
+    the one token every step emits (nothing drafted passing)."""
+    return UNMEASURED_ROW * drafted
 
 
-def may_probe(acceptance: float, drafted: int, budget_steps: float) -> bool:
-    """Whether a probe of ``drafted`` tokens fits the exploration budget (in one-row steps)."""
-    return drafted > 0 and budget_steps >= probe_cost(acceptance, drafted)
+def may_probe(acceptance: Optional[float], drafted: int, budget_steps: float) -> bool:
+    """Whether to probe with ``drafted`` tokens: the exploration budget (in one-row steps) covers the most
+    the probe can cost, and at least half its tokens are expected to pass (a draft worth measuring is one
+    worth making wherever verification is cheap). ``acceptance`` None: not known without drafting (a
+    model's drafts), so the probe is how it is learned, and the budget alone decides."""
+    affordable = budget_steps >= probe_cost(drafted)
+    promising = acceptance is None or expected_tokens(acceptance, drafted) >= 1 + drafted / 2
+    return drafted > 0 and affordable and promising
 
 
 class Acceptance:
@@ -139,11 +144,12 @@ class Pace:
         self.acceptance.add(kind, passed, drafted)
         self._emitted = [self.memory * self._emitted[0] + passed + 1, self.memory * self._emitted[1] + expected]
 
-    def choose(self, kind: Optional[str], longest: int, costs: StepCosts) -> tuple:
+    def choose(self, kind: Optional[str], longest: int, costs: StepCosts, watched: bool = True) -> tuple:
         """(tokens to draft, whether that is a probe) for a draft of ``kind`` of at most ``longest`` tokens.
 
         A probe has ``probe_size`` tokens: the largest batch is measured, and a smaller size costs no
-        more than it (:func:`~dera_gguf.costs.ratio_at`) until measured itself.
+        more than it (:func:`~dera_gguf.costs.ratio_at`) until measured itself. ``watched``: whether
+        this kind's acceptance is learned without drafting (prompt lookup); if not, probes learn it too.
         """
         rate = self.acceptance.rate(kind)
         drafted = best_draft(rate, longest, costs.ratio, self.margin, self.calibration)
@@ -152,7 +158,7 @@ class Pace:
         size, step = self.probe_size, costs.step_seconds
         if longest < size or not step or costs.measured(size + 1) >= self.trust:
             return 0, False
-        return (size, True) if may_probe(rate, size, self.budget / step) else (0, False)
+        return (size, True) if may_probe(rate if watched else None, size, self.budget / step) else (0, False)
 
     def new_text(self) -> None:
         """A new text: acceptance is learned again (from its own drafts); costs, budget, calibration stay."""

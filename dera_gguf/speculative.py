@@ -202,7 +202,7 @@ class Speculation(LlamaDraftModel):
             if len(proposal) and not n:  # a draft not made: the text will tell how much of it would have passed
                 self._watched.append((len(ids), proposal, kind))
             return proposal[:n], kind, probe
-        n, probe = self.pace.choose(self._family, min(self.pace.max_draft, room), costs)
+        n, probe = self.pace.choose(self._family, min(self.pace.max_draft, room), costs, watched=False)
         return (self.source(ids, n)[:n] if n else EMPTY), self._family, probe
 
     def _time_step(self, length: int, now: float) -> None:

@@ -241,6 +241,19 @@ def report_pair(pair: str, results: list, prompts: List[dict], args) -> dict:
     return tables
 
 
+def report_costs(pair: str) -> list:
+    """What the engines measured: per kind of step, a one-row step's seconds and each batch size's cost."""
+    print(f"\n[{pair}] step costs the engines measured (batch rows: cost in one-row steps, steps timed)")
+    out = []
+    for (key, family), table in costs.measured().items():
+        active = key[1] if isinstance(key, tuple) else key
+        sizes = {k: (round(r, 2), n) for k, (r, n) in table.sizes().items()}
+        seconds = table.step_seconds or 0.0
+        print(f"  {family} active={active}: one row {seconds * 1e3:.1f} ms ({table.measured(1)} steps), {sizes}")
+        out.append({"family": family, "active": str(active), "one_row_ms": seconds * 1e3, "sizes": sizes})
+    return out
+
+
 def report_fresh(pair: str, rows: list, args) -> dict:
     spec, base = f"lam={args.fresh_lam} lookup", f"lam={args.fresh_lam}"
     groups = {c: [r for c2, r in rows if c2 == c] for c in dict.fromkeys(c for c, _ in rows)}
@@ -295,7 +308,7 @@ def main() -> None:
         costs.forget()  # each pair starts as a new process would
         llms = contenders(reference, aligned, args, kw)
         results = measure(llms, prompts, args)
-        report[pair] = {"tables": report_pair(pair, results, prompts, args)}
+        report[pair] = {"tables": report_pair(pair, results, prompts, args), "costs": report_costs(pair)}
         for llm in llms.values():
             llm.close()
         if args.fresh:

@@ -101,10 +101,13 @@ def test_calibration_is_what_drafts_emitted_per_token_expected():
     assert pace.calibration == pytest.approx((8 + 3 + 9) / (8 + 7 + 7))
 
 
-@given(acceptances, st.integers(1, 8))
-def test_a_probe_is_priced_at_a_whole_step_per_unmeasured_row(a, d):
-    assert probe_cost(a, d) == pytest.approx(max(0.0, 1 + UNMEASURED_ROW * d - expected_tokens(a, d)))
-    assert may_probe(a, d, probe_cost(a, d)) and not may_probe(a, d, probe_cost(a, d) - 1e-6)
+@given(acceptances, st.integers(1, 8), st.floats(0.0, 20.0))
+def test_a_probe_needs_a_budget_for_its_worst_case_and_a_draft_that_mostly_passes(a, d, budget):
+    worst = d * UNMEASURED_ROW  # every extra row a whole step, and nothing drafted passing
+    promising = (1 - a ** (d + 1)) / (1 - a) >= 1 + d / 2
+    assert probe_cost(d) == worst
+    assert may_probe(a, d, budget) == (budget >= worst and promising)
+    assert may_probe(None, d, budget) == (budget >= worst)  # acceptance learned only by drafting
 
 
 @given(st.dictionaries(st.integers(2, 12), st.floats(1.0, 10.0), min_size=1), st.integers(1, 16))
@@ -236,10 +239,10 @@ def test_a_fresh_engine_drafts_nothing_until_probes_are_paid_for(clock):
 
 def test_where_verification_pays_copying_gets_faster_and_the_next_engine_starts_from_it(clock):
     first = lookup_speculation()
-    n = 400
+    n = 1000
     seconds = generate(first, clock, copy_text(), 40, n, cheap)
     assert first.stats.probes > 0 and first.stats.verifications > first.stats.probes
-    assert seconds < 0.5 * n * cheap(1)
+    assert seconds < 0.75 * n * cheap(1)
     second = lookup_speculation()  # same process, same kind of step: no probing needed
     generate(second, clock, copy_text(seed=1), 40, 200, cheap)
     assert second.stats.probes == 0 and second.stats.verifications > 0
