@@ -190,40 +190,47 @@ def tps(entries: list, cpu: bool = False) -> float:
 
 
 def category_report(results: list, prompts: List[dict], names: List[str], base: str) -> dict:
-    """{category or group: {name: (tok/s median, ratio to base median, same tokens, accepted, drafted)}}."""
+    """{category or group: {name: its row}}: tok/s (median over rounds); ``ratio``, to ``base``, of the tok/s over
+    the group's replies (median over rounds); ``paired``, the median over replies and rounds of each reply's
+    ratio to ``base``'s reply to the same prompt in the same round (run just before or after it: the least
+    disturbed by the machine's load); ``cpu``, as ``ratio`` per CPU second; replies with the same tokens as
+    ``base`` (last round); drafted tokens that passed, and drafted tokens."""
     categories = dict.fromkeys(p["category"] for p in prompts)
     groups = {c: [i for i, p in enumerate(prompts) if p["category"] == c] for c in categories}
     groups["open-ended"] = [i for i, p in enumerate(prompts) if p["category"] in OPEN]
     groups["copy-heavy"] = [i for i, p in enumerate(prompts) if p["category"] not in OPEN]
     table = {}
     for group, idx in groups.items():
-        row = {}
-        for name in names:
-            speeds = [tps([res[name][i] for i in idx]) for res in results]
-            ratios = [tps([res[name][i] for i in idx]) / tps([res[base][i] for i in idx]) for res in results]
-            cpu = [tps([res[name][i] for i in idx], True) / tps([res[base][i] for i in idx], True) for res in results]
-            last = results[-1]
-            same = sum(last[name][i][1] == last[base][i][1] for i in idx)
-            accepted = sum(res[name][i][2] for res in results for i in idx)
-            drafted = sum(res[name][i][3] for res in results for i in idx)
-            medians = statistics.median(speeds), statistics.median(ratios), statistics.median(cpu)
-            row[name] = (*medians, same, len(idx), accepted, drafted)
-        table[group] = row
+        table[group] = {name: group_row(results, idx, name, base) for name in names}
     return table
+
+
+def group_row(results: list, idx: List[int], name: str, base: str) -> dict:
+    ratio = lambda res, cpu=False: tps([res[name][i] for i in idx], cpu) / tps([res[base][i] for i in idx], cpu)  # noqa: E731
+    return {
+        "tok/s": statistics.median(tps([res[name][i] for i in idx]) for res in results),
+        "ratio": statistics.median(ratio(res) for res in results),
+        "paired": statistics.median(tps([res[name][i]]) / tps([res[base][i]]) for res in results for i in idx),
+        "cpu": statistics.median(ratio(res, True) for res in results),
+        "same": sum(results[-1][name][i][1] == results[-1][base][i][1] for i in idx),
+        "replies": len(idx),
+        "passed": sum(res[name][i][2] for res in results for i in idx),
+        "drafted": sum(res[name][i][3] for res in results for i in idx),
+    }
 
 
 def print_table(title: str, table: dict) -> None:
     print(f"\n{title}")
     for group, row in table.items():
         cells = []
-        for name, (speed, ratio, cpu, same, n, accepted, drafted) in row.items():
+        for name, r in row.items():
             if name == next(reversed(row)):  # the baseline
-                cells.append(f"{name}: {speed:5.1f} tok/s")
+                cells.append(f"{name}: {r['tok/s']:5.1f} tok/s")
                 continue
-            cell = f"{name}: {speed:5.1f} tok/s x{ratio:.3f} (cpu x{cpu:.3f})"
-            if drafted:
-                cell += f" ({accepted}/{drafted} passed)"
-            cells.append(cell + f" same {same}/{n}")
+            cell = f"{name}: {r['tok/s']:5.1f} tok/s x{r['ratio']:.3f} paired x{r['paired']:.3f} cpu x{r['cpu']:.3f}"
+            if r["drafted"]:
+                cell += f" ({r['passed']}/{r['drafted']} passed)"
+            cells.append(cell + f" same {r['same']}/{r['replies']}")
         print(f"  {group:12s} " + " | ".join(cells))
 
 
@@ -263,13 +270,21 @@ def report_fresh(pair: str, rows: list, args) -> dict:
     for group, pick in groups.items():
         if not pick:
             continue
-        ratio = tps([r[spec] for r in pick]) / tps([r[base] for r in pick])
-        cpu = tps([r[spec] for r in pick], True) / tps([r[base] for r in pick], True)
-        same = sum(r[spec][1] == r[base][1] for r in pick)
-        out[group] = (ratio, cpu, same, len(pick), sum(r[spec][2] for r in pick), sum(r[spec][3] for r in pick))
+        out[group] = {
+            "ratio": tps([r[spec] for r in pick]) / tps([r[base] for r in pick]),
+            "paired": statistics.median(tps([r[spec]]) / tps([r[base]]) for r in pick),
+            "cpu": tps([r[spec] for r in pick], True) / tps([r[base] for r in pick], True),
+            "same": sum(r[spec][1] == r[base][1] for r in pick),
+            "replies": len(pick),
+            "passed": sum(r[spec][2] for r in pick),
+            "drafted": sum(r[spec][3] for r in pick),
+        }
     print(f"\n[{pair}] fresh engine, first reply, lam {args.fresh_lam}: lookup / no drafts, {args.fresh} round(s)")
-    for group, (ratio, cpu, same, n, accepted, drafted) in out.items():
-        print(f"  {group:12s} x{ratio:.3f} (cpu x{cpu:.3f})  same {same}/{n}  {accepted}/{drafted} drafted passed")
+    for group, r in out.items():
+        print(
+            f"  {group:12s} x{r['ratio']:.3f} paired x{r['paired']:.3f} cpu x{r['cpu']:.3f}  same {r['same']}/"
+            f"{r['replies']}  {r['passed']}/{r['drafted']} drafted passed"
+        )
     return out
 
 
