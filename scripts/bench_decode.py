@@ -210,13 +210,19 @@ def group_row(results: list, idx: List[int], name: str, base: str) -> dict:
     return {
         "tok/s": statistics.median(tps([res[name][i] for i in idx]) for res in results),
         "ratio": statistics.median(ratio(res) for res in results),
-        "paired": statistics.median(tps([res[name][i]]) / tps([res[base][i]]) for res in results for i in idx),
+        "paired": paired([(res[name][i], res[base][i]) for res in results for i in idx]),
         "cpu": statistics.median(ratio(res, True) for res in results),
         "same": sum(results[-1][name][i][1] == results[-1][base][i][1] for i in idx),
         "replies": len(idx),
         "passed": sum(res[name][i][2] for res in results for i in idx),
         "drafted": sum(res[name][i][3] for res in results for i in idx),
     }
+
+
+def paired(pairs: list) -> float:
+    """The median of each reply's tok/s over its partner's, over pairs where both have tokens after the first."""
+    ratios = [tps([a]) / tps([b]) for a, b in pairs if len(a[1]) > 1 and len(b[1]) > 1]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def print_table(title: str, table: dict) -> None:
@@ -272,7 +278,7 @@ def report_fresh(pair: str, rows: list, args) -> dict:
             continue
         out[group] = {
             "ratio": tps([r[spec] for r in pick]) / tps([r[base] for r in pick]),
-            "paired": statistics.median(tps([r[spec]]) / tps([r[base]]) for r in pick),
+            "paired": paired([(r[spec], r[base]) for r in pick]),
             "cpu": tps([r[spec] for r in pick], True) / tps([r[base] for r in pick], True),
             "same": sum(r[spec][1] == r[base][1] for r in pick),
             "replies": len(pick),
@@ -323,11 +329,16 @@ def main() -> None:
         costs.forget()  # each pair starts as a new process would
         llms = contenders(reference, aligned, args, kw)
         results = measure(llms, prompts, args)
+        if args.json:  # the raw measurements first: a report can be made again from them
+            Path(args.json + f".{pair}.raw").write_text(json.dumps(results))
         report[pair] = {"tables": report_pair(pair, results, prompts, args), "costs": report_costs(pair)}
         for llm in llms.values():
             llm.close()
         if args.fresh:
-            report[pair]["fresh"] = report_fresh(pair, fresh(reference, aligned, prompts, args, kw), args)
+            rows = fresh(reference, aligned, prompts, args, kw)
+            if args.json:
+                Path(args.json + f".{pair}.fresh.raw").write_text(json.dumps(rows))
+            report[pair]["fresh"] = report_fresh(pair, rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
