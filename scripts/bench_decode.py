@@ -184,9 +184,10 @@ def fresh(reference: str, aligned: str, prompts: List[dict], args, kw: dict) -> 
 
 
 def tps(entries: list, cpu: bool = False) -> float:
-    """Tokens per second after each reply's first token, over replies (``cpu``: per CPU second)."""
-    seconds = sum(e[4] if cpu else e[0] for e in entries)
-    return sum(len(e[1]) - 1 for e in entries) / max(1e-9, seconds)
+    """Tokens per second after each reply's first token, over replies (``cpu``: per CPU second); NaN without
+    a second token (nothing timed)."""
+    seconds, tokens = sum(e[4] if cpu else e[0] for e in entries), sum(len(e[1]) - 1 for e in entries)
+    return tokens / seconds if tokens > 0 and seconds > 0 else float("nan")
 
 
 def category_report(results: list, prompts: List[dict], names: List[str], base: str) -> dict:
@@ -294,6 +295,15 @@ def report_fresh(pair: str, rows: list, args) -> dict:
     return out
 
 
+def report_raw(prefix: str, prompts: List[dict], args) -> None:
+    """The report of an earlier run from its raw measurements (the same --split, --pairs, --lams)."""
+    for pair in args.pairs.split(","):
+        report_pair(pair, json.loads(Path(f"{prefix}.{pair}.raw").read_text()), prompts, args)
+        rows = Path(f"{prefix}.{pair}.fresh.raw")
+        if rows.is_file():
+            report_fresh(pair, json.loads(rows.read_text()), args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="held_out", choices=SPLITS)
@@ -310,7 +320,8 @@ def main() -> None:
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--no-flash-attn", action="store_true")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", default=None, help="write the results here (and the raw measurements beside)")
+    parser.add_argument("--from-raw", default=None, help="report what a run with --json PATH saved, run nothing")
     args = parser.parse_args()
     args.lams = [float(x) for x in args.lams.split(",")]
     args.threads = [] if args.threads == "none" else [int(t) for t in args.threads.split(",")]
@@ -323,6 +334,9 @@ def main() -> None:
         f"first token, {args.rounds} interleaved rounds; {platform.machine()}, {os.cpu_count()} CPUs, "
         f"n_gpu_layers={args.n_gpu_layers}, flash_attn={kw['flash_attn']}, llama-cpp-python {llama_cpp.__version__}"
     )
+    if args.from_raw:
+        report_raw(args.from_raw, prompts, args)
+        return
     report = {}
     for pair in ["custom"] if args.model else args.pairs.split(","):
         reference, aligned = pair_files(pair, args)
