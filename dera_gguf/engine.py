@@ -230,9 +230,10 @@ class PairRuntime:
 
     # ------------------------------------------------------------- drafts
 
-    def drafting(self, kind: Any, room: Callable[[int], int]) -> Optional[spec.Speculation]:
+    def drafting(self, kind: Any, room: Callable[[int], int], settings: tuple = ()) -> Optional[spec.Speculation]:
         """The drafts :meth:`eval` verifies: ``kind`` is ``"lookup"``, ``"model"`` or a llama-cpp-python
-        ``LlamaDraftModel`` (None: no drafts); ``room(n)``, the most tokens a draft may have after n."""
+        ``LlamaDraftModel`` (None: no drafts); ``room(n)``, the most tokens a draft may have after n;
+        ``settings``: what else a step's cost depends on (offloading, attention), part of :meth:`cost_key`."""
         if kind is None:
             source = None
         elif kind == "lookup":
@@ -243,8 +244,21 @@ class PairRuntime:
             )
         else:
             source = spec.from_draft_model(kind)
-        self.speculation = None if source is None else spec.Speculation(source, room)
+        key = lambda: self.cost_key(settings)
+        self.speculation = None if source is None else spec.Speculation(source, room, key=key)
         return self.speculation
+
+    def cost_key(self, settings: tuple = ()) -> tuple:
+        """What a step's cost depends on now (speculation times steps per key): the models and which
+        of them decode (the realignment in effect), the thread plan, and the caller's ``settings``."""
+        realign = self.realign
+        if realign is None or realign.mode == "blend":
+            active = None if realign is None else tuple(w != 0.0 for w in realign.weights)
+        else:
+            active = "weights"
+        files = (self.files.reference, *self.files.aligned)
+        plan = self.threads
+        return files, active, (plan.n_threads, plan.n_threads_batch, plan.concurrent), settings
 
     def _drafter(self) -> Optional[Context]:
         """The context that drafts for a model draft: the one with the largest weight in the realignment

