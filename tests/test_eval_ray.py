@@ -139,15 +139,21 @@ def test_resume_across_runs_with_and_without_ray(ref_path, aligned_path, score_r
 
 
 def kill_a_busy_worker(when: int):
-    """A progress callback that SIGKILLs a worker computing a row once ``when`` rows are done."""
+    """A progress callback that SIGKILLs a worker computing a row once ``when`` rows are done.
+
+    Rows are quick: at a given callback both workers may be between rows, so it watches for a
+    while (the workers go on with the rows already sent them while the driver waits here)."""
     killed = []
 
     def progress(label, done, total):
-        if done >= when and not killed:
-            busy = [p for p in worker_processes() if ".run" in p.info["cmdline"][0]]  # (else: at the next row)
+        deadline = time.time() + 2
+        while done >= when and not killed and time.time() < deadline:
+            busy = [p for p in worker_processes() if ".run" in p.info["cmdline"][0]]
             if busy:
                 os.kill(busy[0].pid, signal.SIGKILL)
                 killed.append(busy[0].pid)
+            else:
+                time.sleep(0.01)
 
     return progress, killed
 
