@@ -10,11 +10,15 @@ previous draft and the draft itself.
 
 Its steps are timed as their own kind (the kind names the drafter's file, :mod:`dera_gguf.costs`)
 and how often its drafts pass is learned from the drafts it makes (:mod:`dera_gguf.pacing`): like
-any model draft, a fresh engine drafts only once its measurements say a draft pays.
+any model draft, a fresh engine drafts only once its measurements say a draft pays. A draft after
+steps that did not draft first catches the drafter up with the text they added (a new reply: its
+whole prompt); that time is the pause's cost, not the draft's, so it is left out of what a draft
+step costs and paid from the exploration budget (:meth:`~dera_gguf.pacing.Pace.record`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
@@ -62,12 +66,21 @@ class SmallDraft:
     def __init__(self, context: Context, run: Callable, n_batch: int, path: str):
         self.context, self.run, self.n_batch = context, run, n_batch
         self.kind = f"drafter {path}"
+        self.caught_up = 0.0  # seconds the latest draft spent catching the drafter up with the text
 
     def __call__(self, ids: np.ndarray, n: int) -> np.ndarray:
+        self.caught_up = 0.0
         if n < 1:
             return EMPTY
-        draft: list = []
-        self.run(self.context, lambda c: draft.extend(greedy_draft(c, np.asarray(ids), n, self.n_batch)))
+        ids, draft = np.asarray(ids), []
+
+        def work(context: Context) -> None:
+            start = time.perf_counter()
+            context.catch_up(ids[:-1], self.n_batch)
+            self.caught_up = time.perf_counter() - start
+            draft.extend(greedy_draft(context, ids, n, self.n_batch))
+
+        self.run(self.context, work)
         return np.array(draft, dtype=np.intc)
 
 

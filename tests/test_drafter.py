@@ -66,8 +66,11 @@ def drafter_of(llm: DeRaLlama):
     return llm.draft_model.source.context
 
 
-@pytest.mark.parametrize("lam", [1.5, -0.5])
-@pytest.mark.parametrize("drafter", ["aligned", "reference", "other"])
+# lam 1: one model decodes and verifies, as in llama.cpp's own speculative decoding
+CASES = [(d, lam) for d in ("aligned", "reference", "other") for lam in (1.5, -0.5)] + [("aligned", 1.0)]
+
+
+@pytest.mark.parametrize("drafter,lam", CASES)
 def test_greedy_tokens_with_a_drafter_are_the_blends(
     ref_path, aligned_path, other_path, reference_models, drafter, lam
 ):
@@ -77,7 +80,7 @@ def test_greedy_tokens_with_a_drafter_are_the_blends(
     assert R.generated(llm, prompt, len(expected)) == expected
     stats = llm.speculation_stats
     assert stats.verifications > 0 and stats.drafted > 0
-    if (drafter, lam) in (("aligned", 1.5), ("reference", -0.5)):  # the model with the largest weight drafts
+    if (drafter, lam) in (("aligned", 1.5), ("reference", -0.5), ("aligned", 1.0)):  # the largest weight's model
         assert stats.accepted > 0
     # Its cache follows the text: each position is decoded once, plus the drafted tokens that failed
     # (without that, every draft would decode the whole text again).
