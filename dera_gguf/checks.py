@@ -131,24 +131,24 @@ def vocab_signature(model: internals.LlamaModel) -> tuple:
     return n, texts, attrs, model.token_bos(), model.token_eos()
 
 
-def check_same_vocab(ref_path: str, ref_sig: tuple, path: str, sig: tuple) -> None:
-    """Refuse a pair whose vocabularies differ in size, any token's text or type, or BOS/EOS."""
+SAME_TOKENIZER = "DeRa needs models that share one tokenizer"
+
+
+def check_same_vocab(
+    ref_path: str, ref_sig: tuple, path: str, sig: tuple, role: str = "", advice: str = SAME_TOKENIZER
+) -> None:
+    """Refuse a model whose vocabulary differs from the reference's in size, any token's text or type, or
+    BOS/EOS; the message names ``path`` (as ``role``, e.g. "the draft model ") and ends with ``advice``."""
     (n_a, texts_a, attrs_a, bos_a, eos_a), (n_b, texts_b, attrs_b, bos_b, eos_b) = ref_sig, sig
-    where = f"{path} and the reference {ref_path}"
+    where = f"{role}{path} and the reference {ref_path}"
     if n_a != n_b:
-        raise DeRaError(
-            f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: "
-            "DeRa needs models that share one tokenizer"
-        )
+        raise DeRaError(f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: {advice}")
     for i, (ta, tb, aa, ab) in enumerate(zip(texts_a, texts_b, attrs_a, attrs_b)):
         if ta != tb or aa != ab:
-            raise DeRaError(
-                f"token {i} differs between {where} ({tb!r} vs {ta!r}): DeRa needs models that share one tokenizer"
-            )
+            raise DeRaError(f"token {i} differs between {where} ({tb!r} vs {ta!r}): {advice}")
     if (bos_a, eos_a) != (bos_b, eos_b):
         raise DeRaError(
-            f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): "
-            "DeRa needs models that share one tokenizer"
+            f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): {advice}"
         )
 
 
@@ -157,6 +157,20 @@ def check_vocabularies(ref_path: str, model_paths: List[str], verbose: bool) -> 
     ref_sig = _signature(ref_path, "reference model", verbose)
     for path in model_paths:
         check_same_vocab(ref_path, ref_sig, path, _signature(path, "aligned model", verbose))
+
+
+def check_draft_vocabulary(ref_path: str, draft_path: str, verbose: bool) -> None:
+    """Refuse, before loading any weights, a draft model whose tokenizer differs from the pair's (its
+    drafted token ids would mean other tokens to the pair)."""
+    check_same_vocab(
+        ref_path,
+        _signature(ref_path, "reference model", verbose),
+        draft_path,
+        _signature(draft_path, "draft model", verbose),
+        role="the draft model ",
+        advice="a draft model must share the pair's tokenizer: use a smaller model of the pair's family "
+        "(the same tokenizer), or run without draft_model_path / --draft",
+    )
 
 
 def _signature(path: str, role: str, verbose: bool) -> tuple:

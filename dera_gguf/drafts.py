@@ -1,4 +1,5 @@
-"""Where drafts come from: prompt lookup (free) and one of the pair's own models (a decode per token).
+"""Where drafts come from: prompt lookup (free) and a model's greedy tokens (a decode per token): one of
+the pair's own models here, a small drafter of its own in :mod:`dera_gguf.drafter`.
 
 A draft source is ``source(ids, n)``: at most ``n`` tokens to follow ``ids`` (the text so far,
 its last token sampled but not decoded yet), deterministic, so that verifying them by sampling
@@ -126,23 +127,29 @@ class ModelDraft:
         if context is None or n < 1:
             return EMPTY
         draft, rows = [], []
-
-        def work(c):
-            c.catch_up(ids[:-1], self.n_batch)
-            token = int(ids[-1])
-            for i in range(n):
-                c.decode_run([token], len(ids) - 1 + i, 1)
-                rows.append(c.rows(1)[0].copy())
-                token = int(np.argmax(rows[-1]))
-                draft.append(token)
-
-        self.run(context, work)
+        self.run(context, lambda c: draft.extend(greedy_draft(c, ids, n, self.n_batch, rows)))
         self.known = KnownRows(context, len(ids) - 1, np.array(rows))
         return np.array(draft, dtype=np.intc)
 
     def take_known(self) -> Optional[KnownRows]:
         known, self.known = self.known, None
         return known
+
+
+def greedy_draft(context, ids: np.ndarray, n: int, n_batch: int, rows: Optional[list] = None) -> list:
+    """``n`` greedy tokens of ``context`` after ``ids`` (its last token not decoded yet). The context first
+    holds ``ids[:-1]`` (what it holds of them is kept, the rest decoded in batches of ``n_batch``), then
+    decodes one token at a time; each logits row is appended to ``rows`` where given."""
+    context.catch_up(ids[:-1], n_batch)
+    token, draft = int(ids[-1]), []
+    for i in range(n):
+        context.decode_run([token], len(ids) - 1 + i, 1)
+        row = context.rows(1)[0]
+        if rows is not None:
+            rows.append(row.copy())
+        token = int(np.argmax(row))
+        draft.append(token)
+    return draft
 
 
 def from_draft_model(draft_model: LlamaDraftModel) -> Callable[[np.ndarray, int], np.ndarray]:

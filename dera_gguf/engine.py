@@ -21,6 +21,7 @@ import numpy as np
 from . import speculative as spec
 from .blend import Lam, mixing_weights
 from .contexts import Context, KnownRows, Lockstep, SavedSequence
+from .drafter import Drafter, SmallDraft
 from .errors import DeRaError
 from .models import PairFiles, PairModels
 from .threads import ThreadPlan, physical_cores
@@ -230,18 +231,23 @@ class PairRuntime:
 
     # ------------------------------------------------------------- drafts
 
-    def drafting(self, kind: Any, room: Callable[[int], int], settings: tuple = ()) -> Optional[spec.Speculation]:
+    def drafting(
+        self, kind: Any, room: Callable[[int], int], settings: tuple = (), drafter: Optional[Drafter] = None
+    ) -> Optional[spec.Speculation]:
         """The drafts :meth:`eval` verifies: ``kind`` is ``"lookup"``, ``"model"`` or a llama-cpp-python
         ``LlamaDraftModel`` (None: no drafts); ``room(n)``, the most tokens a draft may have after n;
-        ``settings``: what else a step's cost depends on (offloading, attention), part of :meth:`cost_key`."""
+        ``settings``: what else a step's cost depends on (offloading, attention), part of :meth:`cost_key`;
+        ``drafter``: a small drafter (:mod:`dera_gguf.drafter`), which a ``"model"`` draft uses instead of
+        the pair's own models."""
+        run = lambda context, work: self.threads.run([context], work)
         if kind is None:
             source = None
         elif kind == "lookup":
             source = spec.NgramLookup()
+        elif kind == "model" and drafter is not None:
+            source = SmallDraft(drafter.context, run, self.n_batch, drafter.path)
         elif kind == "model":
-            source = spec.ModelDraft(
-                self._drafter, lambda context, work: self.threads.run([context], work), self.n_batch
-            )
+            source = spec.ModelDraft(self._drafter, run, self.n_batch)
         else:
             source = spec.from_draft_model(kind)
         key = lambda: self.cost_key(settings)

@@ -39,6 +39,7 @@ from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
 from .calls import Call, CallScope
 from .contexts import Context
+from .drafter import check_draft_model, draft_kind, open_drafter
 from .engine import PairRuntime, Realign, check_mode, thread_plan
 from .errors import ContextFullError, DeRaError, Stopped
 from .models import PairFiles, PairModels, as_path_list
@@ -56,6 +57,7 @@ class _Setup(NamedTuple):
     concurrent: Optional[bool]
     speculative: Any
     llama_kwargs: dict
+    draft_model_path: Optional[str] = None
 
 
 class DeRaLlama(Llama):
@@ -84,6 +86,10 @@ class DeRaLlama(Llama):
             seed, as far as llama.cpp's logits do not depend on the batch shape
             (:mod:`dera_gguf.speculative`). A draft is made only where, at the step costs this
             process has measured for the pair, it is expected to save time (none at first).
+        draft_model_path: a small GGUF model with the pair's vocabulary (e.g. a 1B model of the
+            8B pair's family) that drafts greedily in a context of its own (:mod:`dera_gguf.drafter`).
+            It implies ``speculative="model"``, which then means its drafts; another ``speculative``
+            beside it is refused. A vocabulary unlike the pair's is refused before loading.
         chat_template: a Jinja chat template that formats chats instead of the GGUF's own.
             Without it (and without ``chat_format`` / ``chat_handler``) the aligned model's
             template is used, or the reference's when the aligned model has none.
@@ -102,14 +108,17 @@ class DeRaLlama(Llama):
         concurrent: Optional[bool] = None,
         speculative: Union[None, str, LlamaDraftModel] = None,
         chat_template: Optional[str] = None,
+        draft_model_path: Optional[PathLike] = None,
         **llama_kwargs: Any,
     ):
-        checks.check_llama_kwargs(llama_kwargs, ["lam", "mode", "concurrent", "speculative", "chat_template"])
+        own = ["lam", "mode", "concurrent", "speculative", "chat_template", "draft_model_path"]
+        checks.check_llama_kwargs(llama_kwargs, own)
         checks.check_chat_template(chat_template, llama_kwargs)
-        speculative = spec.check_kind(speculative, llama_kwargs.pop("draft_model", None))
-        files = PairFiles.check(
-            reference_model_path, as_path_list(aligned_model_path), llama_kwargs.get("verbose", True)
-        )
+        speculative = draft_kind(spec.check_kind(speculative, llama_kwargs.pop("draft_model", None)), draft_model_path)
+        verbose = llama_kwargs.get("verbose", True)
+        files = PairFiles.check(reference_model_path, as_path_list(aligned_model_path), verbose)
+        if draft_model_path is not None:
+            draft_model_path = check_draft_model(draft_model_path, files.reference, verbose)
         self._files = files
         self._calls = CallScope(Realign.of(lam, mode, files), files)
         self._setup = _Setup(
@@ -118,6 +127,7 @@ class DeRaLlama(Llama):
             concurrent,
             speculative,
             dict(llama_kwargs, chat_template=chat_template),
+            draft_model_path,
         )
         threads = thread_plan(
             llama_kwargs.get("n_gpu_layers", 0),
@@ -139,9 +149,11 @@ class DeRaLlama(Llama):
         self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
-        room = lambda length: self.n_batch - (length - self.n_tokens)  # the decode batch holds the draft too
+        # The decode batch holds the draft too, and the context the whole text.
+        room = lambda length: min(self.n_batch - (length - self.n_tokens), self._n_ctx - length)
         settings = (self.model_params.n_gpu_layers, self.context_params.flash_attn_type, self.context_params.type_k)
-        self.draft_model = self.runtime.drafting(speculative, room, settings)
+        drafter = open_drafter(self.runtime.models, draft_model_path, self.context_params, self.n_batch)
+        self.draft_model = self.runtime.drafting(speculative, room, settings, drafter)
 
     @classmethod
     def from_pair(
@@ -157,7 +169,8 @@ class DeRaLlama(Llama):
         user's. Nothing is downloaded here: a pair whose files are missing raises a DeRaError
         naming the command that gets them (``dera-pull NAME``, or :func:`dera_gguf.pull`).
         The pair's chat template (models.toml's ``chat_format`` / ``chat_template``) is used
-        unless the call names one.
+        unless the call names one. Other keywords (``draft_model_path=``, ``n_ctx=``, ...) are
+        :class:`DeRaLlama`'s.
         """
         from .registry import load_registry
 

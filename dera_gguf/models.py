@@ -146,14 +146,22 @@ class PairModels:
             name = f"aligned model {member}"
             model = self.model(self.files.model_file(i), name)
             adapter = self.adapter(self.files.aligned[i]) if self.files.is_adapter[i] else None
+        context = self._new_context(name, model, context_params, n_batch, n_seq)
+        if adapter is not None:
+            context.set_adapters(((adapter, lora_scale),))
+        return context
+
+    def draft_context(self, path: str, context_params, n_batch: int) -> Context:
+        """A new context on the draft model ``path`` (:mod:`dera_gguf.drafter`), loaded with the pair's model
+        parameters (offloading); a file of the pair is not loaded twice."""
+        return self._new_context(f"draft model {path}", self.model(path, "draft model"), context_params, n_batch, 1)
+
+    def _new_context(self, name: str, model: internals.LlamaModel, context_params, n_batch: int, n_seq: int):
         ctx = internals.LlamaContext(model=model, params=context_params, verbose=self.verbose)
         self._stack.callback(ctx.close)
         batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=n_seq, verbose=self.verbose)
         self._stack.callback(batch.close)
-        context = Context(name, ctx, model.n_vocab(), batch, n_batch)
-        if adapter is not None:
-            context.set_adapters(((adapter, lora_scale),))
-        return context
+        return Context(name, ctx, model.n_vocab(), batch, n_batch)
 
     def adapters_at(self, scales: Sequence[float]) -> tuple:
         """Every aligned adapter at its scale, ``((adapter, scale), ...)``: the weight-space model."""

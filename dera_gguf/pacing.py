@@ -164,11 +164,17 @@ class Pace:
         """A new text: acceptance is learned again (from its own drafts); costs, budget, calibration stay."""
         self.acceptance = Acceptance(self.memory)
 
-    def record(self, costs: StepCosts, rows: int, seconds: float, tokens: int, probe: bool) -> None:
+    def record(
+        self, costs: StepCosts, rows: int, seconds: float, tokens: int, probe: bool, overhead: float = 0.0
+    ) -> None:
         """A step of ``rows`` rows that took ``seconds`` and emitted ``tokens``; a probe pays what it cost
-        beyond plain steps from the budget (or adds what it saved)."""
+        beyond plain steps from the budget (or adds what it saved). ``overhead``: seconds of the step that
+        are not its rows' cost (a drafter of its own catching up with the text after a pause, a cost of
+        the pause): left out of the step's cost, paid from the budget."""
         step = costs.step_seconds
         if probe and step:
             self.budget -= seconds - tokens * step
+        elif overhead:
+            self.budget -= overhead
         self.budget += self.explore * seconds
-        costs.record(rows, seconds)
+        costs.record(rows, seconds - overhead)

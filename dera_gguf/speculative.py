@@ -156,7 +156,7 @@ class Speculation(LlamaDraftModel):
         self._family = "lookup" if self._free else getattr(source, "kind", "draft")
         self._last: Optional[tuple] = None  # (start position, drafted tokens, kind, tokens expected)
         self._watched: list = []  # (start position, tokens, kind) of free drafts not verified, until settled
-        self._clock: Optional[tuple] = None  # (text length, time, costs, rows, probe) at the previous call
+        self._clock: Optional[tuple] = None  # (text length, time, costs, rows, probe, overhead) at the previous call
 
     def restart(self) -> None:
         """A new generation: the previous draft is not verified against it. How often free drafts pass is
@@ -170,6 +170,7 @@ class Speculation(LlamaDraftModel):
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         now = time.perf_counter()
         ids = np.asarray(input_ids)
+        followed = self._last is not None  # the previous step drafted: a drafter of its own followed the text
         self._settle(ids)
         self._watch(ids)
         self._time_step(len(ids), now)
@@ -177,7 +178,9 @@ class Speculation(LlamaDraftModel):
         costs = step_costs((self.key(), self._family)) if self.pace.timed else None
         draft, kind, probe = self._paced(ids, room, costs) if costs is not None else self._gated(ids, room)
         self._last = (len(ids), draft, kind, self.pace.expected(kind, len(draft))) if len(draft) else None
-        self._clock = (len(ids), now, costs, 1 + len(draft), probe)  # the drafting counts towards its step
+        # The drafting counts towards its step; a drafter's catching up after a pause is the pause's cost.
+        overhead = getattr(self.source, "caught_up", 0.0) if len(draft) and not followed else 0.0
+        self._clock = (len(ids), now, costs, 1 + len(draft), probe, overhead)
         if len(draft):
             self.stats.verifications += 1
             self.stats.drafted += len(draft)
@@ -209,9 +212,9 @@ class Speculation(LlamaDraftModel):
         """Time the step since the previous call (its decode, sampling and drafting)."""
         if self._clock is None:
             return
-        before, then, costs, rows, probe = self._clock
+        before, then, costs, rows, probe, overhead = self._clock
         if costs is not None and length > before:
-            self.pace.record(costs, rows, now - then, length - before, probe)
+            self.pace.record(costs, rows, now - then, length - before, probe, overhead)
 
     def _settle(self, ids: np.ndarray) -> None:
         """Record how many tokens of the last draft the sampler kept (they now stand in ``ids``)."""

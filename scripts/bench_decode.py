@@ -15,7 +15,8 @@ one weight file); "requant", two model files (the same Q4_1 and its requantizati
 llama.cpp's own quantizer, written once into a cache folder outside the repository).
 
 For each pair and each lam in --lams: DeRa without drafts and with speculative="lookup" (plus
-"model" with --model-drafts), and plain llama-cpp-python on the aligned model at --threads.
+"model" with --model-drafts, and a small drafter with --draft FILE), and plain llama-cpp-python on
+the aligned model at --threads.
 Greedy, up to --tokens new tokens (EOS ends a reply), each reply timed from its first token (the
 prompt's decode left out); for every prompt the contenders run one after the other, in reversed
 order every other round, so that machine noise hits all alike. Reported per category: tok/s,
@@ -135,7 +136,14 @@ def contenders(reference: str, aligned: str, args, kw: dict) -> Dict[str, object
         out[f"lam={lam} lookup"] = DeRaLlama(reference, aligned, lam=lam, speculative="lookup", **kw)
         if args.model_drafts and lam not in (0.0, 1.0):
             out[f"lam={lam} model"] = DeRaLlama(reference, aligned, lam=lam, speculative="model", **kw)
+        if args.draft:
+            out[f"lam={lam} drafter"] = DeRaLlama(reference, aligned, lam=lam, draft_model_path=args.draft, **kw)
     return out
+
+
+def speculation(kind: str, args) -> dict:
+    """DeRaLlama's keywords for a contender's kind of drafts ("": none, "lookup", "drafter": --draft)."""
+    return dict(draft_model_path=args.draft) if kind == "drafter" else dict(speculative=kind or None)
 
 
 def counts(llm) -> tuple:
@@ -167,14 +175,16 @@ def progress(message: str) -> None:
 
 
 def fresh(reference: str, aligned: str, prompts: List[dict], args, kw: dict) -> list:
-    """Per round and prompt, {"lam=L": ..., "lam=L lookup": ...} of a new engine's first reply (costs forgotten)."""
+    """Per round and prompt, {"lam=L": ..., "lam=L lookup": ...} (and "lam=L drafter" with --draft) of a new
+    engine's first reply (costs forgotten)."""
     rows = []
+    suffixes = ["", " lookup"] + ([" drafter"] if args.draft else [])
     for r in range(args.fresh):
         for i, p in enumerate(prompts):
             row = {}
-            for suffix in ["", " lookup"] if (r + i) % 2 == 0 else [" lookup", ""]:
+            for suffix in suffixes if (r + i) % 2 == 0 else list(reversed(suffixes)):
                 costs.forget()
-                llm = DeRaLlama(reference, aligned, lam=args.fresh_lam, speculative=suffix.strip() or None, **kw)
+                llm = DeRaLlama(reference, aligned, lam=args.fresh_lam, **speculation(suffix.strip(), args), **kw)
                 seconds, out, cpu = run(llm, chat_tokens(llm, p["prompt"]), args.tokens)
                 row[f"lam={args.fresh_lam}{suffix}"] = (seconds, out, *counts(llm), cpu)
                 llm.close()
@@ -268,8 +278,10 @@ def report_costs(pair: str) -> list:
     return out
 
 
-def report_fresh(pair: str, rows: list, args) -> dict:
-    spec, base = f"lam={args.fresh_lam} lookup", f"lam={args.fresh_lam}"
+def report_fresh(pair: str, rows: list, args, kind: str = "lookup") -> dict:
+    spec, base = f"lam={args.fresh_lam} {kind}", f"lam={args.fresh_lam}"
+    if spec not in rows[0][1]:
+        return {}
     groups = {c: [r for c2, r in rows if c2 == c] for c in dict.fromkeys(c for c, _ in rows)}
     groups["open-ended"] = [r for c, r in rows if c in OPEN]
     groups["copy-heavy"] = [r for c, r in rows if c not in OPEN]
@@ -286,7 +298,7 @@ def report_fresh(pair: str, rows: list, args) -> dict:
             "passed": sum(r[spec][2] for r in pick),
             "drafted": sum(r[spec][3] for r in pick),
         }
-    print(f"\n[{pair}] fresh engine, first reply, lam {args.fresh_lam}: lookup / no drafts, {args.fresh} round(s)")
+    print(f"\n[{pair}] fresh engine, first reply, lam {args.fresh_lam}: {kind} / no drafts, {args.fresh} round(s)")
     for group, r in out.items():
         print(
             f"  {group:12s} x{r['ratio']:.3f} paired x{r['paired']:.3f} cpu x{r['cpu']:.3f}  same {r['same']}/"
@@ -301,7 +313,8 @@ def report_raw(prefix: str, prompts: List[dict], args) -> None:
         report_pair(pair, json.loads(Path(f"{prefix}.{pair}.raw").read_text()), prompts, args)
         rows = Path(f"{prefix}.{pair}.fresh.raw")
         if rows.is_file():
-            report_fresh(pair, json.loads(rows.read_text()), args)
+            for kind in ("lookup", "drafter"):
+                report_fresh(pair, json.loads(rows.read_text()), args, kind)
 
 
 def main() -> None:
@@ -318,6 +331,7 @@ def main() -> None:
     parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads, or none")
     parser.add_argument("--categories", default=None, help="only these categories (comma-separated)")
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
+    parser.add_argument("--draft", default=None, help="also a small drafter: this GGUF (draft_model_path=)")
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--no-flash-attn", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here (and the raw measurements beside)")
@@ -353,6 +367,7 @@ def main() -> None:
             if args.json:
                 Path(args.json + f".{pair}.fresh.raw").write_text(json.dumps(rows))
             report[pair]["fresh"] = report_fresh(pair, rows, args)
+            report[pair]["fresh drafter"] = report_fresh(pair, rows, args, "drafter")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

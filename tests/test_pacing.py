@@ -253,3 +253,17 @@ def test_untimed_pace_drafts_whatever_steps_cost(clock):
     spec.pace = Pace(timed=False)
     generate(spec, clock, copy_text(), 40, 60, dear)
     assert spec.stats.verifications > 5
+
+
+def test_a_drafters_catch_up_after_a_pause_is_paid_from_the_budget_not_priced_into_its_batch():
+    """A drafter of its own first catches up with what the text gained while nothing was drafted (a new
+    reply's whole prompt): that time is the pause's, so the batch is priced without it, and the
+    exploration budget pays it (a probe's, with the rest of what the probe cost beyond plain steps)."""
+    for probe in (True, False):
+        pace, table = Pace(), StepCosts()
+        for _ in range(3):
+            table.record(1, 0.010)
+        pace.record(table, 9, 1.050, 5, probe, overhead=1.0)
+        assert table.ratio(9) == pytest.approx(5.0)
+        paid = (1.050 - 5 * 0.010) if probe else 1.0
+        assert pace.budget == pytest.approx(pace.explore * 1.050 - paid)

@@ -42,7 +42,7 @@ QUIT = object()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@model_options
+@model_options(draft=True)
 @click.option(
     "--lam",
     "lam_text",

@@ -29,18 +29,29 @@ MODELS_OPTION = click.option(
 )
 
 
+DRAFT_OPTION = click.option(
+    "--draft",
+    "draft_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A small GGUF model with the pair's tokenizer (e.g. a 1B model of an 8B pair's family) that drafts "
+    "tokens for the pair to verify: implies --speculative model, which then means its drafts (a bare file name "
+    "is also looked for in $DERA_HOME).",
+)
+
+
 def model_options(
-    fn: Optional[Callable] = None, *, several_aligned: bool = True, several_pairs: bool = False
+    fn: Optional[Callable] = None, *, several_aligned: bool = True, several_pairs: bool = False, draft: bool = False
 ) -> Callable:
     """Flags that choose the models and how llama.cpp runs them, handed to the command as ``models``,
     one :class:`ModelFlags`.
 
     Use as ``@model_options``, or ``@model_options(several_aligned=False)`` for a command
     that blends exactly one aligned model. With ``several_pairs`` (dera-serve), ``--pair``
-    may be repeated.
+    may be repeated; with ``draft``, ``--draft FILE`` names a small drafter.
     """
     if fn is None:
-        return lambda f: model_options(f, several_aligned=several_aligned, several_pairs=several_pairs)
+        return lambda f: model_options(f, several_aligned=several_aligned, several_pairs=several_pairs, draft=draft)
     aligned_help = "Aligned model GGUF or LoRA adapter GGUF" + (
         "; repeat for several aligned models." if several_aligned else "."
     )
@@ -57,6 +68,7 @@ def model_options(
         ),
         click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False), help=aligned_help),
         MODELS_OPTION,
+        *([DRAFT_OPTION] if draft else []),
         click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),
         click.option(
             "--n-gpu-layers",
@@ -77,6 +89,7 @@ def model_options(
     def with_model_flags(*args, **kwargs):
         pairs = kwargs.pop(pair_key)
         values = {name: kwargs.pop(name) for name in ModelFlags.FLAGS}
+        values["draft_path"] = kwargs.pop("draft_path", None)
         pairs = tuple(pairs) if several_pairs else ((pairs,) if pairs else ())
         return fn(*args, models=ModelFlags(pairs=pairs, **values), **kwargs)
 
@@ -113,6 +126,7 @@ class ModelFlags:
     threads: Optional[int]
     seed: Optional[int]
     verbose: bool
+    draft_path: Optional[str] = None  # --draft, where the command has it
 
     @property
     def pair_name(self) -> Optional[str]:
@@ -149,6 +163,13 @@ class ModelFlags:
             kwargs["seed"] = self.seed
         if chosen.pair is not None:
             kwargs.update(chosen.pair.template_kwargs())
+        if self.draft_path is not None:
+            if llama_kwargs.get("speculative") not in (None, "model"):
+                raise DeRaError(
+                    f"--draft drafts from {self.draft_path} and --speculative {llama_kwargs['speculative']} names "
+                    "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
+                )
+            kwargs["draft_model_path"] = find_in_home(self.draft_path)
         llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
         for note in llm.pair_files.notes:
             click.echo(note, err=True)
@@ -181,7 +202,8 @@ def mode_option(note: str = "") -> Callable:
 
 _DRAFTS = {
     "lookup": "lookup: copy from the prompt and answer so far (pays on edits, quotes, code)",
-    "model": "model: greedy drafts from the pair's model with the largest weight (pays on GPUs)",
+    "model": "model: greedy drafts from the pair's model with the largest weight, or from --draft's model "
+    "(pays on GPUs)",
 }
 
 

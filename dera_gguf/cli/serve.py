@@ -33,7 +33,7 @@ from .common import (
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@model_options(several_pairs=True)
+@model_options(several_pairs=True, draft=True)
 @click.option("--alias", default=None, help="Model id of the --ref/--aligned pair  [default: the aligned file's name].")
 @click.option(
     "--lam",
