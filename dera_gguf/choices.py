@@ -33,10 +33,13 @@ class Choice:
 
     ``finish`` is ``"stop"`` (end of text, or a stop string its caller found), ``"length"``
     (``max_tokens`` reached) or None while it runs; a caller may set it between steps.
+    ``bias``: ``{token: added logit}``, added to the blended row before the chain samples it
+    (llama-cpp-python's ``logit_bias``, which it also applies first).
     """
 
     weights: np.ndarray
     chain: internals.LlamaSampler
+    bias: Optional[dict] = None
     tokens: List[int] = field(default_factory=list)
     finish: Optional[str] = None
 
@@ -95,6 +98,8 @@ def decode_choices(
         weights = np.stack([choices[i].weights for i in live], axis=1)  # (n_models, n_live)
         blended = blend_logits(list(rows), list(weights))  # every row at its own choice's weights
         for row, i in zip(blended, live):
+            if choices[i].bias:
+                _add_bias(row, choices[i].bias)
             _emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog)
         yield list(live)
         live = [i for i in live if choices[i].finish is None]
@@ -102,6 +107,11 @@ def decode_choices(
             before_decode()
             runs = [Run(i, len(prompt) + len(choices[i].tokens) - 1, [choices[i].tokens[-1]]) for i in live]
             rows = advance(runtime, runs)
+
+
+def _add_bias(row: np.ndarray, bias: dict) -> None:
+    ids = np.fromiter(bias, dtype=np.intp, count=len(bias))
+    row[ids] = row[ids] + np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
 
 
 def _emit(choice: Choice, token: int, max_tokens: int, is_eog: Callable[[int], bool]) -> None:

@@ -103,6 +103,8 @@ def choices_at_once(http: httpx.Client, body: dict, lams: list) -> tuple[float, 
     """One request with a λ list: its time and its choices' texts."""
     start = time.perf_counter()
     answer = http.post("/v1/chat/completions", json=dict(body, lam=lams)).json()
+    if "choices" not in answer:
+        raise SystemExit(f"the request with a lam list failed: {answer}")
     return time.perf_counter() - start, [c["message"]["content"] for c in answer["choices"]]
 
 

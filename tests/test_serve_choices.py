@@ -11,11 +11,24 @@ batch-shape drift here, as tests/test_choices.py measures).
 from __future__ import annotations
 
 import signal
+import time
 
 import openai
 import pytest
-from serve_driver import ServerProcess, sse_json
-from test_serve import CAP, CAT, GREEDY, HELLO, KEY, _openai, env, paths  # noqa: F401 (fixtures)
+from serve_driver import ServerProcess, sse_data, sse_json
+from test_serve import (  # noqa: F401 (fixtures)
+    CAP,
+    CAT,
+    EOG_BAN,
+    GREEDY,
+    HELLO,
+    KEY,
+    _openai,
+    assert_engine_free,
+    env,
+    long_answer_server,
+    paths,
+)
 
 LAMS = [0.0, 0.5, 1.0, 1.5, 2.0]
 SAMPLED = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0)
@@ -152,3 +165,50 @@ def test_the_server_answers_one_answer_requests_as_before_after_several(client):
     before = alone(client, 1.5, **settings)
     client.chat.completions.create(model="tiny", messages=HELLO, **_openai(settings, lam=[0, 1, 2]))
     assert alone(client, 1.5, **settings) == before
+
+
+def test_logit_bias_by_token_id_applies_to_every_choice(client):
+    settings = dict(GREEDY, max_tokens=CAP, logit_bias=EOG_BAN)
+    resp = client.chat.completions.create(model="tiny", messages=HELLO, **_openai(settings, lam=[0.5, 2.0]))
+    for choice, lam in zip(resp.choices, (0.5, 2.0)):
+        one = client.chat.completions.create(model="tiny", messages=HELLO, **_openai(settings, lam=lam))
+        assert (choice.message.content, choice.finish_reason) == (one.choices[0].message.content, "length")
+    assert resp.usage.completion_tokens == 2 * CAP
+
+
+# ------------------------------------------------------ process lifecycle
+
+
+def test_client_disconnect_mid_stream_of_several_choices_frees_the_engine(env, paths, tmp_path):  # noqa: F811
+    """Eight 4000-token choices dropped after 40 chunks: the next request need not wait for the rest."""
+    proc, ask = long_answer_server(paths, env, tmp_path)
+    lams = [0, 0.25, 0.5, 0.75, 1.25, 1.5, 1.75, 2]
+    body = dict(model="my-dpo", messages=HELLO, max_tokens=40, logit_bias=EOG_BAN, lam=lams, **GREEDY)
+    try:
+        with proc.http() as http:
+            assert http.post("/v1/chat/completions", json=ask).status_code == 200  # warm-up (first call is slow)
+            assert http.post("/v1/chat/completions", json=body).status_code == 200  # (makes the choices' contexts)
+            start = time.monotonic()
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+            seconds_per_step = (time.monotonic() - start) / 40
+            with http.stream("POST", "/v1/chat/completions", json=dict(body, stream=True, max_tokens=4000)) as r:
+                for n, _ in enumerate(sse_data(r.iter_lines())):
+                    if n == 40:
+                        break
+        assert_engine_free(proc, paths, ask, seconds_per_step)
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()
+
+
+def test_sigterm_ends_a_stream_of_several_choices_cleanly(env, paths, tmp_path):  # noqa: F811
+    proc, ask = long_answer_server(paths, env, tmp_path)
+    body = dict(ask, stream=True, max_tokens=4000, logit_bias=EOG_BAN, lam=[0.5, 1.5])
+    with proc.http() as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.process.send_signal(signal.SIGTERM)
+            events = sse_json(iter([first, *lines]))
+    assert proc.process.wait(60) == 0, proc.log()
+    assert events[-1]["error"]["code"] == "server_shutting_down"
+    assert "Traceback" not in proc.log(), proc.log()

@@ -12,7 +12,7 @@ llama.cpp's batch-shape rounding).
 Seeds: with a λ list every choice draws with the request's ``seed`` (a choice is that
 request at its λ, and the λ are compared on the same random numbers); ``n`` samples of
 one λ draw with ``seed``, ``seed + 1``, ... What a choice cannot honour (logprobs,
-grammars, tools, logit bias) is refused with a 400 naming the field.
+grammars, tools, text-keyed logit bias) is refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ from ..samplers import new_chain
 from ..sampling import Sampling
 from .catalog import Catalog, ServedPair
 from .errors import ApiError
-from .schema import ChatRequest, Request, call_kwargs, given
+from .schema import ChatRequest, Request, call_kwargs, check_logit_bias, given
 from .text import ChoiceText
 
 # what call_kwargs may hand on that a choice honours; fields that must keep their neutral value
 HONOURED = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"}
 HONOURED |= {"max_tokens", "seed", "stop", "stream", "messages", "prompt", "mirostat_tau", "mirostat_eta"}
 NEUTRAL = {"logprobs": (None, False), "mirostat_mode": (None, 0), "min_tokens": (None, 0), "echo": (None, False)}
-NEUTRAL.update({name: (None,) for name in ("logit_bias", "logit_bias_type", "grammar", "suffix", "top_logprobs")})
+NEUTRAL.update({name: (None,) for name in ("grammar", "suffix", "top_logprobs")})
+NEUTRAL["logit_bias_type"] = (None, "input_ids")  # (token ids; text keys are for one answer)
 NEUTRAL.update({name: (None,) for name in ("functions", "function_call", "tools", "tool_choice", "response_format")})
 NEUTRAL["best_of"] = (None, 1)
 
@@ -195,6 +196,8 @@ def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, l
         raise ApiError(
             400, f"{unknown[0]} is not supported with several choices: send one request per answer", unknown[0]
         )
+    check_logit_bias(body, llm.n_vocab())
+    bias = {int(k): float(v) for k, v in (given(body, "logit_bias") or {}).items()}
     prompt, stop = prompt_and_stops(llm, body, kwargs)
     if len(prompt) >= llm._n_ctx:
         raise ContextFullError(f"the prompt is {len(prompt)} tokens; the context holds {llm._n_ctx} (n_ctx)")
@@ -210,7 +213,7 @@ def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, l
     choices = []
     for i, lam in enumerate(several.lams):
         chain_seed = seed if several.lam_list else (seed + i) % 2**32
-        choices.append(Choice(mixing_weights(lam, n_aligned), new_chain(settings, chain_seed, **extra)))
+        choices.append(Choice(mixing_weights(lam, n_aligned), new_chain(settings, chain_seed, **extra), bias=bias))
     engine = engine_of(several.pair, cap, defaults.max_tokens)
     is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
     steps = decode_choices(engine.runtime, prompt, choices, max_tokens, is_eog, engine.check_stop)
