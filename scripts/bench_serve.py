@@ -71,7 +71,9 @@ def launch(serve_args: list, log) -> tuple[subprocess.Popen, str]:
 
 def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
     command = ["--pair", args.pair, "--n-ctx", str(args.n_ctx), "--max-tokens", str(args.tokens)]
-    command += ["--n-gpu-layers", str(args.n_gpu_layers)] + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--cache-size", args.cache_size, "--n-gpu-layers", str(args.n_gpu_layers)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
     return launch(command, log)
 
 
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--n-ctx", type=int, default=1024)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--cache-size", default="2GB", help="dera-serve --cache-size (0: no prompt cache)")
     parser.add_argument("--choices", default="0,1,1.5,2", help="the λ list of one request ('' to leave it out)")
     args = parser.parse_args()
     lams = [float(x) for x in args.choices.split(",")] if args.choices else []
