@@ -1,6 +1,8 @@
-"""The cost of dera-serve: a 64-token answer over HTTP against the same call on DeRaLlama directly.
+"""The cost of dera-serve: a 64-token answer over HTTP against the same call on DeRaLlama directly,
+and one request with a λ list against one request per λ.
 
     python scripts/bench_serve.py [--pair smollm2-demo] [--lam 1.5] [--tokens 64] [--rounds 10]
+                                  [--choices 0,1,1.5,2]
 
 A dera-serve process (this checkout's code) and an in-process DeRaLlama load the same
 pair with the same settings. Each round asks both for the same greedy answer, once as
@@ -9,6 +11,11 @@ directly), in alternating order so that machine noise hits both alike. End-of-te
 tokens are banned with logit_bias, so every answer is exactly ``--tokens`` long. The
 per-round ratio server / direct is reported as the median over rounds; the answers of
 both sides are checked to be equal.
+
+In the same rounds, ``"lam": [0, 1, 1.5, 2]`` (one request, its choices decoded together)
+is timed against the four requests at those λ sent one after the other, and the
+choices are compared with the separate answers (equal up to llama.cpp's batch-shape
+rounding: differing choices are counted, not fatal). ``--choices ''`` leaves this out.
 """
 
 from __future__ import annotations
@@ -64,7 +71,9 @@ def launch(serve_args: list, log) -> tuple[subprocess.Popen, str]:
 
 def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
     command = ["--pair", args.pair, "--n-ctx", str(args.n_ctx), "--max-tokens", str(args.tokens)]
-    command += ["--n-gpu-layers", str(args.n_gpu_layers)] + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--cache-size", args.cache_size, "--n-gpu-layers", str(args.n_gpu_layers)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
     return launch(command, log)
 
 
@@ -92,6 +101,22 @@ def served(http: httpx.Client, body: dict, stream: bool) -> tuple[float, str]:
     return time.perf_counter() - start, text
 
 
+def choices_at_once(http: httpx.Client, body: dict, lams: list) -> tuple[float, list]:
+    """One request with a λ list: its time and its choices' texts."""
+    start = time.perf_counter()
+    answer = http.post("/v1/chat/completions", json=dict(body, lam=lams)).json()
+    if "choices" not in answer:
+        raise SystemExit(f"the request with a lam list failed: {answer}")
+    return time.perf_counter() - start, [c["message"]["content"] for c in answer["choices"]]
+
+
+def one_by_one(http: httpx.Client, body: dict, lams: list) -> tuple[float, list]:
+    """One request per λ, one after the other: the time of all, and their texts."""
+    start = time.perf_counter()
+    texts = [served(http, dict(body, lam=lam), False)[1] for lam in lams]
+    return time.perf_counter() - start, texts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", default="smollm2-demo")
@@ -101,7 +126,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--n-ctx", type=int, default=1024)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--cache-size", default="2GB", help="dera-serve --cache-size (0: no prompt cache)")
+    parser.add_argument("--choices", default="0,1,1.5,2", help="the λ list of one request ('' to leave it out)")
     args = parser.parse_args()
+    lams = [float(x) for x in args.choices.split(",")] if args.choices else []
 
     kw = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=False)
     llm = DeRaLlama.from_pair(args.pair, **kw)
@@ -112,10 +140,13 @@ def main() -> None:
     process, url = start_server(args, log)
     modes = {"json": False, "stream": True}
     times = {(mode, side): [] for mode in modes for side in ("direct", "server")}
+    together, apart, differing = [], [], 0
     try:
         with httpx.Client(base_url=url, timeout=600) as http:
             for stream in modes.values():  # warm-up: first calls build graphs, page weights in
                 direct(llm, settings, stream), served(http, body, stream)
+            if lams:  # (the first request with several choices makes their contexts)
+                choices_at_once(http, body, lams)
             for i in range(args.rounds):
                 for mode, stream in modes.items():
                     calls = [
@@ -127,6 +158,13 @@ def main() -> None:
                         raise SystemExit(f"round {i}, {mode}: the server's answer differs from the direct call's")
                     for side, (seconds, _) in results.items():
                         times[(mode, side)].append(seconds)
+                if lams:
+                    calls = {"together": partial(choices_at_once, http, body, lams)}
+                    calls["apart"] = partial(one_by_one, http, body, lams)
+                    runs = {k: calls[k]() for k in (calls if i % 2 == 0 else reversed(list(calls)))}
+                    (t1, a), (t2, b) = runs["together"], runs["apart"]
+                    together.append(t1), apart.append(t2)
+                    differing += sum(x != y for x, y in zip(a, b))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
@@ -138,6 +176,13 @@ def main() -> None:
         print(
             f"{mode:7s} direct {statistics.median(d):.3f} s   server {statistics.median(s):.3f} s   "
             f"ratio {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)"
+        )
+    if lams:
+        ratio = statistics.median(a / b for a, b in zip(together, apart))
+        print(
+            f"lam {args.choices}: one request {statistics.median(together):.3f} s   {len(lams)} requests "
+            f"{statistics.median(apart):.3f} s   ratio {ratio:.3f}   "
+            f"({differing} of {len(lams) * args.rounds} choices differ from the request alone)"
         )
 
 

@@ -58,6 +58,15 @@ from .common import (
     show_default=True,
     help="Tokens per answer: the default, and the most a request may ask.",
 )
+@click.option(
+    "--max-choices",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="The most choices one request may ask for (n, or a lam list: one choice per lam). They decode together "
+    "on contexts of their own, made when a request first asks (a KV cache of n_ctx + (N-1) x --max-tokens cells "
+    "per model).",
+)
 @click.option("--logprobs", is_flag=True, help="Keep every position's logits so requests may ask for logprobs.")
 @click.option(
     "--cache-size",
@@ -85,6 +94,7 @@ def main(
     speculative,
     lam_presets,
     max_tokens,
+    max_choices,
     logprobs,
     cache_size,
     host,
@@ -119,7 +129,11 @@ def main(
         served.append(ServedPair(model_id, llm, lam, len(chosen.aligned)))
     catalog = Catalog(served, presets)
     settings = ServeSettings(
-        Sampling(max_tokens=max_tokens, seed=models.seed), api_key=api_key, logits_all=logprobs, mode=mode
+        Sampling(max_tokens=max_tokens, seed=models.seed),
+        api_key=api_key,
+        logits_all=logprobs,
+        mode=mode,
+        max_choices=max_choices,
     )
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(

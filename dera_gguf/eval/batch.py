@@ -1,9 +1,9 @@
 """Several sequences decoded in lockstep in the reference and the aligned context.
 
 Every context holds the same sequences at the same positions (one llama.cpp batch per
-model and step). For generation the prompt is evaluated once in sequence 0 and its KV
-cells are shared with the other sequences (``llama_memory_seq_cp`` on a unified KV
-cache); each step then decodes one token per live sequence. For scoring, sequence 0
+model and step). For generation the prompt is evaluated once in sequence 0 and shared
+with the other sequences (:mod:`dera_gguf.sequences`, which dera-serve uses too); each
+step then decodes one token per live sequence. For scoring, sequence 0
 holds one text at a time; the texts of one row (chosen and rejected share their prompt)
 reuse the cached prefix, and each row starts from an empty cache, so a row's numbers do
 not depend on which rows came before it (on a GPU, kernels differ with batch shape).
@@ -11,20 +11,13 @@ not depend on which rows came before it (on a GPU, kernels differ with batch sha
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
 from ..engine import PairRuntime
+from ..sequences import Run, advance, prefill
 from .models import EvalPair
-
-
-class Run(NamedTuple):
-    """Tokens appended to one sequence in a batch: ``tokens`` at positions ``start``, ``start + 1``, ..."""
-
-    seq: int
-    start: int
-    tokens: Sequence[int]
 
 
 class ParallelSequences:
@@ -58,18 +51,7 @@ class ParallelSequences:
         Returns the logits after the prompt, shape (n_models, n_vocab): the first
         step's row for every sequence.
         """
-        self.clear()
-        n = len(prompt)
-        last = None
-        for start in range(0, n, self.n_batch):
-            chunk = list(prompt[start : start + self.n_batch])
-            pos = range(start, start + len(chunk))
-            rows = self.runtime.decode(chunk, pos, [0] * len(chunk), [p == n - 1 for p in pos])
-            if rows.shape[1]:
-                last = rows[:, 0]
-        for seq in range(1, n_seq):
-            self.runtime.share_sequence(0, seq)
-        return last
+        return prefill(self.runtime, prompt, n_seq)
 
     def step(self, tokens: Sequence[int], seq_ids: Sequence[int], position: int) -> np.ndarray:
         """Append ``tokens[i]`` to sequence ``seq_ids[i]`` at ``position``; rows (n_models, len, n_vocab)."""
@@ -78,14 +60,7 @@ class ParallelSequences:
     def advance(self, runs: Sequence[Run]) -> np.ndarray:
         """Append each run to its sequence, in one batch per model; the rows of every token in run order,
         shape (n_models, n_tokens, n_vocab)."""
-        tokens: List[int] = []
-        positions: List[int] = []
-        seq_ids: List[int] = []
-        for seq, start, run in runs:
-            tokens += [int(t) for t in run]
-            positions += range(start, start + len(run))
-            seq_ids += [seq] * len(run)
-        return self.runtime.decode(tokens, positions, seq_ids, [True] * len(tokens))
+        return advance(self.runtime, runs)
 
     def drop_from(self, seq: int, n: int) -> None:
         """Drop sequence ``seq``'s positions from ``n`` on in every context (drafts that did not pass)."""

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from ..errors import Stopped
 from ..sampling import Sampling
 from .catalog import Catalog
+from .choices import Several, engine_of, run_choices, several
 from .errors import ApiError, install_handlers
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given
 from .stream import SHUTTING_DOWN, start_stream
@@ -47,6 +48,7 @@ class ServeSettings:
     logits_all: bool = False  # the engines keep every position's logits (needed for logprobs)
     mode: str = "blend"  # a request's "mode" wins
     stopping: Callable[[], bool] = lambda: False  # true once the server shuts down: streams end early
+    max_choices: int = 8  # the most choices (n, or lam list) one request may ask for
 
 
 def create_app(catalog: Catalog, settings: Optional[ServeSettings] = None) -> FastAPI:
@@ -88,6 +90,9 @@ def create_app(catalog: Catalog, settings: Optional[ServeSettings] = None) -> Fa
 
 async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Request):
     """One request: checks first (model, λ, fields), then the call on the pair's engine."""
+    asked = several(catalog, body, settings.max_choices, settings.mode)
+    if asked is not None:
+        return await _answer_several(settings, asked, body, request)
     target = catalog.resolve(body.model, given(body, "lam"))
     kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
     kwargs.update(lam=target.lam, model=target.model, mode=given(body, "mode") or settings.mode)
@@ -105,6 +110,28 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Requ
         if settings.stopping():
             raise SHUTTING_DOWN from None
         return Response(status_code=499)  # (nginx's "client closed request": nobody receives it)
+
+
+async def _answer_several(settings: ServeSettings, asked: Several, body, request: Request):
+    """A request with several choices (:mod:`.choices`): the same lock, watch and streaming as one answer."""
+    pair = asked.pair
+    call = partial(run_choices, asked, body, settings.sampling, settings.max_choices, settings.logits_all)
+
+    @contextlib.asynccontextmanager
+    async def watch():
+        made = partial(engine_of, pair, settings.max_choices, settings.sampling.max_tokens)
+        async with _watching(request, await anyio.to_thread.run_sync(made), settings.stopping):
+            yield
+
+    try:
+        if body.stream:
+            return await start_stream(pair.lock, call, None, settings.stopping, watch)
+        async with pair.lock, watch():
+            return JSONResponse(await anyio.to_thread.run_sync(call))
+    except Stopped:
+        if settings.stopping():
+            raise SHUTTING_DOWN from None
+        return Response(status_code=499)
 
 
 @contextlib.asynccontextmanager

@@ -28,6 +28,7 @@ class ServedPair:
     lam: Lam
     n_aligned: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    choices: Any = None  # the contexts of requests with several choices (serve.choices), made when first asked
 
 
 @dataclass
@@ -102,8 +103,29 @@ class Catalog:
             raise ApiError(400, f"lam: {e}", "lam", "invalid_lam") from None
         return Target(pair, lam, model or pair.name)
 
+    def lam_list(self, pair: ServedPair, body_lam: Any) -> Optional[List[Lam]]:
+        """A ``lam`` that gives one λ per choice, checked; None for one λ (or none).
+
+        For a pair with one aligned model that is a list of two numbers or more (``[0, 1, 2]``;
+        ``[1.5]`` stays one λ); with several aligned models, a list of lists (``[[0.5, 1], [1, 1]]``).
+        """
+        if not isinstance(body_lam, (list, tuple)) or not body_lam:
+            return None
+        nested = any(isinstance(x, (list, tuple)) for x in body_lam)
+        if not nested and (pair.n_aligned != 1 or len(body_lam) == 1):
+            return None
+        lams = []
+        for i, lam in enumerate(body_lam):
+            try:
+                lams.append(normalize_lam(lam, pair.n_aligned))
+            except DeRaError as e:
+                raise ApiError(400, f"lam[{i}]: {e}", "lam", "invalid_lam") from None
+        return lams
+
     def close(self) -> None:
         for pair in self.pairs.values():
+            if pair.choices is not None:
+                pair.choices.close()
             close = getattr(pair.llm, "close", None)
             if close is not None:
                 close()

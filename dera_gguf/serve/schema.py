@@ -134,10 +134,9 @@ def _one_prompt(prompt: Union[str, List[int], List[str]]) -> Union[str, List[int
 
 def _check_unsupported(body: Request, logits_all: bool) -> None:
     """Refuse what the engine would not do as asked, rather than do something else."""
-    for name in ("n", "best_of"):
-        value = given(body, name)
-        if value not in (None, 1):
-            raise ApiError(400, f"{name} must be 1: dera-serve writes one answer per request", name)
+    best_of = given(body, "best_of")  # (n > 1 is answered by .choices)
+    if best_of not in (None, 1):
+        raise ApiError(400, "best_of must be 1: dera-serve writes each answer it is asked for", "best_of")
     logprobs = given(body, "logprobs")  # a count for completions (0 asks too), a flag for chats
     if logprobs is not None and logprobs is not False and not logits_all:
         raise ApiError(

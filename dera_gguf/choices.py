@@ -1,0 +1,123 @@
+"""Several answers to one prompt, decoded together, each at its own realignment with its own sampler.
+
+The prompt is evaluated once per model and shared by every answer's sequence
+(:mod:`dera_gguf.sequences`); each step is then one llama.cpp batch per model holding
+one token per live answer. Each answer blends its rows at its own mixing weights and
+draws from its own seeded llama.cpp chain (:mod:`dera_gguf.samplers`), so an answer
+does not depend on the others beside it, up to llama.cpp's batch-shape rounding.
+dera-serve's ``n`` and ``lam`` lists run on this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import numpy as np
+from llama_cpp import _internals as internals
+
+from .blend import blend_logits
+from .engine import PairRuntime
+from .errors import ContextFullError, DeRaError
+from .models import PairModels
+from .samplers import RowSampler
+from .sequences import Run, advance, prefill
+from .threads import ThreadPlan
+
+MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
+
+
+@dataclass
+class Choice:
+    """One answer being generated: its mixing weights on [reference, aligned_1, ...], its chain, its tokens.
+
+    ``finish`` is ``"stop"`` (end of text, or a stop string its caller found), ``"length"``
+    (``max_tokens`` reached) or None while it runs; a caller may set it between steps.
+    ``bias``: ``{token: added logit}``, added to the blended row before the chain samples it
+    (llama-cpp-python's ``logit_bias``, which it also applies first).
+    """
+
+    weights: np.ndarray
+    chain: internals.LlamaSampler
+    bias: Optional[dict] = None
+    tokens: List[int] = field(default_factory=list)
+    finish: Optional[str] = None
+
+
+def choice_runtime(
+    models: PairModels, context_params, n_ctx: int, n_batch: int, n_seq: int, threads: ThreadPlan
+) -> PairRuntime:
+    """New contexts of the pair for ``n_seq`` sequences on one unified KV cache of ``n_ctx`` cells.
+
+    ``context_params`` (a ``llama_context_params``, copied) and ``threads`` are those of the
+    pair's one-sequence engine, so a prompt decodes in the same batch shapes as there.
+    """
+    if not 1 <= n_seq <= MAX_SEQ:
+        raise DeRaError(f"{n_seq} parallel sequences: llama.cpp allows 1 to {MAX_SEQ}")
+    params = type(context_params).from_buffer_copy(context_params)
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, True
+    params.n_batch = max(params.n_batch, n_seq)
+    params.n_ubatch = max(params.n_ubatch, n_seq)
+    members = range(len(models.files.aligned) + 1)
+    contexts = [models.context(m, params, params.n_batch, n_seq) for m in members]
+    plan = ThreadPlan(threads.n_threads, threads.n_threads_batch, threads.concurrent)
+    return PairRuntime(models, contexts, params.n_batch, plan, owned=contexts)
+
+
+def room(runtime: PairRuntime) -> int:
+    """KV cells the runtime's contexts hold (llama.cpp may round n_ctx up)."""
+    return int(runtime.contexts[0].ctx.n_ctx())
+
+
+def decode_choices(
+    runtime: PairRuntime,
+    prompt: Sequence[int],
+    choices: Sequence[Choice],
+    max_tokens: int,
+    is_eog: Callable[[int], bool],
+    before_decode: Callable[[], None] = lambda: None,
+) -> Iterator[List[int]]:
+    """Generate every choice in lockstep; after each step, yield the indices of the choices that moved
+    (a token appended, or finished). Choice i is sequence i of the runtime's contexts.
+
+    ``before_decode()`` runs before the prompt and before each step's batch (it may raise to stop).
+    A choice whose caller set its ``finish`` between steps leaves the batch.
+    """
+    if len(prompt) + len(choices) * max_tokens > room(runtime):
+        raise ContextFullError(
+            f"{len(choices)} answers of up to {max_tokens} tokens after a prompt of {len(prompt)} need "
+            f"{len(prompt) + len(choices) * max_tokens} KV cells; the pair's several-answer contexts hold "
+            f"{room(runtime)}: ask for fewer tokens or answers"
+        )
+    sampler = RowSampler(runtime.n_vocab)
+    before_decode()
+    first = prefill(runtime, prompt, len(choices))
+    rows = np.repeat(first[:, None, :], len(choices), axis=1)  # (n_models, n_live, n_vocab)
+    live = list(range(len(choices)))
+    while live:
+        weights = np.stack([choices[i].weights for i in live], axis=1)  # (n_models, n_live)
+        blended = blend_logits(list(rows), list(weights))  # every row at its own choice's weights
+        for row, i in zip(blended, live):
+            if choices[i].bias:
+                _add_bias(row, choices[i].bias)
+            _emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog)
+        yield list(live)
+        live = [i for i in live if choices[i].finish is None]
+        if live:
+            before_decode()
+            runs = [Run(i, len(prompt) + len(choices[i].tokens) - 1, [choices[i].tokens[-1]]) for i in live]
+            rows = advance(runtime, runs)
+
+
+def _add_bias(row: np.ndarray, bias: dict) -> None:
+    ids = np.fromiter(bias, dtype=np.intp, count=len(bias))
+    row[ids] = row[ids] + np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+
+
+def _emit(choice: Choice, token: int, max_tokens: int, is_eog: Callable[[int], bool]) -> None:
+    if is_eog(token):
+        choice.finish = "stop"
+        return
+    choice.tokens.append(token)
+    if len(choice.tokens) >= max_tokens:
+        choice.finish = "length"
