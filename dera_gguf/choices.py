@@ -99,8 +99,8 @@ def decode_choices(
         blended = blend_logits(list(rows), list(weights))  # every row at its own choice's weights
         for row, i in zip(blended, live):
             if choices[i].bias:
-                _add_bias(row, choices[i].bias)
-            _emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog)
+                add_bias(row, choices[i].bias)
+            emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog)
         yield list(live)
         live = [i for i in live if choices[i].finish is None]
         if live:
@@ -109,12 +109,12 @@ def decode_choices(
             rows = advance(runtime, runs)
 
 
-def _add_bias(row: np.ndarray, bias: dict) -> None:
+def add_bias(row: np.ndarray, bias: dict) -> None:
     ids = np.fromiter(bias, dtype=np.intp, count=len(bias))
     row[ids] = row[ids] + np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
 
 
-def _emit(choice: Choice, token: int, max_tokens: int, is_eog: Callable[[int], bool]) -> None:
+def emit(choice: Choice, token: int, max_tokens: int, is_eog: Callable[[int], bool]) -> None:
     if is_eog(token):
         choice.finish = "stop"
         return

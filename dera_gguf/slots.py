@@ -1,0 +1,217 @@
+"""Continuous batching: answers that come and go, decoded together on one pair's contexts.
+
+Each running answer is a sequence (a *slot*) in every context of the pair. One thread
+steps them all: each step is one llama.cpp batch per model holding the next token of
+every running answer, and each answer's rows are blended at its own weights and sampled
+by its own seeded chain (a :class:`~dera_gguf.choices.Choice`), so an answer does not
+depend on what runs beside it, up to llama.cpp's batch-shape rounding.
+
+A new answer's prompt joins between steps, a chunk at a time in the same batch as the
+running answers' tokens, so a long prompt holds them up for one chunk per step, never
+for the whole prompt. An answer that finishes or is cancelled leaves at the next step.
+A slot keeps what its last answer left in the KV cache; a new answer takes the free slot
+holding the longest prefix of its prompt, so a client's next turn in a conversation
+decodes only what is new. What a slot holds is read from llama.cpp (its positions);
+only the token at each position is remembered here, written as it is decoded.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .blend import blend_logits
+from .choices import Choice, add_bias, emit
+from .contexts import common_prefix
+from .engine import PairRuntime
+from .errors import ContextFullError, DeRaError, Stopped
+from .samplers import RowSampler
+
+
+@dataclass(eq=False)
+class Job:
+    """One answer to decode on a slot.
+
+    ``on_step(job)`` runs on the slots' thread after each token drawn (or the finish); it may
+    set ``choice.finish`` (a stop string found). ``on_end(job, error)`` runs once, when the
+    answer is over: ``error`` None when it finished, else why not (:class:`Stopped` when it
+    was cancelled or the slots closed). ``cancelled()`` is asked before every step.
+    """
+
+    prompt: Sequence[int]
+    choice: Choice
+    max_tokens: int
+    on_step: Callable[["Job"], None]
+    on_end: Callable[["Job", Optional[BaseException]], None]
+    cancelled: Callable[[], bool] = lambda: False
+    pending: List[int] = field(default_factory=list)  # prompt tokens still to decode, once admitted
+    reused: int = 0  # prompt tokens the slot already held
+
+
+class Slots:
+    """``runtime``'s sequences as slots, stepped by a thread of their own until :meth:`close`.
+
+    Args:
+        runtime: the pair's contexts, one sequence per slot (:func:`~dera_gguf.choices.choice_runtime`);
+            closed with the slots.
+        n_ctx: the positions one slot may hold (a prompt and its answer).
+        is_eog: whether a token ends the text.
+        chunk: the most prompt tokens decoded in one step (beside the running answers' tokens).
+    """
+
+    def __init__(self, runtime: PairRuntime, n_ctx: int, is_eog: Callable[[int], bool], chunk: int = 256):
+        self.runtime, self.n_ctx, self.is_eog = runtime, n_ctx, is_eog
+        self.n_slots = int(llama_cpp.llama_n_seq_max(runtime.contexts[0].ctx.ctx))
+        self.chunk = max(1, min(chunk, runtime.n_batch - self.n_slots))
+        self.written = np.zeros((self.n_slots, n_ctx), dtype=np.intc)  # token at each position, per slot
+        self.running: Dict[int, Job] = {}
+        self.left = [-1] * self.n_slots  # when each slot's last answer ended (in steps; -1: never used)
+        self.steps = 0
+        self.waiting: Deque[Job] = collections.deque()
+        self.sampler = RowSampler(runtime.n_vocab)
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="dera-slots", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ callers
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; it starts at the next step with a free slot (in arrival order)."""
+        if len(job.prompt) + job.max_tokens > self.n_ctx:
+            raise ContextFullError(
+                f"a prompt of {len(job.prompt)} tokens and an answer of up to {job.max_tokens} need "
+                f"{len(job.prompt) + job.max_tokens} positions; a slot holds {self.n_ctx} (n_ctx)"
+            )
+        if not job.prompt:
+            raise DeRaError("the prompt is empty: give some text to continue")
+        with self.cond:
+            if self.closed:
+                raise Stopped("the slots are closed")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def held(self, slot: int) -> np.ndarray:
+        """The tokens slot ``slot`` holds in the KV cache (its length read from llama.cpp)."""
+        return self.written[slot, : self.runtime.contexts[0].extent(slot)]
+
+    def close(self) -> None:
+        """Stop the thread (running and waiting answers end with :class:`Stopped`), free the contexts."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+        self.runtime.close()
+
+    # ------------------------------------------------------------ the thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.closed or self.waiting or self.running):
+                    self.cond.wait()
+                if self.closed:
+                    break
+                self._admit()
+            if not self.running:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a failed decode ends every running answer; the slots start clean
+                for slot in list(self.running):
+                    self._end(slot, e)
+                self.runtime.clear()
+        stopped = Stopped("the server is stopping")
+        for slot in list(self.running):
+            self._end(slot, stopped)
+        for job in self.waiting:
+            job.on_end(job, stopped)
+        self.waiting.clear()
+
+    def _admit(self) -> None:
+        """Seat waiting jobs in free slots: each where the longest prefix of its prompt is held."""
+        for job in [j for j in self.waiting if j.cancelled()]:
+            self.waiting.remove(job)
+            job.on_end(job, Stopped("cancelled before it started"))
+        free = [s for s in range(self.n_slots) if s not in self.running]
+        while self.waiting and free:
+            job = self.waiting.popleft()
+            prompt = np.asarray(job.prompt, dtype=np.intc)
+            slot, keep = self._seat(free, prompt)
+            free.remove(slot)
+            self.runtime.drop_from(slot, keep)
+            job.pending, job.reused = [int(t) for t in prompt[keep:]], keep
+            self.running[slot] = job
+
+    def _seat(self, free: List[int], prompt: np.ndarray) -> tuple:
+        """The free slot for ``prompt`` and how much of what it holds to keep.
+
+        A slot whose content is at least half a prefix of the prompt is reused (the longest such
+        prefix wins: a conversation's next turn); otherwise the slot left longest ago (or never
+        used), so that a new conversation does not evict a recent one for a shared first token.
+        """
+        shared = {s: common_prefix(self.held(s), prompt) for s in free}
+        reusable = [s for s in free if shared[s] and 2 * shared[s] >= len(self.held(s))]
+        if reusable:
+            slot = max(reusable, key=lambda s: shared[s])
+        else:
+            slot = min(free, key=lambda s: self.left[s])
+        return slot, min(shared[slot], len(prompt) - 1)  # the last prompt token is decoded again for its row
+
+    def _step(self) -> None:
+        """One batch per model: a token of every answer that is drawing, prompt chunks for those joining."""
+        for slot, job in list(self.running.items()):
+            if job.cancelled():
+                self._end(slot, Stopped("cancelled"))
+        tokens: List[int] = []
+        positions: List[int] = []
+        seqs: List[int] = []
+        outputs: List[bool] = []
+        rows_for: List[int] = []  # the slot of each output row
+        drawing = [s for s, j in self.running.items() if not j.pending]
+        budget = max(self.chunk - len(drawing), 1)
+        for slot, job in self.running.items():
+            start = self.runtime.contexts[0].extent(slot)
+            if job.pending:
+                run, last = job.pending[:budget], len(job.pending) <= budget
+                del job.pending[: len(run)]  # (a failed decode ends the job anyway)
+                budget -= len(run)
+                if not run:
+                    continue
+            else:
+                run, last = [job.choice.tokens[-1]], True
+            tokens += run
+            positions += range(start, start + len(run))
+            seqs += [slot] * len(run)
+            outputs += [False] * (len(run) - 1) + [last]
+            if last:
+                rows_for.append(slot)
+        rows = self.runtime.decode(tokens, positions, seqs, outputs)
+        self.steps += 1
+        for token, pos, seq in zip(tokens, positions, seqs):
+            self.written[seq, pos] = token
+        self._draw(rows, rows_for)
+
+    def _draw(self, rows: np.ndarray, rows_for: List[int]) -> None:
+        if not rows_for:
+            return
+        weights = np.stack([self.running[s].choice.weights for s in rows_for], axis=1)
+        blended = blend_logits(list(rows), list(weights))  # every row at its own answer's weights
+        for row, slot in zip(blended, rows_for):
+            job = self.running[slot]
+            if job.choice.bias:
+                add_bias(row, job.choice.bias)
+            emit(job.choice, self.sampler.sample(job.choice.chain, row), job.max_tokens, self.is_eog)
+            job.on_step(job)
+            if job.choice.finish is not None:
+                self._end(slot, None)
+
+    def _end(self, slot: int, error: Optional[BaseException]) -> None:
+        job = self.running.pop(slot)
+        self.left[slot] = self.steps
+        job.on_end(job, error)

@@ -1,0 +1,225 @@
+"""dera_gguf.slots: answers that join, run and leave together, against plain Llamas blended in numpy.
+
+The expected tokens are greedy decodes of separate plain ``llama_cpp.Llama`` instances
+blended in numpy (tests/reference.py), on a prompt whose top-2 margins are far above
+llama.cpp's measured batch-shape drift (tests/drafting_cases.py). A greedy continuation is
+its own continuation: an answer asked after ``prompt + expected[:k]`` must be
+``expected[k:]``, which lets one clear case check answers that reuse a slot's KV cache.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import llama_cpp
+import pytest
+import reference as R
+from drafting_cases import clear_greedy_cases, weights_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dera_gguf import DeRaLlama
+from dera_gguf.blend import mixing_weights
+from dera_gguf.choices import Choice, choice_runtime
+from dera_gguf.errors import ContextFullError, Stopped
+from dera_gguf.samplers import new_chain
+from dera_gguf.sampling import Sampling
+from dera_gguf.slots import Job, Slots
+
+LAMS = [0.0, 0.5, 1.0, 1.5]
+N = 24  # expected tokens per lam
+N_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def llm(ref_path, aligned_path):
+    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def case(ref_path, aligned_path):
+    plain = [R.plain(p, n_threads=1, n_threads_batch=1) for p in (ref_path, aligned_path)]
+    prompt, expected = clear_greedy_cases(plain, [weights_of(lam) for lam in LAMS], N)
+    assert len({tuple(t) for t in expected}) > 2  # the lams answer differently: a mix-up shows
+    return prompt, expected
+
+
+def is_eog(llm):
+    return lambda t: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
+
+
+def until_eog(llm, tokens):
+    ends = [i for i, t in enumerate(tokens) if is_eog(llm)(t)]
+    return tokens[: ends[0]] if ends else tokens
+
+
+def new_slots(llm, n_slots: int, chunk: int = 256) -> Slots:
+    runtime = choice_runtime(
+        llm.runtime.models, llm.context_params, n_slots * N_CTX, llm.n_batch, n_slots, llm.runtime.threads
+    )
+    return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk)
+
+
+class Answer:
+    """A job and what happened to it: ``done`` is set once it ended, ``error`` says how."""
+
+    def __init__(self, prompt, lam, max_tokens, sampling=None, seed=0, on_token=None):
+        self.done, self.error, self.steps = threading.Event(), None, 0
+        self.on_token = on_token or (lambda answer: None)
+        chain = new_chain(sampling or Sampling(temperature=0.0), seed)
+        self.job = Job(list(prompt), Choice(mixing_weights(lam), chain), max_tokens, self._step, self._end)
+        self.cancel = False
+        self.job.cancelled = lambda: self.cancel
+
+    @property
+    def tokens(self):
+        return self.job.choice.tokens
+
+    def _step(self, job):
+        self.steps += 1
+        self.on_token(self)
+
+    def _end(self, job, error):
+        self.error = error
+        self.done.set()
+
+    def wait(self):
+        assert self.done.wait(60), "the answer never ended"
+        return self
+
+
+def test_answers_joining_while_others_run_are_each_lams_blend(llm, case):
+    """Each lam's answer starts when the one before has drawn 5 tokens; its prompt joins in chunks of 7
+    tokens beside the running answers' tokens. Every answer is its lam's numpy blend."""
+    prompt, expected = case
+    slots = new_slots(llm, 3, chunk=7)  # 4 answers, 3 slots: the last waits for a free one
+    answers = []
+
+    def start_next(answer):
+        if answer.steps == 5 and len(answers) < len(LAMS):
+            answers.append(Answer(prompt, LAMS[len(answers)], N, on_token=start_next))
+            slots.submit(answers[-1].job)
+
+    try:
+        answers.append(Answer(prompt, LAMS[0], N, on_token=start_next))
+        slots.submit(answers[0].job)
+        for i in range(len(LAMS)):
+            while len(answers) <= i:
+                answers[-1].wait()  # (the next one is submitted from its fifth token)
+            answers[i].wait()
+    finally:
+        slots.close()
+    for answer, tokens in zip(answers, expected):
+        assert answer.error is None
+        assert answer.tokens == until_eog(llm, tokens)
+        assert answer.job.choice.finish == ("length" if len(answer.tokens) == N else "stop")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    plan=st.lists(
+        st.tuples(st.integers(0, len(LAMS) - 1), st.integers(0, 12), st.integers(0, 8), st.booleans()),
+        min_size=1,
+        max_size=6,
+    ),
+    n_slots=st.integers(1, 3),
+    chunk=st.sampled_from([1, 5, 64]),
+)
+def test_any_sequence_of_answers_reusing_and_cancelling(llm, case, plan, n_slots, chunk):
+    """Answers submitted one after another, each after the last one's ``after``-th token: at a lam, after
+    ``prompt + expected[:cut]`` (a slot holding an earlier answer reuses it), some cancelled after
+    their third token. Each that finishes is ``expected[lam][cut:]``; a cancelled one ends with Stopped
+    and is a prefix of it; what runs beside changes nothing."""
+    prompt, expected = case
+    slots = new_slots(llm, n_slots, chunk)
+    answers = []
+    try:
+        for lam_i, cut, after, cancel in plan:
+            if answers and not answers[-1].done.is_set():
+                started = threading.Event()
+                answers[-1].on_token = lambda a, k=after, e=started: e.set() if a.steps >= k else None
+                started.wait(30)
+            answer = Answer(prompt + expected[lam_i][:cut], LAMS[lam_i], N - cut)
+            if cancel:
+                answer.on_token = lambda a: setattr(a, "cancel", a.steps >= 3)
+            answer.expected = until_eog(llm, expected[lam_i][cut:])
+            answers.append(answer)
+            slots.submit(answer.job)
+        for answer in answers:
+            answer.wait()
+    finally:
+        slots.close()
+    for answer, (_, _, _, cancel) in zip(answers, plan):
+        if cancel and isinstance(answer.error, Stopped):
+            assert answer.tokens == answer.expected[: len(answer.tokens)] and len(answer.tokens) <= 4
+        else:
+            assert answer.error is None and answer.tokens == answer.expected
+
+
+def test_a_next_turn_decodes_only_what_is_new(llm, case):
+    prompt, expected = case
+    slots = new_slots(llm, 2)
+    try:
+        first = Answer(prompt, 1.0, 10)
+        slots.submit(first.job)
+        first.wait()
+        other = Answer([1, 7, 9, 11], 0.5, 4)  # goes to the other, empty slot
+        slots.submit(other.job)
+        other.wait()
+        turn = Answer(prompt + expected[2][:12], 1.0, 6)
+        slots.submit(turn.job)
+        turn.wait()
+    finally:
+        slots.close()
+    assert first.tokens == expected[2][:10]
+    assert turn.tokens == until_eog(llm, expected[2][12:18])
+    # the slot held the prompt and the first answer's tokens but its last (never decoded)
+    assert turn.job.reused == len(prompt) + 9
+
+
+def test_a_sampled_answer_does_not_depend_on_what_runs_beside_it(llm, case):
+    """T = 0.8: an answer drawn alone and the same answer (same seed) drawn while two others run."""
+    prompt, _ = case
+    sampling = Sampling(temperature=0.8, top_k=40, top_p=0.95)
+    slots = new_slots(llm, 3)
+    try:
+        alone = Answer(prompt, 1.5, 16, sampling, seed=7)
+        slots.submit(alone.job)
+        alone.wait()
+        crowd = [Answer(prompt[: 5 + i], lam, 16, sampling, seed=i) for i, lam in enumerate((0.0, 2.0))]
+        beside = Answer(prompt, 1.5, 16, sampling, seed=7)
+        for answer in [*crowd, beside]:
+            slots.submit(answer.job)
+        for answer in [*crowd, beside]:
+            answer.wait()
+    finally:
+        slots.close()
+    assert len(alone.tokens) > 3 and beside.tokens == alone.tokens
+
+
+def test_closing_ends_running_and_waiting_answers_with_stopped(llm, case):
+    prompt, _ = case
+    slots = new_slots(llm, 1)
+    running = Answer(prompt, 1.0, N_CTX - len(prompt))
+    waiting = Answer(prompt, 0.0, 10)
+    moving = threading.Event()
+    running.on_token = lambda a: moving.set()
+    slots.submit(running.job)
+    slots.submit(waiting.job)
+    assert moving.wait(30)
+    slots.close()
+    assert isinstance(running.wait().error, Stopped) and isinstance(waiting.wait().error, Stopped)
+    assert waiting.tokens == []
+    with pytest.raises(Stopped):
+        slots.submit(Answer(prompt, 1.0, 4).job)
+
+
+def test_an_answer_that_cannot_fit_a_slot_is_refused_before_it_queues(llm):
+    slots = new_slots(llm, 2)
+    try:
+        with pytest.raises(ContextFullError, match="a slot holds 256"):
+            slots.submit(Answer([1] * 200, 1.0, 100).job)
+    finally:
+        slots.close()
