@@ -71,9 +71,21 @@ aligned = [{{ path = "{aligned}" }}, {{ path = "{aligned2}" }}]
     return cli_env(toml)
 
 
-@pytest.fixture(scope="module")
-def server(env, tmp_path_factory):
-    args = ["--pair", "tiny", "--pair", "tiny2", "--n-ctx", "512", "--max-tokens", str(CAP)]
+@pytest.fixture(scope="module", params=["4", "1"], ids=["slots", "one-at-a-time"])
+def server(env, tmp_path_factory, request):
+    """Requests answered on 4 slots (the default) or, with --parallel 1, one at a time on the engine."""
+    args = [
+        "--pair",
+        "tiny",
+        "--pair",
+        "tiny2",
+        "--n-ctx",
+        "512",
+        "--max-tokens",
+        str(CAP),
+        "--parallel",
+        request.param,
+    ]
     proc = ServerProcess(args, env, tmp_path_factory.mktemp("log") / "server.log", api_key=KEY)
     yield proc
     assert proc.stop(signal.SIGTERM) == 0, proc.log()

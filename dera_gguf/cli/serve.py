@@ -67,6 +67,16 @@ from .common import (
     "on contexts of their own, made when a request first asks (a KV cache of n_ctx + (N-1) x --max-tokens cells "
     "per model).",
 )
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 256),
+    default=4,
+    show_default=True,
+    help="Requests answered together per pair: each running request is a sequence in one batch per model, "
+    "at its own lam and seed, joining and leaving between tokens; a slot keeps its conversation for the "
+    "client's next turn. Each slot holds a whole n_ctx conversation (N times the KV memory). 1: one request "
+    "at a time. Requests with logprobs, grammars, tools, mode weights or several choices run one at a time.",
+)
 @click.option("--logprobs", is_flag=True, help="Keep every position's logits so requests may ask for logprobs.")
 @click.option(
     "--cache-size",
@@ -95,6 +105,7 @@ def main(
     lam_presets,
     max_tokens,
     max_choices,
+    parallel,
     logprobs,
     cache_size,
     host,
@@ -111,6 +122,7 @@ def main(
     try:
         from ..serve import Catalog, ServedPair, ServeSettings, create_app
         from ..serve.server import run
+        from ..serve.slots import pair_slots
     except ImportError as e:
         raise DeRaError(
             f"dera-serve needs the serve extra ({e}): "
@@ -127,6 +139,8 @@ def main(
         if cache_size:
             llm.set_cache(LlamaRAMCache(capacity_bytes=cache_size))
         served.append(ServedPair(model_id, llm, lam, len(chosen.aligned)))
+        if parallel > 1:
+            served[-1].slots = pair_slots(llm, parallel)
     catalog = Catalog(served, presets)
     settings = ServeSettings(
         Sampling(max_tokens=max_tokens, seed=models.seed),

@@ -36,7 +36,8 @@ from .catalog import Catalog
 from .choices import Several, engine_of, run_choices, several
 from .errors import ApiError, install_handlers
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given
-from .stream import SHUTTING_DOWN, start_stream
+from .slots import fits_a_slot, submit
+from .stream import SHUTTING_DOWN, EventResponse, EventStream, start_stream
 
 
 @dataclass
@@ -95,6 +96,9 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Requ
         return await _answer_several(settings, asked, body, request)
     target = catalog.resolve(body.model, given(body, "lam"))
     kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
+    if target.pair.slots is not None and fits_a_slot(body, kwargs, settings.mode):
+        one = Several(target.pair, target.model, [target.lam], True)
+        return await _answer_on_slots(settings, one, body, kwargs, request)
     kwargs.update(lam=target.lam, model=target.model, mode=given(body, "mode") or settings.mode)
     options = given(body, "stream_options")
     count = counted(kwargs) if body.stream and options is not None and options.include_usage else None
@@ -134,17 +138,43 @@ async def _answer_several(settings: ServeSettings, asked: Several, body, request
         return Response(status_code=499)
 
 
+async def _answer_on_slots(settings: ServeSettings, asked: Several, body, kwargs: dict, request: Request):
+    """A request on the pair's slots (:mod:`.slots`), beside the others. Its client going away, its
+    stream ending, or the server stopping ends the answer at the next step (``gone``)."""
+    async with _client_watch(request) as gone:
+        feed = submit(asked.pair.slots, asked, body, kwargs, lambda: gone.is_set() or settings.stopping())
+        try:
+            first = await feed.get()
+        except Stopped:
+            if settings.stopping():
+                raise SHUTTING_DOWN from None
+            return Response(status_code=499)
+        except BaseException:
+            gone.set()
+            raise
+    if not body.stream:
+        return JSONResponse(first)
+    return EventResponse(EventStream(feed.get, first, gone.set, None, settings.stopping))
+
+
+@contextlib.asynccontextmanager
+async def _client_watch(request: Request):
+    """An event set once the client has disconnected, while inside."""
+    gone = threading.Event()
+    watcher = asyncio.create_task(_watch_client(request, gone))
+    try:
+        yield gone
+    finally:
+        watcher.cancel()
+
+
 @contextlib.asynccontextmanager
 async def _watching(request: Request, llm, stopping: Callable[[], bool]):
     """While inside (holding the pair's engine), the engine's call stops before its next decode
     once the client has disconnected (nobody would read the answer) or the server is stopping."""
-    gone = threading.Event()
-    watcher = asyncio.create_task(_watch_client(request, gone))
-    try:
+    async with _client_watch(request) as gone:
         with llm.stopping(lambda: gone.is_set() or stopping()):
             yield
-    finally:
-        watcher.cancel()
 
 
 async def _watch_client(request: Request, gone: threading.Event) -> None:

@@ -29,6 +29,7 @@ class ServedPair:
     n_aligned: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     choices: Any = None  # the contexts of requests with several choices (serve.choices), made when first asked
+    slots: Any = None  # dera_gguf.slots.Slots answering one-answer requests together (--parallel > 1), or None
 
 
 @dataclass
@@ -124,6 +125,8 @@ class Catalog:
 
     def close(self) -> None:
         for pair in self.pairs.values():
+            if pair.slots is not None:
+                pair.slots.close()
             if pair.choices is not None:
                 pair.choices.close()
             close = getattr(pair.llm, "close", None)

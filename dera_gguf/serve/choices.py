@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, List, Optional
 import llama_cpp
 from llama_cpp import llama_chat_format
 
+from .. import checks
 from ..blend import Lam, mixing_weights
 from ..choices import Choice, choice_runtime, decode_choices
 from ..errors import ContextFullError, DeRaError, Stopped
@@ -140,6 +141,7 @@ def prompt_and_stops(llm: Any, body: Request, kwargs: dict) -> tuple:
         return _chat_prompt(llm, kwargs["messages"], stop)
     prompt = kwargs["prompt"]
     if isinstance(prompt, list):
+        checks.check_prompt(prompt, llm.n_vocab(), llm._n_ctx, llm.tokenize)
         return list(prompt), stop
     if not prompt:
         raise ApiError(400, "prompt is empty: give some text to continue", "prompt")
@@ -186,11 +188,23 @@ def _chat_prompt(llm: Any, messages: list, stop: List[str]) -> tuple:
     raise DeRaError("the chat handler answered without a completion call: several choices cannot use it")
 
 
-def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, logits_all: bool) -> Any:
-    """The answer to ``body`` (holding the pair's lock, on a worker thread): a dict, or for a stream a lazy
-    iterator of chunks (its first ``next`` decodes the prompt and draws the first tokens)."""
+@dataclass
+class Plan:
+    """What decoding a request's choices takes, made as a one-answer call makes it: the prompt (chat
+    template included), the choices (weights, seeded chains, bias), the answer's length, and its
+    text and shapes."""
+
+    prompt: List[int]
+    choices: List[Choice]
+    max_tokens: int
+    texts: List[ChoiceText]
+    shape: "Shape"
+    stream: bool
+
+
+def plan(several: Several, body: Request, kwargs: dict) -> Plan:
+    """The choices of ``body`` (its call arguments ``kwargs``), checked; a 400 names what they cannot honour."""
     llm = several.pair.llm
-    kwargs = call_kwargs(body, defaults, logits_all)
     unknown = sorted(set(kwargs) - HONOURED - set(NEUTRAL))
     if unknown:
         raise ApiError(
@@ -201,7 +215,6 @@ def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, l
     prompt, stop = prompt_and_stops(llm, body, kwargs)
     if len(prompt) >= llm._n_ctx:
         raise ContextFullError(f"the prompt is {len(prompt)} tokens; the context holds {llm._n_ctx} (n_ctx)")
-    max_tokens = min(kwargs["max_tokens"], llm._n_ctx - len(prompt))
     settings = Sampling(**{k: kwargs[k] for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")})
     extra = dict(
         frequency_penalty=kwargs.get("frequency_penalty") or 0.0,
@@ -213,26 +226,40 @@ def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, l
     choices = []
     for i, lam in enumerate(several.lams):
         chain_seed = seed if several.lam_list else (seed + i) % 2**32
-        choices.append(Choice(mixing_weights(lam, n_aligned), new_chain(settings, chain_seed, **extra), bias=bias))
-    engine = engine_of(several.pair, cap, defaults.max_tokens)
-    is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
-    steps = decode_choices(engine.runtime, prompt, choices, max_tokens, is_eog, engine.check_stop)
+        chain = new_chain(settings, chain_seed, **extra)
+        choices.append(Choice(mixing_weights(lam, n_aligned), chain, bias=bias))
     texts = [ChoiceText(lambda t: llm.detokenize(t, prev_tokens=prompt), stop) for _ in choices]
-    shape = _Shape(several, body, len(prompt), kwargs.get("stream") and given(body, "stream_options"))
-    if not kwargs.get("stream"):
+    shape = Shape(several, body, len(prompt), kwargs.get("stream") and given(body, "stream_options"))
+    max_tokens = min(kwargs["max_tokens"], llm._n_ctx - len(prompt))
+    return Plan(prompt, choices, max_tokens, texts, shape, bool(kwargs.get("stream")))
+
+
+def is_eog_of(llm: Any) -> Callable[[int], bool]:
+    """Whether a token ends the text, by the model's vocabulary."""
+    return lambda t: bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, t))
+
+
+def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, logits_all: bool) -> Any:
+    """The answer to ``body`` (holding the pair's lock, on a worker thread): a dict, or for a stream a lazy
+    iterator of chunks (its first ``next`` decodes the prompt and draws the first tokens)."""
+    p = plan(several, body, call_kwargs(body, defaults, logits_all))
+    engine = engine_of(several.pair, cap, defaults.max_tokens)
+    llm = several.pair.llm
+    steps = decode_choices(engine.runtime, p.prompt, p.choices, p.max_tokens, is_eog_of(llm), engine.check_stop)
+    if not p.stream:
         for moved in steps:
-            _update(choices, texts, moved)
-        return shape.whole(choices, texts)
-    return shape.stream(choices, texts, steps)  # lazy: the stream draws its first chunk while watched
+            update(p.choices, p.texts, moved)
+        return p.shape.whole(p.choices, p.texts)
+    return p.shape.stream(p.choices, p.texts, steps)  # lazy: the stream draws its first chunk while watched
 
 
-def _update(choices: List[Choice], texts: List[ChoiceText], moved: List[int]) -> None:
+def update(choices: List[Choice], texts: List[ChoiceText], moved: List[int]) -> None:
     for i in moved:
         if texts[i].update(choices[i].tokens) == "stop":
             choices[i].finish = "stop"
 
 
-class _Shape:
+class Shape:
     """OpenAI's shapes of an answer with several choices (chat or text completion, whole or streamed)."""
 
     def __init__(self, several: Several, body: Request, n_prompt: int, options: Any):
@@ -271,17 +298,29 @@ class _Shape:
 
     def stream(self, choices: List[Choice], texts: List[ChoiceText], steps: Iterator[List[int]]) -> Iterator[dict]:
         """A chunk per choice and step that has news (for chats a first chunk per choice with the role)."""
-        started = not self.chat
+        first = True
         for moved in steps:
-            _update(choices, texts, moved)
-            if not started:
-                for i in range(len(choices)):
-                    yield {**self._head(True), "choices": [self._choice(i, "", None, True, first=True)]}
-                started = True
-            for i in moved:
-                finish = choices[i].finish
-                text = texts[i].delta(final=finish is not None)
-                if text or finish is not None:
-                    yield {**self._head(True), "choices": [self._choice(i, text, finish, True)]}
+            update(choices, texts, moved)
+            yield from self.step(choices, texts, moved, first)
+            first = False
         if self.usage_chunk:
-            yield {**self._head(True), "choices": [], "usage": self._usage(choices)}
+            yield self.usage(choices)
+
+    def step(self, choices: List[Choice], texts: List[ChoiceText], moved: List[int], first: bool) -> List[dict]:
+        """The chunks of one step (``moved``: the choices that drew; texts updated)."""
+        chunks = []
+        if first and self.chat:
+            chunks += [
+                {**self._head(True), "choices": [self._choice(i, "", None, True, first=True)]}
+                for i in range(len(choices))
+            ]
+        for i in moved:
+            finish = choices[i].finish
+            text = texts[i].delta(final=finish is not None)
+            if text or finish is not None:
+                chunks.append({**self._head(True), "choices": [self._choice(i, text, finish, True)]})
+        return chunks
+
+    def usage(self, choices: List[Choice]) -> dict:
+        """The closing chunk of ``stream_options.include_usage``."""
+        return {**self._head(True), "choices": [], "usage": self._usage(choices)}

@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, Callable, Iterator, Optional
+from functools import partial
+from typing import Any, Awaitable, Callable, Iterator, Optional
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -29,7 +30,7 @@ from .schema import TokenCount
 
 log = logging.getLogger("dera_gguf.serve")
 
-_END = object()
+END = object()  # after a stream's last chunk
 SHUTTING_DOWN = ApiError(
     503, "dera-serve is shutting down: the answer ends here", code="server_shutting_down", kind="server_error"
 )
@@ -42,33 +43,34 @@ def event(data: Any) -> bytes:
 
 
 class EventStream:
-    """A started stream and the engine lock it holds until :meth:`close`."""
+    """A started stream: ``pull()`` awaits its next chunk (``END`` after the last), ``release()`` gives
+    back what it holds (the engine's lock, or its slot) once, however it ends (:meth:`close`)."""
 
     def __init__(
         self,
-        chunks: Iterator[dict],
+        pull: Callable[[], Awaitable[Any]],
         first: Any,
-        lock: asyncio.Lock,
+        release: Callable[[], None],
         count: Optional[TokenCount],
         stopping: Callable[[], bool],
     ) -> None:
-        self.chunks, self.first, self.lock = chunks, first, lock
+        self.pull, self.first, self.release = pull, first, release
         self.count, self.stopping = count, stopping
         self.closed = False
 
     async def events(self):
         """The chunks as SSE events, then the usage chunk if asked, then ``[DONE]``."""
         chunk, last = self.first, None
-        while chunk is not _END:
+        while chunk is not END:
             yield event(chunk)
             last = chunk
             if self.stopping():
                 yield event(SHUTTING_DOWN.body())
                 return
             try:
-                chunk = await anyio.to_thread.run_sync(next, self.chunks, _END)
+                chunk = await self.pull()
             except Exception as e:  # the engine failed mid-answer: tell the client, keep serving
-                error = as_api_error(e)
+                error = SHUTTING_DOWN if self.stopping() else as_api_error(e)
                 log.warning("stream ended by an error: %s", error.message)
                 yield event(error.body())
                 return
@@ -77,16 +79,10 @@ class EventStream:
         yield event("[DONE]")
 
     def close(self) -> None:
-        """End the engine's generator (at a token boundary) and give the engine back; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            close = getattr(self.chunks, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.lock.release()
+        """Give back what the stream holds; idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.release()
 
 
 class EventResponse(StreamingResponse):
@@ -112,19 +108,27 @@ async def start_stream(
     watch: Callable = contextlib.nullcontext,
 ) -> EventResponse:
     """Take the engine, make the call and draw its first chunk (inside ``watch()``, an async context
-    entered once the engine is held); errors so far raise (a JSON answer)."""
+    entered once the engine is held); errors so far raise (a JSON answer). The engine is held
+    until the stream ends: its generator is closed (at a token boundary), then the lock released."""
     await lock.acquire()
     chunks = None
+
+    def release() -> None:
+        try:
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()
+        finally:
+            lock.release()
+
     try:
         async with watch():
             chunks = await anyio.to_thread.run_sync(call)
-            first = await anyio.to_thread.run_sync(next, chunks, _END)
+            first = await anyio.to_thread.run_sync(next, chunks, END)
     except BaseException:
-        if chunks is not None and hasattr(chunks, "close"):
-            chunks.close()
-        lock.release()
+        release()
         raise
-    return EventResponse(EventStream(chunks, first, lock, count, stopping))
+    pull = partial(anyio.to_thread.run_sync, next, chunks, END)
+    return EventResponse(EventStream(pull, first, release, count, stopping))
 
 
 def _usage_chunk(last: dict, count: TokenCount) -> dict:

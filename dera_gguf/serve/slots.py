@@ -1,0 +1,103 @@
+"""dera-serve --parallel N: one-answer requests decoded together on a pair's slots.
+
+Every request that a slot can answer as asked is one answer on the pair's
+:class:`~dera_gguf.slots.Slots` (N sequences in contexts of its own, on the pair's loaded
+weights): it joins the running answers between steps, decodes in their batch at its own
+λ with its own seeded chain, and leaves when it ends or its client goes away. A request
+a slot cannot answer as asked (logprobs, grammars, tools, text-keyed logit bias, mode
+``weights``, several choices) takes the one-at-a-time path on the pair's engine, as
+without ``--parallel``.
+
+The prompt, stop strings, ``max_tokens`` and text are made as a one-answer call makes
+them (:func:`~dera_gguf.serve.choices.plan`), so a greedy answer is the one the engine
+gives alone, up to llama.cpp's batch-shape rounding. The slots' thread hands each chunk
+to the request's event loop through an :class:`asyncio.Queue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Optional
+
+from ..choices import choice_runtime
+from ..slots import Job, Slots
+from .choices import HONOURED, NEUTRAL, Plan, Several, is_eog_of, plan, update
+from .schema import Request, given
+from .stream import END
+
+log = logging.getLogger("dera_gguf.serve")
+
+PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside the running answers
+
+
+def pair_slots(llm: Any, n_slots: int) -> Slots:
+    """``n_slots`` slots on the DeRaLlama's weights and settings, each holding a whole n_ctx conversation."""
+    runtime = choice_runtime(
+        llm.runtime.models, llm.context_params, n_slots * llm._n_ctx, llm.n_batch, n_slots, llm.runtime.threads
+    )
+    return Slots(runtime, llm._n_ctx, is_eog_of(llm), PROMPT_CHUNK)
+
+
+def fits_a_slot(body: Request, kwargs: dict, mode: str) -> bool:
+    """Whether a slot answers ``body`` (call arguments ``kwargs``) as asked; else it takes the engine's path."""
+    if set(kwargs) - HONOURED - set(NEUTRAL) or (given(body, "mode") or mode) != "blend":
+        return False
+    return all(name not in body.model_fields_set or getattr(body, name) in ok for name, ok in NEUTRAL.items())
+
+
+class Feed:
+    """Chunks from the slots' thread to the request's event loop; an exception ends the feed."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            pass
+
+    async def get(self) -> Any:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def submit(slots: Slots, several: Several, body: Request, kwargs: dict, cancelled: Callable[[], bool]) -> Feed:
+    """Queue the request's answer on ``slots``; its feed gives the stream's chunks then END, or for a
+    whole answer the answer. 400s (and a prompt that does not fit) raise here, before it queues."""
+    p = plan(several, body, kwargs)
+    feed = Feed()
+    job = Job(p.prompt, p.choices[0], p.max_tokens, _on_step(p, feed), _on_end(p, feed), cancelled)
+    slots.submit(job)
+    return feed
+
+
+def _on_step(p: Plan, feed: Feed) -> Callable[[Job], None]:
+    first = [True]
+
+    def step(job: Job) -> None:  # on the slots' thread, between steps
+        update(p.choices, p.texts, [0])  # a stop string found ends the answer here
+        if p.stream:
+            for chunk in p.shape.step(p.choices, p.texts, [0], first[0]):
+                feed.put(chunk)
+            first[0] = False
+
+    return step
+
+
+def _on_end(p: Plan, feed: Feed) -> Callable[[Job, Optional[BaseException]], None]:
+    def end(job: Job, error: Optional[BaseException]) -> None:
+        if error is not None:
+            feed.put(error)
+        elif not p.stream:
+            feed.put(p.shape.whole(p.choices, p.texts))
+        else:
+            if p.shape.usage_chunk:
+                feed.put(p.shape.usage(p.choices))
+            feed.put(END)
+
+    return end
