@@ -45,17 +45,26 @@ class Choice:
 
 
 def choice_runtime(
-    models: PairModels, context_params, n_ctx: int, n_batch: int, n_seq: int, threads: ThreadPlan
+    models: PairModels,
+    context_params,
+    n_ctx: int,
+    n_batch: int,
+    n_seq: int,
+    threads: ThreadPlan,
+    unified: bool = True,
 ) -> PairRuntime:
-    """New contexts of the pair for ``n_seq`` sequences on one unified KV cache of ``n_ctx`` cells.
+    """New contexts of the pair for ``n_seq`` sequences on a KV cache of ``n_ctx`` cells in all.
 
+    ``unified``: one cache that the sequences share (a prompt's cells shared by copying);
+    else one cache of ``n_ctx / n_seq`` cells per sequence, each laid out as in a context of
+    its own, so that a sequence's numbers do not depend on where the others' cells lie.
     ``context_params`` (a ``llama_context_params``, copied) and ``threads`` are those of the
     pair's one-sequence engine, so a prompt decodes in the same batch shapes as there.
     """
     if not 1 <= n_seq <= MAX_SEQ:
         raise DeRaError(f"{n_seq} parallel sequences: llama.cpp allows 1 to {MAX_SEQ}")
     params = type(context_params).from_buffer_copy(context_params)
-    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, True
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, unified
     params.n_batch = max(params.n_batch, n_seq)
     params.n_ubatch = max(params.n_ubatch, n_seq)
     members = range(len(models.files.aligned) + 1)

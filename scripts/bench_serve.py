@@ -16,6 +16,13 @@ In the same rounds, ``"lam": [0, 1, 1.5, 2]`` (one request, its choices decoded 
 is timed against the four requests at those λ sent one after the other, and the
 choices are compared with the separate answers (equal up to llama.cpp's batch-shape
 rounding: differing choices are counted, not fatal). ``--choices ''`` leaves this out.
+
+Concurrent clients (``--clients 4``; 0 leaves this out): a second server with
+``--parallel 1`` (one request at a time, as before slots) runs beside the main one
+(``--parallel``, default 4). Each round times one client alone on each server (the
+latency a lone user sees, slots against one at a time) and ``--clients`` clients at
+different λ, each with its own prompt, sent at once to each server: aggregate completion
+tokens per second, against one client alone on the same server.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -41,6 +49,13 @@ from dera_gguf import DeRaLlama
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+CLIENT_PROMPTS = [  # one per concurrent client (cycled)
+    "Describe a busy market in a mountain town.",
+    "Explain how bicycles stay upright.",
+    "Write a letter from a sailor to his sister.",
+    "List the steps to bake bread at home.",
+]
+CLIENT_LAMS = [0.5, 1.0, 1.5, 2.0]
 
 
 def free_port() -> int:
@@ -69,8 +84,9 @@ def launch(serve_args: list, log) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"dera-serve did not start; its log is {log.name}")
 
 
-def start_server(args: argparse.Namespace, log) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, log, parallel: int) -> tuple[subprocess.Popen, str]:
     command = ["--pair", args.pair, "--n-ctx", str(args.n_ctx), "--max-tokens", str(args.tokens)]
+    command += ["--parallel", str(parallel)]
     command += ["--cache-size", args.cache_size, "--n-gpu-layers", str(args.n_gpu_layers)] + (
         ["--threads", str(args.threads)] if args.threads else []
     )
@@ -117,6 +133,42 @@ def one_by_one(http: httpx.Client, body: dict, lams: list) -> tuple[float, list]
     return time.perf_counter() - start, texts
 
 
+def at_once(url: str, bodies: list) -> float:
+    """Send ``bodies`` at the same time (one connection each); the seconds until the last answer."""
+    answers = [None] * len(bodies)
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            answers[i] = served(http, bodies[i], False)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(a is None for a in answers):
+        raise SystemExit("a concurrent request failed")
+    return time.perf_counter() - start
+
+
+def client_bodies(body: dict, n: int) -> list:
+    return [
+        dict(body, lam=CLIENT_LAMS[i % len(CLIENT_LAMS)], messages=[{"role": "user", "content": CLIENT_PROMPTS[i % 4]}])
+        for i in range(n)
+    ]
+
+
+def concurrency_round(urls: dict, body: dict, n_clients: int, i: int) -> dict:
+    """One round on each server (order alternated): one client alone, then ``n_clients`` at once."""
+    out = {}
+    for name in list(urls) if i % 2 == 0 else list(urls)[::-1]:
+        with httpx.Client(base_url=urls[name], timeout=600) as http:
+            out[(name, "alone")] = served(http, dict(body, lam=CLIENT_LAMS[2]), False)[0]
+        out[(name, "together")] = at_once(urls[name], client_bodies(body, n_clients))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", default="smollm2-demo")
@@ -128,6 +180,8 @@ def main() -> None:
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--cache-size", default="2GB", help="dera-serve --cache-size (0: no prompt cache)")
     parser.add_argument("--choices", default="0,1,1.5,2", help="the λ list of one request ('' to leave it out)")
+    parser.add_argument("--parallel", type=int, default=4, help="dera-serve --parallel of the main server")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients (0: leave this out)")
     args = parser.parse_args()
     lams = [float(x) for x in args.choices.split(",")] if args.choices else []
 
@@ -137,7 +191,11 @@ def main() -> None:
     settings = dict(lam=args.lam, temperature=0.0, max_tokens=args.tokens, logit_bias={i: -100.0 for i in eog})
     body = dict(settings, model=args.pair, messages=MESSAGES, logit_bias={str(i): -100.0 for i in eog})
     log = tempfile.NamedTemporaryFile("w", prefix="bench_serve_", suffix=".log", delete=False)
-    process, url = start_server(args, log)
+    process, url = start_server(args, log, args.parallel)
+    urls = {f"parallel {args.parallel}": url}
+    if args.clients:
+        single, urls["parallel 1"] = start_server(args, log, 1)
+    conc = []
     modes = {"json": False, "stream": True}
     times = {(mode, side): [] for mode in modes for side in ("direct", "server")}
     together, apart, differing = [], [], 0
@@ -147,6 +205,8 @@ def main() -> None:
                 direct(llm, settings, stream), served(http, body, stream)
             if lams:  # (the first request with several choices makes their contexts)
                 choices_at_once(http, body, lams)
+            if args.clients:
+                concurrency_round(urls, body, args.clients, 0)
             for i in range(args.rounds):
                 for mode, stream in modes.items():
                     calls = [
@@ -165,9 +225,12 @@ def main() -> None:
                     (t1, a), (t2, b) = runs["together"], runs["apart"]
                     together.append(t1), apart.append(t2)
                     differing += sum(x != y for x, y in zip(a, b))
+                if args.clients:
+                    conc.append(concurrency_round(urls, body, args.clients, i))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        for proc in [process, *([single] if args.clients else [])]:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
     print(f"pair {args.pair}, lam {args.lam:g}, {args.tokens}-token greedy answers, median of {args.rounds} rounds")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}")
     for mode in modes:
@@ -183,6 +246,23 @@ def main() -> None:
             f"lam {args.choices}: one request {statistics.median(together):.3f} s   {len(lams)} requests "
             f"{statistics.median(apart):.3f} s   ratio {ratio:.3f}   "
             f"({differing} of {len(lams) * args.rounds} choices differ from the request alone)"
+        )
+    if args.clients:
+        report_concurrency(conc, list(urls), args.clients, args.tokens)
+
+
+def report_concurrency(rounds: list, names: list, n_clients: int, tokens: int) -> None:
+    slots, single = names
+    alone = statistics.median(r[(slots, "alone")] / r[(single, "alone")] for r in rounds)
+    print(f"one client alone: {slots} / parallel 1 latency {alone:.3f} (median of per-round ratios)")
+    for name in names:
+        together = [r[(name, "together")] for r in rounds]
+        by_one = [r[(name, "alone")] for r in rounds]
+        speedup = statistics.median(n_clients * a / t for a, t in zip(by_one, together))
+        rate = statistics.median(n_clients * tokens / t for t in together)
+        print(
+            f"{name}: {n_clients} clients at once {rate:.1f} tok/s in all, {speedup:.2f}x one client alone "
+            f"({statistics.median(together):.2f} s for all, {statistics.median(by_one):.2f} s alone)"
         )
 
 

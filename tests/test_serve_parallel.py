@@ -224,3 +224,27 @@ def test_a_long_prompt_joins_while_another_answer_streams(paths, env, tmp_path):
         assert len(meanwhile) >= n_prompt // 128 - 2, (len(meanwhile), n_prompt)
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
+
+
+def test_a_lone_clients_answers_on_slots_are_the_engines_on_a_real_pair(env, tmp_path):  # noqa: F811
+    """The SmolLM2 demo pair (a real model, where greedy answers meet near-ties): requests one after
+    another on the slots, including the same one again and a next turn that reuses a slot's cache, are
+    answered as a DeRaLlama of the pair answers them (each slot's cache laid out as its own context)."""
+    from dera_gguf import DeRaLlama
+
+    proc = ServerProcess(["--pair", "smollm2-demo", "--n-ctx", "512", "--parallel", "4"], env, tmp_path / "s.log")
+    llm = DeRaLlama.from_pair("smollm2-demo", n_ctx=512, verbose=False)
+    eog = {str(t): -100.0 for t in range(llm.n_vocab()) if llama_cpp_is_eog(llm, t)}
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    settings = dict(temperature=0.0, max_tokens=48, lam=1.5, logit_bias=eog)
+    try:
+        with proc.http(timeout=120) as http:
+            for messages in [story, story, [*story, {"role": "assistant", "content": "Once"}, *HELLO]]:
+                served = http.post("/v1/chat/completions", json=dict(messages=messages, **settings)).json()
+                direct = llm.create_chat_completion(
+                    messages, **{**settings, "logit_bias": {int(k): v for k, v in eog.items()}}
+                )
+                assert served["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()
+        llm.close()

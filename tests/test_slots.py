@@ -55,9 +55,9 @@ def until_eog(llm, tokens):
     return tokens[: ends[0]] if ends else tokens
 
 
-def new_slots(llm, n_slots: int, chunk: int = 256) -> Slots:
+def new_slots(llm, n_slots: int, chunk: int = 256, unified: bool = False) -> Slots:
     runtime = choice_runtime(
-        llm.runtime.models, llm.context_params, n_slots * N_CTX, llm.n_batch, n_slots, llm.runtime.threads
+        llm.runtime.models, llm.context_params, n_slots * N_CTX, llm.n_batch, n_slots, llm.runtime.threads, unified
     )
     return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk)
 

@@ -34,7 +34,13 @@ PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside th
 def pair_slots(llm: Any, n_slots: int) -> Slots:
     """``n_slots`` slots on the DeRaLlama's weights and settings, each holding a whole n_ctx conversation."""
     runtime = choice_runtime(
-        llm.runtime.models, llm.context_params, n_slots * llm._n_ctx, llm.n_batch, n_slots, llm.runtime.threads
+        llm.runtime.models,
+        llm.context_params,
+        n_slots * llm._n_ctx,
+        llm.n_batch,
+        n_slots,
+        llm.runtime.threads,
+        unified=False,
     )
     return Slots(runtime, llm._n_ctx, is_eog_of(llm), PROMPT_CHUNK)
 
