@@ -21,8 +21,9 @@ Concurrent clients (``--clients 4``; 0 leaves this out): a second server with
 ``--parallel 1`` (one request at a time, as before slots) runs beside the main one
 (``--parallel``, default 4). Each round times one client alone on each server (the
 latency a lone user sees, slots against one at a time) and ``--clients`` clients at
-different λ, each with its own prompt, sent at once to each server: aggregate completion
-tokens per second, against one client alone on the same server.
+different λ, each with its own prompt, streamed at once from each server: aggregate
+completion tokens per second against one client alone on the same server, and how long
+the last of them waited for its first token.
 """
 
 from __future__ import annotations
@@ -133,23 +134,27 @@ def one_by_one(http: httpx.Client, body: dict, lams: list) -> tuple[float, list]
     return time.perf_counter() - start, texts
 
 
-def at_once(url: str, bodies: list) -> float:
-    """Send ``bodies`` at the same time (one connection each); the seconds until the last answer."""
-    answers = [None] * len(bodies)
+def at_once(url: str, bodies: list) -> tuple[float, list]:
+    """Stream ``bodies`` at the same time (one connection each): the seconds until the last answer
+    ended, and each client's seconds until its first token."""
+    firsts = [None] * len(bodies)
+    start = time.perf_counter()
 
     def ask(i: int) -> None:
         with httpx.Client(base_url=url, timeout=600) as http:
-            answers[i] = served(http, bodies[i], False)
+            with http.stream("POST", "/v1/chat/completions", json=dict(bodies[i], stream=True)) as r:
+                for line in r.iter_lines():
+                    if firsts[i] is None and line.startswith("data: {") and '"content"' in line:
+                        firsts[i] = time.perf_counter() - start
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if any(a is None for a in answers):
+    if any(f is None for f in firsts):
         raise SystemExit("a concurrent request failed")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, firsts
 
 
 def client_bodies(body: dict, n: int) -> list:
@@ -165,7 +170,7 @@ def concurrency_round(urls: dict, body: dict, n_clients: int, i: int) -> dict:
     for name in list(urls) if i % 2 == 0 else list(urls)[::-1]:
         with httpx.Client(base_url=urls[name], timeout=600) as http:
             out[(name, "alone")] = served(http, dict(body, lam=CLIENT_LAMS[2]), False)[0]
-        out[(name, "together")] = at_once(urls[name], client_bodies(body, n_clients))
+        out[(name, "together")], out[(name, "first")] = at_once(urls[name], client_bodies(body, n_clients))
     return out
 
 
@@ -198,7 +203,7 @@ def main() -> None:
     conc = []
     modes = {"json": False, "stream": True}
     times = {(mode, side): [] for mode in modes for side in ("direct", "server")}
-    together, apart, differing = [], [], 0
+    together, apart, differing, unequal = [], [], 0, 0
     try:
         with httpx.Client(base_url=url, timeout=600) as http:
             for stream in modes.values():  # warm-up: first calls build graphs, page weights in
@@ -214,8 +219,7 @@ def main() -> None:
                         ("server", partial(served, http, body, stream)),
                     ]
                     results = {side: call() for side, call in (calls if i % 2 == 0 else calls[::-1])}
-                    if results["direct"][1] != results["server"][1]:
-                        raise SystemExit(f"round {i}, {mode}: the server's answer differs from the direct call's")
+                    unequal += results["direct"][1] != results["server"][1]  # (near-ties of a random pair)
                     for side, (seconds, _) in results.items():
                         times[(mode, side)].append(seconds)
                 if lams:
@@ -233,6 +237,7 @@ def main() -> None:
             proc.wait(60)
     print(f"pair {args.pair}, lam {args.lam:g}, {args.tokens}-token greedy answers, median of {args.rounds} rounds")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}")
+    print(f"{unequal} of {2 * args.rounds} server answers differ from the direct call's")
     for mode in modes:
         d, s = times[(mode, "direct")], times[(mode, "server")]
         ratio = statistics.median(b / a for a, b in zip(d, s))
@@ -260,9 +265,11 @@ def report_concurrency(rounds: list, names: list, n_clients: int, tokens: int) -
         by_one = [r[(name, "alone")] for r in rounds]
         speedup = statistics.median(n_clients * a / t for a, t in zip(by_one, together))
         rate = statistics.median(n_clients * tokens / t for t in together)
+        last_first = statistics.median(max(r[(name, "first")]) for r in rounds)
         print(
             f"{name}: {n_clients} clients at once {rate:.1f} tok/s in all, {speedup:.2f}x one client alone "
-            f"({statistics.median(together):.2f} s for all, {statistics.median(by_one):.2f} s alone)"
+            f"({statistics.median(together):.2f} s for all, {statistics.median(by_one):.2f} s alone); "
+            f"the last client's first token after {last_first:.2f} s"
         )
 
 

@@ -31,7 +31,7 @@ def serve(paths, env, tmp_path, *args):  # noqa: F811 (fixtures)
 
 @pytest.fixture(scope="module")
 def server(paths, env, tmp_path_factory):  # noqa: F811 (fixtures)
-    proc = serve(paths, env, tmp_path_factory.mktemp("log"), "--n-ctx", "512", "--parallel", "4")
+    proc = serve(paths, env, tmp_path_factory.mktemp("log"), "--n-ctx", "2048", "--parallel", "4")
     yield proc
     assert proc.stop(signal.SIGTERM) == 0, proc.log()
 
@@ -158,7 +158,7 @@ def test_seeded_sampled_answers_reproduce_whatever_runs_beside_them(server):
 def test_a_client_that_disconnects_frees_its_slot_while_the_others_go_on(paths, env, tmp_path):  # noqa: F811
     """Two slots, two 4000-token streams; one client leaves after 20 chunks. A third request is answered
     while the other stream is still running: it got the freed slot instead of waiting for one."""
-    proc = serve(paths, env, tmp_path, "--n-ctx", "4096", "--max-tokens", "4000", "--parallel", "2")
+    proc = serve(paths, env, tmp_path, "--n-ctx", "8192", "--max-tokens", "4000", "--parallel", "2")
     try:
         clock = Clock()
         body = dict(model="pair", messages=HELLO, stream=True, max_tokens=4000, logit_bias=EOG_BAN, **GREEDY)
@@ -179,7 +179,7 @@ def test_a_client_that_disconnects_frees_its_slot_while_the_others_go_on(paths, 
 
 
 def test_sigterm_ends_every_running_stream_cleanly(paths, env, tmp_path):  # noqa: F811
-    proc = serve(paths, env, tmp_path, "--n-ctx", "4096", "--max-tokens", "4000", "--parallel", "3")
+    proc = serve(paths, env, tmp_path, "--n-ctx", "4096", "--max-tokens", "1000", "--parallel", "3")
     clock = Clock()
     body = dict(model="pair", messages=HELLO, stream=True, max_tokens=4000, logit_bias=EOG_BAN, **GREEDY)
     streams = [Stream(proc, "/v1/chat/completions", {**body, "lam": lam}, clock) for lam in (0.5, 1.0, 1.5)]
@@ -193,7 +193,7 @@ def test_sigterm_ends_every_running_stream_cleanly(paths, env, tmp_path):  # noq
         s.join(60)
     assert [s.error for s in streams] == [None] * 3
     assert all(s.events[-1]["error"]["code"] == "server_shutting_down" for s in streams)
-    assert all(10 <= len(s.events) < 2000 for s in streams)  # ran together, ended early
+    assert all(10 <= len(s.events) < 1000 for s in streams)  # ran together, ended early
     assert proc.process.wait(30) == 0
     assert "dera-serve: stopped" in proc.log() and "Traceback" not in proc.log(), proc.log()
 
@@ -201,7 +201,7 @@ def test_sigterm_ends_every_running_stream_cleanly(paths, env, tmp_path):  # noq
 def test_a_long_prompt_joins_while_another_answer_streams(paths, env, tmp_path):  # noqa: F811
     """A prompt of ~1,500 tokens sent while another answer streams: it is decoded 128 tokens a step
     beside that answer, which keeps streaming meanwhile (about one chunk per prompt chunk)."""
-    proc = serve(paths, env, tmp_path, "--n-ctx", "2048", "--max-tokens", "1000", "--parallel", "2")
+    proc = serve(paths, env, tmp_path, "--n-ctx", "4096", "--max-tokens", "1000", "--parallel", "2")
     try:
         clock = Clock()
         body = dict(model="pair", messages=HELLO, stream=True, max_tokens=1000, logit_bias=EOG_BAN, **GREEDY)
@@ -232,8 +232,8 @@ def test_a_lone_clients_answers_on_slots_are_the_engines_on_a_real_pair(env, tmp
     answered as a DeRaLlama of the pair answers them (each slot's cache laid out as its own context)."""
     from dera_gguf import DeRaLlama
 
-    proc = ServerProcess(["--pair", "smollm2-demo", "--n-ctx", "512", "--parallel", "4"], env, tmp_path / "s.log")
-    llm = DeRaLlama.from_pair("smollm2-demo", n_ctx=512, verbose=False)
+    proc = ServerProcess(["--pair", "smollm2-demo", "--n-ctx", "1024", "--parallel", "4"], env, tmp_path / "s.log")
+    llm = DeRaLlama.from_pair("smollm2-demo", n_ctx=1024, verbose=False)
     eog = {str(t): -100.0 for t in range(llm.n_vocab()) if llama_cpp_is_eog(llm, t)}
     story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     settings = dict(temperature=0.0, max_tokens=48, lam=1.5, logit_bias=eog)

@@ -74,8 +74,9 @@ from .common import (
     show_default=True,
     help="Requests answered together per pair: each running request is a sequence in one batch per model, "
     "at its own lam and seed, joining and leaving between tokens; a slot keeps its conversation for the "
-    "client's next turn. Each slot holds a whole n_ctx conversation (N times the KV memory). 1: one request "
-    "at a time. Requests with logprobs, grammars, tools, mode weights or several choices run one at a time.",
+    "client's next turn. The slots share one more n_ctx of KV cache (n_ctx / N positions each). 1: one "
+    "request at a time. Requests longer than a slot, or with logprobs, grammars, tools, mode weights or "
+    "several choices, are answered one at a time by the pair's engine (its prompt cache and --speculative).",
 )
 @click.option("--logprobs", is_flag=True, help="Keep every position's logits so requests may ask for logprobs.")
 @click.option(

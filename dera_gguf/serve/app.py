@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from ..errors import Stopped
 from ..sampling import Sampling
 from .catalog import Catalog
-from .choices import Several, engine_of, run_choices, several
+from .choices import Several, engine_of, plan, run_choices, several
 from .errors import ApiError, install_handlers
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given
 from .slots import fits_a_slot, submit
@@ -97,8 +97,9 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Requ
     target = catalog.resolve(body.model, given(body, "lam"))
     kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
     if target.pair.slots is not None and fits_a_slot(body, kwargs, settings.mode):
-        one = Several(target.pair, target.model, [target.lam], True)
-        return await _answer_on_slots(settings, one, body, kwargs, request)
+        answer = await _answer_on_slots(settings, target, body, kwargs, request)
+        if answer is not None:
+            return answer
     kwargs.update(lam=target.lam, model=target.model, mode=given(body, "mode") or settings.mode)
     options = given(body, "stream_options")
     count = counted(kwargs) if body.stream and options is not None and options.include_usage else None
@@ -138,11 +139,14 @@ async def _answer_several(settings: ServeSettings, asked: Several, body, request
         return Response(status_code=499)
 
 
-async def _answer_on_slots(settings: ServeSettings, asked: Several, body, kwargs: dict, request: Request):
-    """A request on the pair's slots (:mod:`.slots`), beside the others. Its client going away, its
-    stream ending, or the server stopping ends the answer at the next step (``gone``)."""
+async def _answer_on_slots(settings: ServeSettings, target, body, kwargs: dict, request: Request):
+    """A request on the pair's slots (:mod:`.slots`), beside the others; None when it does not fit a slot.
+    Its client going away, its stream ending, or the server stopping ends the answer at the next step."""
+    p = plan(Several(target.pair, target.model, [target.lam], True), body, kwargs)
     async with _client_watch(request) as gone:
-        feed = submit(asked.pair.slots, asked, body, kwargs, lambda: gone.is_set() or settings.stopping())
+        feed = submit(target.pair.slots, p, lambda: gone.is_set() or settings.stopping())
+        if feed is None:
+            return None
         try:
             first = await feed.get()
         except Stopped:

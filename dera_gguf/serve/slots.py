@@ -1,12 +1,13 @@
 """dera-serve --parallel N: one-answer requests decoded together on a pair's slots.
 
 Every request that a slot can answer as asked is one answer on the pair's
-:class:`~dera_gguf.slots.Slots` (N sequences in contexts of its own, on the pair's loaded
-weights): it joins the running answers between steps, decodes in their batch at its own
-λ with its own seeded chain, and leaves when it ends or its client goes away. A request
-a slot cannot answer as asked (logprobs, grammars, tools, text-keyed logit bias, mode
-``weights``, several choices) takes the one-at-a-time path on the pair's engine, as
-without ``--parallel``.
+:class:`~dera_gguf.slots.Slots` (N sequences in contexts of their own, on the pair's loaded
+weights, sharing one more n_ctx of KV cache): it joins the running answers between steps,
+decodes in their batch at its own λ with its own seeded chain, and leaves when it ends or
+its client goes away. A request a slot cannot answer as asked (logprobs, grammars, tools,
+text-keyed logit bias, mode ``weights``, several choices), or whose prompt and answer do
+not fit a slot's n_ctx / N positions, takes the one-at-a-time path on the pair's engine,
+as without ``--parallel``.
 
 The prompt, stop strings, ``max_tokens`` and text are made as a one-answer call makes
 them (:func:`~dera_gguf.serve.choices.plan`), so a greedy answer is the one the engine
@@ -22,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from ..choices import choice_runtime
 from ..slots import Job, Slots
-from .choices import HONOURED, NEUTRAL, Plan, Several, is_eog_of, plan, update
+from .choices import HONOURED, NEUTRAL, Plan, is_eog_of, update
 from .schema import Request, given
 from .stream import END
 
@@ -32,17 +33,18 @@ PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside th
 
 
 def pair_slots(llm: Any, n_slots: int) -> Slots:
-    """``n_slots`` slots on the DeRaLlama's weights and settings, each holding a whole n_ctx conversation."""
+    """``n_slots`` slots on the DeRaLlama's weights and settings, sharing one more n_ctx of KV cache:
+    each slot holds n_ctx / n_slots positions, laid out as in a context of its own."""
     runtime = choice_runtime(
         llm.runtime.models,
         llm.context_params,
-        n_slots * llm._n_ctx,
+        llm._n_ctx,
         llm.n_batch,
         n_slots,
         llm.runtime.threads,
         unified=False,
     )
-    return Slots(runtime, llm._n_ctx, is_eog_of(llm), PROMPT_CHUNK)
+    return Slots(runtime, llm._n_ctx // n_slots, is_eog_of(llm), PROMPT_CHUNK)
 
 
 def fits_a_slot(body: Request, kwargs: dict, mode: str) -> bool:
@@ -72,13 +74,13 @@ class Feed:
         return item
 
 
-def submit(slots: Slots, several: Several, body: Request, kwargs: dict, cancelled: Callable[[], bool]) -> Feed:
-    """Queue the request's answer on ``slots``; its feed gives the stream's chunks then END, or for a
-    whole answer the answer. 400s (and a prompt that does not fit) raise here, before it queues."""
-    p = plan(several, body, kwargs)
+def submit(slots: Slots, p: Plan, cancelled: Callable[[], bool]) -> Optional[Feed]:
+    """Queue the answer ``p`` on ``slots``; None when it does not fit a slot (the engine answers it).
+    Its feed gives the stream's chunks then END, or for a whole answer the answer."""
+    if len(p.prompt) + p.max_tokens > slots.n_ctx:
+        return None
     feed = Feed()
-    job = Job(p.prompt, p.choices[0], p.max_tokens, _on_step(p, feed), _on_end(p, feed), cancelled)
-    slots.submit(job)
+    slots.submit(Job(p.prompt, p.choices[0], p.max_tokens, _on_step(p, feed), _on_end(p, feed), cancelled))
     return feed
 
 
