@@ -18,6 +18,7 @@ only the token at each position is remembered here, written as it is decoded.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence
@@ -31,6 +32,8 @@ from .contexts import common_prefix
 from .engine import PairRuntime
 from .errors import ContextFullError, DeRaError, Stopped
 from .samplers import RowSampler
+
+log = logging.getLogger("dera_gguf.slots")
 
 
 @dataclass(eq=False)
@@ -130,14 +133,14 @@ class Slots:
         for slot in list(self.running):
             self._end(slot, stopped)
         for job in self.waiting:
-            job.on_end(job, stopped)
+            _tell(job, stopped)
         self.waiting.clear()
 
     def _admit(self) -> None:
         """Seat waiting jobs in free slots: each where the longest prefix of its prompt is held."""
         for job in [j for j in self.waiting if j.cancelled()]:
             self.waiting.remove(job)
-            job.on_end(job, Stopped("cancelled before it started"))
+            _tell(job, Stopped("cancelled before it started"))
         free = [s for s in range(self.n_slots) if s not in self.running]
         while self.waiting and free:
             job = self.waiting.popleft()
@@ -214,4 +217,12 @@ class Slots:
     def _end(self, slot: int, error: Optional[BaseException]) -> None:
         job = self.running.pop(slot)
         self.left[slot] = self.steps
+        _tell(job, error)
+
+
+def _tell(job: Job, error: Optional[BaseException]) -> None:
+    """``job.on_end``; a failing callback is logged, never allowed to stop the slots' thread."""
+    try:
         job.on_end(job, error)
+    except Exception:
+        log.exception("an answer's end callback failed")

@@ -56,3 +56,9 @@ timeout ${EVAL_S:-150} python3 scripts/bench_eval.py --model /tmp/bench.gguf --n
   2>&1 | tee "$log/bench_eval.txt" || true
 DERA_TEST_N_GPU_LAYERS=-1 timeout ${TESTS_S:-170} python3 -m pytest -q -p no:cacheprovider \
   ${GPU_TESTS:-tests/test_speculative.py tests/test_engine.py tests/test_lora.py} 2>&1 | tee "$log/tests.txt" || true
+# dera-serve --parallel (issue 24: 4 concurrent clients >= 3x one alone, a 4-lam request <= 0.4x four requests,
+# on a GPU); needs the serve extra's wheels (fastapi, uvicorn, httpx and theirs) in CARRY_DIR
+printf '[pairs.bench]\nreference = { path = "/tmp/bench.gguf" }\naligned = [{ path = "/tmp/bench-lora.gguf" }]\n' \
+  > /tmp/bench-models.toml
+DERA_MODELS=/tmp/bench-models.toml timeout ${SERVE_S:-150} python3 scripts/bench_serve.py --pair bench \
+  --n-gpu-layers -1 --rounds ${ROUNDS:-3} 2>&1 | tee "$log/bench_serve.txt" || true
