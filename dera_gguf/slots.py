@@ -178,7 +178,7 @@ class Slots:
         rows_for: List[int] = []  # the slot of each output row
         drawing = [s for s, j in self.running.items() if not j.pending]
         budget = max(self.chunk - len(drawing), 1)
-        for slot, job in self.running.items():
+        for slot, job in sorted(self.running.items()):  # ascending: llama.cpp keeps such a batch whole
             start = self.runtime.contexts[0].extent(slot)
             if job.pending:
                 run, last = job.pending[:budget], len(job.pending) <= budget
