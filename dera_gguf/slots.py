@@ -154,12 +154,12 @@ class Slots:
     def _seat(self, free: List[int], prompt: np.ndarray) -> tuple:
         """The free slot for ``prompt`` and how much of what it holds to keep.
 
-        A slot whose content is at least half a prefix of the prompt is reused (the longest such
-        prefix wins: a conversation's next turn); otherwise the slot left longest ago (or never
-        used), so that a new conversation does not evict a recent one for a shared first token.
+        A slot holding at least half of the prompt (as its prefix) is reused, the one holding most
+        (a conversation's next turn, a prompt asked again); otherwise the slot left longest ago (or
+        never used), so that a new conversation does not evict a recent one for a few shared tokens.
         """
         shared = {s: common_prefix(self.held(s), prompt) for s in free}
-        reusable = [s for s in free if shared[s] and 2 * shared[s] >= len(self.held(s))]
+        reusable = [s for s in free if shared[s] and 2 * shared[s] >= len(prompt)]
         if reusable:
             slot = max(reusable, key=lambda s: shared[s])
         else:

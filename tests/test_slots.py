@@ -171,12 +171,16 @@ def test_a_next_turn_decodes_only_what_is_new(llm, case):
         turn = Answer(prompt + expected[2][:12], 1.0, 6)
         slots.submit(turn.job)
         turn.wait()
+        again = Answer(prompt + expected[2][:12], 1.0, 6)  # the same prompt asked again
+        slots.submit(again.job)
+        again.wait()
     finally:
         slots.close()
     assert first.tokens == expected[2][:10]
-    assert turn.tokens == until_eog(llm, expected[2][12:18])
+    assert turn.tokens == again.tokens == until_eog(llm, expected[2][12:18])
     # the slot held the prompt and the first answer's tokens but its last (never decoded)
     assert turn.job.reused == len(prompt) + 9
+    assert again.job.reused == len(prompt) + 11  # all of its prompt but the last token, decoded for its row
 
 
 def test_a_sampled_answer_does_not_depend_on_what_runs_beside_it(llm, case):
