@@ -169,7 +169,7 @@ def concurrency_round(urls: dict, body: dict, n_clients: int, i: int) -> dict:
     out = {}
     for name in list(urls) if i % 2 == 0 else list(urls)[::-1]:
         with httpx.Client(base_url=urls[name], timeout=600) as http:
-            out[(name, "alone")] = served(http, dict(body, lam=CLIENT_LAMS[2]), False)[0]
+            out[(name, "alone")] = served(http, client_bodies(body, 1)[0], False)[0]  # (the first client's request)
         out[(name, "together")], out[(name, "first")] = at_once(urls[name], client_bodies(body, n_clients))
     return out
 
@@ -229,8 +229,8 @@ def main() -> None:
                     (t1, a), (t2, b) = runs["together"], runs["apart"]
                     together.append(t1), apart.append(t2)
                     differing += sum(x != y for x, y in zip(a, b))
-                if args.clients:
-                    conc.append(concurrency_round(urls, body, args.clients, i))
+            for i in range(args.rounds if args.clients else 0):  # after the rest: 5 prompts would churn 4 slots
+                conc.append(concurrency_round(urls, body, args.clients, i))
     finally:
         for proc in [process, *([single] if args.clients else [])]:
             proc.send_signal(signal.SIGTERM)

@@ -8,12 +8,13 @@ DeRaLlama's ``lam=``), and answers 500 for most bad input. What fits is reused: 
 request types and ``prepare_request_resources`` (:mod:`.schema`), its ``/v1/models``
 shape (:mod:`.catalog`).
 
-Each pair's engine serves one request at a time (an ``asyncio.Lock`` per pair, in
-arrival order); the call runs on a worker thread with the request's own ``lam=``, so no
-λ leaks between requests, and a waiting request never cuts a running stream. A call
-stops at its next decode once its client has gone or the server is stopping
-(:func:`_watching`; a stream that has started is closed by :mod:`.stream`), so it does
-not hold the engine for nobody.
+A request that a slot can answer goes to the pair's slots (``--parallel``, :mod:`.slots`),
+where it runs beside the others. Any other request is served by the pair's engine, one
+at a time (an ``asyncio.Lock`` per pair, in arrival order); the call runs on a worker
+thread with the request's own ``lam=``, so no λ leaks between requests, and a waiting
+request never cuts a running stream. A call stops at its next decode once its client
+has gone or the server is stopping (:func:`_watching`; a stream that has started is
+closed by :mod:`.stream`), so it does not hold the engine for nobody.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Server-sent events for ``stream: true``, holding the pair's engine from the first chunk to the last.
+"""Server-sent events for ``stream: true``, holding the pair's engine (or a slot) from the first chunk to the last.
 
 The engine is taken before the call starts and given back when the stream ends, fails,
-or the client goes away, whichever comes first: :class:`EventStream` owns that, and
+or the client goes away, whichever comes first (a slot's answer is cancelled then):
+:class:`EventStream` owns that, and
 :class:`EventResponse` closes it however its response ends (Starlette cancels a response
 whose client disconnected, which would skip code after the generator's last ``yield``).
 
