@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -27,6 +27,15 @@ from .models import PairFiles, PairModels
 from .threads import ThreadPlan, physical_cores
 
 MODES = ("blend", "weights")
+
+
+class Batch(NamedTuple):
+    """One llama.cpp batch: token i at ``positions[i]`` of sequence ``seqs[i]``, logits where ``outputs[i]``."""
+
+    tokens: Sequence[int]
+    positions: Sequence[int]
+    seqs: Sequence[int]
+    outputs: Sequence[bool]
 
 
 def check_mode(mode: Any, files: PairFiles) -> str:
@@ -193,13 +202,27 @@ class PairRuntime:
         """Decode one batch in every context; the output rows in batch order, shape (n_models, n_out, n_vocab)."""
         n_out = int(sum(bool(o) for o in outputs))
         rows = np.empty((len(self.contexts), n_out, self.n_vocab), dtype=np.float32)
+        batch = Batch(tokens, positions, seqs, outputs)
+        for m, out in enumerate(self.decode_each([batch] * len(self.contexts))):
+            if out is not None:
+                rows[m] = out
+        return rows
+
+    def decode_each(self, batches: Sequence[Optional["Batch"]]) -> List[Optional[np.ndarray]]:
+        """Decode ``batches[m]`` in context m (None: context m decodes nothing), the contexts at the same
+        time; each context's output rows in its batch order, (n_out, n_vocab), a view of llama.cpp's
+        buffer valid until that context's next decode (None where it returned none)."""
+        rows: List[Optional[np.ndarray]] = [None] * len(self.contexts)
+        active = [c for c, b in zip(self.contexts, batches) if b is not None and len(b.tokens)]
 
         def decode(context: Context) -> None:
-            context.decode(tokens, positions, seqs, outputs)
+            m = self.contexts.index(context)
+            context.decode(*batches[m])
+            n_out = int(sum(bool(o) for o in batches[m].outputs))
             if n_out:
-                rows[self.contexts.index(context)] = context.rows(n_out)
+                rows[m] = context.rows(n_out)
 
-        self.threads.run(self.contexts, decode)
+        self.threads.run(active, decode)
         return rows
 
     def share_sequence(self, src: int, dst: int) -> None:

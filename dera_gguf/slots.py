@@ -21,7 +21,7 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from .blend import blend_logits
 from .choices import Choice, add_bias, emit
 from .contexts import common_prefix
-from .engine import PairRuntime
+from .engine import Batch, PairRuntime
 from .errors import ContextFullError, DeRaError, Stopped
 from .samplers import RowSampler
 
@@ -71,7 +71,8 @@ class Slots:
         self.runtime, self.n_ctx, self.is_eog = runtime, n_ctx, is_eog
         self.n_slots = int(llama_cpp.llama_n_seq_max(runtime.contexts[0].ctx.ctx))
         self.chunk = max(1, min(chunk, runtime.n_batch - self.n_slots))
-        self.written = np.zeros((self.n_slots, n_ctx), dtype=np.intc)  # token at each position, per slot
+        n_models = len(runtime.contexts)
+        self.written = np.zeros((n_models, self.n_slots, n_ctx), dtype=np.intc)  # token at each position
         self.running: Dict[int, Job] = {}
         self.left = [-1] * self.n_slots  # when each slot's last answer ended (in steps; -1: never used)
         self.steps = 0
@@ -99,9 +100,9 @@ class Slots:
             self.waiting.append(job)
             self.cond.notify()
 
-    def held(self, slot: int) -> np.ndarray:
-        """The tokens slot ``slot`` holds in the KV cache (its length read from llama.cpp)."""
-        return self.written[slot, : self.runtime.contexts[0].extent(slot)]
+    def held(self, slot: int, model: int = 0) -> np.ndarray:
+        """The tokens slot ``slot`` holds in model ``model``'s KV cache (its length read from llama.cpp)."""
+        return self.written[model, slot, : self.runtime.contexts[model].extent(slot)]
 
     def close(self) -> None:
         """Stop the thread (running and waiting answers end with :class:`Stopped`), free the contexts."""
@@ -145,20 +146,21 @@ class Slots:
         while self.waiting and free:
             job = self.waiting.popleft()
             prompt = np.asarray(job.prompt, dtype=np.intc)
-            slot, keep = self._seat(free, prompt)
+            slot, keep = self._seat(free, prompt, _models(job))
             free.remove(slot)
-            self.runtime.drop_from(slot, keep)
+            for m in _models(job):
+                self.runtime.contexts[m].drop_from(slot, keep)
             job.pending, job.reused = [int(t) for t in prompt[keep:]], keep
             self.running[slot] = job
 
-    def _seat(self, free: List[int], prompt: np.ndarray) -> tuple:
+    def _seat(self, free: List[int], prompt: np.ndarray, models: List[int]) -> tuple:
         """The free slot for ``prompt`` and how much of what it holds to keep.
 
         A slot holding at least half of the prompt (as its prefix) is reused, the one holding most
         (a conversation's next turn, a prompt asked again); otherwise the slot left longest ago (or
         never used), so that a new conversation does not evict a recent one for a few shared tokens.
         """
-        shared = {s: common_prefix(self.held(s), prompt) for s in free}
+        shared = {s: min(common_prefix(self.held(s, m), prompt) for m in models) for s in free}
         reusable = [s for s in free if shared[s] and 2 * shared[s] >= len(prompt)]
         if reusable:
             slot = max(reusable, key=lambda s: shared[s])
@@ -171,42 +173,39 @@ class Slots:
         for slot, job in list(self.running.items()):
             if job.cancelled():
                 self._end(slot, Stopped("cancelled"))
-        tokens: List[int] = []
-        positions: List[int] = []
-        seqs: List[int] = []
-        outputs: List[bool] = []
-        rows_for: List[int] = []  # the slot of each output row
+        runs: List[List[Run]] = [[] for _ in self.runtime.contexts]  # each model's part of the step
         drawing = [s for s, j in self.running.items() if not j.pending]
         budget = max(self.chunk - len(drawing), 1)
         for slot, job in sorted(self.running.items()):  # ascending: llama.cpp keeps such a batch whole
-            start = self.runtime.contexts[0].extent(slot)
+            models = _models(job)
+            start = self.runtime.contexts[models[0]].extent(slot)
             if job.pending:
-                run, last = job.pending[:budget], len(job.pending) <= budget
-                del job.pending[: len(run)]  # (a failed decode ends the job anyway)
-                budget -= len(run)
-                if not run:
+                tokens, last = job.pending[:budget], len(job.pending) <= budget
+                del job.pending[: len(tokens)]  # (a failed decode ends the job anyway)
+                budget -= len(tokens)
+                if not tokens:
                     continue
             else:
-                run, last = [job.choice.tokens[-1]], True
-            tokens += run
-            positions += range(start, start + len(run))
-            seqs += [slot] * len(run)
-            outputs += [False] * (len(run) - 1) + [last]
-            if last:
-                rows_for.append(slot)
-        rows = self.runtime.decode(tokens, positions, seqs, outputs)
+                tokens, last = [job.choice.tokens[-1]], True
+            for m in models:  # a model weighted 0 in the answer's blend never decodes it
+                runs[m].append(Run(slot, start, tokens, last))
+        rows = self.runtime.decode_each([_batch(model_runs) for model_runs in runs])
         self.steps += 1
-        for token, pos, seq in zip(tokens, positions, seqs):
-            self.written[seq, pos] = token
-        self._draw(rows, rows_for)
+        for m, model_runs in enumerate(runs):
+            for slot, start, tokens, _ in model_runs:
+                self.written[m, slot, start : start + len(tokens)] = tokens
+        self._draw(rows, runs)
 
-    def _draw(self, rows: np.ndarray, rows_for: List[int]) -> None:
-        if not rows_for:
-            return
-        weights = np.stack([self.running[s].choice.weights for s in rows_for], axis=1)
-        blended = blend_logits(list(rows), list(weights))  # every row at its own answer's weights
-        for row, slot in zip(blended, rows_for):
+    def _draw(self, rows: List[Optional[np.ndarray]], runs: List[List["Run"]]) -> None:
+        """Blend each drawing answer's rows at its weights, sample them with its chain, in slot order."""
+        at: Dict[int, Dict[int, int]] = collections.defaultdict(dict)  # slot -> model -> row
+        for m, model_runs in enumerate(runs):
+            for row, run in enumerate(r for r in model_runs if r.last):
+                at[run.slot][m] = row
+        for slot in sorted(at):
             job = self.running[slot]
+            models = _models(job)
+            row = blend_logits([rows[m][at[slot][m]] for m in models], [job.choice.weights[m] for m in models])
             if job.choice.bias:
                 add_bias(row, job.choice.bias)
             emit(job.choice, self.sampler.sample(job.choice.chain, row), job.max_tokens, self.is_eog)
@@ -226,3 +225,28 @@ def _tell(job: Job, error: Optional[BaseException]) -> None:
         job.on_end(job, error)
     except Exception:
         log.exception("an answer's end callback failed")
+
+
+class Run(NamedTuple):
+    """Tokens of one slot in one step's batch of a model; ``last``: its last token's row is drawn from."""
+
+    slot: int
+    start: int
+    tokens: List[int]
+    last: bool
+
+
+def _models(job: Job) -> List[int]:
+    """The models an answer's blend weighs (a model at weight 0 is never decoded for it)."""
+    return [m for m, w in enumerate(job.choice.weights) if w != 0.0]
+
+
+def _batch(runs: List[Run]) -> Optional[Batch]:
+    """One model's batch of a step; None when it decodes nothing."""
+    if not runs:
+        return None
+    tokens = [t for run in runs for t in run.tokens]
+    positions = [p for run in runs for p in range(run.start, run.start + len(run.tokens))]
+    seqs = [run.slot for run in runs for _ in run.tokens]
+    outputs = [run.last and i == len(run.tokens) - 1 for run in runs for i in range(len(run.tokens))]
+    return Batch(tokens, positions, seqs, outputs)
