@@ -21,7 +21,7 @@ from .engine import PairRuntime
 from .errors import ContextFullError, DeRaError
 from .models import PairModels
 from .samplers import RowSampler
-from .sequences import Run, advance, prefill
+from .sequences import Run, batch_of, models_of, prefill, rows_by_seq
 from .threads import ThreadPlan
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
@@ -99,14 +99,14 @@ def decode_choices(
             f"{room(runtime)}: ask for fewer tokens or answers"
         )
     sampler = RowSampler(runtime.n_vocab)
+    models = [models_of(c.weights) for c in choices]  # a model weighted 0 in a choice never decodes it
     before_decode()
-    first = prefill(runtime, prompt, len(choices))
-    rows = np.repeat(first[:, None, :], len(choices), axis=1)  # (n_models, n_live, n_vocab)
+    first = prefill(runtime, prompt, len(choices), sorted(set().union(*models)))
+    rows = {i: {m: first[m] for m in models[i]} for i in range(len(choices))}
     live = list(range(len(choices)))
     while live:
-        weights = np.stack([choices[i].weights for i in live], axis=1)  # (n_models, n_live)
-        blended = blend_logits(list(rows), list(weights))  # every row at its own choice's weights
-        for row, i in zip(blended, live):
+        for i in live:
+            row = blend_logits(list(rows[i].values()), [choices[i].weights[m] for m in rows[i]])
             if choices[i].bias:
                 add_bias(row, choices[i].bias)
             emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog)
@@ -114,8 +114,9 @@ def decode_choices(
         live = [i for i in live if choices[i].finish is None]
         if live:
             before_decode()
-            runs = [Run(i, len(prompt) + len(choices[i].tokens) - 1, [choices[i].tokens[-1]]) for i in live]
-            rows = advance(runtime, runs)
+            next_runs = {i: Run(i, len(prompt) + len(choices[i].tokens) - 1, [choices[i].tokens[-1]]) for i in live}
+            step = [[next_runs[i] for i in live if m in models[i]] for m in range(len(runtime.contexts))]
+            rows = rows_by_seq(step, runtime.decode_each([batch_of(runs) for runs in step]))
 
 
 def add_bias(row: np.ndarray, bias: dict) -> None:

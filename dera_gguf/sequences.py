@@ -10,37 +10,69 @@ decode so.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .engine import PairRuntime
+from .engine import Batch, PairRuntime
 
 
 class Run(NamedTuple):
-    """Tokens appended to one sequence in a batch: ``tokens`` at positions ``start``, ``start + 1``, ..."""
+    """Tokens appended to one sequence in a batch: ``tokens`` at positions ``start``, ``start + 1``, ...
+
+    ``last``: whether the last token's row is wanted (:func:`batch_of`; :func:`advance` returns every row).
+    """
 
     seq: int
     start: int
     tokens: Sequence[int]
+    last: bool = True
 
 
-def prefill(runtime: PairRuntime, prompt: Sequence[int], n_seq: int) -> np.ndarray:
+def models_of(weights: Sequence[float]) -> List[int]:
+    """The models a blend weighs: a sequence blended at weight 0 on a model need never be decoded there."""
+    return [m for m, w in enumerate(weights) if w != 0.0]
+
+
+def batch_of(runs: Sequence[Run]) -> Optional[Batch]:
+    """One batch appending ``runs``, with a row for each run's last token where ``last``; None if empty."""
+    if not runs:
+        return None
+    tokens = [int(t) for run in runs for t in run.tokens]
+    positions = [p for run in runs for p in range(run.start, run.start + len(run.tokens))]
+    seqs = [run.seq for run in runs for _ in run.tokens]
+    outputs = [run.last and i == len(run.tokens) - 1 for run in runs for i in range(len(run.tokens))]
+    return Batch(tokens, positions, seqs, outputs)
+
+
+def rows_by_seq(runs: Sequence[Sequence[Run]], rows: Sequence[Optional[np.ndarray]]) -> Dict[int, Dict]:
+    """Each sequence's output rows of a step that decoded ``runs[m]`` in model m: ``{seq: {model: row}}``."""
+    out: Dict[int, Dict[int, np.ndarray]] = {}
+    for m, model_runs in enumerate(runs):
+        for i, run in enumerate(r for r in model_runs if r.last):
+            out.setdefault(run.seq, {})[m] = rows[m][i]
+    return out
+
+
+def prefill(
+    runtime: PairRuntime, prompt: Sequence[int], n_seq: int, models: Optional[Sequence[int]] = None
+) -> np.ndarray:
     """Empty the contexts, evaluate ``prompt`` in sequence 0 (in batches of ``runtime.n_batch``),
-    and share it with sequences 1..n_seq-1.
+    and share it with sequences 1..n_seq-1. Only ``models`` (default: all) decode it.
 
     Returns the logits after the prompt, shape (n_models, n_vocab): the first step's row
-    for every sequence.
+    for every sequence (zeros for a model that did not decode it).
     """
     runtime.clear()
     n = len(prompt)
-    last = None
+    used = range(len(runtime.contexts)) if models is None else models
+    last = np.zeros((len(runtime.contexts), runtime.n_vocab), dtype=np.float32)
     for start in range(0, n, runtime.n_batch):
-        chunk = list(prompt[start : start + runtime.n_batch])
-        pos = range(start, start + len(chunk))
-        rows = runtime.decode(chunk, pos, [0] * len(chunk), [p == n - 1 for p in pos])
-        if rows.shape[1]:
-            last = rows[:, 0]
+        run = Run(0, start, list(prompt[start : start + runtime.n_batch]), start + runtime.n_batch >= n)
+        rows = runtime.decode_each([batch_of([run]) if m in used else None for m in range(len(runtime.contexts))])
+        for m in used:
+            if rows[m] is not None:
+                last[m] = rows[m][0]
     for seq in range(1, n_seq):
         runtime.share_sequence(0, seq)
     return last
@@ -52,8 +84,8 @@ def advance(runtime: PairRuntime, runs: Sequence[Run]) -> np.ndarray:
     tokens: List[int] = []
     positions: List[int] = []
     seq_ids: List[int] = []
-    for seq, start, run in runs:
-        tokens += [int(t) for t in run]
-        positions += range(start, start + len(run))
-        seq_ids += [seq] * len(run)
+    for run in runs:
+        tokens += [int(t) for t in run.tokens]
+        positions += range(run.start, run.start + len(run.tokens))
+        seq_ids += [run.seq] * len(run.tokens)
     return runtime.decode(tokens, positions, seq_ids, [True] * len(tokens))

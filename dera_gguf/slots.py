@@ -21,7 +21,7 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -29,9 +29,10 @@ import numpy as np
 from .blend import blend_logits
 from .choices import Choice, add_bias, emit
 from .contexts import common_prefix
-from .engine import Batch, PairRuntime
+from .engine import PairRuntime
 from .errors import ContextFullError, DeRaError, Stopped
 from .samplers import RowSampler
+from .sequences import Run, batch_of, models_of, rows_by_seq
 
 log = logging.getLogger("dera_gguf.slots")
 
@@ -146,9 +147,9 @@ class Slots:
         while self.waiting and free:
             job = self.waiting.popleft()
             prompt = np.asarray(job.prompt, dtype=np.intc)
-            slot, keep = self._seat(free, prompt, _models(job))
+            slot, keep = self._seat(free, prompt, models_of(job.choice.weights))
             free.remove(slot)
-            for m in _models(job):
+            for m in models_of(job.choice.weights):
                 self.runtime.contexts[m].drop_from(slot, keep)
             job.pending, job.reused = [int(t) for t in prompt[keep:]], keep
             self.running[slot] = job
@@ -177,7 +178,7 @@ class Slots:
         drawing = [s for s, j in self.running.items() if not j.pending]
         budget = max(self.chunk - len(drawing), 1)
         for slot, job in sorted(self.running.items()):  # ascending: llama.cpp keeps such a batch whole
-            models = _models(job)
+            models = models_of(job.choice.weights)
             start = self.runtime.contexts[models[0]].extent(slot)
             if job.pending:
                 tokens, last = job.pending[:budget], len(job.pending) <= budget
@@ -189,23 +190,18 @@ class Slots:
                 tokens, last = [job.choice.tokens[-1]], True
             for m in models:  # a model weighted 0 in the answer's blend never decodes it
                 runs[m].append(Run(slot, start, tokens, last))
-        rows = self.runtime.decode_each([_batch(model_runs) for model_runs in runs])
+        rows = self.runtime.decode_each([batch_of(model_runs) for model_runs in runs])
         self.steps += 1
         for m, model_runs in enumerate(runs):
-            for slot, start, tokens, _ in model_runs:
-                self.written[m, slot, start : start + len(tokens)] = tokens
+            for run in model_runs:
+                self.written[m, run.seq, run.start : run.start + len(run.tokens)] = run.tokens
         self._draw(rows, runs)
 
-    def _draw(self, rows: List[Optional[np.ndarray]], runs: List[List["Run"]]) -> None:
+    def _draw(self, rows: List[Optional[np.ndarray]], runs: List[List[Run]]) -> None:
         """Blend each drawing answer's rows at its weights, sample them with its chain, in slot order."""
-        at: Dict[int, Dict[int, int]] = collections.defaultdict(dict)  # slot -> model -> row
-        for m, model_runs in enumerate(runs):
-            for row, run in enumerate(r for r in model_runs if r.last):
-                at[run.slot][m] = row
-        for slot in sorted(at):
+        for slot, by_model in sorted(rows_by_seq(runs, rows).items()):
             job = self.running[slot]
-            models = _models(job)
-            row = blend_logits([rows[m][at[slot][m]] for m in models], [job.choice.weights[m] for m in models])
+            row = blend_logits(list(by_model.values()), [job.choice.weights[m] for m in by_model])
             if job.choice.bias:
                 add_bias(row, job.choice.bias)
             emit(job.choice, self.sampler.sample(job.choice.chain, row), job.max_tokens, self.is_eog)
@@ -225,28 +221,3 @@ def _tell(job: Job, error: Optional[BaseException]) -> None:
         job.on_end(job, error)
     except Exception:
         log.exception("an answer's end callback failed")
-
-
-class Run(NamedTuple):
-    """Tokens of one slot in one step's batch of a model; ``last``: its last token's row is drawn from."""
-
-    slot: int
-    start: int
-    tokens: List[int]
-    last: bool
-
-
-def _models(job: Job) -> List[int]:
-    """The models an answer's blend weighs (a model at weight 0 is never decoded for it)."""
-    return [m for m, w in enumerate(job.choice.weights) if w != 0.0]
-
-
-def _batch(runs: List[Run]) -> Optional[Batch]:
-    """One model's batch of a step; None when it decodes nothing."""
-    if not runs:
-        return None
-    tokens = [t for run in runs for t in run.tokens]
-    positions = [p for run in runs for p in range(run.start, run.start + len(run.tokens))]
-    seqs = [run.slot for run in runs for _ in run.tokens]
-    outputs = [run.last and i == len(run.tokens) - 1 for run in runs for i in range(len(run.tokens))]
-    return Batch(tokens, positions, seqs, outputs)
