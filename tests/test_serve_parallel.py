@@ -94,16 +94,22 @@ class Clock:
             return self.n
 
 
+def under_way(proc, clock, max_tokens):
+    """A long greedy chat stream (end of text banned), started and past its fifth chunk."""
+    body = dict(model="pair", messages=HELLO, stream=True, max_tokens=max_tokens, logit_bias=EOG_BAN, **GREEDY)
+    stream = Stream(proc, "/v1/chat/completions", body, clock)
+    stream.start()
+    while len(stream.events) < 5 and stream.is_alive():
+        time.sleep(0.01)
+    return stream
+
+
 def test_concurrent_greedy_answers_at_different_lams_are_each_lams_blend(server, case):
     """Five streams at five lams sent while a long answer streams (four slots: some wait for a free one):
     each is its lam's numpy blend, and each began before the long answer ended."""
     prompt, texts = case
     clock = Clock()
-    long = dict(model="pair", messages=HELLO, stream=True, max_tokens=400, logit_bias=EOG_BAN, **GREEDY)
-    anchor = Stream(server, "/v1/chat/completions", long, clock)
-    anchor.start()
-    while len(anchor.events) < 5 and anchor.is_alive():
-        time.sleep(0.01)
+    anchor = under_way(server, clock, 400)
     ask = dict(model="pair", prompt=prompt, max_tokens=N, stream=True, **GREEDY)
     streams = [Stream(server, "/v1/completions", {**ask, "lam": lam}, clock) for lam in LAMS]
     for s in streams:
@@ -204,11 +210,7 @@ def test_a_long_prompt_joins_while_another_answer_streams(paths, env, tmp_path):
     proc = serve(paths, env, tmp_path, "--n-ctx", "4096", "--max-tokens", "1000", "--parallel", "2")
     try:
         clock = Clock()
-        body = dict(model="pair", messages=HELLO, stream=True, max_tokens=1000, logit_bias=EOG_BAN, **GREEDY)
-        running = Stream(proc, "/v1/chat/completions", body, clock)
-        running.start()
-        while len(running.events) < 5 and running.is_alive():
-            time.sleep(0.01)
+        running = under_way(proc, clock, 1000)
         long_text = " ".join(f"w{i}" for i in range(500))  # ~3 tokens a word in the tiny vocabulary
         joining = Stream(
             proc, "/v1/completions", dict(model="pair", prompt=long_text, max_tokens=2, stream=True), clock

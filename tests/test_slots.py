@@ -227,3 +227,21 @@ def test_an_answer_that_cannot_fit_a_slot_is_refused_before_it_queues(llm):
             slots.submit(Answer([1] * 200, 1.0, 100).job)
     finally:
         slots.close()
+
+
+def test_an_answer_at_lam_0_or_1_decodes_one_model(llm, case):
+    """Weight 0 on a model: the answer's tokens never reach that model's KV cache (as llama.cpp reports it)."""
+    prompt, expected = case
+    slots = new_slots(llm, 2)
+    try:
+        answers = [Answer(prompt, lam, 8) for lam in (0.0, 1.0)]
+        for answer in answers:
+            slots.submit(answer.job)
+        for answer in answers:
+            answer.wait()
+        held = [[context.extent(slot) for slot in range(2)] for context in slots.runtime.contexts]
+    finally:
+        slots.close()
+    assert [a.tokens for a in answers] == [expected[0][:8], expected[2][:8]]
+    n = len(prompt) + 7  # the prompt and the answer but its last token
+    assert sorted(held[0]) == [0, n] and sorted(held[1]) == [0, n] and held[0] != held[1]
