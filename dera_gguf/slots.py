@@ -159,14 +159,14 @@ class Slots:
 
         A slot holding at least half of the prompt (as its prefix) is reused, the one holding most
         (a conversation's next turn, a prompt asked again); otherwise the slot left longest ago (or
-        never used), so that a new conversation does not evict a recent one for a few shared tokens.
+        never used) is emptied, so that a new conversation does not evict a recent one for a few
+        shared tokens.
         """
         shared = {s: min(common_prefix(self.held(s, m), prompt) for m in models) for s in free}
         reusable = [s for s in free if shared[s] and 2 * shared[s] >= len(prompt)]
-        if reusable:
-            slot = max(reusable, key=lambda s: shared[s])
-        else:
-            slot = min(free, key=lambda s: self.left[s])
+        if not reusable:  # decoded whole, as a fresh context would (a few shared tokens save little)
+            return min(free, key=lambda s: self.left[s]), 0
+        slot = max(reusable, key=lambda s: shared[s])
         return slot, min(shared[slot], len(prompt) - 1)  # the last prompt token is decoded again for its row
 
     def _step(self) -> None:
