@@ -121,20 +121,26 @@ class Context:
         self.clear()
         self.adapters = adapters
 
-    def save(self) -> "SavedSequence":
-        """What sequence 0 holds: its tokens, llama.cpp's state of it (KV cells, positions), the adapters' scales."""
-        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, 0)
+    def save(self, seq: int = 0, tokens: Optional[np.ndarray] = None) -> "SavedSequence":
+        """What sequence ``seq`` holds: its tokens (given for a sequence other than 0, whose tokens are not
+        tracked here), llama.cpp's state of it (KV cells, positions), the adapters' scales."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq)
         buffer = (ctypes.c_uint8 * max(size, 1))()
-        n = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buffer, size, 0)
-        return SavedSequence(self.held().copy(), bytes(buffer[:n]), tuple(s for _, s in self.adapters))
+        n = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buffer, size, seq)
+        tokens = self.held().copy() if tokens is None else np.array(tokens, dtype=np.intc)
+        return SavedSequence(tokens, bytes(buffer[:n]), tuple(s for _, s in self.adapters))
 
-    def restore(self, saved: "SavedSequence") -> None:
-        """Make sequence 0 hold what ``saved`` holds, through llama.cpp's state API.
+    def restore(self, saved: "SavedSequence", seq: int = 0) -> None:
+        """Make sequence ``seq`` hold what ``saved`` holds, through llama.cpp's state API (for sequence 0,
+        the only one of an engine's context, the whole cache is emptied first).
 
         Saved under other adapter scales (weight-space mode at another lam) it holds what
-        other weights computed: the context is left empty instead, to be caught up when needed.
+        other weights computed: the sequence is left empty instead, to be caught up when needed.
         """
-        self.clear()
+        if seq == 0:
+            self.clear()
+        else:
+            llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
         if not len(saved.tokens) or saved.adapter_scales != tuple(s for _, s in self.adapters):
             return
         if len(saved.tokens) > len(self._written):
@@ -143,14 +149,15 @@ class Context:
                 f"{len(self._written)} (n_ctx): load it into an engine with a larger n_ctx"
             )
         data = (ctypes.c_uint8 * len(saved.data)).from_buffer_copy(saved.data)
-        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, data, len(saved.data), 0)
-        if read != len(saved.data) or self.extent(0) != len(saved.tokens):
-            self.clear()
+        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, data, len(saved.data), seq)
+        if read != len(saved.data) or self.extent(seq) != len(saved.tokens):
+            llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
             raise DeRaError(
                 f"llama.cpp could not restore the {self.name}'s saved state (made by another model, or "
                 "a damaged state): it was not loaded"
             )
-        self._written[: len(saved.tokens)] = saved.tokens
+        if seq == 0:
+            self._written[: len(saved.tokens)] = saved.tokens
 
     def share_sequence(self, src: int, dst: int) -> None:
         """Let sequence ``dst`` use the cells of ``src`` (a shared prompt; unified KV cache)."""

@@ -25,6 +25,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
+from llama_cpp.llama_cache import LlamaRAMCache
 
 from .blend import blend_logits
 from .choices import Choice, add_bias, emit
@@ -33,6 +34,7 @@ from .engine import PairRuntime
 from .errors import ContextFullError, DeRaError, Stopped
 from .samplers import RowSampler
 from .sequences import Run, batch_of, models_of, rows_by_seq
+from .state import PairState
 
 log = logging.getLogger("dera_gguf.slots")
 
@@ -66,10 +68,23 @@ class Slots:
         n_ctx: the positions one slot may hold (a prompt and its answer).
         is_eog: whether a token ends the text.
         chunk: the most prompt tokens decoded in one step (beside the running answers' tokens).
+        cache: a prompt cache shared with the pair's engine (a :class:`~dera_gguf.state.SharedRAMCache`),
+            or None: what a slot held is kept there when the slot is given to another conversation,
+            and a prompt that no slot holds is looked up there (states the engine saved too).
+        owner: the pair's ``(fingerprint, name)`` (:func:`~dera_gguf.state.pair_owner`), with ``cache``.
     """
 
-    def __init__(self, runtime: PairRuntime, n_ctx: int, is_eog: Callable[[int], bool], chunk: int = 256):
+    def __init__(
+        self,
+        runtime: PairRuntime,
+        n_ctx: int,
+        is_eog: Callable[[int], bool],
+        chunk: int = 256,
+        cache: Optional[LlamaRAMCache] = None,
+        owner: tuple = ("", ""),
+    ):
         self.runtime, self.n_ctx, self.is_eog = runtime, n_ctx, is_eog
+        self.cache, self.owner = cache, owner
         self.n_slots = int(llama_cpp.llama_n_seq_max(runtime.contexts[0].ctx.ctx))
         self.chunk = max(1, min(chunk, runtime.n_batch - self.n_slots))
         n_models = len(runtime.contexts)
@@ -164,10 +179,49 @@ class Slots:
         """
         shared = {s: min(common_prefix(self.held(s, m), prompt) for m in models) for s in free}
         reusable = [s for s in free if shared[s] and 2 * shared[s] >= len(prompt)]
-        if not reusable:  # decoded whole, as a fresh context would (a few shared tokens save little)
-            return min(free, key=lambda s: self.left[s]), 0
+        if not reusable:  # a few shared tokens save little: emptied (kept in the cache), or what the cache holds
+            slot = min(free, key=lambda s: self.left[s])
+            self._evict(slot)
+            return slot, min(self._recall(slot, prompt, models), len(prompt) - 1)
         slot = max(reusable, key=lambda s: shared[s])
         return slot, min(shared[slot], len(prompt) - 1)  # the last prompt token is decoded again for its row
+
+    def _evict(self, slot: int) -> None:
+        """Empty ``slot``, keeping what it held in the prompt cache first: a state as the engine saves one,
+        each model's sequence with its own tokens (a model weighted 0 in the last answer lacks it)."""
+        held = [self.held(slot, m).copy() for m in range(len(self.runtime.contexts))]
+        key = max(held, key=len)
+        if self.cache is not None and len(key):
+            sequences = [context.save(slot, tokens) for context, tokens in zip(self.runtime.contexts, held)]
+            empty = np.zeros((0, self.runtime.n_vocab), dtype=np.single)
+            self.cache[key.tolist()] = PairState(key, empty, len(key), 0, sequences, *self.owner)
+        for context in self.runtime.contexts:
+            context.drop_from(slot, 0)
+
+    def _recall(self, slot: int, prompt: np.ndarray, models: List[int]) -> int:
+        """Restore into the empty ``slot`` the cached state holding the longest prefix of ``prompt``, if the
+        ``models`` hold at least half of it there; returns the prompt tokens they hold (0: none restored)."""
+        if self.cache is None or prompt.tolist() not in self.cache:
+            return 0
+        state = self.cache[prompt.tolist()]
+        if not isinstance(state, PairState) or state.owner != self.owner[0] or state.n_tokens > self.n_ctx:
+            return 0
+        lengths = [len(saved.tokens) for saved in state.sequences]
+        shared = min(common_prefix(state.sequences[m].tokens, prompt) for m in models)
+        if 2 * shared < len(prompt):
+            return 0
+        try:
+            for context, saved in zip(self.runtime.contexts, state.sequences):
+                context.restore(saved, slot)
+        except DeRaError:
+            lengths = []
+        if [context.extent(slot) for context in self.runtime.contexts] != lengths:
+            for context in self.runtime.contexts:  # (saved under other adapter scales: weights mode)
+                context.drop_from(slot, 0)
+            return 0
+        for m, saved in enumerate(state.sequences):
+            self.written[m, slot, : len(saved.tokens)] = saved.tokens
+        return shared
 
     def _step(self) -> None:
         """One batch per model: a token of every answer that is drawing, prompt chunks for those joining."""

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from llama_cpp.llama import LlamaState
+from llama_cpp.llama_cache import LlamaRAMCache
 
 from .contexts import SavedSequence
 from .errors import DeRaError
@@ -69,6 +71,27 @@ class PairState(LlamaState):
                 f"the state holds {self.n_tokens} tokens but this engine's context holds {n_ctx} (n_ctx): "
                 "load it into an engine with a larger n_ctx"
             )
+
+
+class SharedRAMCache(LlamaRAMCache):
+    """llama-cpp-python's RAM prompt cache, safe to share between threads (an engine's calls and
+    dera-serve's slots keep and look up states in the same one)."""
+
+    def __init__(self, capacity_bytes: int = (2 << 30)):
+        super().__init__(capacity_bytes)
+        self.lock = threading.RLock()
+
+    def __getitem__(self, key):
+        with self.lock:
+            return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        with self.lock:
+            return super().__contains__(key)
+
+    def __setitem__(self, key, value) -> None:
+        with self.lock:
+            super().__setitem__(key, value)
 
 
 def file_fingerprint(path: str) -> str:

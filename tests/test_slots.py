@@ -25,6 +25,7 @@ from dera_gguf.errors import ContextFullError, Stopped
 from dera_gguf.samplers import new_chain
 from dera_gguf.sampling import Sampling
 from dera_gguf.slots import Job, Slots
+from dera_gguf.state import SharedRAMCache
 
 LAMS = [0.0, 0.5, 1.0, 1.5]
 N = 24  # expected tokens per lam
@@ -245,3 +246,80 @@ def test_an_answer_at_lam_0_or_1_decodes_one_model(llm, case):
     assert [a.tokens for a in answers] == [expected[0][:8], expected[2][:8]]
     n = len(prompt) + 7  # the prompt and the answer but its last token
     assert sorted(held[0]) == [0, n] and sorted(held[1]) == [0, n] and held[0] != held[1]
+
+
+def test_a_conversation_evicted_from_its_slot_comes_back_from_the_prompt_cache(llm, case):
+    """One slot: a conversation, then another prompt (the first is kept in the cache as its slot is
+    emptied), then the first conversation's next turn: restored from the cache, not recomputed, and
+    still its lam's numpy blend."""
+    prompt, expected = case
+    cache = SharedRAMCache(1 << 30)
+    runtime = choice_runtime(
+        llm.runtime.models, llm.context_params, N_CTX, llm.n_batch, 1, llm.runtime.threads, unified=False
+    )
+    slots = Slots(runtime, N_CTX, is_eog(llm), cache=cache, owner=llm._owner())
+    try:
+        for answer in [Answer(prompt, 1.0, 10), Answer([1, 7, 9, 11], 0.5, 4)]:
+            slots.submit(answer.job)
+            answer.wait()
+        turn = Answer(prompt + expected[2][:12], 1.0, 6)
+        slots.submit(turn.job)
+        turn.wait()
+    finally:
+        slots.close()
+    assert turn.tokens == until_eog(llm, expected[2][12:18])
+    assert turn.job.reused == len(prompt) + 9  # the prompt and the first answer but its last token
+    assert len(cache.cache_state) == 2  # both conversations were kept as their slot went to another
+
+
+def test_the_engine_takes_up_a_conversation_a_slot_kept(ref_path, aligned_path, case):
+    """A state a slot left in the cache (each model's sequence with its own tokens: at lam 1 the
+    reference decoded nothing) loads into a DeRaLlama, which goes on as the numpy blend does."""
+    prompt, expected = case
+    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
+    cache = SharedRAMCache(1 << 30)
+    runtime = choice_runtime(
+        engine.runtime.models, engine.context_params, N_CTX, engine.n_batch, 1, engine.runtime.threads, False
+    )
+    slots = Slots(runtime, N_CTX, is_eog(engine), cache=cache, owner=engine._owner())
+    try:
+        for answer in [Answer(prompt, 1.0, 10), Answer([1, 7, 9, 11], 0.5, 4)]:
+            slots.submit(answer.job)
+            answer.wait()
+        state = cache[prompt]
+        engine.load_state(state)
+        assert [len(s.tokens) for s in state.sequences] == [0, len(prompt) + 9]
+        out = engine.create_completion(prompt + expected[2][:12], lam=1.0, temperature=0.0, max_tokens=6)
+        want = engine_text(engine, prompt + expected[2][:12], expected[2][12:18])
+    finally:
+        slots.close()
+        engine.close()
+    assert out["choices"][0]["text"] == want
+
+
+def engine_text(engine, prompt, tokens):
+    return engine.detokenize(until_eog(engine, tokens), prev_tokens=prompt).decode("utf-8", errors="ignore")
+
+
+def test_slots_take_up_a_conversation_the_engine_kept_in_the_shared_cache(ref_path, aligned_path, case):
+    """The engine (a DeRaLlama with the cache) answers first and keeps its state there; a slot then
+    continues that conversation from it (not recomputed), and answers as the numpy blend does."""
+    prompt, expected = case
+    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
+    cache = SharedRAMCache(1 << 30)
+    engine.set_cache(cache)
+    runtime = choice_runtime(
+        engine.runtime.models, engine.context_params, N_CTX, engine.n_batch, 1, engine.runtime.threads, False
+    )
+    slots = Slots(runtime, N_CTX, is_eog(engine), cache=cache, owner=engine._owner())
+    try:
+        engine.create_completion(prompt, lam=1.0, temperature=0.0, max_tokens=10)
+        assert len(cache.cache_state) == 1
+        turn = Answer(prompt + expected[2][:12], 1.0, 6)
+        slots.submit(turn.job)
+        turn.wait()
+    finally:
+        slots.close()
+        engine.close()
+    assert turn.tokens == until_eog(engine, expected[2][12:18])
+    assert turn.job.reused >= len(prompt) + 9

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import click
-from llama_cpp import LlamaRAMCache
 
 from ..blend import format_lam, parse_lams
 from ..errors import DeRaError
 from ..sampling import Sampling
+from ..state import SharedRAMCache
 from .common import (
     Chosen,
     ModelFlags,
@@ -86,7 +86,8 @@ from .common import (
     show_default=True,
     callback=lambda ctx, param, value: parse_size(value, "--cache-size"),
     help="Prompt cache per pair, in RAM (e.g. 512MB, 4GB; 0: off): a conversation that comes back after other "
-    "requests restores its models' state instead of recomputing its prompt.",
+    "requests restores its models' state instead of recomputing its prompt. The slots (--parallel) keep a "
+    "conversation there when they give its slot to another, and look prompts up there.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -138,7 +139,7 @@ def main(
         click.echo(f"dera-serve: loading {model_id} (lam {format_lam(lam)}) ...", err=True)
         llm = models.engine(chosen, lam, logits_all=logprobs, mode=mode, speculative=speculative)
         if cache_size:
-            llm.set_cache(LlamaRAMCache(capacity_bytes=cache_size))
+            llm.set_cache(SharedRAMCache(capacity_bytes=cache_size))
         served.append(ServedPair(model_id, llm, lam, len(chosen.aligned)))
         if parallel > 1:
             served[-1].slots = pair_slots(llm, parallel)

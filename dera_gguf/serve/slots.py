@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from ..choices import choice_runtime
 from ..slots import Job, Slots
+from ..state import SharedRAMCache
 from .choices import HONOURED, NEUTRAL, Plan, is_eog_of, update
 from .schema import Request, given
 from .stream import END
@@ -34,7 +35,8 @@ PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside th
 
 def pair_slots(llm: Any, n_slots: int) -> Slots:
     """``n_slots`` slots on the DeRaLlama's weights and settings, sharing one more n_ctx of KV cache:
-    each slot holds n_ctx / n_slots positions, laid out as in a context of its own."""
+    each slot holds n_ctx / n_slots positions, laid out as in a context of its own. The engine's
+    prompt cache, when it is a :class:`~dera_gguf.state.SharedRAMCache`, is the slots' too."""
     runtime = choice_runtime(
         llm.runtime.models,
         llm.context_params,
@@ -44,7 +46,8 @@ def pair_slots(llm: Any, n_slots: int) -> Slots:
         llm.runtime.threads,
         unified=False,
     )
-    return Slots(runtime, llm._n_ctx // n_slots, is_eog_of(llm), PROMPT_CHUNK)
+    cache = llm.cache if isinstance(llm.cache, SharedRAMCache) else None  # (one the slots may use beside it)
+    return Slots(runtime, llm._n_ctx // n_slots, is_eog_of(llm), PROMPT_CHUNK, cache, llm._owner())
 
 
 def fits_a_slot(body: Request, kwargs: dict, mode: str) -> bool:
