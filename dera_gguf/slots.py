@@ -38,6 +38,8 @@ from .state import PairState
 
 log = logging.getLogger("dera_gguf.slots")
 
+SLOT_KEY = -1  # first "token" of the slots' keys in a shared prompt cache: no prompt of the engine starts so
+
 
 @dataclass(eq=False)
 class Job:
@@ -68,9 +70,12 @@ class Slots:
         n_ctx: the positions one slot may hold (a prompt and its answer).
         is_eog: whether a token ends the text.
         chunk: the most prompt tokens decoded in one step (beside the running answers' tokens).
-        cache: a prompt cache shared with the pair's engine (a :class:`~dera_gguf.state.SharedRAMCache`),
-            or None: what a slot held is kept there when the slot is given to another conversation,
-            and a prompt that no slot holds is looked up there (states the engine saved too).
+        cache: a prompt cache shared with the pair's engine (a :class:`~dera_gguf.state.SharedRAMCache`:
+            one byte budget), or None: what a slot held is kept there when the slot is given to another
+            conversation, and a prompt that no slot holds is looked up there. The slots' states are
+            kept apart from the engine's (under keys starting with ``SLOT_KEY``): llama.cpp's state of
+            a sequence in a cache of several KV streams does not load into a context of one, nor the
+            other way round.
         owner: the pair's ``(fingerprint, name)`` (:func:`~dera_gguf.state.pair_owner`), with ``cache``.
     """
 
@@ -194,16 +199,17 @@ class Slots:
         if self.cache is not None and len(key):
             sequences = [context.save(slot, tokens) for context, tokens in zip(self.runtime.contexts, held)]
             empty = np.zeros((0, self.runtime.n_vocab), dtype=np.single)
-            self.cache[key.tolist()] = PairState(key, empty, len(key), 0, sequences, *self.owner)
+            self.cache[[SLOT_KEY, *key.tolist()]] = PairState(key, empty, len(key), 0, sequences, *self.owner)
         for context in self.runtime.contexts:
             context.drop_from(slot, 0)
 
     def _recall(self, slot: int, prompt: np.ndarray, models: List[int]) -> int:
         """Restore into the empty ``slot`` the cached state holding the longest prefix of ``prompt``, if the
         ``models`` hold at least half of it there; returns the prompt tokens they hold (0: none restored)."""
-        if self.cache is None or prompt.tolist() not in self.cache:
+        key = [SLOT_KEY, *prompt.tolist()]
+        if self.cache is None or key not in self.cache:
             return 0
-        state = self.cache[prompt.tolist()]
+        state = self.cache[key]
         if not isinstance(state, PairState) or state.owner != self.owner[0] or state.n_tokens > self.n_ctx:
             return 0
         lengths = [len(saved.tokens) for saved in state.sequences]

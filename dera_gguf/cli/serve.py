@@ -87,7 +87,7 @@ from .common import (
     callback=lambda ctx, param, value: parse_size(value, "--cache-size"),
     help="Prompt cache per pair, in RAM (e.g. 512MB, 4GB; 0: off): a conversation that comes back after other "
     "requests restores its models' state instead of recomputing its prompt. The slots (--parallel) keep a "
-    "conversation there when they give its slot to another, and look prompts up there.",
+    "conversation there when they give its slot to another, and look prompts up there (their own states).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
