@@ -205,7 +205,8 @@ def test_grammar_constrains_the_answer_as_in_the_engine(http, engine):
     r = http.post("/v1/chat/completions", json=dict(model="tiny@1.5", messages=HELLO, grammar=grammar, **GREEDY))
     constrained = llama_cpp.LlamaGrammar.from_string(grammar, verbose=False)
     expected = chat_answer(engine, HELLO, lam=1.5, grammar=constrained, max_tokens=CAP, **GREEDY)
-    assert expected[0] in ("yes.", "no.", "maybe.") and r.json().get("choices", [{}])[0].get("message", {}).get("content") == expected[0], r.text
+    assert r.status_code == 200, r.text
+    assert expected[0] in ("yes.", "no.", "maybe.") and r.json()["choices"][0]["message"]["content"] == expected[0]
 
 
 def test_several_aligned_models_take_a_lam_list(client, engine2):
