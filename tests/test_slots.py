@@ -17,6 +17,7 @@ import reference as R
 from drafting_cases import clear_greedy_cases, weights_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from dera_gguf import DeRaLlama
 from dera_gguf.blend import mixing_weights
@@ -303,3 +304,52 @@ def test_slots_and_the_engine_sharing_a_cache_each_take_up_their_own_conversatio
 
 def engine_text(engine, prompt, tokens):
     return engine.detokenize(until_eog(engine, tokens), prev_tokens=prompt).decode("utf-8", errors="ignore")
+
+
+class SharedCacheMachine(RuleBasedStateMachine):
+    """An engine and two slots on one prompt cache, asked in any order for answers at any lam after any
+    prefix of a greedy continuation, and for unrelated prompts that push conversations out of the slots:
+    every answer is the numpy blend's, whoever gives it and whatever the cache holds."""
+
+    engine = slots = case = None  # set by the test
+
+    @rule(lam_i=st.integers(0, len(LAMS) - 1), cut=st.integers(0, 14), n=st.integers(1, 8))
+    def slot_answer(self, lam_i, cut, n):
+        prompt, expected = self.case
+        answer = Answer(prompt + expected[lam_i][:cut], LAMS[lam_i], n)
+        self.slots.submit(answer.job)
+        assert answer.wait().error is None
+        assert answer.tokens == until_eog(self.engine, expected[lam_i][cut : cut + n])
+
+    @rule(lam_i=st.integers(0, len(LAMS) - 1), cut=st.integers(0, 14), n=st.integers(1, 8))
+    def engine_answer(self, lam_i, cut, n):
+        prompt, expected = self.case
+        asked = prompt + expected[lam_i][:cut]
+        out = self.engine.create_completion(asked, lam=LAMS[lam_i], temperature=0.0, max_tokens=n)
+        k = out["usage"]["completion_tokens"]  # (llama-cpp-python goes on past max_tokens inside a character)
+        if cut + k <= N:
+            assert out["choices"][0]["text"] == engine_text(self.engine, asked, expected[lam_i][cut : cut + k])
+
+    @rule(k=st.integers(0, 5))
+    def unrelated_slot_answer(self, k):
+        answer = Answer([1, 7 + k, 9, 11], 0.5, 3)
+        self.slots.submit(answer.job)
+        assert answer.wait().error is None
+
+
+def test_an_engine_and_slots_sharing_a_cache_in_any_order(ref_path, aligned_path, case):
+    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
+    cache = SharedRAMCache(1 << 30)
+    engine.set_cache(cache)
+    runtime = choice_runtime(
+        engine.runtime.models, engine.context_params, 2 * N_CTX, engine.n_batch, 2, engine.runtime.threads, False
+    )
+    slots = Slots(runtime, N_CTX, is_eog(engine), cache=cache, owner=engine._owner())
+    SharedCacheMachine.engine, SharedCacheMachine.slots, SharedCacheMachine.case = engine, slots, case
+    try:
+        run_state_machine_as_test(
+            SharedCacheMachine, settings=settings(max_examples=15, stateful_step_count=10, deadline=None)
+        )
+    finally:
+        slots.close()
+        engine.close()
