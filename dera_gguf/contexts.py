@@ -131,13 +131,13 @@ class Context:
         return SavedSequence(tokens, bytes(buffer[:n]), tuple(s for _, s in self.adapters))
 
     def restore(self, saved: "SavedSequence", seq: int = 0) -> None:
-        """Make sequence ``seq`` hold what ``saved`` holds, through llama.cpp's state API (for sequence 0,
-        the only one of an engine's context, the whole cache is emptied first).
+        """Make sequence ``seq`` hold what ``saved`` holds, through llama.cpp's state API (a context of one
+        sequence, an engine's, is emptied first; in one of several sequences only ``seq`` is).
 
         Saved under other adapter scales (weight-space mode at another lam) it holds what
         other weights computed: the sequence is left empty instead, to be caught up when needed.
         """
-        if seq == 0:
+        if llama_cpp.llama_n_seq_max(self.ctx.ctx) == 1:
             self.clear()
         else:
             llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)

@@ -10,6 +10,7 @@ its own continuation: an answer asked after ``prompt + expected[:k]`` must be
 from __future__ import annotations
 
 import threading
+import time
 
 import llama_cpp
 import pytest
@@ -58,10 +59,12 @@ def until_eog(llm, tokens):
 
 
 def new_slots(llm, n_slots: int, chunk: int = 256, unified: bool = False) -> Slots:
+    """Slots as dera-serve makes them, with a prompt cache of their own (conversations pushed out of a
+    slot are kept there and restored, beside running answers)."""
     runtime = choice_runtime(
         llm.runtime.models, llm.context_params, n_slots * N_CTX, llm.n_batch, n_slots, llm.runtime.threads, unified
     )
-    return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk)
+    return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk, cache=SharedRAMCache(1 << 30), owner=llm._owner())
 
 
 class Answer:
@@ -119,10 +122,10 @@ def test_answers_joining_while_others_run_are_each_lams_blend(llm, case):
         assert answer.job.choice.finish == ("length" if len(answer.tokens) == N else "stop")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     plan=st.lists(
-        st.tuples(st.integers(0, len(LAMS) - 1), st.integers(0, 12), st.integers(0, 8), st.booleans()),
+        st.tuples(st.integers(0, len(LAMS) - 1), st.integers(0, 12), st.integers(0, 8), st.booleans(), st.booleans()),
         min_size=1,
         max_size=6,
     ),
@@ -131,30 +134,35 @@ def test_answers_joining_while_others_run_are_each_lams_blend(llm, case):
 )
 def test_any_sequence_of_answers_reusing_and_cancelling(llm, case, plan, n_slots, chunk):
     """Answers submitted one after another, each after the last one's ``after``-th token: at a lam, after
-    ``prompt + expected[:cut]`` (a slot holding an earlier answer reuses it), some cancelled after
-    their third token. Each that finishes is ``expected[lam][cut:]``; a cancelled one ends with Stopped
-    and is a prefix of it; what runs beside changes nothing."""
+    ``prompt + expected[:cut]`` (a slot holding an earlier answer reuses it), or after an unrelated
+    prompt (which pushes a conversation out of its slot into the cache, to be restored later beside
+    running answers), some cancelled after their third token. Each that finishes is
+    ``expected[lam][cut:]``; a cancelled one ends with Stopped and is a prefix of it; what runs
+    beside changes nothing."""
     prompt, expected = case
     slots = new_slots(llm, n_slots, chunk)
     answers = []
     try:
-        for lam_i, cut, after, cancel in plan:
+        for lam_i, cut, after, cancel, unrelated in plan:
             if answers and not answers[-1].done.is_set():
                 started = threading.Event()
                 answers[-1].on_token = lambda a, k=after, e=started: e.set() if a.steps >= k else None
                 started.wait(30)
-            answer = Answer(prompt + expected[lam_i][:cut], LAMS[lam_i], N - cut)
+            asked = [1, 7 + cut, 9, 11] if unrelated else prompt + expected[lam_i][:cut]
+            answer = Answer(asked, LAMS[lam_i], N - cut)
             if cancel:
                 answer.on_token = lambda a: setattr(a, "cancel", a.steps >= 3)
-            answer.expected = until_eog(llm, expected[lam_i][cut:])
+            answer.expected = None if unrelated else until_eog(llm, expected[lam_i][cut:])
             answers.append(answer)
             slots.submit(answer.job)
         for answer in answers:
             answer.wait()
     finally:
         slots.close()
-    for answer, (_, _, _, cancel) in zip(answers, plan):
-        if cancel and isinstance(answer.error, Stopped):
+    for answer, (_, _, _, cancel, _) in zip(answers, plan):
+        if answer.expected is None:
+            assert answer.error is None or (cancel and isinstance(answer.error, Stopped))
+        elif cancel and isinstance(answer.error, Stopped):
             assert answer.tokens == answer.expected[: len(answer.tokens)] and len(answer.tokens) <= 4
         else:
             assert answer.error is None and answer.tokens == answer.expected
@@ -211,7 +219,7 @@ def test_closing_ends_running_and_waiting_answers_with_stopped(llm, case):
     running = Answer(prompt, 1.0, N_CTX - len(prompt))
     waiting = Answer(prompt, 0.0, 10)
     moving = threading.Event()
-    running.on_token = lambda a: moving.set()
+    running.on_token = lambda a: (moving.set(), time.sleep(0.01))  # (its answer outlasts the test's close)
     slots.submit(running.job)
     slots.submit(waiting.job)
     assert moving.wait(30)
@@ -353,3 +361,24 @@ def test_an_engine_and_slots_sharing_a_cache_in_any_order(ref_path, aligned_path
     finally:
         slots.close()
         engine.close()
+
+
+def test_a_conversation_restored_from_the_cache_leaves_the_running_answers_alone(llm, case):
+    """Two slots: a conversation pushed out to the cache comes back into slot 0 while an answer runs in
+    slot 1; that answer goes on as the numpy blend does (restoring a sequence touches no other)."""
+    prompt, expected = case
+    slots = new_slots(llm, 2)
+    try:
+        for answer in [Answer(prompt, 1.0, 10), Answer([1, 7, 9, 11], 0.5, 3), Answer([1, 8, 9, 11], 0.5, 3)]:
+            slots.submit(answer.job)  # the third pushes the first out of slot 0 (left longest ago)
+            answer.wait()
+        back = Answer(prompt + expected[2][:12], 1.0, 6)
+        running = Answer(prompt + expected[1][:2], 0.5, N - 2)
+        running.on_token = lambda a: slots.submit(back.job) if a.steps == 3 else None
+        slots.submit(running.job)  # in slot 1; the conversation comes back into slot 0 meanwhile
+        running.wait(), back.wait()
+    finally:
+        slots.close()
+    assert back.job.reused == len(prompt) + 9  # restored from the cache
+    assert back.tokens == until_eog(llm, expected[2][12:18])
+    assert running.tokens == until_eog(llm, expected[1][2:])
