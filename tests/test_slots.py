@@ -9,6 +9,7 @@ its own continuation: an answer asked after ``prompt + expected[:k]`` must be
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -58,13 +59,27 @@ def until_eog(llm, tokens):
     return tokens[: ends[0]] if ends else tokens
 
 
-def new_slots(llm, n_slots: int, chunk: int = 256, unified: bool = False) -> Slots:
-    """Slots as dera-serve makes them, with a prompt cache of their own (conversations pushed out of a
-    slot are kept there and restored, beside running answers)."""
+def new_slots(llm, n_slots: int, chunk: int = 256, unified: bool = False, cache=None) -> Slots:
+    """Slots as dera-serve makes them, with a prompt cache (their own unless given: conversations pushed
+    out of a slot are kept there and restored, beside running answers)."""
     runtime = choice_runtime(
         llm.runtime.models, llm.context_params, n_slots * N_CTX, llm.n_batch, n_slots, llm.runtime.threads, unified
     )
-    return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk, cache=SharedRAMCache(1 << 30), owner=llm._owner())
+    cache = SharedRAMCache(1 << 30) if cache is None else cache
+    return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk, cache=cache, owner=llm._owner())
+
+
+@contextlib.contextmanager
+def engine_beside_slots(ref_path, aligned_path):
+    """A fresh DeRaLlama with a prompt cache, and two slots on its weights sharing that cache."""
+    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
+    engine.set_cache(SharedRAMCache(1 << 30))
+    slots = new_slots(engine, 2, cache=engine.cache)
+    try:
+        yield engine, slots
+    finally:
+        slots.close()
+        engine.close()
 
 
 class Answer:
@@ -286,14 +301,7 @@ def test_slots_and_the_engine_sharing_a_cache_each_take_up_their_own_conversatio
     into a one-stream context): a conversation a slot gave up comes back to a slot from the cache, and the
     engine, asked the same conversation meanwhile, answers it right without taking the slot's state."""
     prompt, expected = case
-    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
-    cache = SharedRAMCache(1 << 30)
-    engine.set_cache(cache)
-    runtime = choice_runtime(
-        engine.runtime.models, engine.context_params, 2 * N_CTX, engine.n_batch, 2, engine.runtime.threads, False
-    )
-    slots = Slots(runtime, N_CTX, is_eog(engine), cache=cache, owner=engine._owner())
-    try:
+    with engine_beside_slots(ref_path, aligned_path) as (engine, slots):
         for answer in [Answer(prompt, 1.5, 10), Answer([1, 7, 9, 11], 0.5, 4), Answer([1, 8, 9, 11], 0.5, 4)]:
             slots.submit(answer.job)  # the third takes the first one's slot (left longest ago)
             answer.wait()
@@ -302,11 +310,9 @@ def test_slots_and_the_engine_sharing_a_cache_each_take_up_their_own_conversatio
         turn = Answer(prompt + expected[3][:12], 1.5, 6)
         slots.submit(turn.job)
         turn.wait()
-    finally:
-        slots.close()
-        engine.close()
+        expected_turn = until_eog(engine, expected[3][12:18])
     assert out["choices"][0]["text"] == want
-    assert turn.tokens == until_eog(engine, expected[3][12:18])
+    assert turn.tokens == expected_turn
     assert turn.job.reused == len(prompt) + 9  # restored from the cache, not recomputed
 
 
@@ -346,21 +352,11 @@ class SharedCacheMachine(RuleBasedStateMachine):
 
 
 def test_an_engine_and_slots_sharing_a_cache_in_any_order(ref_path, aligned_path, case):
-    engine = DeRaLlama(str(ref_path), str(aligned_path), n_ctx=N_CTX, n_threads=1, verbose=False)
-    cache = SharedRAMCache(1 << 30)
-    engine.set_cache(cache)
-    runtime = choice_runtime(
-        engine.runtime.models, engine.context_params, 2 * N_CTX, engine.n_batch, 2, engine.runtime.threads, False
-    )
-    slots = Slots(runtime, N_CTX, is_eog(engine), cache=cache, owner=engine._owner())
-    SharedCacheMachine.engine, SharedCacheMachine.slots, SharedCacheMachine.case = engine, slots, case
-    try:
+    with engine_beside_slots(ref_path, aligned_path) as (engine, slots):
+        SharedCacheMachine.engine, SharedCacheMachine.slots, SharedCacheMachine.case = engine, slots, case
         run_state_machine_as_test(
             SharedCacheMachine, settings=settings(max_examples=15, stateful_step_count=10, deadline=None)
         )
-    finally:
-        slots.close()
-        engine.close()
 
 
 def test_a_conversation_restored_from_the_cache_leaves_the_running_answers_alone(llm, case):
