@@ -167,10 +167,14 @@ class Slots:
         while self.waiting and free:
             job = self.waiting.popleft()
             prompt = np.asarray(job.prompt, dtype=np.intc)
-            slot, keep = self._seat(free, prompt, models_of(job.choice.weights))
+            try:
+                slot, keep = self._seat(free, prompt, models_of(job.choice.weights))
+                for m in models_of(job.choice.weights):
+                    self.runtime.contexts[m].drop_from(slot, keep)
+            except Exception as e:  # (llama.cpp refused a state): this answer fails, the slots go on
+                _tell(job, e)
+                continue
             free.remove(slot)
-            for m in models_of(job.choice.weights):
-                self.runtime.contexts[m].drop_from(slot, keep)
             job.pending, job.reused = [int(t) for t in prompt[keep:]], keep
             self.running[slot] = job
 
