@@ -10,9 +10,11 @@ A new answer's prompt joins between steps, a chunk at a time in the same batch a
 running answers' tokens, so a long prompt holds them up for one chunk per step, never
 for the whole prompt. An answer that finishes or is cancelled leaves at the next step.
 A slot keeps what its last answer left in the KV cache; a new answer takes the free slot
-holding the longest prefix of its prompt, so a client's next turn in a conversation
-decodes only what is new. What a slot holds is read from llama.cpp (its positions);
-only the token at each position is remembered here, written as it is decoded.
+holding the longest prefix of its prompt (at least half of it), so a client's next turn in
+a conversation decodes only what is new; a conversation pushed out of its slot waits in a
+prompt cache to be restored. A model weighted 0 in an answer's blend (λ 0 or 1) never
+decodes it. What a slot holds is read from llama.cpp (its positions, per model); only
+the token at each position is remembered here, written as it is decoded.
 """
 
 from __future__ import annotations
