@@ -203,7 +203,7 @@ def main() -> None:
     conc = []
     modes = {"json": False, "stream": True}
     times = {(mode, side): [] for mode in modes for side in ("direct", "server")}
-    together, apart, differing, unequal = [], [], 0, 0
+    together, apart, differing, unequal = [], [], 0, {mode: 0 for mode in modes}
     try:
         with httpx.Client(base_url=url, timeout=600) as http:
             for stream in modes.values():  # warm-up: first calls build graphs, page weights in
@@ -219,7 +219,7 @@ def main() -> None:
                         ("server", partial(served, http, body, stream)),
                     ]
                     results = {side: call() for side, call in (calls if i % 2 == 0 else calls[::-1])}
-                    unequal += results["direct"][1] != results["server"][1]  # (near-ties of a random pair)
+                    unequal[mode] += results["direct"][1] != results["server"][1]  # (near-ties of a random pair)
                     for side, (seconds, _) in results.items():
                         times[(mode, side)].append(seconds)
                 if lams:
@@ -237,7 +237,7 @@ def main() -> None:
             proc.wait(60)
     print(f"pair {args.pair}, lam {args.lam:g}, {args.tokens}-token greedy answers, median of {args.rounds} rounds")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, threads {args.threads or 'default'}")
-    print(f"{unequal} of {2 * args.rounds} server answers differ from the direct call's")
+    print(f"server answers that differ from the direct call's: {unequal} of {args.rounds} each")
     for mode in modes:
         d, s = times[(mode, "direct")], times[(mode, "server")]
         ratio = statistics.median(b / a for a, b in zip(d, s))
