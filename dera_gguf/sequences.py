@@ -81,11 +81,5 @@ def prefill(
 def advance(runtime: PairRuntime, runs: Sequence[Run]) -> np.ndarray:
     """Append each run to its sequence, in one batch per model; the rows of every token in run order,
     shape (n_models, n_tokens, n_vocab)."""
-    tokens: List[int] = []
-    positions: List[int] = []
-    seq_ids: List[int] = []
-    for run in runs:
-        tokens += [int(t) for t in run.tokens]
-        positions += range(run.start, run.start + len(run.tokens))
-        seq_ids += [run.seq] * len(run.tokens)
-    return runtime.decode(tokens, positions, seq_ids, [True] * len(tokens))
+    batch = batch_of(runs)
+    return runtime.decode(batch.tokens, batch.positions, batch.seqs, [True] * len(batch.tokens))

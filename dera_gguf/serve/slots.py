@@ -18,7 +18,6 @@ to the request's event loop through an :class:`asyncio.Queue`.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Callable, Optional
 
 from ..choices import choice_runtime
@@ -27,8 +26,6 @@ from ..state import SharedRAMCache
 from .choices import HONOURED, NEUTRAL, Plan, is_eog_of, update
 from .schema import Request, given
 from .stream import END
-
-log = logging.getLogger("dera_gguf.serve")
 
 PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside the running answers
 
@@ -88,14 +85,15 @@ def submit(slots: Slots, p: Plan, cancelled: Callable[[], bool]) -> Optional[Fee
 
 
 def _on_step(p: Plan, feed: Feed) -> Callable[[Job], None]:
-    first = [True]
+    first = True  # (a chat stream's first chunks carry the role)
 
     def step(job: Job) -> None:  # on the slots' thread, between steps
+        nonlocal first
         update(p.choices, p.texts, [0])  # a stop string found ends the answer here
         if p.stream:
-            for chunk in p.shape.step(p.choices, p.texts, [0], first[0]):
+            for chunk in p.shape.step(p.choices, p.texts, [0], first):
                 feed.put(chunk)
-            first[0] = False
+            first = False
 
     return step
 
