@@ -250,3 +250,28 @@ def test_a_lone_clients_answers_on_slots_are_the_engines_on_a_real_pair(env, tmp
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.log()
         llm.close()
+
+
+def test_more_conversations_than_slots_come_back_from_the_prompt_cache(paths, env, tmp_path):  # noqa: F811
+    """Three conversations taking turns on two slots (each turn pushes another conversation out of its
+    slot into the prompt cache, to be restored at its next turn): every answer is the one a separate
+    engine gives the whole conversation."""
+    from dera_gguf import DeRaLlama
+
+    proc = serve(paths, env, tmp_path, "--n-ctx", "2048", "--parallel", "2", "--cache-size", "64MB")
+    engine = DeRaLlama(str(paths[0]), str(paths[1]), n_ctx=1024, verbose=False)
+    settings = dict(max_tokens=10, lam=1.5, **GREEDY)
+    chats = [[{"role": "user", "content": text}] for text in ("hello world", "tell me about the cat", "a poem")]
+    try:
+        with proc.http(timeout=120) as http:
+            for turn in range(3):
+                for chat in chats:
+                    got = http.post("/v1/chat/completions", json=dict(model="pair", messages=chat, **settings))
+                    answer = got.json()["choices"][0]["message"]["content"]
+                    want = engine.create_chat_completion(chat, **settings)["choices"][0]["message"]["content"]
+                    assert answer == want, (turn, chat)
+                    chat += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"more {turn}"}]
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.log()
+        engine.close()
+    assert "Traceback" not in proc.log()
