@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import llama_cpp
 import numpy as np
@@ -93,6 +93,32 @@ def generated(llm: llama_cpp.Llama, prompt: Sequence[int], n: int, **sampling) -
         if len(got) == n:
             break
     return got
+
+
+def sampled(
+    models: Sequence[llama_cpp.Llama],
+    weights: Sequence[float],
+    prompt: Sequence[int],
+    n: int,
+    seed: int,
+    stop: Callable[[int], bool] = lambda token: False,
+    **sampling,
+) -> list[int]:
+    """Up to ``n`` tokens drawn from the blend by llama.cpp's own chain, built and seeded by the last
+    model (plain llama-cpp-python), one sequence at a time; a token where ``stop(token)`` ends it, unkept."""
+    for m in models:
+        m.reset()
+    owner = models[-1]
+    owner.set_seed(seed)
+    rows = [r[-1] for r in step_logits(models, prompt)]
+    chain, tokens = None, []
+    for _ in range(n):
+        token, chain = sample_with_chain(owner, blend(rows, weights), chain=chain, **sampling)
+        if stop(token):
+            break
+        tokens.append(token)
+        rows = [r[-1] for r in step_logits(models, [token])]
+    return tokens
 
 
 def sample_with_chain(chain_owner: llama_cpp.Llama, logits: np.ndarray, **sampling) -> tuple:

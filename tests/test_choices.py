@@ -78,20 +78,8 @@ def test_sampled_choices_are_llama_cpp_pythons_chains_on_the_blend(llm, plain_pa
         list(decode_choices(runtime, prompt, choices, n, is_eog(llm)))
     finally:
         runtime.close()
-    owner = plain_pair[1]
     for (lam, seed), choice in zip(jobs, choices):
-        for m in plain_pair:
-            m.reset()
-        owner.set_seed(seed)
-        rows = [r[-1] for r in R.step_logits(plain_pair, prompt)]
-        chain, tokens = None, []
-        for _ in range(n):
-            token, chain = R.sample_with_chain(owner, R.blend(rows, weights_of(lam)), chain=chain, **chain_args)
-            if is_eog(llm)(token):
-                break
-            tokens.append(token)
-            rows = [r[-1] for r in R.step_logits(plain_pair, [token])]
-        assert choice.tokens == tokens
+        assert choice.tokens == R.sampled(plain_pair, weights_of(lam), prompt, n, seed, is_eog(llm), **chain_args)
     assert choices[1].tokens != choices[2].tokens  # one lam, two seeds: two samples
 
 

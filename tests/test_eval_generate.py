@@ -138,23 +138,12 @@ def test_batched_sampling_equals_llama_cpp_chain_on_the_blend(pair, plain_pair, 
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.0, max_tokens=8)
     settings = dict(temp=0.9, top_k=40, top_p=0.9, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
     result = generate(pair, write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1]), [-0.5, 0.5, 1.5], params=params, seed=5)
-    eos, owner = plain_pair[0].token_eos(), plain_pair[1]
+    eos = plain_pair[0].token_eos()
     prompt = plain_pair[0].tokenize(PROMPTS[0]["prompt"].encode(), add_bos=True, special=True)
     outputs = set()
     for record in result.records:
-        for m in plain_pair:
-            m.reset()
-        owner.set_seed(record["seed"])
-        rows = [r[-1] for r in R.step_logits(plain_pair, prompt)]
-        chain, tokens = None, []
-        for _ in range(params.max_tokens):
-            token, chain = R.sample_with_chain(
-                owner, R.blend(rows, [1 - record["lam"], record["lam"]]), chain=chain, **settings
-            )
-            if token == eos:
-                break
-            tokens.append(token)
-            rows = [r[-1] for r in R.step_logits(plain_pair, [token])]
+        weights = [1 - record["lam"], record["lam"]]
+        tokens = R.sampled(plain_pair, weights, prompt, params.max_tokens, record["seed"], eos.__eq__, **settings)
         assert record["tokens"] == tokens
         outputs.add(tuple(tokens))
     assert len(outputs) > 1
@@ -253,19 +242,8 @@ def test_speculative_sampling_is_the_chains_on_the_blend(pair, plain_pair):  # n
     prompt = copying_prompt(list(plain_pair), weights_of(1.5), seed=0)
     jobs = [_Sequence(lam, s, 100 + 10 * k + s, params) for k, lam in enumerate(SPECULATION_LAMS) for s in range(2)]
     speculative_run(pair, prompt, jobs, params.max_tokens)
-    owner = plain_pair[1]
     for job in jobs:
-        for m in plain_pair:
-            m.reset()
-        owner.set_seed(job.seed)
-        rows = [r[-1] for r in R.step_logits(plain_pair, prompt)]
-        chain, tokens = None, []
-        for _ in range(params.max_tokens):
-            token, chain = R.sample_with_chain(owner, R.blend(rows, weights_of(job.lam)), chain=chain, **settings)
-            if pair.is_eog(token):
-                break
-            tokens.append(token)
-            rows = [r[-1] for r in R.step_logits(plain_pair, [token])]
-        assert job.tokens == tokens
+        n = params.max_tokens
+        assert job.tokens == R.sampled(plain_pair, weights_of(job.lam), prompt, n, job.seed, pair.is_eog, **settings)
     assert sum(job.accepted for job in jobs) > 0
     assert len({tuple(job.tokens) for job in jobs}) > 2
