@@ -140,6 +140,7 @@ class DeRaLlama(Llama):
             super().__init__(model_path=files.reference, lora_path=files.aligned[0], **llama_kwargs)
         else:
             super().__init__(model_path=files.aligned[0], **llama_kwargs)
+        self._template: Optional[str] = None  # the Jinja text formatting chats, when one does
         if not (llama_kwargs.get("chat_format") or llama_kwargs.get("chat_handler")):
             self._use_template(chat_template or files.template)
         # llama.cpp may round the context up (to 256); Llama's token buffer keeps the size
@@ -205,6 +206,7 @@ class DeRaLlama(Llama):
         """Format chats with ``template`` (Jinja text), with this model's BOS / EOS as llama-cpp-python does."""
         if template is None:
             return
+        self._template = template
         token = lambda t: self._model.token_get_text(t) if t != -1 else ""
         eos, bos = self._model.token_eos(), self._model.token_bos()
         self.chat_format = None
@@ -216,6 +218,11 @@ class DeRaLlama(Llama):
     def pair_files(self) -> PairFiles:
         """The pair's checked files: paths, which are adapters, the chat template and its notes."""
         return self._files
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The Jinja chat template that formats chats (None when a ``chat_format`` or handler does)."""
+        return self._template
 
     @property
     def speculation_stats(self) -> Optional[spec.SpeculationStats]:

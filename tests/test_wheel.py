@@ -53,7 +53,8 @@ def installed(tmp_path_factory) -> Path:
     assert build.returncode == 0, build.stderr
     wheel = next(root.glob("dera_gguf-*.whl"))
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    see_our_packages(venv)
     install = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
         capture_output=True,
@@ -62,6 +63,20 @@ def installed(tmp_path_factory) -> Path:
     )
     assert install.returncode == 0, install.stderr
     return venv
+
+
+def see_our_packages(venv: Path) -> None:
+    """Let ``venv`` import the packages this interpreter imports, after its own (the wheel first).
+
+    ``--system-site-packages`` would show it the base interpreter's packages, not those of a
+    virtual environment the tests run in; a ``.pth`` file naming this interpreter's package folders
+    works however it was installed. Their own ``.pth`` files are not read, so an editable install of
+    the checkout there stays invisible.
+    """
+    folders = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    check = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    own = subprocess.run([str(venv / "bin" / "python"), "-c", check], capture_output=True, text=True, check=True)
+    (Path(own.stdout.strip()) / "_test_outer_packages.pth").write_text("\n".join(folders) + "\n")
 
 
 def outside(tmp_path: Path) -> dict:

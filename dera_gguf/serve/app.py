@@ -29,16 +29,20 @@ from typing import Callable, Optional
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ..errors import Stopped
 from ..sampling import Sampling
 from .catalog import Catalog
 from .choices import Several, engine_of, plan, run_choices, several
+from .engine_call import engine_call
 from .errors import ApiError, install_handlers
-from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, engine_call, given
+from .prompts import merge_answers, several_prompts
+from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, given
 from .slots import fits_a_slot, submit
 from .stream import SHUTTING_DOWN, EventResponse, EventStream, start_stream
+from .tokenizer import install_tokenizer_routes
+from .wire import Answer
 
 
 @dataclass
@@ -81,17 +85,31 @@ def create_app(catalog: Catalog, settings: Optional[ServeSettings] = None) -> Fa
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatRequest, request: Request):
-        return await _answer(catalog, settings, body, request)
+        return _response(await _answer(catalog, settings, body, request))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        return await _answer(catalog, settings, body, request)
+        prompts = several_prompts(body)
+        if prompts is None:
+            return _response(await _answer(catalog, settings, body, request))
+        answers = await asyncio.gather(
+            *(_answer(catalog, settings, body.model_copy(update={"prompt": p}), request) for p in prompts)
+        )
+        gone = next((a for a in answers if isinstance(a, Response)), None)
+        return gone or Answer(merge_answers(answers))
 
+    install_tokenizer_routes(app, catalog, auth)
     return app
 
 
+def _response(answer) -> Response:
+    """A whole answer (a dict) as JSON; a stream or an empty answer as it is."""
+    return Answer(answer) if isinstance(answer, dict) else answer
+
+
 async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Request):
-    """One request: checks first (model, λ, fields), then the call on the pair's engine."""
+    """One request: checks first (model, λ, fields), then the call on the pair's slots or engine.
+    A whole answer is a dict; a stream (or the empty answer to a client that left) a Response."""
     asked = several(catalog, body, settings.max_choices, settings.mode)
     if asked is not None:
         return await _answer_several(settings, asked, body, request)
@@ -111,7 +129,7 @@ async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Requ
         if body.stream:  # watched up to the first chunk; then a disconnect closes the stream itself
             return await start_stream(target.pair.lock, call, count, settings.stopping, watch)
         async with target.pair.lock, watch():
-            return JSONResponse(await anyio.to_thread.run_sync(call))
+            return await anyio.to_thread.run_sync(call)
     except Stopped:
         if settings.stopping():
             raise SHUTTING_DOWN from None
@@ -133,7 +151,7 @@ async def _answer_several(settings: ServeSettings, asked: Several, body, request
         if body.stream:
             return await start_stream(pair.lock, call, None, settings.stopping, watch)
         async with pair.lock, watch():
-            return JSONResponse(await anyio.to_thread.run_sync(call))
+            return await anyio.to_thread.run_sync(call)
     except Stopped:
         if settings.stopping():
             raise SHUTTING_DOWN from None
@@ -158,7 +176,7 @@ async def _answer_on_slots(settings: ServeSettings, target, body, kwargs: dict, 
             gone.set()
             raise
     if not body.stream:
-        return JSONResponse(first)
+        return first
     return EventResponse(EventStream(feed.get, first, gone.set, None, settings.stopping))
 
 

@@ -138,7 +138,7 @@ def prompt_and_stops(llm: Any, body: Request, kwargs: dict) -> tuple:
     stop = kwargs.get("stop") or []
     stop = [stop] if isinstance(stop, str) else list(stop)
     if isinstance(body, ChatRequest):
-        return _chat_prompt(llm, kwargs["messages"], stop)
+        return chat_prompt(llm, kwargs["messages"], stop)
     prompt = kwargs["prompt"]
     if isinstance(prompt, list):
         checks.check_prompt(prompt, llm.n_vocab(), llm._n_ctx, llm.tokenize)
@@ -173,8 +173,9 @@ class _Recorder:
         raise _Captured(kwargs)
 
 
-def _chat_prompt(llm: Any, messages: list, stop: List[str]) -> tuple:
-    """The chat handler a one-answer chat uses renders the messages (template, its stop strings)."""
+def chat_prompt(llm: Any, messages: list, stop: List[str]) -> tuple:
+    """The prompt tokens and stop strings of ``messages``, rendered by the chat handler a one-answer chat uses
+    (its template, its stop strings)."""
     handler = (
         llm.chat_handler
         or llm._chat_handlers.get(llm.chat_format)
@@ -229,7 +230,7 @@ def plan(several: Several, body: Request, kwargs: dict) -> Plan:
         chain = new_chain(settings, chain_seed, **extra)
         choices.append(Choice(mixing_weights(lam, n_aligned), chain, bias=bias))
     texts = [ChoiceText(lambda t: llm.detokenize(t, prev_tokens=prompt), stop) for _ in choices]
-    shape = Shape(several, body, len(prompt), kwargs.get("stream") and given(body, "stream_options"))
+    shape = Shape(several, body, len(prompt), given(body, "stream_options") if kwargs.get("stream") else None)
     max_tokens = min(kwargs["max_tokens"], llm._n_ctx - len(prompt))
     return Plan(prompt, choices, max_tokens, texts, shape, bool(kwargs.get("stream")))
 

@@ -13,18 +13,16 @@ name, type and range check) with three changes:
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, List, Literal, Optional, Union
 
 import llama_cpp
-import numpy as np
-from llama_cpp.server.app import prepare_request_resources
 from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from .. import checks
 from ..engine import MODES
-from ..errors import DeRaError
 from ..sampling import Sampling
 from .errors import ApiError
 
@@ -75,18 +73,93 @@ class ChatRequest(CreateChatCompletionRequest):
     stream_options: Optional[StreamOptions] = None
     max_completion_tokens: Optional[int] = Field(None, description="OpenAI's newer name for max_tokens.")
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _text_messages(cls, messages: Any) -> Any:
+        return [text_message(m, i) for i, m in enumerate(messages)] if isinstance(messages, list) else messages
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _structured_outputs(cls, response_format: Any) -> Any:
+        return json_object_format(response_format)
+
 
 class CompletionRequest(CreateCompletionRequest):
     """``POST /v1/completions``; the prompt may also be token ids, as in OpenAI's API."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: Union[str, List[int], List[str]] = Field(default="", description="The prompt (text or token ids).")
+    prompt: Union[str, List[int], List[str], List[List[int]]] = Field(
+        default="", description="The prompt: text or token ids, or a list of them (one answer each)."
+    )
     lam: Any = LAM_FIELD
     mode: Optional[Literal[MODES]] = MODE_FIELD
     stream_options: Optional[StreamOptions] = None
 
 
 Request = Union[ChatRequest, CompletionRequest]
+
+PART_JOIN = "\n"  # between the text parts of one message (as vLLM joins them)
+
+
+def text_message(message: Any, index: int) -> Any:
+    """A message whose content is text, as llama-cpp-python's chat templates take it.
+
+    OpenAI's content may be a list of parts: text parts are joined (:data:`PART_JOIN`); a part
+    of another kind (an image, audio, a file) is refused naming it, since these models read text
+    only. A null content (an assistant turn that only called tools) is the empty text.
+    """
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if content is None and "content" in message:
+        return {**message, "content": ""}
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a part of type {kind!r}" if isinstance(kind, str) else "not a {'type': 'text', 'text': ...} part"
+            raise PydanticCustomError(
+                "content_part",
+                "messages[{index}].content[{j}] is {what}: these models read text only; send text parts or a string",
+                {"index": index, "j": j, "what": what},
+            )
+        texts.append(part["text"])
+    return {**message, "content": PART_JOIN.join(texts)}
+
+
+def json_object_format(response_format: Any) -> Any:
+    """OpenAI's structured outputs (``{"type": "json_schema", "json_schema": {"schema": ...}}``) as
+    llama-cpp-python's JSON mode with that schema (``{"type": "json_object", "schema": ...}``): its
+    chat handlers turn the schema into a grammar. A schema that cannot become one is refused."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return response_format
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or set(spec) - {"name", "description", "schema", "strict"}:
+        raise PydanticCustomError(
+            "json_schema",
+            "response_format.json_schema must be an object with name, schema and optionally description, strict",
+        )
+    schema = spec.get("schema")
+    if schema is None:
+        return {"type": "json_object"}
+    check_json_schema(schema)
+    return {"type": "json_object", "schema": schema}
+
+
+def check_json_schema(schema: Any) -> None:
+    """A JSON schema that llama-cpp-python's converter turns into a grammar llama.cpp parses."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises what it meets (KeyError, ValueError, RecursionError, ...)
+        raise PydanticCustomError(
+            "json_schema",
+            "response_format's schema cannot be turned into a grammar ({error}): check the schema",
+            {"error": f"{type(e).__name__}: {e}"},
+        ) from None
 
 
 def given(body: Request, name: str) -> Any:
@@ -124,10 +197,11 @@ def _max_tokens(body: Request, cap: int) -> int:
     return min(asked, cap)
 
 
-def _one_prompt(prompt: Union[str, List[int], List[str]]) -> Union[str, List[int]]:
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+def _one_prompt(prompt: Union[str, List[int], List[str], List[List[int]]]) -> Union[str, List[int]]:
+    """The prompt of a request with one (several are split before: :mod:`.prompts`)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) > 1:
-            raise ApiError(400, f"one prompt per request, got a list of {len(prompt)}", "prompt")
+            raise ApiError(400, f"one prompt per call, got a list of {len(prompt)}", "prompt")
         return prompt[0]
     return prompt
 
@@ -137,6 +211,8 @@ def _check_unsupported(body: Request, logits_all: bool) -> None:
     best_of = given(body, "best_of")  # (n > 1 is answered by .choices)
     if best_of not in (None, 1):
         raise ApiError(400, "best_of must be 1: dera-serve writes each answer it is asked for", "best_of")
+    if given(body, "echo") and given(body, "stream"):
+        raise ApiError(400, "echo is for whole answers: leave out stream (or echo)", "echo")
     logprobs = given(body, "logprobs")  # a count for completions (0 asks too), a flag for chats
     if logprobs is not None and logprobs is not False and not logits_all:
         raise ApiError(
@@ -159,54 +235,6 @@ def check_logit_bias(body: Request, n_vocab: int) -> None:
                 f"logit_bias key {key!r} is not a token id in [0, {n_vocab}) (or set logit_bias_type)",
                 "logit_bias",
             )
-
-
-def check_grammar(body: Request, llm: Any) -> None:
-    """Parse a GBNF grammar with llama.cpp's own parser first: it returns NULL for a bad one,
-    which llama-cpp-python 0.3.36 adds to the sampler chain anyway (a segfault)."""
-    grammar = given(body, "grammar")
-    if grammar is None:
-        return
-    try:
-        checks.check_grammar(grammar, llama_cpp.llama_model_get_vocab(llm.model))
-    except DeRaError as e:
-        raise ApiError(400, f"grammar: {e}", "grammar") from None
-
-
-def engine_call(llm: Any, body: Request, kwargs: dict) -> Any:
-    """The DeRaLlama call for ``body`` (on a worker thread, holding the pair's engine).
-
-    llama-cpp-python's ``prepare_request_resources`` turns logit_bias (ids or, with
-    ``logit_bias_type="tokens"``, text), grammar and min_tokens into call arguments.
-    """
-    check_logit_bias(body, llm.n_vocab())
-    check_grammar(body, llm)
-    prepare_request_resources(body, lambda _model: llm, None, kwargs)
-    _bias_as_processor(kwargs)
-    if isinstance(body, ChatRequest):
-        return llm.create_chat_completion(**kwargs)
-    return llm.create_completion(**kwargs)
-
-
-def _bias_as_processor(kwargs: dict) -> None:
-    """Apply ``logit_bias`` as the last logits processor when there are others.
-
-    llama-cpp-python 0.3.36 drops both when a call has the two
-    (``logits_processor = logits_processor.extend(...)``, which is None), so a request
-    with logit_bias and min_tokens or stream usage would sample unbiased. The processor
-    is llama-cpp-python's own arithmetic (bias added to the logit), in the same place.
-    """
-    if kwargs.get("logit_bias") is None or not kwargs.get("logits_processor"):
-        return
-    bias = {int(k): float(v) for k, v in kwargs.pop("logit_bias").items()}
-    ids, values = np.fromiter(bias, dtype=np.intp), np.fromiter(bias.values(), dtype=np.float64)
-
-    def add_bias(input_ids, scores):
-        biased = np.copy(scores)
-        biased[ids] = scores[ids] + values  # in float64, then stored as float32, as llama-cpp-python does
-        return biased
-
-    kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([*kwargs["logits_processor"], add_bias])
 
 
 class TokenCount:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from functools import partial
 from typing import Any, Awaitable, Callable, Iterator, Optional
@@ -28,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import ApiError, as_api_error
 from .schema import TokenCount
+from .wire import dumps
 
 log = logging.getLogger("dera_gguf.serve")
 
@@ -39,7 +39,7 @@ SHUTTING_DOWN = ApiError(
 
 def event(data: Any) -> bytes:
     """One SSE event: ``data: <json>`` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    text = data if isinstance(data, str) else dumps(data)
     return f"data: {text}\n\n".encode("utf-8")
 
 
