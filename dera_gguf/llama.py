@@ -221,7 +221,9 @@ class DeRaLlama(Llama):
 
     @property
     def chat_template(self) -> Optional[str]:
-        """The Jinja chat template that formats chats (None when a ``chat_format`` or handler does)."""
+        """The Jinja chat template that formats chats (None when a named ``chat_format`` or a handler does)."""
+        if self._template is None and self.chat_format == "chat_template.default":  # llama-cpp-python's pick
+            return self.metadata.get("tokenizer.chat_template")
         return self._template
 
     @property

@@ -33,6 +33,7 @@ from .common import (
     mode_option,
     model_options,
     reports_errors,
+    sampling_options,
     speculative_option,
 )
 
@@ -53,23 +54,7 @@ QUIT = object()
 @mode_option()
 @speculative_option("lookup", "model")
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--temperature", type=float, default=PAPER.temperature, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=PAPER.top_k, show_default=True, help="0 turns top-k off.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=PAPER.top_p, show_default=True)
-@click.option(
-    "--min-p",
-    type=click.FloatRange(0.0, 1.0),
-    default=PAPER.min_p,
-    show_default=True,
-    help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.",
-)
-@click.option(
-    "--repeat-penalty",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=PAPER.repeat_penalty,
-    show_default=True,
-    help="1.0 turns it off, as in the paper.",
-)
+@sampling_options()
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=PAPER.max_tokens, show_default=True, help="Tokens per answer."
 )

@@ -18,6 +18,7 @@ from ..engine import MODES
 from ..errors import DeRaError
 from ..home import find_in_home
 from ..registry import Pair, load_registry
+from ..sampling import Sampling
 
 MODELS_OPTION = click.option(
     "--models",
@@ -205,6 +206,46 @@ _DRAFTS = {
     "model": "model: greedy drafts from the pair's model with the largest weight, or from --draft's model "
     "(pays on GPUs)",
 }
+
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+
+
+def sampling_options(note: str = "") -> Callable:
+    """--temperature, --top-k, --top-p, --min-p and --repeat-penalty, the paper's settings by default
+    (:class:`~dera_gguf.sampling.Sampling`); ``note`` says what they set."""
+    paper = Sampling()
+    tail = f" {note}" if note else ""
+    options = [
+        click.option(
+            "--temperature", type=float, default=paper.temperature, show_default=True, help=f"0: greedy.{tail}"
+        ),
+        click.option(
+            "--top-k", type=click.IntRange(min=0), default=paper.top_k, show_default=True, help="0 turns top-k off."
+        ),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=paper.top_p, show_default=True),
+        click.option(
+            "--min-p",
+            type=click.FloatRange(0.0, 1.0),
+            default=paper.min_p,
+            show_default=True,
+            help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.",
+        ),
+        click.option(
+            "--repeat-penalty",
+            type=click.FloatRange(min=0.0, min_open=True),
+            default=paper.repeat_penalty,
+            show_default=True,
+            help="1.0 turns it off, as in the paper; llama-cpp-python's server's default is 1.1.",
+        ),
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 def speculative_option(

@@ -28,6 +28,7 @@ from .common import (
     mode_option,
     model_options,
     reports_errors,
+    sampling_options,
     speculative_option,
 )
 
@@ -51,6 +52,7 @@ from .common import (
     help="Lams listed as PAIR@LAM aliases in /v1/models (pairs with one aligned model); '' for none. "
     "Any PAIR@LAM works whether listed or not.",
 )
+@sampling_options("The default of a request that leaves it out.")
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -105,6 +107,11 @@ def main(
     mode,
     speculative,
     lam_presets,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    repeat_penalty,
     max_tokens,
     max_choices,
     parallel,
@@ -116,9 +123,9 @@ def main(
 ):
     """Serve DeRa-realigned models over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
-    A request samples with dera-chat's defaults, the paper's settings, for whatever it
-    leaves out. With --seed, requests without a
-    seed all use it (reproducible); without, each draws a fresh one. SIGTERM or Ctrl-C
+    A request samples with the sampling flags' settings (the paper's, as in dera-chat) for whatever
+    it leaves out. With --seed, requests without a seed all use it (reproducible); without, each
+    draws a fresh one. SIGTERM or Ctrl-C
     stops the server: running streams end at the next token, the engines are closed.
     """
     try:
@@ -145,7 +152,7 @@ def main(
             served[-1].slots = pair_slots(llm, parallel)
     catalog = Catalog(served, presets)
     settings = ServeSettings(
-        Sampling(max_tokens=max_tokens, seed=models.seed),
+        Sampling(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, models.seed),
         api_key=api_key,
         logits_all=logprobs,
         mode=mode,

@@ -17,7 +17,8 @@ An answer that ends at once (its first token ends the text) still lists that tok
 as OpenAI's and vLLM's echo do: lm-eval drops the last entry as the generated one, and
 llama-cpp-python, which lists no such token, makes it drop the continuation's last token
 instead. Which end-of-text token was drawn is not returned by llama-cpp-python: the most
-likely one under the blend is listed (the one a greedy answer draws).
+likely one under the blend and the request's token-id ``logit_bias`` is listed (the one a
+greedy answer draws).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from llama_cpp import Llama
 
 from .choices import prompt_and_stops
-from .schema import Request
+from .schema import Request, given
 
 
 def answer_with_echo(llm: Any, body: Request, kwargs: dict) -> dict:
@@ -49,7 +50,7 @@ def answer_with_echo(llm: Any, body: Request, kwargs: dict) -> dict:
         head = prompt_logprobs(llm, shown, rows, int(k))
         tail = choice["logprobs"]
         if not (tail and tail.get("tokens")) and choice["finish_reason"] == "stop" and len(_eog_tokens(llm)):
-            tail = ended_at_once(llm, shown, rows[-1], int(k), len(choice["text"]))
+            tail = ended_at_once(llm, shown, rows[-1], int(k), len(choice["text"]), _id_bias(body))
         choice["logprobs"] = _joined(head, tail, len(_text(llm, shown)))
     return answer
 
@@ -73,10 +74,10 @@ def prompt_logprobs(llm: Any, shown: List[int], rows: np.ndarray, k: int) -> dic
     return out
 
 
-def ended_at_once(llm: Any, shown: List[int], row: np.ndarray, k: int, offset: int) -> dict:
+def ended_at_once(llm: Any, shown: List[int], row: np.ndarray, k: int, offset: int, bias: dict) -> dict:
     """The entry of an end-of-text token drawn first (``row``: the log-probs after the prompt)."""
     eog = _eog_tokens(llm)
-    token = int(eog[np.argmax(row[eog])])
+    token = int(eog[np.argmax([row[t] + bias.get(int(t), 0.0) for t in eog])])
     top = {_piece(llm, int(j), shown): float(row[j]) for j in np.argsort(-row, kind="stable")[:k]}
     text = llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
     top[text] = float(row[token])
@@ -92,6 +93,14 @@ def _eog_tokens(llm: Any) -> np.ndarray:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         _EOG[llm] = np.array([t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.intp)
     return _EOG[llm]
+
+
+def _id_bias(body: Request) -> dict:
+    """The request's logit bias by token id (a bias keyed by text is not looked at here)."""
+    bias = given(body, "logit_bias") or {}
+    if given(body, "logit_bias_type") == "tokens":
+        return {}
+    return {int(k): float(v) for k, v in bias.items()}
 
 
 def _joined(head: dict, tail: Optional[dict], offset: int) -> dict:
