@@ -21,17 +21,19 @@ import llm
 from llm.parts import ReasoningPart, TextPart
 from pydantic import Field, ValidationInfo, field_validator
 
-from dera_gguf import DeRaError, DeRaLlama
+from dera_gguf import ContextFullError, DeRaError, DeRaLlama
 from dera_gguf.blend import normalize_lam, parse_lams
 from dera_gguf.registry import Pair, load_registry
 from dera_gguf.sampling import Sampling
 
 ALIAS_PREFIX = "dera/"
 # How a pair is loaded: dera-chat's defaults (a chat's whole history must fit n_ctx; all layers on a GPU if any).
-LOAD_KWARGS = dict(n_ctx=4096, n_gpu_layers=-1, verbose=False)
+N_CTX = 4096
+LOAD_KWARGS = dict(n_gpu_layers=-1, verbose=False)
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "seed")
 
-_loaded: Dict[Tuple, DeRaLlama] = {}  # one DeRaLlama per pair and its files, for the whole process
+# pair name -> (its files, template and n_ctx; the DeRaLlama loaded on them), kept for the whole process
+_loaded: Dict[str, Tuple[tuple, DeRaLlama]] = {}
 _warned = False
 
 
@@ -74,6 +76,12 @@ class DeRaOptions(llm.Options):
     seed: Optional[int] = Field(
         default=None, description="Sampling seed, for reproducible answers. Default: a fresh seed per answer."
     )
+    n_ctx: Optional[int] = Field(
+        default=None,
+        ge=16,
+        description=f"Context length in tokens: the whole conversation and the answer must fit. Default {N_CTX}; "
+        "another value reloads the pair.",
+    )
 
     @field_validator("lam", mode="before")
     @classmethod
@@ -114,16 +122,19 @@ class DeRa(llm.Model):
         self.model_id = pair.name
         self.Options = options_for(len(pair.aligned))
 
-    def llama(self) -> DeRaLlama:
-        """The pair's DeRaLlama, loaded on first use and kept for the rest of the process."""
+    def llama(self, n_ctx: Optional[int] = None) -> DeRaLlama:
+        """The pair's DeRaLlama (``n_ctx`` None: 4096), loaded on first use and kept for the rest of the
+        process; another ``n_ctx`` (or changed files) replaces it."""
         ref, aligned = self.pair.resolve()
-        key = (self.pair.name, ref, tuple(aligned), tuple(sorted(self.pair.template_kwargs().items())))
-        if key not in _loaded:
-            engine = DeRaLlama.from_pair(self.pair.name, **LOAD_KWARGS)
+        n_ctx = n_ctx or N_CTX
+        key = (ref, tuple(aligned), tuple(sorted(self.pair.template_kwargs().items())), n_ctx)
+        if _loaded.get(self.pair.name, (None,))[0] != key:
+            _loaded.pop(self.pair.name, None)  # free the old one before loading
+            engine = DeRaLlama.from_pair(self.pair.name, n_ctx=n_ctx, **LOAD_KWARGS)
             for note in engine.pair_files.notes:
                 click.echo(note, err=True)
-            _loaded[key] = engine
-        return _loaded[key]
+            _loaded[self.pair.name] = (key, engine)
+        return _loaded[self.pair.name][1]
 
     def default_lam(self) -> Union[float, tuple]:
         return normalize_lam(self.pair.default_lam(), len(self.pair.aligned))
@@ -136,7 +147,12 @@ class DeRa(llm.Model):
         kwargs = dict(sampling.call_kwargs(seed), lam=lam)
         messages = chat_messages(prompt)
         record = {"lam": list(lam) if isinstance(lam, (list, tuple)) else lam, "seed": seed}
-        engine = self.llama()
+        try:
+            yield from self._answer(self.llama(options.n_ctx), messages, kwargs, record, stream, response)
+        except ContextFullError as e:
+            raise ContextFullError(f"{e} (llm: a larger -o n_ctx, or a new conversation)") from None
+
+    def _answer(self, engine, messages, kwargs, record, stream, response) -> Iterator[str]:
         if stream:
             finish = None
             for chunk in engine.create_chat_completion(messages, stream=True, **kwargs):

@@ -281,16 +281,26 @@ def test_continue_sends_the_logged_conversation(env, paths):
 
 
 def test_a_pair_is_loaded_once_per_process(env):
-    """llm makes new model objects each time it looks a model up; they share one loaded DeRaLlama."""
+    """llm makes new model objects each time it looks a model up; they share one loaded DeRaLlama,
+    which another n_ctx replaces."""
     script = (
         "import llm\n"
         "a, b = llm.get_model('tiny'), llm.get_model('dera/tiny')\n"
         "a.prompt('hello', temperature=0, max_tokens=4).text(); b.prompt('hi', temperature=0, max_tokens=4).text()\n"
-        "print(a is not b, a.llama() is b.llama())\n"
+        "first = a.llama()\n"
+        "print(a is not b, first is b.llama(), a.llama(256) is not first, a.llama(256).n_ctx())\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "True"]
+    assert result.stdout.split() == ["True", "True", "True", "256"]
+
+
+def test_a_conversation_longer_than_n_ctx_is_refused_with_the_option_to_change(env):
+    long = " ".join(["hello world"] * 10)
+    assert answer(["-m", "tiny", *greedy_options("1.5", 4), long], env)
+    result = run_llm(["-m", "tiny", *greedy_options("1.5", 4), "-o", "n_ctx", "16", long], env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the context holds 16 (n_ctx)" in result.stderr and "-o n_ctx" in result.stderr, result.stderr
 
 
 # ------------------------------------------------------------------ errors
@@ -306,14 +316,21 @@ def test_a_pair_is_loaded_once_per_process(env):
         ("tiny", "top_p", "3", "top_p must lie in [0.0, 1.0]"),
         ("tiny", "max_tokens", "0", "max_tokens must be at least 1"),
         ("tiny", "temperature", "hot", "temperature"),
+        ("tiny", "n_ctx", "8", "greater than or equal to 16"),
         ("tiny", "lamda", "1", "lamda"),
     ],
 )
 def test_bad_options_are_refused_by_name(env, model, option, value, message):
-    for args in (["-m", model, "-o", option, value, "hello"], ["chat", "-m", model, "-o", option, value]):
-        result = run_llm(args, env, stdin="quit\n")
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.startswith(f"Error: {option}\n") and message in result.stderr, result.stderr
+    result = run_llm(["-m", model, "-o", option, value, "hello"], env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Error: {option}\n") and message in result.stderr, result.stderr
+
+
+def test_chat_refuses_a_bad_lam_before_it_starts(env):
+    result = run_llm(["chat", "-m", "tiny", "-o", "lam", "0.5,x"], env, stdin="hello\nquit\n")
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "Chatting" not in result.stdout
+    assert result.stderr.startswith("Error: lam\n") and "lam 'x' is not a number" in result.stderr, result.stderr
+    assert logged(env) == []
 
 
 # ------------------------------------------------------------------ the real demo pair
