@@ -14,6 +14,7 @@ Registered through ``[project.entry-points.llm]`` in pyproject.toml; named ``llm
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Union
 
 import click
@@ -185,9 +186,9 @@ def chat_messages(prompt) -> List[dict]:
             if isinstance(part, TextPart):
                 texts.append(part.text)
             elif not isinstance(part, ReasoningPart):
-                kind = type(part).__name__.replace("Part", "").lower()
+                kind = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", type(part).__name__.removesuffix("Part")).lower()
                 raise DeRaError(
-                    f"the conversation holds a {kind} in a {message.role} message: DeRa pairs answer text only; "
+                    f"the conversation holds a {kind} ({message.role} message): DeRa pairs answer text only; "
                     "start a new conversation"
                 )
         messages.append({"role": message.role, "content": "".join(texts)})

@@ -295,6 +295,22 @@ def test_a_pair_is_loaded_once_per_process(env):
     assert result.stdout.split() == ["True", "True", "True", "256"]
 
 
+def test_a_conversation_with_tool_calls_is_refused_by_name(env):
+    """A conversation begun with a model that called tools (llm's Python API here) holds more than text."""
+    script = (
+        "import llm\n"
+        "from llm.parts import Message, TextPart, ToolCallPart\n"
+        "history = [Message('user', [TextPart('hi')]), Message('assistant', [ToolCallPart('clock', {})])]\n"
+        "try:\n"
+        "    llm.get_model('tiny').prompt('and now?', messages=history).text()\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "the conversation holds a tool call (assistant message): DeRa pairs answer text only" in result.stdout
+
+
 def test_a_conversation_longer_than_n_ctx_is_refused_with_the_option_to_change(env):
     long = " ".join(["hello world"] * 10)
     assert answer(["-m", "tiny", *greedy_options("1.5", 4), long], env)
