@@ -121,14 +121,10 @@ def greedy_options(lam: str, max_tokens: int = 24) -> List[str]:
     return ["-o", "lam", lam, "-o", "temperature", "0", "-o", "max_tokens", str(max_tokens)]
 
 
-@pytest.fixture(scope="module")
-def plain_ref(paths):
-    return R.plain(paths[0], n_ctx=512, logits_all=False)
-
-
-@pytest.fixture(scope="module")
-def plain_aligned(paths):
-    return R.plain(paths[1], n_ctx=512, logits_all=False)
+def plain_answer(path, messages, **settings) -> str:
+    """The streamed answer of a fresh plain llama_cpp.Llama on ``path`` (fresh: each llm command is a
+    new process, and llama-cpp-python answers a re-asked prompt in other batch shapes)."""
+    return streamed(R.plain(path, n_ctx=512, logits_all=False), messages, **settings)
 
 
 def fresh_engine(paths, n_aligned=1):
@@ -170,22 +166,19 @@ def test_a_broken_models_toml_is_said_and_llm_goes_on(env, tmp_path):
 # ------------------------------------------------------------------ one prompt
 
 
-def test_lam_0_and_1_are_the_plain_models(env, plain_ref, plain_aligned):
+def test_lam_0_and_1_are_the_plain_models(env, paths):
     messages = [user("hello world")]
-    expected = {
-        lam: streamed(llm, messages, max_tokens=24, **GREEDY) for lam, llm in [("0", plain_ref), ("1", plain_aligned)]
-    }
+    expected = {lam: plain_answer(path, messages, max_tokens=24, **GREEDY) for lam, path in zip("01", paths)}
     assert expected["0"] and expected["1"] and expected["0"] != expected["1"]
     for lam, text in expected.items():
         assert answer(["-m", "tiny", *greedy_options(lam), "hello world"], env) == text
 
 
-def test_lam_between_and_beyond_is_the_blend(env, paths, plain_aligned):
-    engine = fresh_engine(paths)
+def test_lam_between_and_beyond_is_the_blend(env, paths):
     messages = [user("hello world")]
     for lam in (1.5, 0.5):
-        expected = streamed(engine, messages, lam=lam, max_tokens=24, **GREEDY)
-        assert expected and expected != streamed(plain_aligned, messages, max_tokens=24, **GREEDY)
+        expected = streamed(fresh_engine(paths), messages, lam=lam, max_tokens=24, **GREEDY)
+        assert expected and expected != plain_answer(paths[1], messages, max_tokens=24, **GREEDY)
         assert answer(["-m", "dera/tiny", *greedy_options(str(lam)), "hello world"], env) == expected
 
 
@@ -228,10 +221,10 @@ def test_unset_options_are_the_pair_lam_and_the_paper_settings(env, paths):
     assert got == expected == row["response"]
 
 
-def test_system_prompt(env, plain_aligned):
+def test_system_prompt(env, paths):
     messages = [system(SYSTEM), user("tell me about the cat")]
-    expected = streamed(plain_aligned, messages, max_tokens=24, **GREEDY)
-    assert expected != streamed(plain_aligned, messages[1:], max_tokens=24, **GREEDY)
+    expected = plain_answer(paths[1], messages, max_tokens=24, **GREEDY)
+    assert expected != plain_answer(paths[1], messages[1:], max_tokens=24, **GREEDY)
     assert answer(["-m", "tiny", "-s", SYSTEM, *greedy_options("1"), "tell me about the cat"], env) == expected
 
 
@@ -356,8 +349,8 @@ def test_smollm2_demo_at_lam_1_is_the_dpo_adapter(env, smollm2_path):
     """The shipped pair, found by its name: at λ 1 greedy answers are plain llama-cpp-python's with the
     demo LoRA adapter applied on SmolLM2 (with a system prompt, streamed)."""
     adapter = ROOT / "dera_gguf" / "data" / "smollm2-demo-dpo-lora.gguf"
-    plain = R.plain(smollm2_path, n_ctx=512, logits_all=False, lora_path=str(adapter))
     messages = [system("You are a helpful assistant."), user("Explain what a rainbow is.")]
+    plain = R.plain(smollm2_path, n_ctx=512, logits_all=False, lora_path=str(adapter))
     expected = streamed(plain, messages, max_tokens=32, **GREEDY)
     args = ["-m", "smollm2-demo", "-s", messages[0]["content"], *greedy_options("1", 32), messages[1]["content"]]
     assert expected and answer(args, env) == expected
