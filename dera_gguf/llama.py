@@ -37,6 +37,7 @@ from llama_cpp.llama_speculative import LlamaDraftModel
 from . import checks
 from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
+from .bytefallback import ByteFallback
 from .calls import Call, CallScope
 from .contexts import Context
 from .drafter import check_draft_model, draft_kind, open_drafter
@@ -147,6 +148,7 @@ class DeRaLlama(Llama):
         # asked for, so that is the real limit.
         self._n_ctx = min(self._n_ctx, len(self.input_ids))
         self.runtime = self._open_runtime(files, threads)
+        self._fallback = ByteFallback.of(self.model, self.metadata)  # None: every text tokenizes
         self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
@@ -293,6 +295,13 @@ class DeRaLlama(Llama):
             checks.check_grammar(bound["grammar"], self._model.vocab)
 
     # ------------------------------------------------ llama-cpp-python seams
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        """``Llama.tokenize``, refusing (DeRaError) text llama.cpp would abort the process on
+        (:mod:`dera_gguf.bytefallback`). Every call of llama-cpp-python's that tokenizes comes here."""
+        if self._fallback is not None and isinstance(text, bytes):
+            self._fallback.check(text)
+        return super().tokenize(text, add_bos, special)
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any):
         """``Llama.generate``, always refreshing the last prompt row through :meth:`eval`.
