@@ -244,7 +244,7 @@ def test_a_damaged_download_is_removed(tmp_path, work, pair_bytes):
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("unknown pair", "unknown pair 'nope'; known pairs: nofile, nohub, olmo2-7b, smollm2-demo"),
+        ("unknown pair", "unknown pair 'nope'; known pairs: danube-1.8b, nofile, nohub, olmo2-7b, smollm2-demo"),
         ("no network", "cannot reach the Hugging Face hub at http://127.0.0.1:9"),
         ("offline", "is not in the Hugging Face cache"),
         ("gated", "is gated: accept its terms at"),
