@@ -190,3 +190,5 @@ def test_the_draft_flag_reaches_the_engine(ref_path, aligned_path, models_dir, c
     assert result.returncode == 1 and f"the draft model {bad}" in result.stderr, result.stderr
     result = run("--draft", str(aligned_path), "--speculative", "lookup")
     assert result.returncode == 1 and "--draft drafts from" in result.stderr, result.stderr
+    result = run("--draft", str(aligned_path), "--no-draft")
+    assert result.returncode == 1 and "give --draft FILE or --no-draft, not both" in result.stderr, result.stderr
