@@ -158,7 +158,8 @@ class Pair:
     def draft_hint(self) -> str:
         """How to get the drafter: ``get it with: dera-pull NAME --with-draft (0.81 GB)`` for a hub file."""
         if self.draft.kind != "repo":
-            return f"run: {self.draft.hint(self)}"
+            hint = self.draft.hint(self)
+            return f"run: {hint}" if hint else f"{self.draft.describe()} is not there"
         size = self.draft.size()
         return f"get it with: dera-pull {self.name} --with-draft" + (f" ({hub.format_size(size)})" if size else "")
 

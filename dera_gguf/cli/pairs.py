@@ -44,12 +44,15 @@ def _beta(pair: Pair) -> str:
 
 
 def _draft(pair: Pair) -> str:
-    """The drafter's column: ``ready``, its size while not pulled, ``-`` for none."""
+    """The drafter's column: ``ready``, its size while not pulled (``missing``: a local file that is not
+    there), ``-`` for none."""
     if pair.draft is None:
         return "-"
     if pair.draft.is_available():
         return "ready"
     size = pair.draft.size()
+    if pair.draft.kind != "repo":
+        return "missing"
     return hub.format_size(size) if size else "not pulled"
 
 
