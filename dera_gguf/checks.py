@@ -134,43 +134,28 @@ def vocab_signature(model: internals.LlamaModel) -> tuple:
 SAME_TOKENIZER = "DeRa needs models that share one tokenizer"
 
 
-def check_same_vocab(
-    ref_path: str, ref_sig: tuple, path: str, sig: tuple, role: str = "", advice: str = SAME_TOKENIZER
-) -> None:
+def check_same_vocab(ref_path: str, ref_sig: tuple, path: str, sig: tuple) -> None:
     """Refuse a model whose vocabulary differs from the reference's in size, any token's text or type, or
-    BOS/EOS; the message names ``path`` (as ``role``, e.g. "the draft model ") and ends with ``advice``."""
+    BOS/EOS (their logits are blended token by token)."""
     (n_a, texts_a, attrs_a, bos_a, eos_a), (n_b, texts_b, attrs_b, bos_b, eos_b) = ref_sig, sig
-    where = f"{role}{path} and the reference {ref_path}"
+    where = f"{path} and the reference {ref_path}"
     if n_a != n_b:
-        raise DeRaError(f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: {advice}")
+        raise DeRaError(f"vocabulary sizes differ ({n_b} vs {n_a} tokens) between {where}: {SAME_TOKENIZER}")
     for i, (ta, tb, aa, ab) in enumerate(zip(texts_a, texts_b, attrs_a, attrs_b)):
         if ta != tb or aa != ab:
-            raise DeRaError(f"token {i} differs between {where} ({tb!r} vs {ta!r}): {advice}")
+            raise DeRaError(f"token {i} differs between {where} ({tb!r} vs {ta!r}): {SAME_TOKENIZER}")
     if (bos_a, eos_a) != (bos_b, eos_b):
         raise DeRaError(
-            f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): {advice}"
+            f"BOS/EOS ids differ between {where} (bos {bos_b} vs {bos_a}, eos {eos_b} vs {eos_a}): {SAME_TOKENIZER}"
         )
 
 
 def check_vocabularies(ref_path: str, model_paths: List[str], verbose: bool) -> None:
-    """Refuse before loading any weights if a model's tokenizer differs from the reference's."""
+    """Refuse before loading any weights if a model's tokenizer differs from the reference's (a drafter's
+    rule is looser: :mod:`dera_gguf.draft_vocab`)."""
     ref_sig = _signature(ref_path, "reference model", verbose)
     for path in model_paths:
         check_same_vocab(ref_path, ref_sig, path, _signature(path, "aligned model", verbose))
-
-
-def check_draft_vocabulary(ref_path: str, draft_path: str, verbose: bool) -> None:
-    """Refuse, before loading any weights, a draft model whose tokenizer differs from the pair's (its
-    drafted token ids would mean other tokens to the pair)."""
-    check_same_vocab(
-        ref_path,
-        _signature(ref_path, "reference model", verbose),
-        draft_path,
-        _signature(draft_path, "draft model", verbose),
-        role="the draft model ",
-        advice="a draft model must share the pair's tokenizer: use a smaller model of the pair's family "
-        "(the same tokenizer), or run without draft_model_path / --draft",
-    )
 
 
 def _signature(path: str, role: str, verbose: bool) -> tuple:

@@ -1,10 +1,14 @@
 """A small drafter: llama.cpp's usual speculative decoding, a small GGUF of the pair's family drafting.
 
-The drafter is a third llama.cpp context, on a model whose vocabulary is the pair's token for
-token (checked before any weights load), made with the pair's n_ctx, context settings and
-offloading. It drafts greedily (:func:`~dera_gguf.drafts.greedy_draft`) on the whole thread
-plan, alone, before the pair verifies the draft in one batch per model exactly as any other
-draft (:mod:`dera_gguf.speculative`): outputs stay those without drafts. Its KV cache follows
+The drafter is a third llama.cpp context, on a model whose vocabulary may draft for the pair's by
+llama.cpp's rule (:mod:`dera_gguf.draft_vocab`, checked before any weights load), made with the pair's
+n_ctx, context settings and offloading. That rule lets the two vocabularies differ in size: a text
+holding a token past the drafter's vocabulary is not drafted for (the drafter cannot read it), and a
+draft ends before a token past the pair's (the pair could not verify it).
+
+It drafts greedily (:func:`~dera_gguf.drafts.greedy_draft`) on the whole thread plan, alone, before
+the pair verifies the draft in one batch per model exactly as any other draft
+(:mod:`dera_gguf.speculative`): outputs stay those without drafts. Its KV cache follows
 the text (what it holds of the text is kept), so a draft decodes only the tokens new since its
 previous draft and the draft itself.
 
@@ -25,20 +29,22 @@ import numpy as np
 
 from . import checks
 from .contexts import Context
+from .draft_vocab import check_draft_vocabulary
 from .drafts import EMPTY, greedy_draft
 from .errors import DeRaError
 from .models import PairModels
 
 
 def check_draft_model(path: Any, reference: str, verbose: bool = False) -> str:
-    """The checked path of a draft model: a GGUF model (not a LoRA adapter) with the reference's vocabulary."""
+    """The checked path of a draft model: a GGUF model (not a LoRA adapter) whose vocabulary may draft for the
+    pair's by llama.cpp's rule (:mod:`dera_gguf.draft_vocab`)."""
     path = checks.check_gguf_file(path, "draft model")
     if checks.gguf_general_type(path) == "adapter":
         raise DeRaError(
             f"the draft model {path} is a LoRA adapter: give a full GGUF model of the pair's family "
             "(an adapter cannot draft on its own)"
         )
-    checks.check_draft_vocabulary(reference, path, verbose)
+    check_draft_vocabulary(reference, path, verbose)
     return path
 
 
@@ -61,18 +67,20 @@ class SmallDraft:
         run: runs a decode on a context with its thread share (``ThreadPlan.run`` for one context).
         n_batch: batch size for catching the drafter up with the text.
         path: the drafter's file, part of :attr:`kind` (its steps' costs and acceptance are its own).
+        limit: the pair's vocabulary size (None: the drafter's): a draft ends before an id past it.
     """
 
-    def __init__(self, context: Context, run: Callable, n_batch: int, path: str):
+    def __init__(self, context: Context, run: Callable, n_batch: int, path: str, limit: Optional[int] = None):
         self.context, self.run, self.n_batch = context, run, n_batch
+        self.limit = context.n_vocab if limit is None else limit
         self.kind = f"drafter {path}"
         self.caught_up = 0.0  # seconds the latest draft spent catching the drafter up with the text
 
     def __call__(self, ids: np.ndarray, n: int) -> np.ndarray:
         self.caught_up = 0.0
-        if n < 1:
-            return EMPTY
         ids, draft = np.asarray(ids), []
+        if n < 1 or (ids.size and int(ids.max()) >= self.context.n_vocab):
+            return EMPTY  # nothing asked, or a token the drafter's vocabulary lacks is in the text
 
         def work(context: Context) -> None:
             start = time.perf_counter()
@@ -81,7 +89,13 @@ class SmallDraft:
             draft.extend(greedy_draft(context, ids, n, self.n_batch))
 
         self.run(self.context, work)
-        return np.array(draft, dtype=np.intc)
+        return below(np.array(draft, dtype=np.intc), self.limit)
+
+
+def below(draft: np.ndarray, limit: int) -> np.ndarray:
+    """``draft`` up to its first token id of ``limit`` or more (one the pair's vocabulary lacks)."""
+    past = np.flatnonzero(draft >= limit)
+    return draft[: past[0]] if past.size else draft
 
 
 class Drafter(NamedTuple):

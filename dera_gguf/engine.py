@@ -268,7 +268,7 @@ class PairRuntime:
         elif kind == "lookup":
             source = spec.NgramLookup()
         elif kind == "model" and drafter is not None:
-            source = SmallDraft(drafter.context, run, self.n_batch, drafter.path)
+            source = SmallDraft(drafter.context, run, self.n_batch, drafter.path, limit=self.n_vocab)
         elif kind == "model":
             source = spec.ModelDraft(self._drafter, run, self.n_batch)
         else:

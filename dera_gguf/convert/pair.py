@@ -145,8 +145,10 @@ def convert_pair(pair: "Pair", quant: str, force: bool, say) -> str:
         "reference": path_source(paths[0], toml),
         "aligned": "[" + ", ".join(path_source(p, toml) for p in paths[1:]) + "]",
     }
-    for key in ("beta", "license", "chat_format", "chat_template"):
+    for key in ("beta", "dpo", "license", "chat_format", "chat_template"):
         if getattr(pair, key) not in (None, ""):
             values[key] = toml_value(getattr(pair, key))
+    if pair.draft is not None and pair.draft.kind == "repo":  # the drafter is the same hub file
+        values["draft"] = "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in pair.draft.spec.items()) + " }"
     write_pair_entry(toml, name, values)
     return name

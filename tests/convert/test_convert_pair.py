@@ -105,6 +105,8 @@ def test_end_to_end_offline(tmp_path, hf_home, monkeypatch):
     entry = tomllib.loads(text)["pairs"]["zephyr-7b-q8_0"]
     assert entry["reference"] == {"path": ref.name} and entry["aligned"] == [{"path": ali.name}]
     assert entry["beta"] == 0.1 and entry["license"] == "MIT" and "<|assistant|>" in entry["chat_template"]
+    shipped = tomllib.loads((Path(__file__).resolve().parents[2] / "models.toml").read_text())["pairs"]["zephyr-7b"]
+    assert entry["dpo"] == shipped["dpo"] and entry["draft"] == shipped["draft"]  # the same training, the same drafter
 
     # the registered pair resolves from the user's models.toml, relative to its folder
     from dera_gguf.registry import load_registry
