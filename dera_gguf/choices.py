@@ -11,12 +11,12 @@ dera-serve's ``n`` and ``lam`` lists run on this.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from llama_cpp import _internals as internals
 
-from .blend import blend_logits
+from .blend import blend_logits, log_softmax
 from .engine import PairRuntime
 from .errors import ContextFullError, DeRaError
 from .models import PairModels
@@ -34,7 +34,9 @@ class Choice:
     ``finish`` is ``"stop"`` (end of text, or a stop string its caller found), ``"length"``
     (``max_tokens`` reached) or None while it runs; a caller may set it between steps.
     ``bias``: ``{token: added logit}``, added to the blended row before the chain samples it
-    (llama-cpp-python's ``logit_bias``, which it also applies first).
+    (llama-cpp-python's ``logit_bias``, which it also applies first). ``logprobs``: how many of
+    the most likely tokens to keep with each token drawn (0: its own log-prob only; None: none),
+    kept in ``scored``: the log-softmax of the blend before bias and sampler, as llama-cpp-python's.
     """
 
     weights: np.ndarray
@@ -42,6 +44,15 @@ class Choice:
     bias: Optional[dict] = None
     tokens: List[int] = field(default_factory=list)
     finish: Optional[str] = None
+    logprobs: Optional[int] = None
+    scored: List["Scored"] = field(default_factory=list)
+
+
+class Scored(NamedTuple):
+    """One token's log-prob under the blend and the ``k`` most likely tokens' ``(id, log-prob)``."""
+
+    logprob: float
+    top: List[Tuple[int, float]]
 
 
 def choice_runtime(
@@ -107,9 +118,10 @@ def decode_choices(
     while live:
         for i in live:
             row = blend_logits(list(rows[i].values()), [choices[i].weights[m] for m in rows[i]])
+            scores = logprobs_of(choices[i], row)
             if choices[i].bias:
                 add_bias(row, choices[i].bias)
-            emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog)
+            emit(choices[i], sampler.sample(choices[i].chain, row), max_tokens, is_eog, scores)
         yield list(live)
         live = [i for i in live if choices[i].finish is None]
         if live:
@@ -124,10 +136,21 @@ def add_bias(row: np.ndarray, bias: dict) -> None:
     row[ids] = row[ids] + np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
 
 
-def emit(choice: Choice, token: int, max_tokens: int, is_eog: Callable[[int], bool]) -> None:
+def logprobs_of(choice: Choice, row: np.ndarray) -> Optional[np.ndarray]:
+    """The log-probs of a blended row when the choice keeps them (taken before any bias is added)."""
+    return log_softmax(row) if choice.logprobs is not None else None
+
+
+def emit(
+    choice: Choice, token: int, max_tokens: int, is_eog: Callable[[int], bool], scores: Optional[np.ndarray] = None
+) -> None:
+    """Append a drawn token (an end-of-text token ends the choice instead), with its log-probs if kept."""
     if is_eog(token):
         choice.finish = "stop"
         return
     choice.tokens.append(token)
+    if scores is not None:
+        top = np.argsort(-scores, kind="stable")[: choice.logprobs]
+        choice.scored.append(Scored(float(scores[token]), [(int(t), float(scores[t])) for t in top]))
     if len(choice.tokens) >= max_tokens:
         choice.finish = "length"

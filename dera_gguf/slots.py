@@ -30,7 +30,7 @@ import numpy as np
 from llama_cpp.llama_cache import LlamaRAMCache
 
 from .blend import blend_logits
-from .choices import Choice, add_bias, emit
+from .choices import Choice, add_bias, emit, logprobs_of
 from .contexts import common_prefix
 from .engine import PairRuntime
 from .errors import ContextFullError, DeRaError, Stopped
@@ -268,9 +268,10 @@ class Slots:
         for slot, by_model in sorted(rows_by_seq(runs, rows).items()):
             job = self.running[slot]
             row = blend_logits(list(by_model.values()), [job.choice.weights[m] for m in by_model])
+            scores = logprobs_of(job.choice, row)
             if job.choice.bias:
                 add_bias(row, job.choice.bias)
-            emit(job.choice, self.sampler.sample(job.choice.chain, row), job.max_tokens, self.is_eog)
+            emit(job.choice, self.sampler.sample(job.choice.chain, row), job.max_tokens, self.is_eog, scores)
             job.on_step(job)
             if job.choice.finish is not None:
                 self._end(slot, None)

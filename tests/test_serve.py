@@ -315,7 +315,7 @@ BAD = [
     ("top_p out of range", _chat(top_p=2), 400, "top_p"),
     ("n above the cap", _chat(n=9), 400, "n must be at most 8"),
     ("n zero", _chat(n=0), 400, "n must be at least 1"),
-    ("logprobs with several choices", _chat(n=2, logprobs=True), 400, "logprobs is not supported with several"),
+    ("logprobs of several choices without --logprobs", _chat(n=2, logprobs=True), 400, "--logprobs"),
     ("grammar with a lam list", _chat(lam=[0, 1], grammar='root ::= "a"'), 400, "grammar is not supported"),
     ("weights mode with a lam list", _chat(lam=[0, 1], mode="weights"), 400, "several choices need mode 'blend'"),
     ("max_tokens 0", _chat(max_tokens=0), 400, "max_tokens"),

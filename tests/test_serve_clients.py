@@ -294,3 +294,25 @@ def test_tokenizer_routes_are_the_models_tokenizer(http, plains):
     assert http.post("/extras/detokenize", json=dict(tokens=without)).json()["text"] == text_back
     bad = http.post("/detokenize", json=dict(tokens=[10**7]))
     assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_several_choices_each_carry_their_lams_logprobs(http, plains, stream):
+    lams, n, k = [0.0, 1.0, 1.5], 6, 2
+    body = dict(model="tiny", lam=lams, prompt=PROMPT, logprobs=k, max_tokens=n, stream=stream, **GREEDY)
+    if stream:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            chunks = [c for c in sse_json(r.iter_lines()) if isinstance(c, dict) and c["choices"]]
+        got = {i: [] for i in range(len(lams))}
+        for c in chunks:
+            choice = c["choices"][0]
+            got[choice["index"]] += (choice["logprobs"] or {}).get("token_logprobs", [])
+    else:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        got = {c["index"]: c["logprobs"]["token_logprobs"] for c in r.json()["choices"]}
+    for i, lam in enumerate(lams):
+        tokens, rows = blend_logprobs(plains, lam, text_prompt(plains[0], PROMPT), n)
+        expected = [rows[j][t] for j, t in enumerate(tokens) if t not in (EOS, IM_END)]
+        assert got[i] == pytest.approx(expected, abs=R.LOGPROB_ATOL), lam

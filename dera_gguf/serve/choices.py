@@ -11,8 +11,8 @@ llama.cpp's batch-shape rounding).
 
 Seeds: with a λ list every choice draws with the request's ``seed`` (a choice is that
 request at its λ, and the λ are compared on the same random numbers); ``n`` samples of
-one λ draw with ``seed``, ``seed + 1``, ... What a choice cannot honour (logprobs,
-grammars, tools, text-keyed logit bias) is refused with a 400 naming the field.
+one λ draw with ``seed``, ``seed + 1``, ... Log-probs are each choice's own (:mod:`.logprobs`). What a
+choice cannot honour (echo, grammars, tools, text-keyed logit bias) is refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ from ..samplers import new_chain
 from ..sampling import Sampling
 from .catalog import Catalog, ServedPair
 from .errors import ApiError
+from .logprobs import LogprobShape, pieces_of
 from .schema import ChatRequest, Request, call_kwargs, check_logit_bias, given
 from .text import ChoiceText
 
 # what call_kwargs may hand on that a choice honours; fields that must keep their neutral value
 HONOURED = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"}
 HONOURED |= {"max_tokens", "seed", "stop", "stream", "messages", "prompt", "mirostat_tau", "mirostat_eta"}
-NEUTRAL = {"logprobs": (None, False), "mirostat_mode": (None, 0), "min_tokens": (None, 0), "echo": (None, False)}
-NEUTRAL.update({name: (None,) for name in ("grammar", "suffix", "top_logprobs")})
+HONOURED |= {"logprobs", "top_logprobs"}
+NEUTRAL = {"mirostat_mode": (None, 0), "min_tokens": (None, 0), "echo": (None, False)}
+NEUTRAL.update({name: (None,) for name in ("grammar", "suffix")})
 NEUTRAL["logit_bias_type"] = (None, "input_ids")  # (token ids; text keys are for one answer)
 NEUTRAL.update({name: (None,) for name in ("functions", "function_call", "tools", "tool_choice", "response_format")})
 NEUTRAL["best_of"] = (None, 1)
@@ -224,15 +226,33 @@ def plan(several: Several, body: Request, kwargs: dict) -> Plan:
         penalty_last_n=llm.last_n_tokens_size,
     )
     seed, n_aligned = int(kwargs["seed"]), len(llm.pair_files.aligned)
+    keep = kept_logprobs(body, kwargs)
     choices = []
     for i, lam in enumerate(several.lams):
         chain_seed = seed if several.lam_list else (seed + i) % 2**32
         chain = new_chain(settings, chain_seed, **extra)
-        choices.append(Choice(mixing_weights(lam, n_aligned), chain, bias=bias))
+        choices.append(Choice(mixing_weights(lam, n_aligned), chain, bias=bias, logprobs=keep))
     texts = [ChoiceText(lambda t: llm.detokenize(t, prev_tokens=prompt), stop) for _ in choices]
     shape = Shape(several, body, len(prompt), given(body, "stream_options") if kwargs.get("stream") else None)
+    if keep is not None:
+        shape.logprobs = _logprob_shape(llm, body, kwargs, prompt)
     max_tokens = min(kwargs["max_tokens"], llm._n_ctx - len(prompt))
     return Plan(prompt, choices, max_tokens, texts, shape, bool(kwargs.get("stream")))
+
+
+def kept_logprobs(body: Request, kwargs: dict) -> Optional[int]:
+    """How many top log-probs each token keeps (None: none), as a one-answer call reads the request:
+    a count for completions; for chats ``top_logprobs`` when ``logprobs`` is true (llama-cpp-python's rule)."""
+    if isinstance(body, ChatRequest):
+        return kwargs.get("top_logprobs") if kwargs.get("logprobs") else None
+    return kwargs.get("logprobs")
+
+
+def _logprob_shape(llm: Any, body: Request, kwargs: dict, prompt: List[int]) -> LogprobShape:
+    text_of = lambda tokens: llm.detokenize(list(tokens)).decode("utf-8", errors="ignore")
+    written = kwargs.get("prompt")
+    base = len(written) if isinstance(written, str) else len(text_of(prompt))
+    return LogprobShape(isinstance(body, ChatRequest), pieces_of(llm, prompt), text_of, base)
 
 
 def is_eog_of(llm: Any) -> Callable[[int], bool]:
@@ -267,6 +287,8 @@ class Shape:
         self.chat = isinstance(body, ChatRequest)
         self.lams, self.model, self.n_prompt = several.lams, several.model, n_prompt
         self.usage_chunk = bool(options is not None and options.include_usage)
+        self.logprobs: Optional[LogprobShape] = None  # set when the choices keep log-probs
+        self.reported: dict = {}  # per choice: tokens whose log-probs a stream has sent
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -282,6 +304,14 @@ class Shape:
             "total_tokens": self.n_prompt + completion,
         }
 
+    def _logprobs(self, i: int, choice: Choice, chunk: bool) -> Optional[dict]:
+        """The choice's log-probs: all of them, or for a chunk those its stream has not sent yet."""
+        if self.logprobs is None:
+            return None
+        start = self.reported.get(i, 0) if chunk else 0
+        self.reported[i] = len(choice.scored)
+        return self.logprobs.of(choice, start)
+
     def _choice(self, i: int, text: str, finish: Optional[str], chunk: bool, first: bool = False) -> dict:
         if not self.chat:
             body = {"text": text}
@@ -294,7 +324,10 @@ class Shape:
         return {"index": i, **body, "logprobs": None, "finish_reason": finish, "lam": self.lams[i]}
 
     def whole(self, choices: List[Choice], texts: List[ChoiceText]) -> dict:
-        rows = [self._choice(i, t.text, c.finish, False) for i, (c, t) in enumerate(zip(choices, texts))]
+        rows = [
+            dict(self._choice(i, t.text, c.finish, False), logprobs=self._logprobs(i, c, False))
+            for i, (c, t) in enumerate(zip(choices, texts))
+        ]
         return {**self._head(False), "choices": rows, "usage": self._usage(choices)}
 
     def stream(self, choices: List[Choice], texts: List[ChoiceText], steps: Iterator[List[int]]) -> Iterator[dict]:
@@ -319,7 +352,8 @@ class Shape:
             finish = choices[i].finish
             text = texts[i].delta(final=finish is not None)
             if text or finish is not None:
-                chunks.append({**self._head(True), "choices": [self._choice(i, text, finish, True)]})
+                row = dict(self._choice(i, text, finish, True), logprobs=self._logprobs(i, choices[i], True))
+                chunks.append({**self._head(True), "choices": [row]})
         return chunks
 
     def usage(self, choices: List[Choice]) -> dict:
