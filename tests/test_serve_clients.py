@@ -9,7 +9,9 @@ numpy (tests/reference.py), or from a DeRaLlama of the test's own; never from th
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 
 import numpy as np
 import openai
@@ -316,3 +318,16 @@ def test_several_choices_each_carry_their_lams_logprobs(http, plains, stream):
         tokens, rows = blend_logprobs(plains, lam, text_prompt(plains[0], PROMPT), n)
         expected = [rows[j][t] for j, t in enumerate(tokens) if t not in (EOS, IM_END)]
         assert got[i] == pytest.approx(expected, abs=R.LOGPROB_ATOL), lam
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", None])
+def test_llm_cli_talks_to_dera_serve_as_an_openai_model(server, engine, tmp_path, stream):
+    """llm's extra-openai-models.yaml pointed at dera-serve (docs/serve.md, "llm")."""
+    yaml = f"- model_id: dera-test\n  model_name: tiny@1.5\n  api_base: {server.url}/v1\n"
+    (tmp_path / "extra-openai-models.yaml").write_text(yaml)
+    env = dict(os.environ, LLM_USER_PATH=str(tmp_path), OPENAI_API_KEY="none")
+    command = ["llm", "-m", "dera-test", "-o", "temperature", "0", "-o", "max_tokens", "12", "hello world"]
+    done = subprocess.run([c for c in command + [stream] if c], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = engine.create_chat_completion(HELLO, lam=1.5, max_tokens=12, **GREEDY)["choices"][0]["message"]
+    assert done.stdout.strip() == expected["content"].strip()
