@@ -2,8 +2,8 @@
 
 A :class:`Context` is one llama.cpp context (a model, or the reference model with a
 LoRA adapter). What its KV cache holds is read from llama.cpp every time: the
-memory's last position of sequence 0 gives the extent, and the token at each
-position is the one :meth:`Context.decode` last wrote there. That is exact whoever
+memory's last position of a sequence gives its extent, and the token at each
+position is the one :meth:`Context.decode` last wrote there (for every sequence). That is exact whoever
 else touches the cache (llama-cpp-python trims its own context inside
 ``generate()``), because llama.cpp only ever drops a suffix and every decode here
 appends right after what llama.cpp says is held.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -40,7 +40,7 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class Context:
-    """One llama.cpp context, its batch, and the tokens its sequence 0 holds (read from llama.cpp).
+    """One llama.cpp context, its batch, and the tokens its sequences hold (their extents read from llama.cpp).
 
     Args:
         name: what error messages call it ("reference model", ...).
@@ -66,7 +66,7 @@ class Context:
         self.batch = batch
         self.batch_size = batch_size
         self.adapters = tuple(adapters)  # changed only through set_adapters
-        self._written = np.zeros(ctx.n_ctx(), dtype=np.intc)  # last token decoded at each position, sequence 0
+        self._written: Dict[int, np.ndarray] = {}  # per sequence: the last token decoded at each position
 
     # ------------------------------------------------------------- state
 
@@ -74,9 +74,19 @@ class Context:
         """Number of positions sequence ``seq`` holds, as llama.cpp's memory reports it."""
         return int(llama_cpp.llama_memory_seq_pos_max(self.ctx.memory, seq)) + 1
 
-    def held(self) -> np.ndarray:
-        """The tokens sequence 0 holds in the KV cache now."""
-        return self._written[: self.extent(0)]
+    @property
+    def n_positions(self) -> int:
+        """The positions one sequence may hold (llama.cpp's n_ctx; per sequence with one KV stream each)."""
+        return int(self.ctx.n_ctx())
+
+    def _tokens(self, seq: int) -> np.ndarray:
+        if seq not in self._written:
+            self._written[seq] = np.zeros(self.n_positions, dtype=np.intc)
+        return self._written[seq]
+
+    def held(self, seq: int = 0) -> np.ndarray:
+        """The tokens sequence ``seq`` holds in the KV cache now."""
+        return self._tokens(seq)[: self.extent(seq)]
 
     def truncate(self, n: int) -> int:
         """Keep the first ``n`` positions of every sequence; returns how many are kept.
@@ -121,13 +131,13 @@ class Context:
         self.clear()
         self.adapters = adapters
 
-    def save(self, seq: int = 0, tokens: Optional[np.ndarray] = None) -> "SavedSequence":
-        """What sequence ``seq`` holds: its tokens (given for a sequence other than 0, whose tokens are not
-        tracked here), llama.cpp's state of it (KV cells, positions), the adapters' scales."""
+    def save(self, seq: int = 0) -> "SavedSequence":
+        """What sequence ``seq`` holds: its tokens, llama.cpp's state of it (KV cells, positions), the
+        adapters' scales."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq)
         buffer = (ctypes.c_uint8 * max(size, 1))()
         n = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buffer, size, seq)
-        tokens = self.held().copy() if tokens is None else np.array(tokens, dtype=np.intc)
+        tokens = self.held(seq).copy()
         return SavedSequence(tokens, bytes(buffer[:n]), tuple(s for _, s in self.adapters))
 
     def restore(self, saved: "SavedSequence", seq: int = 0) -> None:
@@ -143,10 +153,10 @@ class Context:
             llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
         if not len(saved.tokens) or saved.adapter_scales != tuple(s for _, s in self.adapters):
             return
-        if len(saved.tokens) > len(self._written):
+        if len(saved.tokens) > self.n_positions:
             raise ContextFullError(
                 f"the saved state holds {len(saved.tokens)} tokens but the {self.name}'s context holds "
-                f"{len(self._written)} (n_ctx): load it into an engine with a larger n_ctx"
+                f"{self.n_positions} (n_ctx): load it into an engine with a larger n_ctx"
             )
         data = (ctypes.c_uint8 * len(saved.data)).from_buffer_copy(saved.data)
         read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, data, len(saved.data), seq)
@@ -156,12 +166,13 @@ class Context:
                 f"llama.cpp could not restore the {self.name}'s saved state (made by another model, or "
                 "a damaged state): it was not loaded"
             )
-        if seq == 0:
-            self._written[: len(saved.tokens)] = saved.tokens
+        self._tokens(seq)[: len(saved.tokens)] = saved.tokens
 
     def share_sequence(self, src: int, dst: int) -> None:
         """Let sequence ``dst`` use the cells of ``src`` (a shared prompt; unified KV cache)."""
         llama_cpp.llama_memory_seq_cp(self.ctx.memory, src, dst, -1, -1)
+        n = self.extent(src)
+        self._tokens(dst)[:n] = self._tokens(src)[:n]
 
     # ------------------------------------------------------------ decode
 
@@ -185,22 +196,24 @@ class Context:
                 "a smaller n_ctx or n_batch, or fewer parallel sequences, may help"
             ) from None
         for token, pos, seq in zip(tokens, positions, seqs):
-            if seq == 0:
-                self._written[pos] = token
+            self._tokens(seq)[pos] = token
 
     def _check_appends(self, positions: Sequence[int], seqs: Sequence[int]) -> None:
-        """Refuse, before llama.cpp does, a decode that would not append to sequence 0 or overflow."""
-        zero = [p for p, s in zip(positions, seqs) if s == 0]
-        if zero and zero[0] != self.extent(0):
-            raise DecodeError(
-                f"internal error: the {self.name} holds {self.extent(0)} tokens but a decode "
-                f"starts at position {zero[0]}; please report this"
-            )
+        """Refuse, before llama.cpp does, a decode that would not append to each sequence or overflow."""
+        first: Dict[int, int] = {}
+        for p, s in zip(positions, seqs):
+            first.setdefault(s, p)
+        for seq, start in first.items():
+            if start != self.extent(seq):
+                raise DecodeError(
+                    f"internal error: the {self.name} holds {self.extent(seq)} tokens in sequence {seq} but a "
+                    f"decode starts at position {start}; please report this"
+                )
         top = max(positions, default=-1)
-        if top >= len(self._written):
+        if top >= self.n_positions:
             raise ContextFullError(
                 f"the sequence needs {top + 1} positions but the {self.name}'s context "
-                f"holds {len(self._written)} (n_ctx): use a larger n_ctx or a shorter text"
+                f"holds {self.n_positions} (n_ctx): use a larger n_ctx or a shorter text"
             )
 
     def decode_run(self, tokens: Sequence[int], start: int, n_out: int) -> None:

@@ -27,6 +27,7 @@ from .models import PairFiles, PairModels
 from .threads import ThreadPlan, physical_cores
 
 MODES = ("blend", "weights")
+MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
 
 
 class Batch(NamedTuple):
@@ -104,6 +105,24 @@ def thread_plan(
     return ThreadPlan(n_threads, n_threads_batch or os.cpu_count() or 1, bool(concurrent))
 
 
+def sequence_params(context_params, n_ctx: int, n_seq: int, unified: bool = True):
+    """``context_params`` (a ``llama_context_params``, copied: batch sizes, threads, attention) for contexts
+    of ``n_seq`` sequences on a KV cache of ``n_ctx`` cells in all.
+
+    ``unified``: one cache that the sequences share (a prompt's cells shared by copying); else one
+    cache of ``n_ctx / n_seq`` cells per sequence, each laid out as in a context of its own, so that a
+    sequence's numbers do not depend on where the others' cells lie. A batch holds a token of every
+    sequence.
+    """
+    if not 1 <= n_seq <= MAX_SEQ:
+        raise DeRaError(f"{n_seq} parallel sequences: llama.cpp allows 1 to {MAX_SEQ}; ask for fewer")
+    params = type(context_params).from_buffer_copy(context_params)
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx, n_seq, unified
+    params.n_batch = max(params.n_batch, n_seq)
+    params.n_ubatch = max(params.n_ubatch, n_seq)
+    return params
+
+
 class PairRuntime:
     """The contexts of one pair, reference first, and what runs on them.
 
@@ -157,6 +176,27 @@ class PairRuntime:
             for m in members
         ]
         return cls(models, contexts, n_batch, threads, [c for c in contexts if c is not aligned_context])
+
+    @classmethod
+    def for_sequences(
+        cls,
+        models: PairModels,
+        context_params,
+        n_ctx: int,
+        n_seq: int,
+        threads: ThreadPlan,
+        unified: bool = True,
+    ) -> "PairRuntime":
+        """New contexts of every model of the pair for ``n_seq`` sequences (:func:`sequence_params`).
+
+        ``context_params`` and ``threads`` are usually those of the pair's one-sequence engine, so a
+        prompt decodes in the same batch shapes as there.
+        """
+        params = sequence_params(context_params, n_ctx, n_seq, unified)
+        members = range(len(models.files.aligned) + 1)
+        contexts = [models.context(m, params, params.n_batch, n_seq) for m in members]
+        plan = ThreadPlan(threads.n_threads, threads.n_threads_batch, threads.concurrent)
+        return cls(models, contexts, params.n_batch, plan, owned=contexts)
 
     # ----------------------------------------------------------- realignment
 

@@ -1,4 +1,4 @@
-"""dera_gguf.choices: several answers to one prompt decoded together, against plain Llamas blended in numpy.
+"""dera_gguf.batch.together: several answers to one prompt decoded together, against plain Llamas blended in numpy.
 
 The answers run on a DeRaLlama's loaded weights and context settings (as dera-serve runs
 them); the expected tokens come from separate plain ``llama_cpp.Llama`` instances, one per
@@ -14,8 +14,10 @@ import reference as R
 from drafting_cases import clear_greedy_cases, weights_of
 
 from dera_gguf import DeRaLlama
+from dera_gguf.batch.sequence import Sequence as Choice
+from dera_gguf.batch.together import decode_together
 from dera_gguf.blend import mixing_weights
-from dera_gguf.choices import Choice, choice_runtime, decode_choices
+from dera_gguf.engine import PairRuntime
 from dera_gguf.errors import ContextFullError
 from dera_gguf.samplers import new_chain
 from dera_gguf.sampling import Sampling
@@ -36,7 +38,14 @@ def plain_pair(ref_path, aligned_path):
 
 
 def runtime_of(llm, n_seq: int, n_ctx: int = 512):
-    return choice_runtime(llm.runtime.models, llm.context_params, n_ctx, llm.n_batch, n_seq, llm.runtime.threads)
+    return PairRuntime.for_sequences(llm.runtime.models, llm.context_params, n_ctx, n_seq, llm.runtime.threads)
+
+
+def decode_choices(runtime, prompt, choices, max_tokens, is_eog):
+    """Several choices of one prompt, each of up to ``max_tokens`` tokens."""
+    for choice in choices:
+        choice.max_tokens = max_tokens
+    return decode_together(runtime, prompt, choices, is_eog)
 
 
 def is_eog(llm):

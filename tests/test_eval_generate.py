@@ -215,11 +215,11 @@ def test_speculative_greedy_sequences_are_the_blends(pair, plain_pair):  # noqa:
     measured batch-shape drift first), drafts passed, and each cache holds exactly its text."""
     from drafting_cases import clear_greedy_cases, weights_of
 
-    from dera_gguf.eval.generate import _Sequence
+    from dera_gguf.eval.generate import new_sample
 
     n = 40
     prompt, expected = clear_greedy_cases(list(plain_pair), [weights_of(lam) for lam in SPECULATION_LAMS], n)
-    jobs = [_Sequence(lam, 0, 0, SamplingParams(temperature=0.0, max_tokens=n)) for lam in SPECULATION_LAMS]
+    jobs = [new_sample(lam, 0, 0, SamplingParams(temperature=0.0, max_tokens=n)) for lam in SPECULATION_LAMS]
     held = speculative_run(pair, prompt, jobs, n)
     for job, tokens in zip(jobs, expected):
         assert job.tokens == until_eog(pair, tokens)
@@ -235,12 +235,12 @@ def test_speculative_sampling_is_the_chains_on_the_blend(pair, plain_pair):  # n
     llama-cpp-python's own chain, seeded alike, samples the numpy blend: one draw per emitted token."""
     from drafting_cases import copying_prompt, weights_of
 
-    from dera_gguf.eval.generate import _Sequence
+    from dera_gguf.eval.generate import new_sample
 
     params = SamplingParams(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=24)
     settings = dict(temp=0.5, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
     prompt = copying_prompt(list(plain_pair), weights_of(1.5), seed=0)
-    jobs = [_Sequence(lam, s, 100 + 10 * k + s, params) for k, lam in enumerate(SPECULATION_LAMS) for s in range(2)]
+    jobs = [new_sample(lam, s, 100 + 10 * k + s, params) for k, lam in enumerate(SPECULATION_LAMS) for s in range(2)]
     speculative_run(pair, prompt, jobs, params.max_tokens)
     for job in jobs:
         n = params.max_tokens

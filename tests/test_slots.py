@@ -1,4 +1,4 @@
-"""dera_gguf.slots: answers that join, run and leave together, against plain Llamas blended in numpy.
+"""dera_gguf.batch.slots: answers that join, run and leave together, against plain Llamas blended in numpy.
 
 The expected tokens are greedy decodes of separate plain ``llama_cpp.Llama`` instances
 blended in numpy (tests/reference.py), on a prompt whose top-2 margins are far above
@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from dera_gguf import DeRaLlama
+from dera_gguf.batch.sequence import Sequence
+from dera_gguf.batch.slots import Job, Slots
 from dera_gguf.blend import mixing_weights
-from dera_gguf.choices import Choice, choice_runtime
+from dera_gguf.engine import PairRuntime
 from dera_gguf.errors import ContextFullError, Stopped
 from dera_gguf.samplers import new_chain
 from dera_gguf.sampling import Sampling
-from dera_gguf.slots import Job, Slots
 from dera_gguf.state import SharedRAMCache
 
 LAMS = [0.0, 0.5, 1.0, 1.5]
@@ -62,8 +63,8 @@ def until_eog(llm, tokens):
 def new_slots(llm, n_slots: int, chunk: int = 256, unified: bool = False, cache=None) -> Slots:
     """Slots as dera-serve makes them, with a prompt cache (their own unless given: conversations pushed
     out of a slot are kept there and restored, beside running answers)."""
-    runtime = choice_runtime(
-        llm.runtime.models, llm.context_params, n_slots * N_CTX, llm.n_batch, n_slots, llm.runtime.threads, unified
+    runtime = PairRuntime.for_sequences(
+        llm.runtime.models, llm.context_params, n_slots * N_CTX, n_slots, llm.runtime.threads, unified
     )
     cache = SharedRAMCache(1 << 30) if cache is None else cache
     return Slots(runtime, N_CTX, is_eog(llm), chunk=chunk, cache=cache, owner=llm._owner())
@@ -89,13 +90,14 @@ class Answer:
         self.done, self.error, self.steps = threading.Event(), None, 0
         self.on_token = on_token or (lambda answer: None)
         chain = new_chain(sampling or Sampling(temperature=0.0), seed)
-        self.job = Job(list(prompt), Choice(mixing_weights(lam), chain), max_tokens, self._step, self._end)
+        sequence = Sequence(mixing_weights(lam), chain, max_tokens, prompt=list(prompt))
+        self.job = Job(sequence, self._step, self._end)
         self.cancel = False
         self.job.cancelled = lambda: self.cancel
 
     @property
     def tokens(self):
-        return self.job.choice.tokens
+        return self.job.sequence.tokens
 
     def _step(self, job):
         self.steps += 1
@@ -134,7 +136,7 @@ def test_answers_joining_while_others_run_are_each_lams_blend(llm, case):
     for answer, tokens in zip(answers, expected):
         assert answer.error is None
         assert answer.tokens == until_eog(llm, tokens)
-        assert answer.job.choice.finish == ("length" if len(answer.tokens) == N else "stop")
+        assert answer.job.sequence.finish == ("length" if len(answer.tokens) == N else "stop")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -278,9 +280,7 @@ def test_a_conversation_evicted_from_its_slot_comes_back_from_the_prompt_cache(l
     still its lam's numpy blend."""
     prompt, expected = case
     cache = SharedRAMCache(1 << 30)
-    runtime = choice_runtime(
-        llm.runtime.models, llm.context_params, N_CTX, llm.n_batch, 1, llm.runtime.threads, unified=False
-    )
+    runtime = PairRuntime.for_sequences(llm.runtime.models, llm.context_params, N_CTX, 1, llm.runtime.threads, False)
     slots = Slots(runtime, N_CTX, is_eog(llm), cache=cache, owner=llm._owner())
     try:
         for answer in [Answer(prompt, 1.0, 10), Answer([1, 7, 9, 11], 0.5, 4)]:

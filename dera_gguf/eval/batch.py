@@ -2,7 +2,7 @@
 
 Every context holds the same sequences at the same positions (one llama.cpp batch per
 model and step). For generation the prompt is evaluated once in sequence 0 and shared
-with the other sequences (:mod:`dera_gguf.sequences`, which dera-serve uses too); each
+with the other sequences (:mod:`dera_gguf.batch.runs`, which dera-serve uses too); each
 step then decodes one token per live sequence. For scoring, sequence 0
 holds one text at a time; the texts of one row (chosen and rejected share their prompt)
 reuse the cached prefix, and each row starts from an empty cache, so a row's numbers do
@@ -15,8 +15,8 @@ from typing import List, Sequence
 
 import numpy as np
 
+from ..batch.runs import Run, advance, prefill
 from ..engine import PairRuntime
-from ..sequences import Run, advance, prefill
 from .models import EvalPair
 
 

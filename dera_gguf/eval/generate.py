@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Sequence as Tokens
 
 import numpy as np
 
-from ..blend import blend_logits, kl_divergence, mixing_weights
+from ..batch.sequence import LookupDrafts, Sequence
+from ..batch.together import decode_together
+from ..blend import mixing_weights
 from ..engine import Realign, check_mode
 from ..errors import DeRaError
 from ..sampling import Sampling
-from ..speculative import EMPTY, Gate, NgramIndex
-from .batch import ParallelSequences, Run
-from .chains import RowSampler, check_sweep_sampling, new_chain, recorded, sequence_seed
+from ..speculative import NgramIndex
+from .batch import ParallelSequences
+from .chains import check_sweep_sampling, new_chain, recorded, sequence_seed
 from .data import Dataset, Row, RowProblem, read_rows
 from .executors import row_executor
 from .models import EvalPair, PairSpec
@@ -33,103 +36,59 @@ from .tasks import RowWork
 SAMPLES_FILE = "samples.jsonl"
 
 
-class _Sequence:
-    """One response being generated: its λ, sample index, chain and what it produced."""
+@dataclass(eq=False)
+class Sample(Sequence):
+    """One (λ, sample) of a sweep's row: the generator's record of it, with its KL to the reference kept."""
 
-    def __init__(self, lam: float, sample: int, seed: int, params: Sampling):
-        self.lam, self.sample, self.seed = lam, sample, seed
-        self.weights = mixing_weights(lam)
-        self.chain = new_chain(params, seed)
-        self.tokens: List[int] = []
-        self.kl: List[float] = []
-        self.finish: Optional[str] = None
-        self.gate = Gate()  # how much to draft next (speculation only)
-        self.lookup: Optional[NgramIndex] = None  # prompt lookup over its prompt and tokens (speculation only)
-        self.drafted = self.accepted = 0
+    lam: float = 1.0
+    sample: int = 0
+    seed: int = 0
+
+    @property
+    def drafted(self) -> int:
+        return self.drafts.drafted if self.drafts is not None else 0
+
+    @property
+    def accepted(self) -> int:
+        return self.drafts.accepted if self.drafts is not None else 0
+
+
+def new_sample(lam: float, sample: int, seed: int, params: Sampling) -> Sample:
+    """The sequence of sample ``sample`` at ``lam``, drawn by a chain seeded with ``seed``."""
+    lam = float(lam)
+    return Sample(
+        mixing_weights(lam), new_chain(params, seed), params.max_tokens, kl=[], lam=lam, sample=sample, seed=seed
+    )
 
 
 def decode_batch(
     pair: EvalPair,
     decoder: ParallelSequences,
-    prompt: Sequence[int],
-    jobs: List[_Sequence],
+    prompt: Tokens[int],
+    jobs: List[Sample],
     max_tokens: int,
     lookup: Optional[NgramIndex] = None,
 ) -> None:
-    """Generate every job's response in lockstep (one batch per model and step).
+    """Generate every job's response on ``prompt``, all in one batch per model and step
+    (:func:`~dera_gguf.batch.together.decode_together`).
 
-    With ``lookup`` (the prompt's index), each sequence's batch entry is its last token and the
-    tokens prompt lookup drafts after it; its chain samples row after row while it picks the
-    drafted token (one draw per emitted token, as without drafts), and the caches drop the
-    drafted tokens it did not pick, so sequences move on at positions of their own.
+    With ``lookup`` (the prompt's index), each sequence also decodes what prompt lookup drafts after
+    its last token; its chain samples row after row while it picks the drafted token (one draw per
+    emitted token, as without drafts), and the caches drop the drafted tokens it did not pick, so
+    sequences move on at positions of their own.
     """
-    sampler = RowSampler(pair.n_vocab)
     for job in jobs:
-        job.lookup = lookup.fork() if lookup is not None else None
-    first = decoder.prefill(prompt, len(jobs))
-    rows = np.repeat(first[:, None, :], len(jobs), axis=1)  # (n_models, n_rows, n_vocab)
-    runs = [(i, EMPTY) for i in range(len(jobs))]  # (job, its draft): 1 + len(draft) rows each, in order
-    while runs:
-        weights = np.concatenate([np.repeat(jobs[i].weights[:, None], 1 + len(d), axis=1) for i, d in runs], axis=1)
-        blended = blend_logits([rows[0], rows[1]], weights)  # every row at its own sequence's lam
-        kls = kl_divergence(blended, rows[0])
-        at = 0
-        for i, draft in runs:
-            job, n, before = jobs[i], 1 + len(draft), len(jobs[i].tokens)
-            passed = _emit(pair, job, sampler, blended[at : at + n], kls[at : at + n], draft, max_tokens)
-            at += n
-            if job.lookup is not None:
-                job.lookup.extend(job.tokens[before:])
-            if len(draft):
-                job.gate.record(len(prompt) + len(job.tokens), len(draft), passed)
-                job.drafted, job.accepted = job.drafted + len(draft), job.accepted + passed
-                if passed < len(draft) and job.finish is None:
-                    decoder.drop_from(i, len(prompt) + len(job.tokens) - 1)
-        live = [i for i, _ in runs if jobs[i].finish is None]
-        runs = _drafts(jobs, live, len(prompt), decoder.n_batch - len(live), max_tokens)
-        if runs:
-            rows = decoder.advance(
-                [Run(i, len(prompt) + len(jobs[i].tokens) - 1, [jobs[i].tokens[-1], *draft]) for i, draft in runs]
-            )
-
-
-def _emit(pair, job: _Sequence, sampler: RowSampler, rows, kls, draft: np.ndarray, max_tokens: int) -> int:
-    """Sample the job's next tokens: from the row after its last token, then from the row after each
-    drafted token its chain picked. Returns how many drafted tokens were picked."""
-    for j, row in enumerate(rows):
-        token = sampler.sample(job.chain, row)
-        job.kl.append(float(kls[j]))
-        if pair.is_eog(token):
-            job.finish = "stop"
-        else:
-            job.tokens.append(token)
-            if len(job.tokens) >= max_tokens:
-                job.finish = "length"
-        picked = j < len(draft) and token == draft[j]
-        if job.finish is not None or not picked:
-            return j + int(picked)
-    return len(draft)
-
-
-def _drafts(jobs, live: List[int], n_prompt: int, room: int, max_tokens: int) -> List[tuple]:
-    """(job, draft) for every live job: drafts as long as each gate allows, within ``room`` batch
-    entries in all and never past the job's last row (``max_tokens``)."""
-    runs = []
-    for i in live:
-        job, draft = jobs[i], EMPTY
-        if job.lookup is not None:
-            n = min(job.gate.allows(n_prompt + len(job.tokens)), max_tokens - len(job.tokens) - 1, room)
-            draft = job.lookup(n) if n > 0 else EMPTY
-            room -= len(draft)
-        runs.append((i, draft))
-    return runs
+        job.max_tokens = max_tokens
+        job.drafts = LookupDrafts(lookup) if lookup is not None else None
+    for _ in decode_together(decoder.runtime, prompt, jobs, pair.is_eog):
+        pass
 
 
 def generate_row(
     pair: EvalPair,
     decoder: ParallelSequences,
     row: Row,
-    lams: Sequence[float],
+    lams: Tokens[float],
     samples: int,
     params: Sampling,
     seed: int,
@@ -156,9 +115,7 @@ def generate_row(
     # batch entry, and one-token matches fail most often
     lookup = NgramIndex(prompt, min_ngram=2) if speculative == "lookup" else None
     jobs = [
-        _Sequence(float(lam), s, sequence_seed(seed, row.id, float(lam), s), params)
-        for lam in lams
-        for s in range(samples)
+        new_sample(lam, s, sequence_seed(seed, row.id, float(lam), s), params) for lam in lams for s in range(samples)
     ]
     if mode == "blend":
         decode_batch(pair, decoder, prompt, jobs, params.max_tokens, lookup)
@@ -226,7 +183,7 @@ class GenerateTask:
 def generate(
     pair: Union[EvalPair, PairSpec],
     data,
-    lams: Sequence[float],
+    lams: Tokens[float],
     out_dir: Optional[str] = None,
     params: Sampling = Sampling(),
     seed: int = 0,

@@ -17,12 +17,11 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..contexts import Context
-from ..engine import PairRuntime, thread_plan
+from ..engine import PairRuntime, sequence_params, thread_plan
 from ..errors import DeRaError
 from ..models import PairFiles, PairModels, as_path_list
 from ..threads import ThreadPlan
 
-MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -190,13 +189,8 @@ class EvalPair:
         The cache holds n_ctx + n_extra cells: one sequence of n_ctx tokens plus the
         responses of the others (whose prompt cells are shared).
         """
-        if not 1 <= n_seq <= MAX_SEQ:
-            raise DeRaError(f"{n_seq} parallel sequences: llama.cpp allows 1 to {MAX_SEQ}; use fewer lams or samples")
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx + n_extra
-        params.n_batch = params.n_ubatch = max(min(n_batch, self.n_ctx), n_seq)
-        params.n_seq_max = n_seq
-        params.kv_unified = True
+        params.n_batch = params.n_ubatch = min(n_batch, self.n_ctx)
         # as llama_cpp.Llama (and so DeRaLlama) by default: the same logits as there
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -205,6 +199,7 @@ class EvalPair:
         )
         plan = self.thread_plan()
         params.n_threads, params.n_threads_batch = plan.n_threads, plan.n_threads_batch
+        params = sequence_params(params, self.n_ctx + n_extra, n_seq)
         return [self.models.context(member, params, params.n_batch, n_seq) for member in (0, 1)]
 
     def thread_plan(self) -> ThreadPlan:

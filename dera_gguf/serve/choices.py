@@ -27,8 +27,10 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 
 from .. import checks
+from ..batch.sequence import Sequence
+from ..batch.together import decode_together
 from ..blend import Lam, mixing_weights
-from ..choices import Choice, choice_runtime, decode_choices
+from ..engine import PairRuntime
 from ..errors import ContextFullError, DeRaError, Stopped
 from ..samplers import new_chain
 from ..sampling import Sampling
@@ -101,13 +103,9 @@ class ChoiceEngine:
 
     def __init__(self, llm: Any, n_seq: int, max_tokens: int):
         self.llm = llm
-        self.runtime = choice_runtime(
-            llm.runtime.models,
-            llm.context_params,
-            llm._n_ctx + (n_seq - 1) * max_tokens,
-            llm.n_batch,
-            n_seq,
-            llm.runtime.threads,
+        n_ctx = llm._n_ctx + (n_seq - 1) * max_tokens
+        self.runtime = PairRuntime.for_sequences(
+            llm.runtime.models, llm.context_params, n_ctx, n_seq, llm.runtime.threads
         )
         self._stop: Callable[[], bool] = lambda: False
 
@@ -198,7 +196,7 @@ class Plan:
     text and shapes."""
 
     prompt: List[int]
-    choices: List[Choice]
+    choices: List[Sequence]
     max_tokens: int
     texts: List[ChoiceText]
     shape: "Shape"
@@ -227,16 +225,19 @@ def plan(several: Several, body: Request, kwargs: dict) -> Plan:
     )
     seed, n_aligned = int(kwargs["seed"]), len(llm.pair_files.aligned)
     keep = kept_logprobs(body, kwargs)
-    choices = []
+    max_tokens = min(kwargs["max_tokens"], llm._n_ctx - len(prompt))
+    choices, texts = [], []
     for i, lam in enumerate(several.lams):
         chain_seed = seed if several.lam_list else (seed + i) % 2**32
         chain = new_chain(settings, chain_seed, **extra)
-        choices.append(Choice(mixing_weights(lam, n_aligned), chain, bias=bias, logprobs=keep))
-    texts = [ChoiceText(lambda t: llm.detokenize(t, prev_tokens=prompt), stop) for _ in choices]
+        text = ChoiceText(lambda t: llm.detokenize(t, prev_tokens=prompt), stop)
+        rule = lambda seq, text=text: text.update(seq.tokens) == "stop"  # a stop string found ends it here
+        weights = mixing_weights(lam, n_aligned)
+        choices.append(Sequence(weights, chain, max_tokens, bias, keep, rule, prompt=prompt))
+        texts.append(text)
     shape = Shape(several, body, len(prompt), given(body, "stream_options") if kwargs.get("stream") else None)
     if keep is not None:
         shape.logprobs = _logprob_shape(llm, body, kwargs, prompt)
-    max_tokens = min(kwargs["max_tokens"], llm._n_ctx - len(prompt))
     return Plan(prompt, choices, max_tokens, texts, shape, bool(kwargs.get("stream")))
 
 
@@ -266,18 +267,12 @@ def run_choices(several: Several, body: Request, defaults: Sampling, cap: int, l
     p = plan(several, body, call_kwargs(body, defaults, logits_all))
     engine = engine_of(several.pair, cap, defaults.max_tokens)
     llm = several.pair.llm
-    steps = decode_choices(engine.runtime, p.prompt, p.choices, p.max_tokens, is_eog_of(llm), engine.check_stop)
+    steps = decode_together(engine.runtime, p.prompt, p.choices, is_eog_of(llm), engine.check_stop)
     if not p.stream:
-        for moved in steps:
-            update(p.choices, p.texts, moved)
+        for _ in steps:
+            pass
         return p.shape.whole(p.choices, p.texts)
     return p.shape.stream(p.choices, p.texts, steps)  # lazy: the stream draws its first chunk while watched
-
-
-def update(choices: List[Choice], texts: List[ChoiceText], moved: List[int]) -> None:
-    for i in moved:
-        if texts[i].update(choices[i].tokens) == "stop":
-            choices[i].finish = "stop"
 
 
 class Shape:
@@ -296,7 +291,7 @@ class Shape:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _usage(self, choices: List[Choice]) -> dict:
+    def _usage(self, choices: List[Sequence]) -> dict:
         completion = sum(len(c.tokens) for c in choices)
         return {
             "prompt_tokens": self.n_prompt,
@@ -304,7 +299,7 @@ class Shape:
             "total_tokens": self.n_prompt + completion,
         }
 
-    def _logprobs(self, i: int, choice: Choice, chunk: bool) -> Optional[dict]:
+    def _logprobs(self, i: int, choice: Sequence, chunk: bool) -> Optional[dict]:
         """The choice's log-probs: all of them, or for a chunk those its stream has not sent yet."""
         if self.logprobs is None:
             return None
@@ -323,24 +318,23 @@ class Shape:
             body = {"message": {"role": "assistant", "content": text}}
         return {"index": i, **body, "logprobs": None, "finish_reason": finish, "lam": self.lams[i]}
 
-    def whole(self, choices: List[Choice], texts: List[ChoiceText]) -> dict:
+    def whole(self, choices: List[Sequence], texts: List[ChoiceText]) -> dict:
         rows = [
             dict(self._choice(i, t.text, c.finish, False), logprobs=self._logprobs(i, c, False))
             for i, (c, t) in enumerate(zip(choices, texts))
         ]
         return {**self._head(False), "choices": rows, "usage": self._usage(choices)}
 
-    def stream(self, choices: List[Choice], texts: List[ChoiceText], steps: Iterator[List[int]]) -> Iterator[dict]:
+    def stream(self, choices: List[Sequence], texts: List[ChoiceText], steps: Iterator[List[int]]) -> Iterator[dict]:
         """A chunk per choice and step that has news (for chats a first chunk per choice with the role)."""
         first = True
         for moved in steps:
-            update(choices, texts, moved)
             yield from self.step(choices, texts, moved, first)
             first = False
         if self.usage_chunk:
             yield self.usage(choices)
 
-    def step(self, choices: List[Choice], texts: List[ChoiceText], moved: List[int], first: bool) -> List[dict]:
+    def step(self, choices: List[Sequence], texts: List[ChoiceText], moved: List[int], first: bool) -> List[dict]:
         """The chunks of one step (``moved``: the choices that drew; texts updated)."""
         chunks = []
         if first and self.chat:
@@ -356,6 +350,6 @@ class Shape:
                 chunks.append({**self._head(True), "choices": [row]})
         return chunks
 
-    def usage(self, choices: List[Choice]) -> dict:
+    def usage(self, choices: List[Sequence]) -> dict:
         """The closing chunk of ``stream_options.include_usage``."""
         return {**self._head(True), "choices": [], "usage": self._usage(choices)}

@@ -1,7 +1,7 @@
 """Log-probs of the answers decoded together (several choices, slots) in llama-cpp-python's shapes.
 
-Each :class:`~dera_gguf.choices.Choice` keeps, per token drawn, its log-prob under the blend and
-the most likely tokens' (:class:`~dera_gguf.choices.Scored`). Here they are written as a one-answer
+Each :class:`~dera_gguf.batch.sequence.Sequence` keeps, per token drawn, its log-prob under the blend
+and the most likely tokens' (:class:`~dera_gguf.batch.sequence.Scored`). Here they are written as a one-answer
 call writes them: for completions ``tokens``, ``text_offset``, ``token_logprobs`` and
 ``top_logprobs`` (a dict by token text, the drawn token included); for chats OpenAI's
 ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. Token texts are detokenized after
@@ -10,14 +10,15 @@ the prompt and the tokens before them, as llama-cpp-python does.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional
+from typing import Sequence as Tokens
 
-from ..choices import Choice
+from ..batch.sequence import Sequence
 
-Piece = Callable[[int, Sequence[int]], str]  # (token, the answer's tokens before it) -> its text
+Piece = Callable[[int, Tokens[int]], str]  # (token, the answer's tokens before it) -> its text
 
 
-def pieces_of(llm: Any, prompt: Sequence[int]) -> Piece:
+def pieces_of(llm: Any, prompt: Tokens[int]) -> Piece:
     """Token texts after ``prompt`` on ``llm``'s vocabulary."""
     prompt = list(prompt)
     return lambda token, before: llm.detokenize([token], prev_tokens=prompt + list(before)).decode(
@@ -28,10 +29,10 @@ def pieces_of(llm: Any, prompt: Sequence[int]) -> Piece:
 class LogprobShape:
     """Writes a choice's kept log-probs, tokens ``start:end``, for a chat or a text completion."""
 
-    def __init__(self, chat: bool, piece: Piece, text_of: Callable[[Sequence[int]], str], base: int):
+    def __init__(self, chat: bool, piece: Piece, text_of: Callable[[Tokens[int]], str], base: int):
         self.chat, self.piece, self.text_of, self.base = chat, piece, text_of, base
 
-    def of(self, choice: Choice, start: int = 0, end: Optional[int] = None) -> Optional[dict]:
+    def of(self, choice: Sequence, start: int = 0, end: Optional[int] = None) -> Optional[dict]:
         if choice.logprobs is None:
             return None
         end = len(choice.scored) if end is None else end

@@ -1,7 +1,7 @@
 """dera-serve --parallel N: one-answer requests decoded together on a pair's slots.
 
 Every request that a slot can answer as asked is one answer on the pair's
-:class:`~dera_gguf.slots.Slots` (N sequences in contexts of their own, on the pair's loaded
+:class:`~dera_gguf.batch.slots.Slots` (N sequences in contexts of their own, on the pair's loaded
 weights, sharing one more n_ctx of KV cache): it joins the running answers between steps,
 decodes in their batch at its own λ with its own seeded chain, and leaves when it ends or
 its client goes away. A request a slot cannot answer as asked (logprobs, grammars, tools,
@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Optional
 
-from ..choices import choice_runtime
-from ..slots import Job, Slots
+from ..batch.slots import Job, Slots
+from ..engine import PairRuntime
 from ..state import SharedRAMCache
-from .choices import HONOURED, NEUTRAL, Plan, is_eog_of, update
+from .choices import HONOURED, NEUTRAL, Plan, is_eog_of
 from .schema import Request, given
 from .stream import END
 
@@ -34,14 +34,8 @@ def pair_slots(llm: Any, n_slots: int) -> Slots:
     """``n_slots`` slots on the DeRaLlama's weights and settings, sharing one more n_ctx of KV cache:
     each slot holds n_ctx / n_slots positions, laid out as in a context of its own. The engine's
     prompt cache, when it is a :class:`~dera_gguf.state.SharedRAMCache`, is the slots' too."""
-    runtime = choice_runtime(
-        llm.runtime.models,
-        llm.context_params,
-        llm._n_ctx,
-        llm.n_batch,
-        n_slots,
-        llm.runtime.threads,
-        unified=False,
+    runtime = PairRuntime.for_sequences(
+        llm.runtime.models, llm.context_params, llm._n_ctx, n_slots, llm.runtime.threads, unified=False
     )
     cache = llm.cache if isinstance(llm.cache, SharedRAMCache) else None  # (one the slots may use beside it)
     return Slots(runtime, llm._n_ctx // n_slots, is_eog_of(llm), PROMPT_CHUNK, cache, llm._owner())
@@ -80,7 +74,7 @@ def submit(slots: Slots, p: Plan, cancelled: Callable[[], bool]) -> Optional[Fee
     if len(p.prompt) + p.max_tokens > slots.n_ctx:
         return None
     feed = Feed()
-    slots.submit(Job(p.prompt, p.choices[0], p.max_tokens, _on_step(p, feed), _on_end(p, feed), cancelled))
+    slots.submit(Job(p.choices[0], _on_step(p, feed), _on_end(p, feed), cancelled))
     return feed
 
 
@@ -89,7 +83,6 @@ def _on_step(p: Plan, feed: Feed) -> Callable[[Job], None]:
 
     def step(job: Job) -> None:  # on the slots' thread, between steps
         nonlocal first
-        update(p.choices, p.texts, [0])  # a stop string found ends the answer here
         if p.stream:
             for chunk in p.shape.step(p.choices, p.texts, [0], first):
                 feed.put(chunk)

@@ -1,11 +1,9 @@
-"""Several sequences on one pair's contexts: a prompt decoded once and shared, then runs appended.
+"""Several sequences on one pair's contexts: runs of tokens appended in one batch per model.
 
-Every context of a :class:`~dera_gguf.engine.PairRuntime` holds the same sequences at the
-same positions (one llama.cpp batch per model and step). A prompt is evaluated once in
-sequence 0 and its KV cells are shared with the other sequences (``llama_memory_seq_cp``
-on a unified KV cache, not recomputed); each step then decodes the tokens of every live
-sequence together. dera-eval's sweeps and dera-serve's several choices per request both
-decode so.
+Every context of a :class:`~dera_gguf.engine.PairRuntime` holds its sequences at the same
+positions. A prompt shared by several sequences is evaluated once in sequence 0 and its KV
+cells are shared with the others (``llama_memory_seq_cp`` on a unified KV cache, not
+recomputed); each step then appends a run of tokens to every live sequence, all in one batch.
 """
 
 from __future__ import annotations
@@ -14,19 +12,20 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .engine import Batch, PairRuntime
+from ..engine import Batch, PairRuntime
 
 
 class Run(NamedTuple):
     """Tokens appended to one sequence in a batch: ``tokens`` at positions ``start``, ``start + 1``, ...
 
-    ``last``: whether the last token's row is wanted (:func:`batch_of`; :func:`advance` returns every row).
+    ``rows``: how many of the last tokens' rows are wanted (1: the last token's; 0: none, a prompt
+    chunk with more to come; more: a token and the draft after it, each row verified).
     """
 
     seq: int
     start: int
     tokens: Sequence[int]
-    last: bool = True
+    rows: int = 1
 
 
 def models_of(weights: Sequence[float]) -> List[int]:
@@ -35,22 +34,26 @@ def models_of(weights: Sequence[float]) -> List[int]:
 
 
 def batch_of(runs: Sequence[Run]) -> Optional[Batch]:
-    """One batch appending ``runs``, with a row for each run's last token where ``last``; None if empty."""
+    """One batch appending ``runs``, with the rows each run wants; None if empty."""
     if not runs:
         return None
     tokens = [int(t) for run in runs for t in run.tokens]
     positions = [p for run in runs for p in range(run.start, run.start + len(run.tokens))]
     seqs = [run.seq for run in runs for _ in run.tokens]
-    outputs = [run.last and i == len(run.tokens) - 1 for run in runs for i in range(len(run.tokens))]
+    outputs = [i >= len(run.tokens) - run.rows for run in runs for i in range(len(run.tokens))]
     return Batch(tokens, positions, seqs, outputs)
 
 
 def rows_by_seq(runs: Sequence[Sequence[Run]], rows: Sequence[Optional[np.ndarray]]) -> Dict[int, Dict]:
-    """Each sequence's output rows of a step that decoded ``runs[m]`` in model m: ``{seq: {model: row}}``."""
+    """Each sequence's output rows of a step that decoded ``runs[m]`` in model m:
+    ``{seq: {model: rows}}``, ``rows`` of shape (run.rows, n_vocab)."""
     out: Dict[int, Dict[int, np.ndarray]] = {}
     for m, model_runs in enumerate(runs):
-        for i, run in enumerate(r for r in model_runs if r.last):
-            out.setdefault(run.seq, {})[m] = rows[m][i]
+        at = 0
+        for run in model_runs:
+            if run.rows:
+                out.setdefault(run.seq, {})[m] = rows[m][at : at + run.rows]
+                at += run.rows
     return out
 
 
@@ -68,7 +71,7 @@ def prefill(
     used = range(len(runtime.contexts)) if models is None else models
     last = np.zeros((len(runtime.contexts), runtime.n_vocab), dtype=np.float32)
     for start in range(0, n, runtime.n_batch):
-        run = Run(0, start, list(prompt[start : start + runtime.n_batch]), start + runtime.n_batch >= n)
+        run = Run(0, start, list(prompt[start : start + runtime.n_batch]), int(start + runtime.n_batch >= n))
         rows = runtime.decode_each([batch_of([run]) if m in used else None for m in range(len(runtime.contexts))])
         for m in used:
             if rows[m] is not None:
@@ -81,5 +84,5 @@ def prefill(
 def advance(runtime: PairRuntime, runs: Sequence[Run]) -> np.ndarray:
     """Append each run to its sequence, in one batch per model; the rows of every token in run order,
     shape (n_models, n_tokens, n_vocab)."""
-    batch = batch_of(runs)
+    batch = batch_of([run._replace(rows=len(run.tokens)) for run in runs])
     return runtime.decode(batch.tokens, batch.positions, batch.seqs, [True] * len(batch.tokens))
