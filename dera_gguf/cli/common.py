@@ -156,46 +156,44 @@ class ModelFlags:
             if not (self.ref_path and self.aligned_paths):
                 raise DeRaError("--ref and --aligned go together: give the reference and at least one aligned model")
             return Chosen(find_in_home(self.ref_path), [find_in_home(p) for p in self.aligned_paths], None)
-        registry = load_registry(self.models_file)
-        pair, note = (registry.get(pair_name), None) if pair_name else registry.choose_default()
+        pair, note = load_registry(self.models_file).pick(pair_name or None)
         return Chosen(*pair.resolve(), pair, note)
 
     def engine(self, chosen: Chosen, lam, **llama_kwargs):
         """A DeRaLlama on the chosen models (lam: a float, or one value per aligned model), with the
-        pair's chat template; what its check noticed is said on stderr."""
+        pair's chat template and drafter (:meth:`Pair.engine_args`); what its check noticed is said on stderr."""
         from ..llama import DeRaLlama
 
         kwargs = dict(n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers, n_threads=self.threads, verbose=self.verbose)
         if self.seed is not None:
             kwargs["seed"] = self.seed
-        if chosen.pair is not None:
-            kwargs.update(chosen.pair.template_kwargs())
-        draft = self._draft_file(chosen, llama_kwargs.get("speculative"))
+        draft = self._draft_file(llama_kwargs.get("speculative"))
         if draft is not None:
             kwargs["draft_model_path"] = draft
-        llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
+        if chosen.pair is None:
+            llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
+        else:
+            args = chosen.pair.engine_args(lam, False if self.no_draft else None, **kwargs, **llama_kwargs)
+            if args.drafter is not None:
+                drafter = chosen.pair.draft.describe()
+                click.echo(f"drafting with the pair's drafter {drafter} (--no-draft: not)", err=True)
+            llm = DeRaLlama(args.reference, args.aligned, lam=args.lam, **args.llama_kwargs)
         for note in llm.pair_files.notes:
             click.echo(note, err=True)
         return llm
 
-    def _draft_file(self, chosen: Chosen, speculative) -> Optional[str]:
-        """--draft's file; else the pair's drafter when it is pulled, unless --no-draft or another
-        --speculative is given (said on stderr when it drafts)."""
-        if self.draft_path is not None:
-            if self.no_draft:
-                raise DeRaError("give --draft FILE or --no-draft, not both")
-            if speculative not in (None, "model"):
-                raise DeRaError(
-                    f"--draft drafts from {self.draft_path} and --speculative {speculative} names "
-                    "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
-                )
-            return find_in_home(self.draft_path)
-        if chosen.pair is None or self.no_draft or speculative not in (None, "model"):
+    def _draft_file(self, speculative) -> Optional[str]:
+        """--draft's file, checked against --no-draft and --speculative (None without --draft)."""
+        if self.draft_path is None:
             return None
-        path = chosen.pair.draft_file()
-        if path is not None:
-            click.echo(f"drafting with the pair's drafter {chosen.pair.draft.describe()} (--no-draft: not)", err=True)
-        return path
+        if self.no_draft:
+            raise DeRaError("give --draft FILE or --no-draft, not both")
+        if speculative not in (None, "model"):
+            raise DeRaError(
+                f"--draft drafts from {self.draft_path} and --speculative {speculative} names "
+                "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
+            )
+        return find_in_home(self.draft_path)
 
 
 def initial_lam(lams: Optional[List[float]], pair: Optional[Pair], n_aligned: int):
