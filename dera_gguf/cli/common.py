@@ -230,19 +230,29 @@ _DRAFTS = {
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
-def sampling_options(note: str = "") -> Callable:
+def sampling_options(note: str = "", *, sweep: bool = False) -> Callable:
     """--temperature, --top-k, --top-p, --min-p and --repeat-penalty, the paper's settings by default
-    (:class:`~dera_gguf.sampling.Sampling`); ``note`` says what they set."""
+    (:class:`~dera_gguf.sampling.Sampling`); ``note`` says what they set.
+
+    ``sweep`` (dera-eval generate): the settings a sweep's chains take (temperature >= 0, top-p in
+    (0, 1], refused at the flag) and no --repeat-penalty, since a sweep samples without one.
+    """
     paper = Sampling()
     tail = f" {note}" if note else ""
+    temperature_type = click.FloatRange(min=0) if sweep else float
+    top_p_type = click.FloatRange(0, 1, min_open=True) if sweep else click.FloatRange(0.0, 1.0)
     options = [
         click.option(
-            "--temperature", type=float, default=paper.temperature, show_default=True, help=f"0: greedy.{tail}"
+            "--temperature",
+            type=temperature_type,
+            default=paper.temperature,
+            show_default=True,
+            help=f"0: greedy.{tail}",
         ),
         click.option(
             "--top-k", type=click.IntRange(min=0), default=paper.top_k, show_default=True, help="0 turns top-k off."
         ),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=paper.top_p, show_default=True),
+        click.option("--top-p", type=top_p_type, default=paper.top_p, show_default=True),
         click.option(
             "--min-p",
             type=click.FloatRange(0.0, 1.0),
@@ -250,14 +260,17 @@ def sampling_options(note: str = "") -> Callable:
             show_default=True,
             help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.",
         ),
-        click.option(
-            "--repeat-penalty",
-            type=click.FloatRange(min=0.0, min_open=True),
-            default=paper.repeat_penalty,
-            show_default=True,
-            help="1.0 turns it off, as in the paper; llama-cpp-python's server's default is 1.1.",
-        ),
     ]
+    if not sweep:
+        options.append(
+            click.option(
+                "--repeat-penalty",
+                type=click.FloatRange(min=0.0, min_open=True),
+                default=paper.repeat_penalty,
+                show_default=True,
+                help="1.0 turns it off, as in the paper; llama-cpp-python's server's default is 1.1.",
+            )
+        )
 
     def decorate(fn: Callable) -> Callable:
         for option in reversed(options):
@@ -265,6 +278,19 @@ def sampling_options(note: str = "") -> Callable:
         return fn
 
     return decorate
+
+
+def max_tokens_option(help: str) -> Callable:
+    """``--max-tokens``, the paper's 256 by default; ``help`` says what it caps in the command."""
+    return click.option(
+        "--max-tokens", type=click.IntRange(min=1), default=Sampling().max_tokens, show_default=True, help=help
+    )
+
+
+def lam_option(help: str) -> Callable:
+    """``--lam`` as text (a comma list for several aligned models, parsed by the command before
+    anything loads); ``help`` says what it sets in the command and its default."""
+    return click.option("--lam", "lam_text", default=None, help=help)
 
 
 def speculative_option(
