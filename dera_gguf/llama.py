@@ -180,17 +180,9 @@ class DeRaLlama(Llama):
         """
         from .registry import load_registry
 
-        registry = load_registry(models)
-        pair = registry.get(name) if name is not None else registry.default_pair()
-        ref, aligned = pair.resolve()
-        if lam is None:
-            lam = pair.default_lam()
-        if not any(llama_kwargs.get(k) for k in ("chat_format", "chat_handler", "chat_template")):
-            llama_kwargs.update(pair.template_kwargs())
-        own_drafts = llama_kwargs.get("draft_model_path") is not None or llama_kwargs.get("draft_model") is not None
-        if not own_drafts and (draft or llama_kwargs.get("speculative") in (None, "model")):
-            llama_kwargs["draft_model_path"] = pair.draft_file(draft)
-        return cls(ref, aligned, lam=normalize_lam(lam, len(aligned)), **llama_kwargs)
+        pair, _ = load_registry(models).pick(name)
+        args = pair.engine_args(lam, draft, **llama_kwargs)
+        return cls(args.reference, args.aligned, lam=args.lam, **args.llama_kwargs)
 
     # ----------------------------------------------------------------- set-up
 

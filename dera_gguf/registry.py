@@ -32,9 +32,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from . import hub
+from .blend import Lam, normalize_lam
 from .errors import DeRaError
 from .home import model_home, user_models_toml
 
@@ -206,6 +207,36 @@ class Pair:
             return {"chat_template": self.chat_template}
         return {"chat_format": self.chat_format} if self.chat_format else {}
 
+    def engine_args(self, lam: Optional[Lam] = None, draft: Optional[bool] = None, **llama_kwargs: Any) -> "EngineArgs":
+        """What a DeRaLlama on this pair is made with, by the rules that DeRaLlama.from_pair and the
+        commands share: the pair's files (a DeRaError names the missing ones and the command that gets
+        them), ``lam`` or else the pair's own, the pair's chat template unless ``llama_kwargs`` names one,
+        and its drafter (:meth:`draft_file`, ``draft`` as there) unless ``llama_kwargs`` names a drafter
+        of its own or a ``speculative`` other than ``"model"`` (and ``draft`` is not True).
+        """
+        reference, aligned = self.resolve()
+        kwargs = dict(llama_kwargs)
+        if not any(kwargs.get(k) for k in ("chat_format", "chat_handler", "chat_template")):
+            kwargs.update(self.template_kwargs())
+        drafter = None
+        own_drafts = kwargs.get("draft_model_path") is not None or kwargs.get("draft_model") is not None
+        if not own_drafts and (draft or kwargs.get("speculative") in (None, "model")):
+            drafter = kwargs["draft_model_path"] = self.draft_file(draft)
+        lam = normalize_lam(self.default_lam() if lam is None else lam, len(aligned))
+        return EngineArgs(reference, aligned, lam, kwargs, drafter)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """A DeRaLlama's arguments for a named pair (:meth:`Pair.engine_args`):
+    ``DeRaLlama(reference, aligned, lam=lam, **llama_kwargs)``."""
+
+    reference: str
+    aligned: List[str]
+    lam: Union[float, tuple]  # checked: a float for one aligned model, else one value per aligned model
+    llama_kwargs: Dict[str, Any]  # the caller's, with the pair's chat template and drafter where they apply
+    drafter: Optional[str] = None  # the pair's drafter when it drafts (also in llama_kwargs' draft_model_path)
+
 
 @dataclass
 class Registry:
@@ -219,6 +250,10 @@ class Registry:
             known = ", ".join(sorted(self.pairs)) or "none"
             raise DeRaError(f"unknown pair {name!r}; known pairs: {known} (list them with: dera-pairs)")
         return self.pairs[name]
+
+    def pick(self, name: Optional[str] = None) -> tuple[Pair, Optional[str]]:
+        """``(pair, note)``: the pair named, else the default one and its note (:meth:`choose_default`)."""
+        return (self.get(name), None) if name is not None else self.choose_default()
 
     def default_pair(self) -> Pair:
         """The ``default`` pair, or the ``fallback`` pair when the default's files are absent."""

@@ -1,4 +1,4 @@
-"""The import layout of dera_gguf (DESIGN.md, "Intended layout"): no circles, arrows pointing down.
+"""The import layout of dera_gguf (docs/architecture.md): no circles, arrows pointing down.
 
 Every import of every module counts, at module level or inside a function, read from the
 source with ``ast`` (nothing is imported here).

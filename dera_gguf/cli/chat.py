@@ -30,6 +30,8 @@ from ..sampling import Sampling
 from .chat_session import Answer, ChatSession
 from .common import (
     initial_lam,
+    lam_option,
+    max_tokens_option,
     mode_option,
     model_options,
     reports_errors,
@@ -38,26 +40,20 @@ from .common import (
 )
 
 PROMPT = "you> "
-PAPER = Sampling()  # the flags' defaults
 QUIT = object()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_options(draft=True)
-@click.option(
-    "--lam",
-    "lam_text",
-    default=None,
-    help="Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
-    "several aligned models.  [default: the pair's lam, else 1.0]",
+@lam_option(
+    "Realignment strength: 0 reference, 1 aligned, >1 stronger alignment; a comma list for "
+    "several aligned models.  [default: the pair's lam, else 1.0]"
 )
 @mode_option()
 @speculative_option("lookup", "model")
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options()
-@click.option(
-    "--max-tokens", type=click.IntRange(min=1), default=PAPER.max_tokens, show_default=True, help="Tokens per answer."
-)
+@max_tokens_option("Tokens per answer.")
 @click.option("--prompt", default=None, help="One-shot: answer this one message, print only the answer, exit.")
 @click.option("--json", "as_json", is_flag=True, help="One-shot: print the OpenAI-shaped completion as JSON.")
 @click.option(

@@ -156,46 +156,44 @@ class ModelFlags:
             if not (self.ref_path and self.aligned_paths):
                 raise DeRaError("--ref and --aligned go together: give the reference and at least one aligned model")
             return Chosen(find_in_home(self.ref_path), [find_in_home(p) for p in self.aligned_paths], None)
-        registry = load_registry(self.models_file)
-        pair, note = (registry.get(pair_name), None) if pair_name else registry.choose_default()
+        pair, note = load_registry(self.models_file).pick(pair_name or None)
         return Chosen(*pair.resolve(), pair, note)
 
     def engine(self, chosen: Chosen, lam, **llama_kwargs):
         """A DeRaLlama on the chosen models (lam: a float, or one value per aligned model), with the
-        pair's chat template; what its check noticed is said on stderr."""
+        pair's chat template and drafter (:meth:`Pair.engine_args`); what its check noticed is said on stderr."""
         from ..llama import DeRaLlama
 
         kwargs = dict(n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers, n_threads=self.threads, verbose=self.verbose)
         if self.seed is not None:
             kwargs["seed"] = self.seed
-        if chosen.pair is not None:
-            kwargs.update(chosen.pair.template_kwargs())
-        draft = self._draft_file(chosen, llama_kwargs.get("speculative"))
+        draft = self._draft_file(llama_kwargs.get("speculative"))
         if draft is not None:
             kwargs["draft_model_path"] = draft
-        llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
+        if chosen.pair is None:
+            llm = DeRaLlama(chosen.reference, list(chosen.aligned), lam=lam, **kwargs, **llama_kwargs)
+        else:
+            args = chosen.pair.engine_args(lam, False if self.no_draft else None, **kwargs, **llama_kwargs)
+            if args.drafter is not None:
+                drafter = chosen.pair.draft.describe()
+                click.echo(f"drafting with the pair's drafter {drafter} (--no-draft: not)", err=True)
+            llm = DeRaLlama(args.reference, args.aligned, lam=args.lam, **args.llama_kwargs)
         for note in llm.pair_files.notes:
             click.echo(note, err=True)
         return llm
 
-    def _draft_file(self, chosen: Chosen, speculative) -> Optional[str]:
-        """--draft's file; else the pair's drafter when it is pulled, unless --no-draft or another
-        --speculative is given (said on stderr when it drafts)."""
-        if self.draft_path is not None:
-            if self.no_draft:
-                raise DeRaError("give --draft FILE or --no-draft, not both")
-            if speculative not in (None, "model"):
-                raise DeRaError(
-                    f"--draft drafts from {self.draft_path} and --speculative {speculative} names "
-                    "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
-                )
-            return find_in_home(self.draft_path)
-        if chosen.pair is None or self.no_draft or speculative not in (None, "model"):
+    def _draft_file(self, speculative) -> Optional[str]:
+        """--draft's file, checked against --no-draft and --speculative (None without --draft)."""
+        if self.draft_path is None:
             return None
-        path = chosen.pair.draft_file()
-        if path is not None:
-            click.echo(f"drafting with the pair's drafter {chosen.pair.draft.describe()} (--no-draft: not)", err=True)
-        return path
+        if self.no_draft:
+            raise DeRaError("give --draft FILE or --no-draft, not both")
+        if speculative not in (None, "model"):
+            raise DeRaError(
+                f"--draft drafts from {self.draft_path} and --speculative {speculative} names "
+                "another source of drafts: give one of them (--speculative model, or off, goes with --draft)"
+            )
+        return find_in_home(self.draft_path)
 
 
 def initial_lam(lams: Optional[List[float]], pair: Optional[Pair], n_aligned: int):
@@ -232,19 +230,29 @@ _DRAFTS = {
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 
-def sampling_options(note: str = "") -> Callable:
+def sampling_options(note: str = "", *, sweep: bool = False) -> Callable:
     """--temperature, --top-k, --top-p, --min-p and --repeat-penalty, the paper's settings by default
-    (:class:`~dera_gguf.sampling.Sampling`); ``note`` says what they set."""
+    (:class:`~dera_gguf.sampling.Sampling`); ``note`` says what they set.
+
+    ``sweep`` (dera-eval generate): the settings a sweep's chains take (temperature >= 0, top-p in
+    (0, 1], refused at the flag) and no --repeat-penalty, since a sweep samples without one.
+    """
     paper = Sampling()
     tail = f" {note}" if note else ""
+    temperature_type = click.FloatRange(min=0) if sweep else float
+    top_p_type = click.FloatRange(0, 1, min_open=True) if sweep else click.FloatRange(0.0, 1.0)
     options = [
         click.option(
-            "--temperature", type=float, default=paper.temperature, show_default=True, help=f"0: greedy.{tail}"
+            "--temperature",
+            type=temperature_type,
+            default=paper.temperature,
+            show_default=True,
+            help=f"0: greedy.{tail}",
         ),
         click.option(
             "--top-k", type=click.IntRange(min=0), default=paper.top_k, show_default=True, help="0 turns top-k off."
         ),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=paper.top_p, show_default=True),
+        click.option("--top-p", type=top_p_type, default=paper.top_p, show_default=True),
         click.option(
             "--min-p",
             type=click.FloatRange(0.0, 1.0),
@@ -252,14 +260,17 @@ def sampling_options(note: str = "") -> Callable:
             show_default=True,
             help="0 (off) as in the paper; llama-cpp-python's own default is 0.05.",
         ),
-        click.option(
-            "--repeat-penalty",
-            type=click.FloatRange(min=0.0, min_open=True),
-            default=paper.repeat_penalty,
-            show_default=True,
-            help="1.0 turns it off, as in the paper; llama-cpp-python's server's default is 1.1.",
-        ),
     ]
+    if not sweep:
+        options.append(
+            click.option(
+                "--repeat-penalty",
+                type=click.FloatRange(min=0.0, min_open=True),
+                default=paper.repeat_penalty,
+                show_default=True,
+                help="1.0 turns it off, as in the paper; llama-cpp-python's server's default is 1.1.",
+            )
+        )
 
     def decorate(fn: Callable) -> Callable:
         for option in reversed(options):
@@ -267,6 +278,19 @@ def sampling_options(note: str = "") -> Callable:
         return fn
 
     return decorate
+
+
+def max_tokens_option(help: str) -> Callable:
+    """``--max-tokens``, the paper's 256 by default; ``help`` says what it caps in the command."""
+    return click.option(
+        "--max-tokens", type=click.IntRange(min=1), default=Sampling().max_tokens, show_default=True, help=help
+    )
+
+
+def lam_option(help: str) -> Callable:
+    """``--lam`` as text (a comma list for several aligned models, parsed by the command before
+    anything loads); ``help`` says what it sets in the command and its default."""
+    return click.option("--lam", "lam_text", default=None, help=help)
 
 
 def speculative_option(

@@ -20,10 +20,17 @@ import click
 from ..blend import parse_lams
 from ..errors import DeRaError
 from ..sampling import Sampling
-from .common import ModelFlags, mode_option, model_options, reports_errors, speculative_option
+from .common import (
+    ModelFlags,
+    max_tokens_option,
+    mode_option,
+    model_options,
+    reports_errors,
+    sampling_options,
+    speculative_option,
+)
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
-PAPER = Sampling()  # the flags' defaults
 
 
 def sweep_options(fn):
@@ -67,6 +74,11 @@ def sweep_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def rows_option(flag: str, help: str) -> Callable:
+    """The JSONL rows (``--data``, ``--prompts``), handed over as ``data_path`` / ``prompts_path``."""
+    return click.option(flag, flag[2:] + "_path", type=click.Path(dir_okay=False), required=True, help=help)
 
 
 def take(flags: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
@@ -218,13 +230,7 @@ def main():
 
 @main.command(short_help="Pairwise accuracy, log-probs and KL per λ on preference data.")
 @model_options(several_aligned=False)
-@click.option(
-    "--data",
-    "data_path",
-    type=click.Path(dir_okay=False),
-    required=True,
-    help='prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.',
-)
+@rows_option("--data", 'prefs.jsonl: {"prompt" or "messages", "chosen", "rejected"} per line.')
 @sweep_options
 @click.option("--metric", default="pairwise_accuracy", show_default=True, help="Metric that picks the best λ.")
 @reports_errors
@@ -240,13 +246,7 @@ def score(**flags):
 
 @main.command(short_help="Sample per λ: length, reward and KL to the reference.")
 @model_options(several_aligned=False)
-@click.option(
-    "--prompts",
-    "prompts_path",
-    type=click.Path(dir_okay=False),
-    required=True,
-    help='prompts.jsonl: {"prompt"} or {"messages"} per line.',
-)
+@rows_option("--prompts", 'prompts.jsonl: {"prompt"} or {"messages"} per line.')
 @sweep_options
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="Responses per prompt and λ.")
 @click.option(
@@ -258,19 +258,8 @@ def score(**flags):
 )
 @click.option("--lmin", type=click.IntRange(min=0), default=20, show_default=True, help="Length reward: min tokens.")
 @click.option("--lmax", type=click.IntRange(min=0), default=60, show_default=True, help="Length reward: max tokens.")
-@click.option(
-    "--temperature", type=click.FloatRange(min=0), default=PAPER.temperature, show_default=True, help="0: greedy."
-)
-@click.option("--top-k", type=click.IntRange(min=0), default=PAPER.top_k, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=PAPER.top_p, show_default=True)
-@click.option("--min-p", type=click.FloatRange(0, 1), default=PAPER.min_p, show_default=True)
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(min=1),
-    default=PAPER.max_tokens,
-    show_default=True,
-    help="New tokens per response.",
-)
+@sampling_options(sweep=True)
+@max_tokens_option("New tokens per response.")
 @click.option("--metric", default="mean_reward", show_default=True, help="Metric that picks the best λ.")
 @speculative_option(
     "lookup",

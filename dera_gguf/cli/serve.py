@@ -25,6 +25,8 @@ from .common import (
     Chosen,
     ModelFlags,
     initial_lam,
+    lam_option,
+    max_tokens_option,
     mode_option,
     model_options,
     reports_errors,
@@ -36,12 +38,9 @@ from .common import (
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_options(several_pairs=True, draft=True)
 @click.option("--alias", default=None, help="Model id of the --ref/--aligned pair  [default: the aligned file's name].")
-@click.option(
-    "--lam",
-    "lam_text",
-    default=None,
-    help="Default lam of every served pair (a comma list for several aligned models)  "
-    "[default: each pair's lam in models.toml, else 1.0].",
+@lam_option(
+    "Default lam of every served pair (a comma list for several aligned models)  "
+    "[default: each pair's lam in models.toml, else 1.0]."
 )
 @mode_option("Every pair's default; a request's 'mode' wins.")
 @speculative_option("lookup", "model")
@@ -53,13 +52,7 @@ from .common import (
     "Any PAIR@LAM works whether listed or not.",
 )
 @sampling_options("The default of a request that leaves it out.")
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(min=1),
-    default=Sampling().max_tokens,
-    show_default=True,
-    help="Tokens per answer: the default, and the most a request may ask.",
-)
+@max_tokens_option("Tokens per answer: the default, and the most a request may ask.")
 @click.option(
     "--max-choices",
     type=click.IntRange(1, 256),
