@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_speculative import LlamaDraftModel
 
 from . import checks
@@ -44,6 +44,7 @@ from .drafter import check_draft_model, draft_kind, open_drafter
 from .engine import PairRuntime, Realign, check_mode, thread_plan
 from .errors import ContextFullError, DeRaError, Stopped
 from .models import PairFiles, PairModels, as_path_list
+from .prompts import chat_tokens, completion_tokens, jinja_formatter
 from .state import PairState, pair_owner
 from .threads import ThreadPlan
 
@@ -207,12 +208,8 @@ class DeRaLlama(Llama):
         if template is None:
             return
         self._template = template
-        token = lambda t: self._model.token_get_text(t) if t != -1 else ""
-        eos, bos = self._model.token_eos(), self._model.token_bos()
         self.chat_format = None
-        self.chat_handler = Jinja2ChatFormatter(
-            template=template, eos_token=token(eos), bos_token=token(bos), stop_token_ids=[eos]
-        ).to_chat_handler()
+        self.chat_handler = jinja_formatter(template, self._model).to_chat_handler()
 
     @property
     def pair_files(self) -> PairFiles:
@@ -225,6 +222,38 @@ class DeRaLlama(Llama):
         if self._template is None and self.chat_format == "chat_template.default":  # llama-cpp-python's pick
             return self.metadata.get("tokenizer.chat_template")
         return self._template
+
+    # ------------------------------------------- for fronts decoding apart
+
+    @property
+    def context_size(self) -> int:
+        """The most tokens a prompt and its answer may hold here (n_ctx as llama-cpp-python keeps it)."""
+        return self._n_ctx
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends the text (the vocabulary's end-of-generation tokens)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
+
+    def prompt_tokens(self, prompt: str) -> List[int]:
+        """The tokens ``create_completion(prompt)`` decodes (:func:`~dera_gguf.prompts.completion_tokens`)."""
+        return completion_tokens(self, prompt)
+
+    def chat_prompt(self, messages: list, stop: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
+        """The prompt tokens and stop strings ``create_chat_completion(messages, stop=stop)`` uses
+        (:func:`~dera_gguf.prompts.chat_tokens`)."""
+        return chat_tokens(self, messages, stop)
+
+    def sequences(self, n_seq: int, n_ctx: int, unified: bool = True) -> PairRuntime:
+        """New contexts of the pair for ``n_seq`` sequences (``n_ctx`` KV cells in all), on this engine's
+        loaded weights, context settings and threads (:meth:`PairRuntime.for_sequences`); the caller closes it."""
+        return PairRuntime.for_sequences(
+            self.runtime.models, self.context_params, n_ctx, n_seq, self.runtime.threads, unified
+        )
+
+    @property
+    def state_owner(self) -> tuple:
+        """``(fingerprint, name)`` of the pair's files, which a saved state must match."""
+        return self._owner()
 
     @property
     def speculation_stats(self) -> Optional[spec.SpeculationStats]:

@@ -46,9 +46,13 @@ class SlotScheduler:
         self.waiting: Deque = collections.deque()
         self.left = [-1] * n_slots  # when each slot's last sequence ended (in steps; -1: never used)
 
+    def fits(self, seq: Sequence) -> bool:
+        """Whether a slot holds ``seq``'s prompt and its longest answer."""
+        return len(seq.prompt) + seq.max_tokens <= self.n_ctx
+
     def check(self, seq: Sequence) -> None:
         """Refuse a sequence no slot can hold."""
-        if len(seq.prompt) + seq.max_tokens > self.n_ctx:
+        if not self.fits(seq):
             raise ContextFullError(
                 f"a prompt of {len(seq.prompt)} tokens and an answer of up to {seq.max_tokens} need "
                 f"{len(seq.prompt) + seq.max_tokens} positions; a slot holds {self.n_ctx} (n_ctx)"

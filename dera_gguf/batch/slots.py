@@ -82,6 +82,10 @@ class Slots:
 
     # ------------------------------------------------------------ callers
 
+    def fits(self, sequence: Sequence) -> bool:
+        """Whether a slot can hold ``sequence`` (its prompt and its longest answer)."""
+        return self.scheduler.fits(sequence)
+
     def submit(self, job: Job) -> None:
         """Queue ``job``; it starts at the next step with a free slot (in arrival order)."""
         self.scheduler.check(job.sequence)

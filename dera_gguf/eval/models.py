@@ -14,12 +14,12 @@ from typing import List, Optional, Sequence, Union
 
 import llama_cpp
 from llama_cpp._logger import set_verbose
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..contexts import Context
 from ..engine import PairRuntime, sequence_params, thread_plan
 from ..errors import DeRaError
 from ..models import PairFiles, PairModels, as_path_list
+from ..prompts import jinja_formatter
 from ..threads import ThreadPlan
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -163,13 +163,12 @@ class EvalPair:
                 f"{self.aligned_path} has no chat template (tokenizer.chat_template), nor has the reference: "
                 'give "prompt" strings instead of "messages", or name a chat_template for the pair in models.toml'
             )
-        text = lambda t: model.token_get_text(t) if t >= 0 else ""
-        formatter = Jinja2ChatFormatter(template, eos_token=text(model.token_eos()), bos_token=text(model.token_bos()))
+        formatter = jinja_formatter(template, model)
         try:
             prompt = formatter(messages=messages).prompt
         except Exception as e:  # jinja errors, raise_exception() in the template
             raise DeRaError(f"the chat template could not render these messages ({e})") from None
-        bos = text(model.token_bos())
+        bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
         return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
     def prompt_text(self, prompt: Optional[str], messages: Optional[list]) -> str:

@@ -33,10 +33,11 @@ from fastapi.responses import Response
 
 from ..errors import Stopped
 from ..sampling import Sampling
-from .catalog import Catalog
-from .choices import Several, engine_of, plan, run_choices, several
+from .catalog import Asked, Catalog
+from .choices import check_several, run_choices
 from .engine_call import engine_call
 from .errors import ApiError, install_handlers
+from .plan import plan
 from .prompts import merge_answers, several_prompts
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, given
 from .slots import fits_a_slot, submit
@@ -108,62 +109,57 @@ def _response(answer) -> Response:
 
 
 async def _answer(catalog: Catalog, settings: ServeSettings, body, request: Request):
-    """One request: checks first (model, λ, fields), then the call on the pair's slots or engine.
-    A whole answer is a dict; a stream (or the empty answer to a client that left) a Response."""
-    asked = several(catalog, body, settings.max_choices, settings.mode)
-    if asked is not None:
-        return await _answer_several(settings, asked, body, request)
-    target = catalog.resolve(body.model, given(body, "lam"))
+    """One request: what it asks (model, λ, fields) checked once, then the call on the pair's slots or
+    engine. A whole answer is a dict; a stream (or the empty answer to a client that left) a Response."""
+    mode = given(body, "mode") or settings.mode
+    asked = catalog.ask(body.model, given(body, "lam"), given(body, "n"), mode, settings.max_choices)
     kwargs = call_kwargs(body, settings.sampling, settings.logits_all)
-    if target.pair.slots is not None and fits_a_slot(body, kwargs, settings.mode):
-        answer = await _answer_on_slots(settings, target, body, kwargs, request)
+    if asked.several:
+        check_several(asked, body, kwargs)
+        return await _answer_several(settings, asked, body, kwargs, request)
+    if asked.pair.slots is not None and fits_a_slot(body, kwargs, mode):
+        answer = await _answer_on_slots(settings, asked, body, kwargs, request)
         if answer is not None:
             return answer
-    kwargs.update(lam=target.lam, model=target.model, mode=given(body, "mode") or settings.mode)
+    kwargs.update(lam=asked.lam, model=asked.model, mode=mode)
     options = given(body, "stream_options")
     count = counted(kwargs) if body.stream and options is not None and options.include_usage else None
-    llm = target.pair.llm
+    llm = asked.pair.llm
     call = partial(engine_call, llm, body, kwargs)
     watch = partial(_watching, request, llm, settings.stopping)
+    return await _locked(asked.pair, body.stream, call, count, settings.stopping, watch)
+
+
+async def _locked(pair, stream: bool, call, count, stopping: Callable[[], bool], watch):
+    """``call`` on a worker thread holding the pair's engine (its lock), watched; a stream is watched up to
+    its first chunk (then a disconnect closes the stream itself)."""
     try:
-        if body.stream:  # watched up to the first chunk; then a disconnect closes the stream itself
-            return await start_stream(target.pair.lock, call, count, settings.stopping, watch)
-        async with target.pair.lock, watch():
+        if stream:
+            return await start_stream(pair.lock, call, count, stopping, watch)
+        async with pair.lock, watch():
             return await anyio.to_thread.run_sync(call)
     except Stopped:
-        if settings.stopping():
+        if stopping():
             raise SHUTTING_DOWN from None
         return Response(status_code=499)  # (nginx's "client closed request": nobody receives it)
 
 
-async def _answer_several(settings: ServeSettings, asked: Several, body, request: Request):
+async def _answer_several(settings: ServeSettings, asked: Asked, body, kwargs: dict, request: Request):
     """A request with several choices (:mod:`.choices`): the same lock, watch and streaming as one answer."""
-    pair = asked.pair
-    call = partial(run_choices, asked, body, settings.sampling, settings.max_choices, settings.logits_all)
-
-    @contextlib.asynccontextmanager
-    async def watch():
-        made = partial(engine_of, pair, settings.max_choices, settings.sampling.max_tokens)
-        async with _watching(request, await anyio.to_thread.run_sync(made), settings.stopping):
-            yield
-
-    try:
-        if body.stream:
-            return await start_stream(pair.lock, call, None, settings.stopping, watch)
-        async with pair.lock, watch():
-            return await anyio.to_thread.run_sync(call)
-    except Stopped:
-        if settings.stopping():
-            raise SHUTTING_DOWN from None
-        return Response(status_code=499)
+    gone = threading.Event()
+    stopped = lambda: gone.is_set() or settings.stopping()
+    cap, max_tokens = settings.max_choices, settings.sampling.max_tokens
+    call = partial(run_choices, asked, body, kwargs, cap, max_tokens, stopped)
+    watch = partial(_client_watch, request, gone)
+    return await _locked(asked.pair, body.stream, call, None, settings.stopping, watch)
 
 
-async def _answer_on_slots(settings: ServeSettings, target, body, kwargs: dict, request: Request):
+async def _answer_on_slots(settings: ServeSettings, asked: Asked, body, kwargs: dict, request: Request):
     """A request on the pair's slots (:mod:`.slots`), beside the others; None when it does not fit a slot.
     Its client going away, its stream ending, or the server stopping ends the answer at the next step."""
-    p = plan(Several(target.pair, target.model, [target.lam], True), body, kwargs)
+    p = plan(asked, body, kwargs)
     async with _client_watch(request) as gone:
-        feed = submit(target.pair.slots, p, lambda: gone.is_set() or settings.stopping())
+        feed = submit(asked.pair.slots, p, lambda: gone.is_set() or settings.stopping())
         if feed is None:
             return None
         try:
@@ -181,9 +177,9 @@ async def _answer_on_slots(settings: ServeSettings, target, body, kwargs: dict, 
 
 
 @contextlib.asynccontextmanager
-async def _client_watch(request: Request):
-    """An event set once the client has disconnected, while inside."""
-    gone = threading.Event()
+async def _client_watch(request: Request, gone: Optional[threading.Event] = None):
+    """An event (``gone``, or a new one) set once the client has disconnected, while inside."""
+    gone = gone if gone is not None else threading.Event()
     watcher = asyncio.create_task(_watch_client(request, gone))
     try:
         yield gone

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..blend import Lam, format_lam, normalize_lam, parse_lams
 from ..errors import DeRaError
@@ -32,13 +32,29 @@ class ServedPair:
     slots: Any = None  # dera_gguf.slots.Slots answering one-answer requests together (--parallel > 1), or None
 
 
-@dataclass
-class Target:
-    """Where one request goes: the pair, the λ it is answered at, and the model id to echo."""
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks, parsed and checked once where it enters: the pair, the model id to echo,
+    the λ of each choice (one for a one-answer request), and the mode.
+
+    ``lam_list``: the body gave one λ per choice (each choice is the request at its λ, all drawing
+    with the request's seed); else ``n`` samples of one λ (seeds ``seed``, ``seed + 1``, ...).
+    """
 
     pair: ServedPair
-    lam: Lam
     model: str
+    lams: Tuple[Lam, ...]
+    lam_list: bool
+    mode: str
+
+    @property
+    def several(self) -> bool:
+        return len(self.lams) > 1
+
+    @property
+    def lam(self) -> Lam:
+        """The λ of a one-answer request."""
+        return self.lams[0]
 
 
 class Catalog:
@@ -94,17 +110,38 @@ class Catalog:
         except DeRaError as e:
             raise ApiError(400, f"model {model!r}: {e}", "model", "invalid_lam") from None
 
-    def resolve(self, model: Optional[str], body_lam: Any) -> Target:
-        """The target of a request: the body's ``lam`` wins over the alias's, which wins over the default."""
+    def ask(self, model: Optional[str], body_lam: Any, n: Optional[int], mode: str, cap: int) -> Asked:
+        """What a request asks (model id, body ``lam`` and ``n``; ``mode`` already defaulted), checked.
+
+        The body's ``lam`` wins over the alias's, which wins over the pair's default; a list of λ
+        (see :meth:`_lam_list`) asks for one choice each, ``n`` for that many samples of one λ.
+        """
         pair, alias_lam = self.find(model)
+        listed = self._lam_list(pair, body_lam)
+        if n is not None and n < 1:
+            raise ApiError(400, f"n must be at least 1, got {n}", "n")
+        if listed is not None and n is not None and n != len(listed):
+            message = f"lam has {len(listed)} values but n is {n}: give one lam per choice, or leave n out"
+            raise ApiError(400, message, "lam")
+        lams = listed if listed is not None else [self._one_lam(pair, body_lam, alias_lam)] * (n or 1)
+        if len(lams) > cap:
+            raise ApiError(
+                400,
+                f"n must be at most {cap} (the choices one request may ask for: dera-serve --max-choices), "
+                f"got {len(lams)}",
+                "n",
+            )
+        return Asked(pair, model or pair.name, tuple(lams), listed is not None, mode)
+
+    @staticmethod
+    def _one_lam(pair: ServedPair, body_lam: Any, alias_lam: Optional[Lam]) -> Lam:
         lam = body_lam if body_lam is not None else alias_lam if alias_lam is not None else pair.lam
         try:
-            lam = normalize_lam(lam, pair.n_aligned)
+            return normalize_lam(lam, pair.n_aligned)
         except DeRaError as e:
             raise ApiError(400, f"lam: {e}", "lam", "invalid_lam") from None
-        return Target(pair, lam, model or pair.name)
 
-    def lam_list(self, pair: ServedPair, body_lam: Any) -> Optional[List[Lam]]:
+    def _lam_list(self, pair: ServedPair, body_lam: Any) -> Optional[List[Lam]]:
         """A ``lam`` that gives one λ per choice, checked; None for one λ (or none).
 
         For a pair with one aligned model that is a list of two numbers or more (``[0, 1, 2]``;

@@ -30,7 +30,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
-from .choices import prompt_and_stops
+from .plan import prompt_and_stops
 from .schema import Request, given
 
 

@@ -59,6 +59,17 @@ SERVER_FIELDS = {
 }
 
 
+# What a batched answer (several choices, a slot) honours as asked among the call's arguments; the fields
+# in NEUTRAL it honours only at their neutral values (else the answer takes the engine, or a 400).
+BATCHED = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"}
+BATCHED |= {"max_tokens", "seed", "stop", "stream", "messages", "prompt", "mirostat_tau", "mirostat_eta"}
+BATCHED |= {"logprobs", "top_logprobs"}
+NEUTRAL = {"mirostat_mode": (None, 0), "min_tokens": (None, 0), "echo": (None, False), "best_of": (None, 1)}
+NEUTRAL.update({name: (None,) for name in ("grammar", "suffix")})
+NEUTRAL["logit_bias_type"] = (None, "input_ids")  # (token ids; text keys are for one answer)
+NEUTRAL.update({name: (None,) for name in ("functions", "function_call", "tools", "tool_choice", "response_format")})
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -185,6 +196,18 @@ def call_kwargs(body: Request, sampling: Sampling, logits_all: bool) -> dict:
     elif not body.messages:
         raise ApiError(400, "messages is empty: give at least one message", "messages")
     return kwargs
+
+
+def unbatchable(body: "Request", kwargs: dict, mode: str) -> Optional[str]:
+    """The first field of ``body`` (call arguments ``kwargs``, ``mode`` in effect) that a batched answer
+    cannot honour as asked; None when it honours them all."""
+    unknown = sorted(set(kwargs) - BATCHED - set(NEUTRAL))
+    if unknown:
+        return unknown[0]
+    for name, allowed in NEUTRAL.items():
+        if name in body.model_fields_set and getattr(body, name, None) not in allowed:
+            return name
+    return "mode" if mode != "blend" else None
 
 
 def _max_tokens(body: Request, cap: int) -> int:

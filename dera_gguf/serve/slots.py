@@ -4,13 +4,13 @@ Every request that a slot can answer as asked is one answer on the pair's
 :class:`~dera_gguf.batch.slots.Slots` (N sequences in contexts of their own, on the pair's loaded
 weights, sharing one more n_ctx of KV cache): it joins the running answers between steps,
 decodes in their batch at its own λ with its own seeded chain, and leaves when it ends or
-its client goes away. A request a slot cannot answer as asked (logprobs, grammars, tools,
+its client goes away. A request a slot cannot answer as asked (echo, grammars, tools,
 text-keyed logit bias, mode ``weights``, several choices), or whose prompt and answer do
 not fit a slot's n_ctx / N positions, takes the one-at-a-time path on the pair's engine,
 as without ``--parallel``.
 
 The prompt, stop strings, ``max_tokens`` and text are made as a one-answer call makes
-them (:func:`~dera_gguf.serve.choices.plan`), so a greedy answer is the one the engine
+them (:func:`~dera_gguf.serve.plan.plan`), so a greedy answer is the one the engine
 gives alone, up to llama.cpp's batch-shape rounding. The slots' thread hands each chunk
 to the request's event loop through an :class:`asyncio.Queue`.
 """
@@ -21,10 +21,9 @@ import asyncio
 from typing import Any, Callable, Optional
 
 from ..batch.slots import Job, Slots
-from ..engine import PairRuntime
 from ..state import SharedRAMCache
-from .choices import HONOURED, NEUTRAL, Plan, is_eog_of
-from .schema import Request, given
+from .plan import Plan
+from .schema import Request, unbatchable
 from .stream import END
 
 PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside the running answers
@@ -34,18 +33,14 @@ def pair_slots(llm: Any, n_slots: int) -> Slots:
     """``n_slots`` slots on the DeRaLlama's weights and settings, sharing one more n_ctx of KV cache:
     each slot holds n_ctx / n_slots positions, laid out as in a context of its own. The engine's
     prompt cache, when it is a :class:`~dera_gguf.state.SharedRAMCache`, is the slots' too."""
-    runtime = PairRuntime.for_sequences(
-        llm.runtime.models, llm.context_params, llm._n_ctx, n_slots, llm.runtime.threads, unified=False
-    )
+    runtime = llm.sequences(n_slots, llm.context_size, unified=False)
     cache = llm.cache if isinstance(llm.cache, SharedRAMCache) else None  # (one the slots may use beside it)
-    return Slots(runtime, llm._n_ctx // n_slots, is_eog_of(llm), PROMPT_CHUNK, cache, llm._owner())
+    return Slots(runtime, llm.context_size // n_slots, llm.is_eog, PROMPT_CHUNK, cache, llm.state_owner)
 
 
 def fits_a_slot(body: Request, kwargs: dict, mode: str) -> bool:
     """Whether a slot answers ``body`` (call arguments ``kwargs``) as asked; else it takes the engine's path."""
-    if set(kwargs) - HONOURED - set(NEUTRAL) or (given(body, "mode") or mode) != "blend":
-        return False
-    return all(name not in body.model_fields_set or getattr(body, name) in ok for name, ok in NEUTRAL.items())
+    return unbatchable(body, kwargs, mode) is None
 
 
 class Feed:
@@ -69,12 +64,13 @@ class Feed:
 
 
 def submit(slots: Slots, p: Plan, cancelled: Callable[[], bool]) -> Optional[Feed]:
-    """Queue the answer ``p`` on ``slots``; None when it does not fit a slot (the engine answers it).
-    Its feed gives the stream's chunks then END, or for a whole answer the answer."""
-    if len(p.prompt) + p.max_tokens > slots.n_ctx:
+    """Queue the one answer ``p`` plans on ``slots``; None when it does not fit a slot (the engine answers
+    it). Its feed gives the stream's chunks then END, or for a whole answer the answer."""
+    (answer,) = p.choices
+    if not slots.fits(answer):
         return None
     feed = Feed()
-    slots.submit(Job(p.choices[0], _on_step(p, feed), _on_end(p, feed), cancelled))
+    slots.submit(Job(answer, _on_step(p, feed), _on_end(p, feed), cancelled))
     return feed
 
 

@@ -19,7 +19,6 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .catalog import Catalog
-from .choices import chat_prompt
 from .errors import ApiError
 from .schema import text_message
 
@@ -65,7 +64,7 @@ def install_tokenizer_routes(app: FastAPI, catalog: Catalog, auth: list) -> None
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt (a text) or messages (a chat) to tokenize", "prompt")
         if body.messages is not None:
-            tokens = list(chat_prompt(llm, body.messages, [])[0])
+            tokens = list(llm.chat_prompt(body.messages)[0])
         else:
             bos = body.add_special_tokens is not False  # vLLM's default: True
             tokens = text_tokens(llm, body.prompt, bos)
