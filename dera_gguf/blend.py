@@ -115,6 +115,15 @@ def blend_logits(logits: Sequence[np.ndarray], weights: Sequence, out: Optional[
     return out
 
 
+def add_bias(row: np.ndarray, bias: dict) -> np.ndarray:
+    """Add ``bias`` (``{token: added logit}``) to a logits row in place and return it: each sum in float64,
+    stored in the row's dtype, as llama-cpp-python's ``logit_bias`` does."""
+    if bias:
+        ids = np.fromiter(bias, dtype=np.intp, count=len(bias))
+        row[ids] = row[ids] + np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+    return row
+
+
 def _as_factor(weight) -> np.ndarray:
     """A float32 scalar, or a per-row column that broadcasts over the vocabulary."""
     w = np.asarray(weight, dtype=np.float32)

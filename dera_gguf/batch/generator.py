@@ -20,7 +20,7 @@ from typing import Sequence as Tokens
 
 import numpy as np
 
-from ..blend import blend_logits, kl_divergence, log_softmax
+from ..blend import add_bias, blend_logits, kl_divergence, log_softmax
 from ..engine import PairRuntime
 from ..samplers import RowSampler
 from .runs import Run, batch_of, prefill, rows_by_seq
@@ -141,9 +141,7 @@ class BatchGenerator:
         scores = log_softmax(row) if seq.logprobs is not None else None
         if seq.kl is not None:
             seq.kl.append(float(kl_divergence(row, rows[0])))
-        if seq.bias:
-            ids = np.fromiter(seq.bias, dtype=np.intp, count=len(seq.bias))
-            row[ids] = row[ids] + np.fromiter(seq.bias.values(), dtype=np.float64, count=len(seq.bias))
+        add_bias(row, seq.bias)
         token = self.sampler.sample(seq.chain, row)
         emit(seq, token, self.is_eog, scores)
         return token

@@ -14,6 +14,7 @@ import numpy as np
 from llama_cpp.server.app import prepare_request_resources
 
 from .. import checks
+from ..blend import add_bias
 from ..errors import DeRaError
 from .echo import answer_with_echo
 from .errors import ApiError
@@ -60,11 +61,5 @@ def _bias_as_processor(kwargs: dict) -> None:
     if kwargs.get("logit_bias") is None or not kwargs.get("logits_processor"):
         return
     bias = {int(k): float(v) for k, v in kwargs.pop("logit_bias").items()}
-    ids, values = np.fromiter(bias, dtype=np.intp), np.fromiter(bias.values(), dtype=np.float64)
-
-    def add_bias(input_ids, scores):
-        biased = np.copy(scores)
-        biased[ids] = scores[ids] + values  # in float64, then stored as float32, as llama-cpp-python does
-        return biased
-
-    kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([*kwargs["logits_processor"], add_bias])
+    biased = lambda input_ids, scores: add_bias(np.copy(scores), bias)
+    kwargs["logits_processor"] = llama_cpp.LogitsProcessorList([*kwargs["logits_processor"], biased])
