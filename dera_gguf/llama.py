@@ -26,6 +26,7 @@ call is exact. This leans on llama-cpp-python internals (``_ctx``, ``_batch``, `
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
 
@@ -48,6 +49,7 @@ from .state import PairState, pair_owner
 from .threads import ThreadPlan
 
 PathLike = Union[str, "os.PathLike[str]"]
+_SAMPLE = inspect.signature(Llama.sample)  # its arguments: DeRaLlama.sample makes the same chain from them
 
 
 class _Setup(NamedTuple):
@@ -156,7 +158,8 @@ class DeRaLlama(Llama):
         room = lambda length: min(self.n_batch - (length - self.n_tokens), self._n_ctx - length)
         settings = (self.model_params.n_gpu_layers, self.context_params.flash_attn_type, self.context_params.type_k)
         drafter = open_drafter(self.runtime.models, draft_model_path, self.context_params, self.n_batch)
-        self.draft_model = self.runtime.drafting(speculative, room, settings, drafter)
+        # A draft is made inside a generate() step, with that call in effect: its realignment is the draft's.
+        self.draft_model = self.runtime.drafting(speculative, room, self._calls.realign, settings, drafter)
 
     @classmethod
     def from_pair(
@@ -377,15 +380,24 @@ class DeRaLlama(Llama):
         self._scored = call.realign
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
-        """``Llama.sample`` on the context whose logits buffer holds the blend."""
+        """``Llama.sample``, run on the context whose logits buffer holds the blend.
+
+        llama-cpp-python's own ``sample`` runs its sampler chain on ``self._ctx`` (aligned model 1's
+        context), but the blend lies in the first active context's buffer (the reference's at lam 0,
+        say): the call in effect names it (:attr:`~dera_gguf.calls.Call.target`; aligned model 1's
+        before any decode). This is that method's body with the context named instead of changing
+        ``self._ctx``: the chain in use (``generate()``'s), else one made from these arguments (its
+        defaults for those not given) for this draw, sampling row ``idx`` (None: the last).
+        """
+        bound = _SAMPLE.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        settings = {name: value for name, value in bound.arguments.items() if name not in ("self", "idx")}
+        idx = bound.arguments["idx"]
+        assert self.n_tokens > 0
+        chain = self._sampler if self._sampler is not None else self._init_sampler(**settings)
         call = self._calls.current
-        saved = self._ctx
-        if call is not None and call.target is not None:
-            self._ctx = call.target.ctx
-        try:
-            return super().sample(*args, **kwargs)
-        finally:
-            self._ctx = saved
+        context = call.target.ctx if call is not None and call.target is not None else self._ctx
+        return chain.sample(context, -1 if idx is None else idx - self.n_tokens)
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # __init__ may have refused its arguments before Llama set up
