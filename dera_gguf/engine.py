@@ -300,6 +300,7 @@ class PairRuntime:
         realign: Callable[[], Realign],
         settings: tuple = (),
         drafter: Optional[Drafter] = None,
+        trail: Optional[Callable[[], Optional[spec.Trail]]] = None,
     ) -> Optional[spec.Speculation]:
         """The drafts :meth:`eval` verifies: ``kind`` is ``"lookup"``, ``"model"`` or a llama-cpp-python
         ``LlamaDraftModel`` (None: no drafts); ``room(n)``, the most tokens a draft may have after n;
@@ -307,7 +308,8 @@ class PairRuntime:
         :meth:`cost_key`, and the context a ``"model"`` draft uses, :meth:`drafting_context`);
         ``settings``: what else a step's cost depends on (offloading, attention), part of :meth:`cost_key`;
         ``drafter``: a small drafter (:mod:`dera_gguf.drafter`), which a ``"model"`` draft uses instead of
-        the pair's own models."""
+        the pair's own models; ``trail()``: what the speculation follows of that call's text
+        (:class:`~dera_gguf.speculative.Trail`)."""
         run = lambda context, work: self.threads.run([context], work)
         if kind is None:
             source = None
@@ -320,7 +322,7 @@ class PairRuntime:
         else:
             source = spec.from_draft_model(kind)
         key = lambda: self.cost_key(realign(), settings)
-        self.speculation = None if source is None else spec.Speculation(source, room, key=key)
+        self.speculation = None if source is None else spec.Speculation(source, room, key=key, trail=trail)
         return self.speculation
 
     def cost_key(self, realign: Realign, settings: tuple = ()) -> tuple:

@@ -153,13 +153,15 @@ class DeRaLlama(Llama):
         self._fallback = ByteFallback.of(self.model, self.metadata)  # None: every text tokenizes
         self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
+        self._owner_cache: Optional[tuple] = None  # _owner(), computed on first use
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
         # The decode batch holds the draft too, and the context the whole text.
         room = lambda length: min(self.n_batch - (length - self.n_tokens), self._n_ctx - length)
         settings = (self.model_params.n_gpu_layers, self.context_params.flash_attn_type, self.context_params.type_k)
         drafter = open_drafter(self.runtime.models, draft_model_path, self.context_params, self.n_batch)
-        # A draft is made inside a generate() step, with that call in effect: its realignment is the draft's.
-        self.draft_model = self.runtime.drafting(speculative, room, self._calls.realign, settings, drafter)
+        # A draft is made inside a generate() step, with that call in effect: its realignment and trail are the draft's.
+        trail = lambda: getattr(self._calls.open(), "trail", None)
+        self.draft_model = self.runtime.drafting(speculative, room, self._calls.realign, settings, drafter, trail)
 
     @classmethod
     def from_pair(
@@ -319,7 +321,7 @@ class DeRaLlama(Llama):
         call.generating, call.every_row = True, False
         self._requires_eval = True
         if self.draft_model is not None:
-            self.draft_model.restart()
+            call.trail = self.draft_model.new_text()
         if self._logits_all and self._scored != call.realign:
             self.reset()  # the score rows of the cached prefix hold another blend: recompute them
         steps = super().generate(tokens, *args, **kwargs)
@@ -341,12 +343,12 @@ class DeRaLlama(Llama):
         """Within it, every decode (each batch of a long prompt too) first asks ``when()``, and a true
         answer ends the call with :class:`~dera_gguf.errors.Stopped` before that decode (the engine
         stays consistent: the next call goes on normally). dera-serve stops a request whose client
-        went away so."""
-        self._stop = when
+        went away so. Scopes nest: leaving one restores the check of the scope around it."""
+        outer, self._stop = self._stop, when
         try:
             yield self
         finally:
-            self._stop = None
+            self._stop = outer
 
     def _check_stop(self) -> None:
         if self._stop is not None and self._stop():
@@ -441,7 +443,7 @@ class DeRaLlama(Llama):
 
     def _owner(self) -> tuple:
         """``(fingerprint, name)`` of this pair's files, which a state must match (computed once)."""
-        if getattr(self, "_owner_cache", None) is None:
+        if self._owner_cache is None:
             files = self._files
             self._owner_cache = pair_owner(files.reference, files.aligned, files.is_adapter)
         return self._owner_cache
