@@ -123,7 +123,11 @@ class SpeculationStats:
 @dataclass
 class Trail:
     """What the speculation follows of one text (one generation), kept by whoever runs that generation
-    (DeRaLlama: its call), so that two generations drafted in turn do not see each other's."""
+    (DeRaLlama: its call), so that two generations drafted in turn do not settle or time each other's
+    steps. What the speculation learns stays its own, across texts (:meth:`Speculation.new_text`
+    resets the parts that describe one text: the gate's pause, a free source's acceptance), so
+    generations drafted in turn share those; that only changes how much is drafted, never the output.
+    """
 
     last: Optional[tuple] = None  # (start position, drafted tokens, kind, tokens expected) of the latest draft
     watched: list = field(default_factory=list)  # (start position, tokens, kind) of free drafts not made, until settled
