@@ -18,6 +18,7 @@ from .contexts import Context
 from .engine import Realign
 from .errors import DecodeError
 from .models import PairFiles
+from .speculative import Trail
 
 _DONE = object()
 
@@ -30,7 +31,8 @@ class Call:
     ``every_row``: the next decode's every row is sampled, so every row is blended (``generate()``
     samples the row of every token it decodes after its first decode: the sampled token, tokens
     given to ``send()``, drafts); else only the last row. ``target``: the context whose logits
-    buffer holds the latest blend, where ``DeRaLlama.sample`` samples.
+    buffer holds the latest blend, where ``DeRaLlama.sample`` samples. ``trail``: what speculation
+    follows of the text its ``generate()`` makes (made when it starts).
     """
 
     realign: Realign
@@ -38,6 +40,7 @@ class Call:
     generating: bool = False
     every_row: bool = False
     target: Optional[Context] = None
+    trail: Optional[Trail] = None
 
 
 class CallScope:

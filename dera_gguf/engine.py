@@ -149,8 +149,7 @@ class PairRuntime:
         self._owned = list(owned)
         self._blend_adapters = self.contexts[1].adapters  # what aligned model 1 runs on in blend mode
         self._lockstep = Lockstep(self.contexts, n_batch, threads)
-        self.realign: Optional[Realign] = None  # what the contexts are set up for (prepare)
-        self.speculation: Optional[spec.Speculation] = None  # the drafts of eval(), if any
+        self.speculation: Optional[spec.Speculation] = None  # the drafts of eval(), if any (set once: drafting)
 
     @classmethod
     def open(
@@ -206,16 +205,16 @@ class PairRuntime:
         Weight-space mode runs aligned model 1's context on the reference with every adapter at
         its lam, and only that context decodes (weight 1 on it, 0 on the others). Blend mode runs
         it on its own weights (its adapter, if any, at the scale the context was made with).
+
+        Nothing about ``realign`` is kept here: what the contexts run on is what they hold (their
+        adapters), and whoever needs the realignment later is handed it by the call that has it.
         """
         adapted = self.contexts[1]
         if realign.mode == "weights":
             adapted.set_adapters(self.models.adapters_at(realign.lams))
-            weights = (0.0, 1.0) + (0.0,) * (len(realign.weights) - 2)
-        else:
-            adapted.set_adapters(self._blend_adapters)
-            weights = realign.weights
-        self.realign = realign
-        return weights
+            return (0.0, 1.0) + (0.0,) * (len(realign.weights) - 2)
+        adapted.set_adapters(self._blend_adapters)
+        return realign.weights
 
     # ------------------------------------------------------- one sequence
 
@@ -295,13 +294,22 @@ class PairRuntime:
     # ------------------------------------------------------------- drafts
 
     def drafting(
-        self, kind: Any, room: Callable[[int], int], settings: tuple = (), drafter: Optional[Drafter] = None
+        self,
+        kind: Any,
+        room: Callable[[int], int],
+        realign: Callable[[], Realign],
+        settings: tuple = (),
+        drafter: Optional[Drafter] = None,
+        trail: Optional[Callable[[], Optional[spec.Trail]]] = None,
     ) -> Optional[spec.Speculation]:
         """The drafts :meth:`eval` verifies: ``kind`` is ``"lookup"``, ``"model"`` or a llama-cpp-python
         ``LlamaDraftModel`` (None: no drafts); ``room(n)``, the most tokens a draft may have after n;
+        ``realign()``: the realignment of the call a draft is made for (it names the step's cost,
+        :meth:`cost_key`, and the context a ``"model"`` draft uses, :meth:`drafting_context`);
         ``settings``: what else a step's cost depends on (offloading, attention), part of :meth:`cost_key`;
         ``drafter``: a small drafter (:mod:`dera_gguf.drafter`), which a ``"model"`` draft uses instead of
-        the pair's own models."""
+        the pair's own models; ``trail()``: what the speculation follows of that call's text
+        (:class:`~dera_gguf.speculative.Trail`)."""
         run = lambda context, work: self.threads.run([context], work)
         if kind is None:
             source = None
@@ -310,31 +318,27 @@ class PairRuntime:
         elif kind == "model" and drafter is not None:
             source = SmallDraft(drafter.context, run, self.n_batch, drafter.path, limit=self.n_vocab)
         elif kind == "model":
-            source = spec.ModelDraft(self._drafter, run, self.n_batch)
+            source = spec.ModelDraft(lambda: self.drafting_context(realign()), run, self.n_batch)
         else:
             source = spec.from_draft_model(kind)
-        key = lambda: self.cost_key(settings)
-        self.speculation = None if source is None else spec.Speculation(source, room, key=key)
+        key = lambda: self.cost_key(realign(), settings)
+        self.speculation = None if source is None else spec.Speculation(source, room, key=key, trail=trail)
         return self.speculation
 
-    def cost_key(self, settings: tuple = ()) -> tuple:
-        """What a step's cost depends on now (speculation times steps per key): the models and which
-        of them decode (the realignment in effect), the thread plan, and the caller's ``settings``."""
-        realign = self.realign
-        if realign is None or realign.mode == "blend":
-            active = None if realign is None else tuple(w != 0.0 for w in realign.weights)
-        else:
-            active = "weights"
+    def cost_key(self, realign: Realign, settings: tuple = ()) -> tuple:
+        """What a step under ``realign`` costs depends on (speculation times steps per key): the models
+        and which of them decode, the thread plan, and the caller's ``settings``."""
+        active = "weights" if realign.mode == "weights" else tuple(w != 0.0 for w in realign.weights)
         files = (self.files.reference, *self.files.aligned)
         plan = self.threads
         return files, active, (plan.n_threads, plan.n_threads_batch, plan.concurrent), settings
 
-    def _drafter(self) -> Optional[Context]:
-        """The context that drafts for a model draft: the one with the largest weight in the realignment
-        in effect (blend mode only: in weight-space mode one context decodes)."""
-        if self.realign is None or self.realign.mode != "blend":
+    def drafting_context(self, realign: Realign) -> Optional[Context]:
+        """The context that drafts for a model draft under ``realign``: the one with the largest weight
+        (blend mode only: in weight-space mode one context decodes; None: nothing to draft with)."""
+        if realign.mode != "blend":
             return None
-        return spec.largest_weight(self.contexts, self.realign.weights)
+        return spec.largest_weight(self.contexts, realign.weights)
 
     def _take_known(self) -> Optional[KnownRows]:
         """The rows the latest model draft left in its context (verification need not decode them again)."""

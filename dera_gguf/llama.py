@@ -26,6 +26,7 @@ call is exact. This leans on llama-cpp-python internals (``_ctx``, ``_batch``, `
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -49,6 +50,7 @@ from .state import PairState, pair_owner
 from .threads import ThreadPlan
 
 PathLike = Union[str, "os.PathLike[str]"]
+_SAMPLE = inspect.signature(Llama.sample)  # its arguments: DeRaLlama.sample makes the same chain from them
 
 
 class _Setup(NamedTuple):
@@ -152,12 +154,15 @@ class DeRaLlama(Llama):
         self._fallback = ByteFallback.of(self.model, self.metadata)  # None: every text tokenizes
         self._scored: Optional[Realign] = None  # the realignment of the rows in self.scores
         self._stop: Optional[Callable[[], bool]] = None  # set by stopping(): the caller's scope, across calls
+        self._owner_cache: Optional[tuple] = None  # _owner(), computed on first use
         # Set after Llama's __init__, which would otherwise keep logits for every row of every decode.
         # The decode batch holds the draft too, and the context the whole text.
         room = lambda length: min(self.n_batch - (length - self.n_tokens), self._n_ctx - length)
         settings = (self.model_params.n_gpu_layers, self.context_params.flash_attn_type, self.context_params.type_k)
         drafter = open_drafter(self.runtime.models, draft_model_path, self.context_params, self.n_batch)
-        self.draft_model = self.runtime.drafting(speculative, room, settings, drafter)
+        # A draft is made inside a generate() step, with that call in effect: its realignment and trail are the draft's.
+        trail = lambda: getattr(self._calls.open(), "trail", None)
+        self.draft_model = self.runtime.drafting(speculative, room, self._calls.realign, settings, drafter, trail)
 
     @classmethod
     def from_pair(
@@ -345,7 +350,7 @@ class DeRaLlama(Llama):
         call.generating, call.every_row = True, False
         self._requires_eval = True
         if self.draft_model is not None:
-            self.draft_model.restart()
+            call.trail = self.draft_model.new_text()
         if self._logits_all and self._scored != call.realign:
             self.reset()  # the score rows of the cached prefix hold another blend: recompute them
         steps = super().generate(tokens, *args, **kwargs)
@@ -367,12 +372,12 @@ class DeRaLlama(Llama):
         """Within it, every decode (each batch of a long prompt too) first asks ``when()``, and a true
         answer ends the call with :class:`~dera_gguf.errors.Stopped` before that decode (the engine
         stays consistent: the next call goes on normally). dera-serve stops a request whose client
-        went away so."""
-        self._stop = when
+        went away so. Scopes nest: leaving one restores the check of the scope around it."""
+        outer, self._stop = self._stop, when
         try:
             yield self
         finally:
-            self._stop = None
+            self._stop = outer
 
     def _check_stop(self) -> None:
         if self._stop is not None and self._stop():
@@ -406,15 +411,24 @@ class DeRaLlama(Llama):
         self._scored = call.realign
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
-        """``Llama.sample`` on the context whose logits buffer holds the blend."""
+        """``Llama.sample``, run on the context whose logits buffer holds the blend.
+
+        llama-cpp-python's own ``sample`` runs its sampler chain on ``self._ctx`` (aligned model 1's
+        context), but the blend lies in the first active context's buffer (the reference's at lam 0,
+        say): the call in effect names it (:attr:`~dera_gguf.calls.Call.target`; aligned model 1's
+        before any decode). This is that method's body with the context named instead of changing
+        ``self._ctx``: the chain in use (``generate()``'s), else one made from these arguments (its
+        defaults for those not given) for this draw, sampling row ``idx`` (None: the last).
+        """
+        bound = _SAMPLE.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        settings = {name: value for name, value in bound.arguments.items() if name not in ("self", "idx")}
+        idx = bound.arguments["idx"]
+        assert self.n_tokens > 0
+        chain = self._sampler if self._sampler is not None else self._init_sampler(**settings)
         call = self._calls.current
-        saved = self._ctx
-        if call is not None and call.target is not None:
-            self._ctx = call.target.ctx
-        try:
-            return super().sample(*args, **kwargs)
-        finally:
-            self._ctx = saved
+        context = call.target.ctx if call is not None and call.target is not None else self._ctx
+        return chain.sample(context, -1 if idx is None else idx - self.n_tokens)
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # __init__ may have refused its arguments before Llama set up
@@ -458,7 +472,7 @@ class DeRaLlama(Llama):
 
     def _owner(self) -> tuple:
         """``(fingerprint, name)`` of this pair's files, which a state must match (computed once)."""
-        if getattr(self, "_owner_cache", None) is None:
+        if self._owner_cache is None:
             files = self._files
             self._owner_cache = pair_owner(files.reference, files.aligned, files.is_adapter)
         return self._owner_cache

@@ -124,32 +124,31 @@ class DeRa(llm.Model):
         self.Options = options_for(len(pair.aligned))
 
     def llama(self, n_ctx: Optional[int] = None) -> DeRaLlama:
-        """The pair's DeRaLlama (``n_ctx`` None: 4096), loaded on first use and kept for the rest of the
-        process; another ``n_ctx`` (or changed files) replaces it."""
-        ref, aligned = self.pair.resolve()
-        n_ctx = n_ctx or N_CTX
-        key = (ref, tuple(aligned), tuple(sorted(self.pair.template_kwargs().items())), n_ctx)
+        """The pair's DeRaLlama (``n_ctx`` None: 4096), made as ``DeRaLlama.from_pair`` makes it
+        (:meth:`~dera_gguf.registry.Pair.engine_args`: the pair's λ, chat template and drafter), loaded on
+        first use and kept for the rest of the process; other arguments (another ``n_ctx``, changed
+        files) replace it."""
+        args = self.pair.engine_args(n_ctx=n_ctx or N_CTX, **LOAD_KWARGS)
+        key = (args.reference, tuple(args.aligned), args.lam, tuple(sorted(args.llama_kwargs.items())))
         if _loaded.get(self.pair.name, (None,))[0] != key:
             _loaded.pop(self.pair.name, None)  # free the old one before loading
-            engine = DeRaLlama.from_pair(self.pair.name, n_ctx=n_ctx, **LOAD_KWARGS)
+            engine = DeRaLlama(args.reference, args.aligned, lam=args.lam, **args.llama_kwargs)
             for note in engine.pair_files.notes:
                 click.echo(note, err=True)
             _loaded[self.pair.name] = (key, engine)
         return _loaded[self.pair.name][1]
 
-    def default_lam(self) -> Union[float, tuple]:
-        return normalize_lam(self.pair.default_lam(), len(self.pair.aligned))
-
     def execute(self, prompt, stream, response, conversation) -> Iterator[str]:
         options = prompt.options
-        lam = self.default_lam() if options.lam is None else options.lam
         sampling = options.sampling()
         seed = sampling.next_seed()
-        kwargs = dict(sampling.call_kwargs(seed), lam=lam)
         messages = chat_messages(prompt)
+        engine = self.llama(options.n_ctx)
+        lam = engine.lam if options.lam is None else options.lam  # unset: the pair's λ, the engine's default
+        kwargs = dict(sampling.call_kwargs(seed), lam=lam)
         record = {"lam": list(lam) if isinstance(lam, (list, tuple)) else lam, "seed": seed}
         try:
-            yield from self._answer(self.llama(options.n_ctx), messages, kwargs, record, stream, response)
+            yield from self._answer(engine, messages, kwargs, record, stream, response)
         except ContextFullError as e:
             raise ContextFullError(f"{e} (llm: a larger -o n_ctx, or a new conversation)") from None
 

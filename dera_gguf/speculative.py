@@ -43,6 +43,7 @@ __all__ = [
     "Pace",
     "Speculation",
     "SpeculationStats",
+    "Trail",
     "check_kind",
     "from_draft_model",
     "largest_weight",
@@ -119,6 +120,20 @@ class SpeculationStats:
         return self.accepted / self.settled if self.settled else float("nan")
 
 
+@dataclass
+class Trail:
+    """What the speculation follows of one text (one generation), kept by whoever runs that generation
+    (DeRaLlama: its call), so that two generations drafted in turn do not settle or time each other's
+    steps. What the speculation learns stays its own, across texts (:meth:`Speculation.new_text`
+    resets the parts that describe one text: the gate's pause, a free source's acceptance), so
+    generations drafted in turn share those; that only changes how much is drafted, never the output.
+    """
+
+    last: Optional[tuple] = None  # (start position, drafted tokens, kind, tokens expected) of the latest draft
+    watched: list = field(default_factory=list)  # (start position, tokens, kind) of free drafts not made, until settled
+    clock: Optional[tuple] = None  # (text length, time, costs, rows, probe, overhead) at the previous step
+
+
 class Speculation(LlamaDraftModel):
     """The ``draft_model`` DeRaLlama hands to llama-cpp-python's ``generate()``.
 
@@ -136,6 +151,9 @@ class Speculation(LlamaDraftModel):
         key: ``key()`` names what a step's cost depends on now (the models that decode, the
             thread plan, offloading); steps are timed into this process's table for that key and
             the source (:mod:`dera_gguf.costs`). None: one table for every step.
+        trail: ``trail()`` is the :class:`Trail` of the generation a draft is made for (one that
+            :meth:`new_text` made), or None; None (or no ``trail``): the speculation's own, which
+            :meth:`restart` renews.
     """
 
     def __init__(
@@ -145,42 +163,48 @@ class Speculation(LlamaDraftModel):
         gate: Optional[Gate] = None,
         pace: Optional[Pace] = None,
         key: Optional[Callable[[], Hashable]] = None,
+        trail: Optional[Callable[[], Optional[Trail]]] = None,
     ):
         self.source = source
         self.room = room
         self.gate = gate or Gate()
         self.pace = pace or Pace()
         self.key = key or (lambda: None)
+        self.trail = trail or (lambda: None)
         self.stats = SpeculationStats()
         self._free = hasattr(source, "propose")  # drafts cost nothing: proposed at every step, watched
         self._family = "lookup" if self._free else getattr(source, "kind", "draft")
-        self._last: Optional[tuple] = None  # (start position, drafted tokens, kind, tokens expected)
-        self._watched: list = []  # (start position, tokens, kind) of free drafts not verified, until settled
-        self._clock: Optional[tuple] = None  # (text length, time, costs, rows, probe, overhead) at the previous call
+        self._own = Trail()  # the trail when trail() names none
 
-    def restart(self) -> None:
-        """A new generation: the previous draft is not verified against it. How often free drafts pass is
-        learned again from the new text's own (another text copies more or less: a server's next request
-        is another user's); a source that drafts at a cost learns only from its drafts, and keeps that."""
-        self._last, self._watched, self._clock = None, [], None
+    def new_text(self) -> Trail:
+        """A new generation's trail: the previous draft is not verified against its text. How often free
+        drafts pass is learned again from the new text's own (another text copies more or less: a
+        server's next request is another user's); a source that drafts at a cost learns only from its
+        drafts, and keeps that."""
         self.gate.new_text()
         if self._free:
             self.pace.new_text()
+        return Trail()
+
+    def restart(self) -> None:
+        """A new generation followed on the speculation's own trail (:meth:`new_text`)."""
+        self._own = self.new_text()
 
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         now = time.perf_counter()
         ids = np.asarray(input_ids)
-        followed = self._last is not None  # the previous step drafted: a drafter of its own followed the text
-        self._settle(ids)
-        self._watch(ids)
-        self._time_step(len(ids), now)
+        trail = self.trail() or self._own
+        followed = trail.last is not None  # the previous step drafted: a drafter of its own followed the text
+        self._settle(trail, ids)
+        self._watch(trail, ids)
+        self._time_step(trail, len(ids), now)
         room = self.room(len(ids))
         costs = step_costs((self.key(), self._family)) if self.pace.timed else None
-        draft, kind, probe = self._paced(ids, room, costs) if costs is not None else self._gated(ids, room)
-        self._last = (len(ids), draft, kind, self.pace.expected(kind, len(draft))) if len(draft) else None
+        draft, kind, probe = self._paced(trail, ids, room, costs) if costs is not None else self._gated(ids, room)
+        trail.last = (len(ids), draft, kind, self.pace.expected(kind, len(draft))) if len(draft) else None
         # The drafting counts towards its step; a drafter's catching up after a pause is the pause's cost.
         overhead = getattr(self.source, "caught_up", 0.0) if len(draft) and not followed else 0.0
-        self._clock = (len(ids), now, costs, 1 + len(draft), probe, overhead)
+        trail.clock = (len(ids), now, costs, 1 + len(draft), probe, overhead)
         if len(draft):
             self.stats.verifications += 1
             self.stats.drafted += len(draft)
@@ -197,48 +221,48 @@ class Speculation(LlamaDraftModel):
             return draft[:n], kind, False
         return self.source(ids, n)[:n], self._family, False
 
-    def _paced(self, ids: np.ndarray, room: int, costs: StepCosts) -> tuple:
+    def _paced(self, trail: Trail, ids: np.ndarray, room: int, costs: StepCosts) -> tuple:
         """(draft, kind, probe): the draft the pace finds worth its measured cost, if any."""
         if self._free:
             proposal, kind = self.source.propose(ids, self.pace.max_draft)
             n, probe = self.pace.choose(kind, min(len(proposal), room), costs)
             if len(proposal) and not n:  # a draft not made: the text will tell how much of it would have passed
-                self._watched.append((len(ids), proposal, kind))
+                trail.watched.append((len(ids), proposal, kind))
             return proposal[:n], kind, probe
         n, probe = self.pace.choose(self._family, min(self.pace.max_draft, room), costs, watched=False)
         return (self.source(ids, n)[:n] if n else EMPTY), self._family, probe
 
-    def _time_step(self, length: int, now: float) -> None:
+    def _time_step(self, trail: Trail, length: int, now: float) -> None:
         """Time the step since the previous call (its decode, sampling and drafting)."""
-        if self._clock is None:
+        if trail.clock is None:
             return
-        before, then, costs, rows, probe, overhead = self._clock
+        before, then, costs, rows, probe, overhead = trail.clock
         if costs is not None and length > before:
             self.pace.record(costs, rows, now - then, length - before, probe, overhead)
 
-    def _settle(self, ids: np.ndarray) -> None:
+    def _settle(self, trail: Trail, ids: np.ndarray) -> None:
         """Record how many tokens of the last draft the sampler kept (they now stand in ``ids``)."""
-        if self._last is None:
+        if trail.last is None:
             return
-        start, draft, kind, expected = self._last
+        start, draft, kind, expected = trail.last
         accepted = _passed(draft, ids[start : start + len(draft)])
         self.gate.record(len(ids), len(draft), accepted)
         self.pace.drafted(kind, len(draft), accepted, expected)
         self.stats.settled += len(draft)
         self.stats.accepted += accepted
-        self._last = None
+        trail.last = None
 
-    def _watch(self, ids: np.ndarray) -> None:
+    def _watch(self, trail: Trail, ids: np.ndarray) -> None:
         """Count each watched (unverified) draft as a draft once the text shows how much of it it follows."""
         waiting = []
-        for start, draft, kind in self._watched:
+        for start, draft, kind in trail.watched:
             got = ids[start : start + len(draft)]
             passed = _passed(draft, got)
             if passed < len(got) or len(got) == len(draft):
                 self.pace.acceptance.add(kind, passed, len(draft))
             else:
                 waiting.append((start, draft, kind))
-        self._watched = waiting
+        trail.watched = waiting
 
 
 def _passed(draft: np.ndarray, got: np.ndarray) -> int:

@@ -246,6 +246,37 @@ def test_a_stopped_call_raises_and_leaves_the_engine_exact(ref_path, aligned_pat
     assert R.generated(llm, prompt, len(expected)) == expected
 
 
+def test_stopping_scopes_nest(ref_path, aligned_path):
+    """Leaving an inner stopping() scope brings back the outer scope's check."""
+    llm = dera(ref_path, str(aligned_path), lam=1.5)
+    with llm.stopping(lambda: True):
+        with llm.stopping(lambda: False):
+            assert llm.create_completion(PROMPT, max_tokens=2, temperature=0.0)["choices"]
+        with pytest.raises(Stopped):
+            llm.create_completion(PROMPT, max_tokens=2, temperature=0.0)
+    assert llm.create_completion(PROMPT, max_tokens=2, temperature=0.0)["choices"]
+
+
+def test_a_lone_eval_at_lam_0_is_sampled_where_its_row_lies_and_the_llama_keeps_its_context(
+    ref_path, aligned_path, pair
+):
+    """eval() then sample() by hand (llama-cpp-python's low-level way): at lam 0 the row lies in the
+    reference's context; sample() draws it from there while the Llama's own context stays its own
+    (a logits processor looks during the draw)."""
+    llm = dera(ref_path, str(aligned_path), lam=0.0)
+    prompt = prompt_tokens(llm)
+    expected, _ = R.greedy(pair, [1.0, 0.0], prompt, 1)
+    own, during = llm._ctx, []
+
+    def look(ids, logits):
+        during.append(llm._ctx)
+        return logits
+
+    llm.eval(prompt)
+    token = llm.sample(temp=0.0, top_k=1, logits_processor=llama_cpp.LogitsProcessorList([look]))
+    assert token == expected[0] and len(during) == 1 and during[0] is own and llm._ctx is own
+
+
 def test_a_long_prompt_stops_between_its_batches_and_the_next_call_is_exact(ref_path, aligned_path, pair):
     """Stopped before the 4th batch of 8 prompt tokens: both contexts hold the 24 decoded (read from
     llama.cpp), and generating from the same prompt afterwards gives the blend's greedy tokens."""

@@ -237,6 +237,27 @@ def test_open_text_costs_few_verifications(ref_path, aligned_path):
     assert s.accepted == 0 and s.verifications < n / 8
 
 
+def test_a_call_between_generate_steps_leaves_the_generations_drafts_its_own(ref_path, aligned_path):
+    """A completion at another lam between two steps of generate() (calls nest): the generation's next
+    draft is still timed under its own realignment (at lam 1 only the aligned model decodes) and follows
+    its own text, not the completion's (issue 30: nothing about a call kept on the engine)."""
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=1.0, speculative="lookup", **KW)
+    speculation = llm.draft_model
+    key, trail = speculation.key, speculation.trail
+    seen = []  # (cost key, trail) at each draft
+    speculation.key = lambda: seen.append((key(), trail())) or seen[-1][0]
+    steps = llm.generate(repeated_prompt(llm.n_vocab()), temp=0.0, top_k=1)
+    next(steps), next(steps)  # the second step drafts
+    outer = seen[-1]
+    llm.create_completion("hello world", max_tokens=4, temperature=0.0, lam=0.5)
+    inner, resumed = seen[-1], len(seen)
+    next(steps)
+    after = seen[resumed]  # the generation's first draft after the completion
+    steps.close()
+    assert outer[0] != inner[0] and after[0] == outer[0]
+    assert outer[1] is not None and inner[1] is not outer[1] and after[1] is outer[1]
+
+
 @pytest.mark.parametrize("bad", ["lookahead", 3, True])
 def test_an_unknown_speculative_value_is_refused(ref_path, aligned_path, bad):
     with pytest.raises(DeRaError, match="speculative must be one of lookup, model"):

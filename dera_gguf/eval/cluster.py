@@ -136,12 +136,25 @@ class _Given(NamedTuple):
     lams: List[float]
 
 
+class _Run:
+    """The bookkeeping of one ``execute(todo)`` call: the rows still to hand out, who holds which,
+    the tries each row lost to dead workers, and the workers not yet known to be ready."""
+
+    def __init__(self, todo: List[Tuple[Row, List[float]]], max_starts: int):
+        self.queue: Deque[Tuple[Row, List[float]]] = collections.deque(todo)
+        self.tries: Dict[str, int] = collections.defaultdict(int)  # row id -> tries lost to dead workers
+        self.given: Dict[Any, _Given] = {}  # row ref -> who holds which row
+        self.loading: Dict[Any, _Worker] = {}  # info ref -> a worker not yet known to be ready
+        self.max_starts = max_starts  # workers started (by the executor, in all) past which it gives up
+
+
 class RayExecutor:
     """``execute(todo)`` for :func:`~.runner.run_sweep`, over Ray workers; a context manager.
 
-    Entering connects to Ray (and starts a local runtime if asked to and none is running);
-    leaving kills this sweep's workers and, if it started the runtime, shuts it down, so
-    neither Ctrl-C nor an error leaves a worker behind.
+    Entering connects to Ray (and starts a local runtime if asked to and none is running) and
+    plans the workers; leaving kills this sweep's workers and, if it started the runtime, shuts it
+    down, so neither Ctrl-C nor an error leaves a worker behind. The workers live as long as the
+    executor; each call keeps its rows' bookkeeping apart (:class:`_Run`).
     """
 
     def __init__(self, spec: PairSpec, task: RowTask, address: Any = LOCAL, workers: Optional[int] = None, log=None):
@@ -149,10 +162,12 @@ class RayExecutor:
         self.options = ray_options(address, workers)
         self.log: Callable[[str], None] = log or (lambda message: None)
         self.ray = import_ray()
-        self.owns_runtime = False
-        self.workers: List[_Worker] = []
-        self.started = 0
-        self.pids: List[int] = []  # every worker's pid, as each reports (tests kill one)
+        self.owns_runtime = False  # whether entering started the Ray runtime (leaving then shuts it down)
+        self.plan: Optional[WorkerPlan] = None  # the workers, their resources and pair spec: made on entering
+        self.actor_class: Any = None  # RowWorker as a Ray actor with the plan's resources: made on entering
+        self.workers: List[_Worker] = []  # the live workers, oldest first
+        self.started = 0  # workers started so far
+        self.pids: List[int] = []  # every worker's pid, as each reports
 
     # ------------------------------------------------------------ set up
 
@@ -167,8 +182,8 @@ class RayExecutor:
         try:
             for code in self.task.user_code():
                 ship_user_code(code)
-            self.n_workers, self.actor_options, self.worker_spec = self._plan()
-            self.actor_class = ray.remote(RowWorker).options(max_restarts=0, **self.actor_options)
+            self.plan = self._plan()
+            self.actor_class = ray.remote(RowWorker).options(max_restarts=0, **self.plan.actor_options)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -210,53 +225,51 @@ class RayExecutor:
     def __call__(self, todo: List[Tuple[Row, List[float]]]) -> Iterator[Outcome]:
         if not todo:
             return
-        ray = self.ray
-        queue: Deque[Tuple[Row, List[float]]] = collections.deque(todo)
-        self.tries: Dict[str, int] = collections.defaultdict(int)  # row id -> tries lost to dead workers
-        self.given: Dict[Any, _Given] = {}  # row ref -> who holds which row
-        self.loading: Dict[Any, _Worker] = {}  # info ref -> a worker not yet known to be ready
-        self.max_starts = self.n_workers + len(todo) * self.options.max_tries
-        for _ in range(min(self.n_workers, len(todo))):
-            self._start_worker()
-        while queue or self.given:
-            self._hand_out(queue)
-            (ref,), _ = ray.wait(list(self.loading) + list(self.given), num_returns=1)
-            if ref in self.loading:
-                worker = self.loading.pop(ref)
+        if self.plan is None:
+            raise DeRaError("RayExecutor runs rows inside its with block (entering it plans the workers)")
+        ray, plan = self.ray, self.plan
+        run = _Run(todo, plan.n_workers + len(todo) * self.options.max_tries)
+        for _ in range(min(plan.n_workers, len(todo))):
+            self._start_worker(run)
+        while run.queue or run.given:
+            self._hand_out(run)
+            (ref,), _ = ray.wait(list(run.loading) + list(run.given), num_returns=1)
+            if ref in run.loading:
+                worker = run.loading.pop(ref)
                 try:
                     worker.info = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    yield from self._lost(worker, e, queue)
+                    yield from self._lost(worker, e, run)
                     continue
                 self.pids.append(worker.info["pid"])
                 self.log(
                     f"worker {worker.number} loaded the pair in {worker.info['load_s']:.1f} s "
-                    f"(pid {worker.info['pid']} on {worker.info['host']}, {self.worker_spec.n_threads} thread(s))"
+                    f"(pid {worker.info['pid']} on {worker.info['host']}, {plan.spec.n_threads} thread(s))"
                 )
                 continue
-            worker, row = self.given[ref].worker, self.given[ref].row
+            worker, row = run.given[ref].worker, run.given[ref].row
             try:
                 result: RowResult = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                yield from self._lost(worker, e, queue)
+                yield from self._lost(worker, e, run)
                 continue
-            del self.given[ref]
+            del run.given[ref]
             worker.held.remove(ref)
             if result.error is not None:
                 raise DeRaError(result.error)
             yield Outcome(row, result.records, result.problem)
 
-    def _start_worker(self) -> _Worker:
-        if self.started >= self.max_starts:
+    def _start_worker(self, run: _Run) -> _Worker:
+        if self.started >= run.max_starts:
             raise DeRaError(f"Ray workers keep dying ({self.started} started): see the log above for why")
-        actor = self.actor_class.remote(self.worker_spec, self.task)
+        actor = self.actor_class.remote(self.plan.spec, self.task)
         self.started += 1
         worker = _Worker(self.started, actor, actor.info.remote())
         self.workers.append(worker)
-        self.loading[worker.info_ref] = worker
+        run.loading[worker.info_ref] = worker
         return worker
 
-    def _hand_out(self, queue) -> None:
+    def _hand_out(self, run: _Run) -> None:
         """The queue's front to the ready workers with room, one row each per round.
 
         A worker gets rows once its pair is loaded: one that Ray cannot place (more workers
@@ -264,33 +277,33 @@ class RayExecutor:
         """
         for depth in range(1, self.options.depth + 1):
             for worker in self.workers:
-                if queue and worker.info is not None and len(worker.held) < depth:
-                    row, lams = queue.popleft()
+                if run.queue and worker.info is not None and len(worker.held) < depth:
+                    row, lams = run.queue.popleft()
                     ref = worker.actor.run.remote(row, lams)
                     worker.held.append(ref)
-                    self.given[ref] = _Given(worker, row, lams)
+                    run.given[ref] = _Given(worker, row, lams)
 
-    def _lost(self, worker: _Worker, error, queue) -> List[Outcome]:
+    def _lost(self, worker: _Worker, error, run: _Run) -> List[Outcome]:
         """A worker died: its rows go back to the queue's front (the oldest one loses a try); replace it."""
         cause = _first_line(error)
         if worker.info is None and _is_creation_error(error):
             raise DeRaError(f"a Ray worker could not load the pair: {cause}")
         self.workers.remove(worker)
-        self.loading.pop(worker.info_ref, None)
-        held = [self.given.pop(ref) for ref in worker.held if ref in self.given]
+        run.loading.pop(worker.info_ref, None)
+        held = [run.given.pop(ref) for ref in worker.held if ref in run.given]
         failed, back = [], []
         for i, (_, row, lams) in enumerate(held):
             if i == 0:  # the row it was computing
-                self.tries[row.id] += 1
-                if self.tries[row.id] >= self.options.max_tries:
-                    message = f"failed on {self.tries[row.id]} tries: the Ray worker computing it died ({cause})"
+                run.tries[row.id] += 1
+                if run.tries[row.id] >= self.options.max_tries:
+                    message = f"failed on {run.tries[row.id]} tries: the Ray worker computing it died ({cause})"
                     failed.append(Outcome(row, [], message))
                     continue
             back.append((row, lams))
-        queue.extendleft(reversed(back))
+        run.queue.extendleft(reversed(back))
         self.log(f"worker {worker.number} died ({cause}); {len(back)} row(s) go back to the queue")
-        if queue:
-            self._start_worker()
+        if run.queue:
+            self._start_worker(run)
         return failed
 
 
