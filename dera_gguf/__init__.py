@@ -8,7 +8,7 @@ llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], lam=0.5
 from .blend import blend_logits, kl_divergence, log_softmax, mixing_weights, normalize_lam, sweep_stats
 from .errors import ContextFullError, DecodeError, DeRaError, Stopped
 from .llama import DeRaLlama
-from .pull import pull
+from .pairs.pull import pull
 
 __all__ = [
     "DeRaLlama",

@@ -152,7 +152,7 @@ def check_same_vocab(ref_path: str, ref_sig: tuple, path: str, sig: tuple) -> No
 
 def check_vocabularies(ref_path: str, model_paths: List[str], verbose: bool) -> None:
     """Refuse before loading any weights if a model's tokenizer differs from the reference's (a drafter's
-    rule is looser: :mod:`dera_gguf.draft_vocab`)."""
+    rule is looser: :mod:`dera_gguf.speculation.vocab`)."""
     ref_sig = _signature(ref_path, "reference model", verbose)
     for path in model_paths:
         check_same_vocab(ref_path, ref_sig, path, _signature(path, "aligned model", verbose))

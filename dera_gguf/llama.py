@@ -6,7 +6,7 @@ stop strings, seeds, logprobs, grammars, JSON mode) keeps working. Only three se
 change:
 
 * ``eval`` decodes the new tokens in every model with a non-zero weight (through the
-  pair's :class:`~dera_gguf.engine.PairRuntime`) and leaves the blended logits in a
+  pair's :class:`~dera_gguf.runtime.pair.PairRuntime`) and leaves the blended logits in a
   context's logits buffer, for every row ``generate()`` samples (the last token's,
   and those of drafted or sent tokens; and in ``self.scores`` when ``logits_all`` is on);
 * ``sample`` points llama.cpp's sampler chain at that buffer;
@@ -17,7 +17,7 @@ one :class:`Call` object, made where the call starts.
 
 At lam 0 and 1 a single model decodes and its logits are left untouched, so outputs
 equal those of plain ``llama_cpp.Llama`` on that model exactly. What each context
-holds is read from llama.cpp at every call (:mod:`dera_gguf.contexts`), so whatever
+holds is read from llama.cpp at every call (:mod:`dera_gguf.runtime.contexts`), so whatever
 llama-cpp-python does to its own context (it trims it inside ``generate``), the next
 call is exact. This leans on llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``, ``input_ids``,
 ``scores``); pyproject.toml pins the release line the tests cover.
@@ -36,18 +36,18 @@ from llama_cpp import Llama
 from llama_cpp.llama_speculative import LlamaDraftModel
 
 from . import checks
-from . import speculative as spec
 from .blend import Lam, mixing_weights, normalize_lam
-from .bytefallback import ByteFallback
-from .calls import Call, CallScope
-from .contexts import Context
-from .drafter import check_draft_model, draft_kind, open_drafter
-from .engine import PairRuntime, Realign, check_mode, thread_plan
 from .errors import ContextFullError, DeRaError, Stopped
-from .models import PairFiles, PairModels, as_path_list
-from .prompts import chat_tokens, completion_tokens, jinja_formatter
-from .state import PairState, pair_owner
-from .threads import ThreadPlan
+from .runtime.bytefallback import ByteFallback
+from .runtime.calls import Call, CallScope
+from .runtime.contexts import Context
+from .runtime.pair import PairRuntime, Realign, check_mode, thread_plan
+from .runtime.prompts import chat_tokens, completion_tokens, jinja_formatter
+from .runtime.states import PairState, pair_owner
+from .runtime.threads import ThreadPlan
+from .runtime.weights import PairFiles, PairModels, as_path_list
+from .speculation import verify as spec
+from .speculation.small_model import check_draft_model, draft_kind, open_drafter
 
 PathLike = Union[str, "os.PathLike[str]"]
 _SAMPLE = inspect.signature(Llama.sample)  # its arguments: DeRaLlama.sample makes the same chain from them
@@ -81,17 +81,17 @@ class DeRaLlama(Llama):
             pairs only: the adapters applied on the reference at scale lam, one forward pass;
             an approximation of DeRa, the paper's weight-space alternative).
         concurrent: decode the contexts at the same time, each on its share of ``n_threads``
-            (None: :func:`~dera_gguf.engine.thread_plan` decides). The logits are the same
+            (None: :func:`~dera_gguf.runtime.pair.thread_plan` decides). The logits are the same
             either way.
         speculative: draft tokens and verify them in one batch per model: ``"lookup"`` (copies
             of earlier text: edits, quotes, code), ``"model"`` (greedy drafts from the pair's
             model with the largest weight) or a llama_cpp ``LlamaDraftModel`` (``draft_model=``
             means the same); None: off. Outputs stay those of decoding without drafts, seed for
             seed, as far as llama.cpp's logits do not depend on the batch shape
-            (:mod:`dera_gguf.speculative`). A draft is made only where, at the step costs this
+            (:mod:`dera_gguf.speculation.verify`). A draft is made only where, at the step costs this
             process has measured for the pair, it is expected to save time (none at first).
         draft_model_path: a small GGUF model with the pair's vocabulary (e.g. a 1B model of the
-            8B pair's family) that drafts greedily in a context of its own (:mod:`dera_gguf.drafter`).
+            8B pair's family) that drafts greedily in a context of its own (:mod:`dera_gguf.speculation.small_model`).
             It implies ``speculative="model"``, which then means its drafts; another ``speculative``
             beside it is refused. A vocabulary unlike the pair's is refused before loading.
         chat_template: a Jinja chat template that formats chats instead of the GGUF's own.
@@ -100,7 +100,7 @@ class DeRaLlama(Llama):
         **llama_kwargs: ``llama_cpp.Llama`` arguments (n_ctx, n_gpu_layers, n_threads,
             n_batch, seed, logits_all, verbose, ...), applied to every context. A keyword
             that ``llama_cpp.Llama`` does not name is refused. ``n_threads`` defaults to the
-            physical cores (:func:`~dera_gguf.engine.thread_plan`).
+            physical cores (:func:`~dera_gguf.runtime.pair.thread_plan`).
     """
 
     def __init__(
@@ -177,14 +177,14 @@ class DeRaLlama(Llama):
 
         ``models`` (or ``$DERA_MODELS``) adds another models.toml to the shipped one and the
         user's. Nothing is downloaded here: a pair whose files are missing raises a DeRaError
-        naming the command that gets them (``dera-pull NAME``, or :func:`dera_gguf.pull`).
+        naming the command that gets them (``dera-pull NAME``, or :func:`dera_gguf.pairs.pull`).
         The pair's chat template (models.toml's ``chat_format`` / ``chat_template``) is used
         unless the call names one. ``draft``: the pair's drafter (models.toml's ``draft``) drafts
         when it is pulled (None), always (True: a DeRaError when it is missing) or never (False);
         a ``draft_model_path=``, or a ``speculative=`` other than ``"model"``, replaces it. Other
         keywords (``n_ctx=``, ...) are :class:`DeRaLlama`'s.
         """
-        from .registry import load_registry
+        from .pairs.registry import load_registry
 
         pair, _ = load_registry(models).pick(name)
         args = pair.engine_args(lam, draft, **llama_kwargs)
@@ -240,12 +240,12 @@ class DeRaLlama(Llama):
         return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
 
     def prompt_tokens(self, prompt: str) -> List[int]:
-        """The tokens ``create_completion(prompt)`` decodes (:func:`~dera_gguf.prompts.completion_tokens`)."""
+        """The tokens ``create_completion(prompt)`` decodes (:func:`~dera_gguf.runtime.prompts.completion_tokens`)."""
         return completion_tokens(self, prompt)
 
     def chat_prompt(self, messages: list, stop: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
         """The prompt tokens and stop strings ``create_chat_completion(messages, stop=stop)`` uses
-        (:func:`~dera_gguf.prompts.chat_tokens`)."""
+        (:func:`~dera_gguf.runtime.prompts.chat_tokens`)."""
         return chat_tokens(self, messages, stop)
 
     def sequences(self, n_seq: int, n_ctx: int, unified: bool = True) -> PairRuntime:
@@ -330,7 +330,7 @@ class DeRaLlama(Llama):
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
         """``Llama.tokenize``, refusing (DeRaError) text llama.cpp would abort the process on
-        (:mod:`dera_gguf.bytefallback`). Every call of llama-cpp-python's that tokenizes comes here."""
+        (:mod:`dera_gguf.runtime.bytefallback`). Every call of llama-cpp-python's that tokenizes comes here."""
         if self._fallback is not None and isinstance(text, bytes):
             self._fallback.check(text)
         return super().tokenize(text, add_bos, special)
@@ -415,7 +415,7 @@ class DeRaLlama(Llama):
 
         llama-cpp-python's own ``sample`` runs its sampler chain on ``self._ctx`` (aligned model 1's
         context), but the blend lies in the first active context's buffer (the reference's at lam 0,
-        say): the call in effect names it (:attr:`~dera_gguf.calls.Call.target`; aligned model 1's
+        say): the call in effect names it (:attr:`~dera_gguf.runtime.calls.Call.target`; aligned model 1's
         before any decode). This is that method's body with the context named instead of changing
         ``self._ctx``: the chain in use (``generate()``'s), else one made from these arguments (its
         defaults for those not given) for this draw, sampling row ``idx`` (None: the last).

@@ -5,7 +5,7 @@
 conversation in llm's own log and sends all of it each turn. A model's id is the pair's name
 (alias ``dera/NAME``); a pair is listed when its files are on disk (``dera-pull NAME`` gets the
 others). λ and the sampling settings are ``-o`` options, checked by llm's pydantic options before
-anything loads; unset ones are the paper's settings (:class:`~dera_gguf.sampling.Sampling`), as in
+anything loads; unset ones are the paper's settings (:class:`~dera_gguf.sampling.settings.Sampling`), as in
 dera-chat. A pair is loaded once per process, on its first prompt, and kept for the next turns.
 
 Registered through ``[project.entry-points.llm]`` in pyproject.toml; named ``llm_plugin`` so that
@@ -24,8 +24,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from dera_gguf import ContextFullError, DeRaError, DeRaLlama
 from dera_gguf.blend import normalize_lam, parse_lams
-from dera_gguf.registry import Pair, load_registry
-from dera_gguf.sampling import Sampling
+from dera_gguf.pairs.registry import Pair, load_registry
+from dera_gguf.sampling.settings import Sampling
 
 ALIAS_PREFIX = "dera/"
 # How a pair is loaded: dera-chat's defaults (a chat's whole history must fit n_ctx; all layers on a GPU if any).
@@ -125,7 +125,7 @@ class DeRa(llm.Model):
 
     def llama(self, n_ctx: Optional[int] = None) -> DeRaLlama:
         """The pair's DeRaLlama (``n_ctx`` None: 4096), made as ``DeRaLlama.from_pair`` makes it
-        (:meth:`~dera_gguf.registry.Pair.engine_args`: the pair's λ, chat template and drafter), loaded on
+        (:meth:`~dera_gguf.pairs.registry.Pair.engine_args`: the pair's λ, chat template and drafter), loaded on
         first use and kept for the rest of the process; other arguments (another ``n_ctx``, changed
         files) replace it."""
         args = self.pair.engine_args(n_ctx=n_ctx or N_CTX, **LOAD_KWARGS)

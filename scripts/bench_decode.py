@@ -42,8 +42,9 @@ from typing import Dict, List
 
 import llama_cpp
 
-from dera_gguf import DeRaLlama, costs
+from dera_gguf import DeRaLlama
 from dera_gguf.convert.quantize import quantize_gguf
+from dera_gguf.speculation import costs
 
 PROMPTS = Path(__file__).parent / "bench_prompts"
 SPLITS = ("tuning", "held_out")

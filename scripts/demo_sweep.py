@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dera_gguf.eval import EvalPair, LengthReward, SamplingParams, generate
 from dera_gguf.eval.data import read_rows
-from dera_gguf.registry import load_registry
+from dera_gguf.pairs.registry import load_registry
 
 DATA = Path(__file__).parents[1] / "dera_gguf" / "data"
 

@@ -1,6 +1,6 @@
 """The benchmark's prompts (issue 23): two fixed halves, and the held-out half never read by tuning.
 
-The pace (:mod:`dera_gguf.pacing`) is tuned on scripts/bench_prompts/tuning.jsonl; every speed
+The pace (:mod:`dera_gguf.speculation.pace`) is tuned on scripts/bench_prompts/tuning.jsonl; every speed
 claim about speculation is made on held_out.jsonl. These tests keep the halves apart: alike in
 categories, no prompt near-copied across them, and nothing but the benchmark's reporting naming
 the held-out file.

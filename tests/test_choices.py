@@ -17,10 +17,10 @@ from dera_gguf import DeRaLlama
 from dera_gguf.batch.sequence import Sequence as Choice
 from dera_gguf.batch.together import decode_together
 from dera_gguf.blend import mixing_weights
-from dera_gguf.engine import PairRuntime
 from dera_gguf.errors import ContextFullError
-from dera_gguf.samplers import new_chain
-from dera_gguf.sampling import Sampling
+from dera_gguf.runtime.pair import PairRuntime
+from dera_gguf.sampling.chains import new_chain
+from dera_gguf.sampling.settings import Sampling
 
 LAMS = [0.0, 0.5, 1.0, 1.5, -0.5]
 

@@ -26,8 +26,9 @@ from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 from test_chat import printable_vocab
 from tiny_models import CHAT_TEMPLATE, tiny_vocab, write_tiny_llama, write_tiny_lora
 
-from dera_gguf import DeRaError, DeRaLlama, costs
-from dera_gguf.speculative import Pace
+from dera_gguf import DeRaError, DeRaLlama
+from dera_gguf.speculation import costs
+from dera_gguf.speculation.verify import Pace
 
 N_CTX = 256
 KW = dict(n_ctx=N_CTX, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)

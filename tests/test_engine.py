@@ -222,7 +222,7 @@ def test_concurrent_and_sequential_decoding_give_the_same_logits(ref_path, align
 
 
 def test_physical_cores_counts_cores_not_hyperthreads():
-    from dera_gguf.threads import _cpuinfo_cores, physical_cores
+    from dera_gguf.runtime.threads import _cpuinfo_cores, physical_cores
 
     two_packages_ht = "".join(
         f"processor : {i}\nphysical id : {i // 4}\ncore id : {(i // 2) % 2}\n\n" for i in range(8)

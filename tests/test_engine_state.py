@@ -27,7 +27,7 @@ from llama_cpp import LlamaRAMCache, llama_chat_format
 from tiny_models import WORDS, write_tiny_lora
 
 from dera_gguf import DeRaLlama
-from dera_gguf.speculative import Pace
+from dera_gguf.speculation.verify import Pace
 
 N_CTX = 512
 MAX_TOKENS = 8

@@ -197,7 +197,7 @@ def speculative_run(pair, prompt, jobs, max_tokens):  # noqa: F811 (fixture)
     """Decode ``jobs`` together on ``prompt`` with prompt lookup drafting for each sequence."""
     from dera_gguf.eval.batch import ParallelSequences
     from dera_gguf.eval.generate import decode_batch
-    from dera_gguf.speculative import NgramIndex
+    from dera_gguf.speculation.verify import NgramIndex
 
     with ParallelSequences(pair, n_seq=len(jobs), n_extra=(len(jobs) - 1) * max_tokens) as decoder:
         decode_batch(pair, decoder, prompt, jobs, max_tokens, NgramIndex(prompt))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from fig2 import crosskl  # noqa: E402 (path set above)
 
 from dera_gguf.eval.batch import ParallelSequences  # noqa: E402
-from dera_gguf.registry import load_registry  # noqa: E402
+from dera_gguf.pairs.registry import load_registry  # noqa: E402
 
 PROMPT = "please write about the rain"
 ROOT = Path(__file__).resolve().parents[1]

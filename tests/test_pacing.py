@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dera_gguf import costs, speculative
-from dera_gguf.costs import UNMEASURED_ROW, StepCosts, ratio_at, step_costs
-from dera_gguf.pacing import Acceptance, Pace, best_draft, expected_tokens, may_probe, probe_cost
-from dera_gguf.speculative import NgramLookup, Speculation
+from dera_gguf.speculation import costs
+from dera_gguf.speculation import verify as speculative
+from dera_gguf.speculation.costs import UNMEASURED_ROW, StepCosts, ratio_at, step_costs
+from dera_gguf.speculation.pace import Acceptance, Pace, best_draft, expected_tokens, may_probe, probe_cost
+from dera_gguf.speculation.verify import NgramLookup, Speculation
 
 acceptances = st.floats(0.0, 0.999)
 

@@ -25,8 +25,8 @@ from fake_hub import COMMIT, FakeHub
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tiny_models import TinyVocab, tiny_vocab, write_tiny_llama
 
-from dera_gguf.hub import format_size as hub_format
-from dera_gguf.registry import PACKAGED, load_registry
+from dera_gguf.pairs.downloads import format_size as hub_format
+from dera_gguf.pairs.registry import PACKAGED, load_registry
 
 SHIPPED = load_registry(PACKAGED)  # (read at import: the tests' own $DERA_HOME is empty)
 HUB_PAIRS = ["zephyr-7b", "tulu3-8b", "tulu2-7b", "olmo2-7b", "danube-1.8b"]

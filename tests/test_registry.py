@@ -15,7 +15,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tiny_models import tiny_vocab, write_tiny_llama
 
 from dera_gguf import DeRaError, DeRaLlama
-from dera_gguf.registry import PACKAGED, load_registry
+from dera_gguf.pairs.registry import PACKAGED, load_registry
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -284,7 +284,7 @@ def test_user_pairs_add_to_and_replace_the_shipped_ones(tmp_path, monkeypatch, r
 
 def test_path_sources_of_the_shipped_file_live_in_the_user_model_folder(tmp_path, monkeypatch):
     """A { path } in the shipped models.toml is a file of the user model folder, never of the package."""
-    from dera_gguf.registry import _parse_pair, model_home
+    from dera_gguf.pairs.registry import _parse_pair, model_home
 
     monkeypatch.setenv("DERA_HOME", str(tmp_path / "home"))
     entry = {"reference": {"path": "r.gguf"}, "aligned": [{"path": "a.gguf"}]}

@@ -21,7 +21,7 @@ from test_engine_state import Reference, chat_checked
 from tiny_models import write_tiny_lora
 
 from dera_gguf import DeRaError, DeRaLlama
-from dera_gguf.state import read_state_file, write_state_file
+from dera_gguf.runtime.states import read_state_file, write_state_file
 
 N_CTX = 512
 FIRST = [{"role": "user", "content": "tell me about the sun and the rain"}]
@@ -67,7 +67,7 @@ def test_a_state_goes_on_exactly_in_another_process(ref_path, aligned_path, tmp_
     script = f"""
 import json, pickle, sys
 from dera_gguf import DeRaLlama
-from dera_gguf.state import read_state_file
+from dera_gguf.runtime.states import read_state_file
 out = {{}}
 for kind in ("pickle", "dera"):
     llm = DeRaLlama({str(ref_path)!r}, {str(aligned_path)!r}, lam=1.5, n_ctx={N_CTX}, verbose=False)

@@ -25,11 +25,11 @@ from dera_gguf import DeRaLlama
 from dera_gguf.batch.sequence import Sequence
 from dera_gguf.batch.slots import Job, Slots
 from dera_gguf.blend import mixing_weights
-from dera_gguf.engine import PairRuntime
 from dera_gguf.errors import ContextFullError, Stopped
-from dera_gguf.samplers import new_chain
-from dera_gguf.sampling import Sampling
-from dera_gguf.state import SharedRAMCache
+from dera_gguf.runtime.pair import PairRuntime
+from dera_gguf.runtime.states import SharedRAMCache
+from dera_gguf.sampling.chains import new_chain
+from dera_gguf.sampling.settings import Sampling
 
 LAMS = [0.0, 0.5, 1.0, 1.5]
 N = 24  # expected tokens per lam

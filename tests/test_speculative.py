@@ -22,7 +22,7 @@ from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecodi
 from scipy import stats
 
 from dera_gguf import DeRaError, DeRaLlama
-from dera_gguf.speculative import Gate, NgramIndex, NgramLookup, Pace
+from dera_gguf.speculation.verify import Gate, NgramIndex, NgramLookup, Pace
 
 N_CTX = 256
 KW = dict(n_ctx=N_CTX, verbose=False, n_gpu_layers=R.N_GPU_LAYERS)

@@ -19,7 +19,7 @@ CHECK = """
 import sys
 from pathlib import Path
 import dera_gguf
-from dera_gguf.registry import PACKAGED, load_registry
+from dera_gguf.pairs.registry import PACKAGED, load_registry
 
 package = Path(dera_gguf.__file__).parent
 assert "site-packages" in str(package) and Path(sys.argv[1]) not in package.parents, package

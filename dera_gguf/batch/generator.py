@@ -21,8 +21,8 @@ from typing import Sequence as Tokens
 import numpy as np
 
 from ..blend import add_bias, blend_logits, kl_divergence, log_softmax
-from ..engine import PairRuntime
-from ..samplers import RowSampler
+from ..runtime.pair import PairRuntime
+from ..sampling.chains import RowSampler
 from .runs import Run, batch_of, prefill, rows_by_seq
 from .sequence import Scored, Sequence
 

@@ -1,6 +1,6 @@
 """Several sequences on one pair's contexts: runs of tokens appended in one batch per model.
 
-Every context of a :class:`~dera_gguf.engine.PairRuntime` holds its sequences at the same
+Every context of a :class:`~dera_gguf.runtime.pair.PairRuntime` holds its sequences at the same
 positions. A prompt shared by several sequences is evaluated once in sequence 0 and its KV
 cells are shared with the others (``llama_memory_seq_cp`` on a unified KV cache, not
 recomputed); each step then appends a run of tokens to every live sequence, all in one batch.
@@ -12,7 +12,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ..engine import Batch, PairRuntime
+from ..runtime.pair import Batch, PairRuntime
 
 
 class Run(NamedTuple):

@@ -18,10 +18,10 @@ from typing import Callable, Deque, List, Optional, Tuple
 import numpy as np
 from llama_cpp.llama_cache import LlamaRAMCache
 
-from ..contexts import common_prefix
-from ..engine import PairRuntime
 from ..errors import ContextFullError, DeRaError
-from ..state import PairState
+from ..runtime.contexts import common_prefix
+from ..runtime.pair import PairRuntime
+from ..runtime.states import PairState
 from .sequence import Sequence
 
 SLOT_KEY = -1  # first "token" of the slots' keys in a shared prompt cache: no prompt of the engine starts so
@@ -33,11 +33,11 @@ class SlotScheduler:
     Args:
         runtime: the pair's contexts, one sequence per slot.
         n_ctx: the positions one slot may hold (a prompt and its answer).
-        cache: a prompt cache shared with the pair's engine (a :class:`~dera_gguf.state.SharedRAMCache`), or
+        cache: a prompt cache shared with the pair's engine (a :class:`~dera_gguf.runtime.states.SharedRAMCache`), or
             None. The slots' states are kept apart from the engine's (keys starting with ``SLOT_KEY``):
             llama.cpp's state of a sequence in a cache of several KV streams does not load into a context
             of one, nor the other way round.
-        owner: the pair's ``(fingerprint, name)`` (:func:`~dera_gguf.state.pair_owner`), with ``cache``.
+        owner: the pair's ``(fingerprint, name)`` (:func:`~dera_gguf.runtime.states.pair_owner`), with ``cache``.
     """
 
     def __init__(self, runtime: PairRuntime, n_ctx: int, n_slots: int, cache: Optional[LlamaRAMCache], owner: tuple):

@@ -17,7 +17,7 @@ from typing import Sequence as Tokens
 import numpy as np
 from llama_cpp import _internals as internals
 
-from ..speculative import EMPTY, Gate, NgramIndex
+from ..speculation.verify import EMPTY, Gate, NgramIndex
 from .runs import models_of
 
 

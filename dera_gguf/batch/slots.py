@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import llama_cpp
 from llama_cpp.llama_cache import LlamaRAMCache
 
-from ..engine import PairRuntime
 from ..errors import Stopped
+from ..runtime.pair import PairRuntime
 from .generator import BatchGenerator
 from .scheduler import SlotScheduler
 from .sequence import Sequence
@@ -51,7 +51,7 @@ class Slots:
     """``runtime``'s sequences as slots, stepped by a thread of their own until :meth:`close`.
 
     Args:
-        runtime: the pair's contexts, one sequence per slot (:func:`~dera_gguf.engine.open_sequences`);
+        runtime: the pair's contexts, one sequence per slot (:func:`~dera_gguf.runtime.pair.open_sequences`);
             closed with the slots.
         n_ctx: the positions one slot may hold (a prompt and its answer).
         is_eog: whether a token ends the text.

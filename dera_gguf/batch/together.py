@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Callable, Iterator, List
 from typing import Sequence as Tokens
 
-from ..engine import PairRuntime
 from ..errors import ContextFullError
+from ..runtime.pair import PairRuntime
 from .generator import BatchGenerator
 from .sequence import Sequence
 

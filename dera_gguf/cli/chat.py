@@ -26,7 +26,7 @@ import click
 
 from ..blend import format_lam, parse_lams
 from ..errors import ContextFullError, DeRaError
-from ..sampling import Sampling
+from ..sampling.settings import Sampling
 from .chat_session import Answer, ChatSession
 from .common import (
     initial_lam,

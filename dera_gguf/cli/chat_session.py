@@ -17,8 +17,8 @@ import numpy as np
 
 from ..blend import Lam, normalize_lam
 from ..errors import DeRaError
-from ..sampling import Sampling
-from ..state import read_state_file, write_state_file
+from ..runtime.states import read_state_file, write_state_file
+from ..sampling.settings import Sampling
 
 OnText = Callable[[str], None]
 ShouldStop = Callable[[], bool]

@@ -14,11 +14,11 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import click
 
 from ..blend import normalize_lam
-from ..engine import MODES
 from ..errors import DeRaError
-from ..home import find_in_home
-from ..registry import Pair, load_registry
-from ..sampling import Sampling
+from ..pairs.home import find_in_home
+from ..pairs.registry import Pair, load_registry
+from ..runtime.pair import MODES
+from ..sampling.settings import Sampling
 
 MODELS_OPTION = click.option(
     "--models",
@@ -232,7 +232,7 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
 
 def sampling_options(note: str = "", *, sweep: bool = False) -> Callable:
     """--temperature, --top-k, --top-p, --min-p and --repeat-penalty, the paper's settings by default
-    (:class:`~dera_gguf.sampling.Sampling`); ``note`` says what they set.
+    (:class:`~dera_gguf.sampling.settings.Sampling`); ``note`` says what they set.
 
     ``sweep`` (dera-eval generate): the settings a sweep's chains take (temperature >= 0, top-p in
     (0, 1], refused at the flag) and no --repeat-penalty, since a sweep samples without one.

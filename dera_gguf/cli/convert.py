@@ -11,8 +11,8 @@ import click
 from ..convert import DEFAULT_QUANT, QUANT_TYPES, convert_checkpoint
 from ..convert.quantize import normalize_quant
 from ..errors import DeRaError
-from ..home import model_home, output_in_home
-from ..registry import load_registry
+from ..pairs.home import model_home, output_in_home
+from ..pairs.registry import load_registry
 from .common import MODELS_OPTION, reports_errors
 
 

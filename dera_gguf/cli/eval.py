@@ -19,7 +19,7 @@ import click
 
 from ..blend import parse_lams
 from ..errors import DeRaError
-from ..sampling import Sampling
+from ..sampling.settings import Sampling
 from .common import (
     ModelFlags,
     max_tokens_option,

@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import click
 
-from .. import hub
-from ..home import model_home
-from ..registry import Pair, Registry, load_registry
+from ..pairs import downloads as hub
+from ..pairs.home import model_home
+from ..pairs.registry import Pair, Registry, load_registry
 from .common import MODELS_OPTION, reports_errors
 
 

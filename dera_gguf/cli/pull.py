@@ -8,9 +8,9 @@ from typing import Optional
 
 import click
 
-from .. import hub
-from ..pull import pull
-from ..registry import Pair, load_registry
+from ..pairs import downloads as hub
+from ..pairs.pull import pull
+from ..pairs.registry import Pair, load_registry
 from .common import MODELS_OPTION, reports_errors
 from .pairs import print_pairs
 
@@ -46,7 +46,7 @@ def pull_command(
     if pair is None:
         raise click.UsageError(f"name a pair to pull: {', '.join(sorted(registry.pairs))} (see dera-pairs)")
     if dry_run:
-        from ..pull import check_room, describe_plan, plan
+        from ..pairs.pull import check_room, describe_plan, plan
 
         planned = plan(registry.get(pair), bool(draft))
         for line in describe_plan(registry.get(pair), planned):

@@ -19,8 +19,8 @@ import click
 
 from ..blend import format_lam, parse_lams
 from ..errors import DeRaError
-from ..sampling import Sampling
-from ..state import SharedRAMCache
+from ..runtime.states import SharedRAMCache
+from ..sampling.settings import Sampling
 from .common import (
     Chosen,
     ModelFlags,
@@ -123,8 +123,8 @@ def main(
     """
     try:
         from ..serve import Catalog, ServedPair, ServeSettings, create_app
+        from ..serve.parallel import pair_slots
         from ..serve.server import run
-        from ..serve.slots import pair_slots
     except ImportError as e:
         raise DeRaError(
             f"dera-serve needs the serve extra ({e}): "

@@ -15,7 +15,7 @@ import gguf
 from ..errors import DeRaError
 
 if TYPE_CHECKING:
-    from ..registry import Pair
+    from ..pairs.registry import Pair
 
 _SCALAR_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template")
 _ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type")
@@ -70,7 +70,7 @@ def converted_name(pair_name: str, quant: str) -> str:
 
 def output_path(repo_id: str, quant: str) -> Path:
     """``$DERA_HOME/zephyr-7b-beta.Q5_K_M.gguf`` and the like."""
-    from ..home import model_home
+    from ..pairs.home import model_home
 
     return model_home() / f"{repo_id.split('/')[-1]}.{quant}.gguf"
 
@@ -90,8 +90,8 @@ def show_plan(pair: "Pair", quant: str, say) -> None:
     """What ``dera-convert --pair`` would download and the disk each step needs; writes nothing."""
     from huggingface_hub import constants
 
-    from ..hub import format_size, free_bytes
-    from .hub import plan_download
+    from ..pairs.downloads import format_size, free_bytes
+    from .checkpoints import plan_download
     from .quantize import estimated_size
 
     download, weights_sizes, finals = 0, [], 0
@@ -119,9 +119,9 @@ def convert_pair(pair: "Pair", quant: str, force: bool, say) -> str:
     Returns the name it is registered under in ``$DERA_HOME/models.toml``. A GGUF that a
     former run finished is kept (``force``: convert again).
     """
-    from ..home import user_models_toml
-    from ..registry_write import path_source, toml_value, write_pair_entry
-    from .hub import download_checkpoint
+    from ..pairs.entries import path_source, toml_value, write_pair_entry
+    from ..pairs.home import user_models_toml
+    from .checkpoints import download_checkpoint
     from .pipeline import check_output_path, prepare, write
 
     paths = []

@@ -12,13 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DeRaError
+from .checkpoints import resolve_source
 from .hparams import HParams, read_hparams
-from .hub import resolve_source
 from .quantize import estimated_size, normalize_quant, quantize_gguf
 from .safetensors_reader import TensorEntry, has_only_pickle_weights, list_tensors
 from .tensors import PlannedTensor, plan_tensors
 from .vocab import TokenizerData, load_tokenizer
-from .writer import atomic_output, check_free_disk, check_writable_folder, temp_path_for, write_unquantized_gguf
+from .writer import (
+    atomic_output,
+    check_free_disk,
+    check_writable_folder,
+    temp_path_for,
+    write_unquantized_gguf,
+)
 
 _MARGIN = 64 * 1024**2  # header, tokenizer and filesystem slack
 

@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 
 from ..errors import DeRaError
-from ..hub import format_size
+from ..pairs.downloads import format_size
 from .hparams import HParams
 from .tensors import PlannedTensor, iter_tensors
 from .vocab import TokenizerData

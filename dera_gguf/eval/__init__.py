@@ -9,7 +9,7 @@
 sweep resumes where it stopped.
 """
 
-from ..sampling import Sampling
+from ..sampling.settings import Sampling
 from .data import Dataset, read_rows
 from .generate import generate
 from .models import EvalPair, PairSpec

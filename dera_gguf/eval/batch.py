@@ -16,7 +16,7 @@ from typing import List, Sequence
 import numpy as np
 
 from ..batch.runs import Run, advance, prefill
-from ..engine import PairRuntime
+from ..runtime.pair import PairRuntime
 from .models import EvalPair
 
 

@@ -1,6 +1,6 @@
 """A sweep's sampling: the settings it allows and records, and each sequence's seed.
 
-The chains themselves are llama.cpp's, applied to blended rows (:mod:`dera_gguf.samplers`,
+The chains themselves are llama.cpp's, applied to blended rows (:mod:`dera_gguf.sampling.chains`,
 shared with dera-serve).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import zlib
 
 from ..errors import DeRaError
-from ..samplers import RowSampler, new_chain
-from ..sampling import Sampling
+from ..sampling.chains import RowSampler, new_chain
+from ..sampling.settings import Sampling
 
 __all__ = ["RowSampler", "check_sweep_sampling", "new_chain", "recorded", "sequence_seed"]
 

@@ -19,10 +19,10 @@ import numpy as np
 from ..batch.sequence import LookupDrafts, Sequence
 from ..batch.together import decode_together
 from ..blend import mixing_weights
-from ..engine import Realign, check_mode
 from ..errors import DeRaError
-from ..sampling import Sampling
-from ..speculative import NgramIndex
+from ..runtime.pair import Realign, check_mode
+from ..sampling.settings import Sampling
+from ..speculation.verify import NgramIndex
 from .batch import ParallelSequences
 from .chains import check_sweep_sampling, new_chain, recorded, sequence_seed
 from .data import Dataset, Row, RowProblem, read_rows

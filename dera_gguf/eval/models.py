@@ -15,12 +15,12 @@ from typing import List, Optional, Sequence, Union
 import llama_cpp
 from llama_cpp._logger import set_verbose
 
-from ..contexts import Context
-from ..engine import PairRuntime, sequence_params, thread_plan
 from ..errors import DeRaError
-from ..models import PairFiles, PairModels, as_path_list
-from ..prompts import jinja_formatter
-from ..threads import ThreadPlan
+from ..runtime.contexts import Context
+from ..runtime.pair import PairRuntime, sequence_params, thread_plan
+from ..runtime.prompts import jinja_formatter
+from ..runtime.threads import ThreadPlan
+from ..runtime.weights import PairFiles, PairModels, as_path_list
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -202,5 +202,5 @@ class EvalPair:
         return [self.models.context(member, params, params.n_batch, n_seq) for member in (0, 1)]
 
     def thread_plan(self) -> ThreadPlan:
-        """The contexts' threads, by DeRaLlama's rule (:func:`~dera_gguf.engine.thread_plan`)."""
+        """The contexts' threads, by DeRaLlama's rule (:func:`~dera_gguf.runtime.pair.thread_plan`)."""
         return thread_plan(self.spec.n_gpu_layers, self.spec.n_threads, self.spec.n_threads)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..blend import mixing_weights, sweep_stats
-from ..engine import Realign, check_mode
+from ..runtime.pair import Realign, check_mode
 from .batch import ParallelSequences
 from .data import Dataset, Row, RowProblem, read_rows
 from .executors import row_executor

@@ -4,10 +4,14 @@
 
 Needs the ``serve`` extra (``pip install 'dera-gguf[serve]'``). The command is
 ``dera-serve`` (:mod:`dera_gguf.cli.serve`); the modules, one concept each:
-:mod:`.catalog` (pairs, ``PAIR@λ`` aliases, a request's λ), :mod:`.schema` (request
-bodies and the engine call), :mod:`.stream` (SSE), :mod:`.errors` (OpenAI-shaped
-errors), :mod:`.app` (routes, API key, one request at a time per pair), :mod:`.server`
-(uvicorn, and how SIGTERM / Ctrl-C stop it).
+:mod:`.app` (routes, API key, where a request goes), :mod:`.catalog` (pairs, ``PAIR@λ``
+aliases, what a request asks), :mod:`.schema` (request bodies, call arguments, what a batch
+honours), :mod:`.plan` (what a batched request decodes), :mod:`.shapes` (OpenAI shapes of
+batched answers), :mod:`.choices` (several choices), :mod:`.parallel` (answers on slots),
+:mod:`.engine_call` and :mod:`.echo` (one answer on the engine), :mod:`.logprobs`,
+:mod:`.prompts` (several prompts in one request), :mod:`.text` (a choice's text and stop
+strings), :mod:`.tokenizer` (tokenizer routes), :mod:`.stream` (SSE), :mod:`.wire` (plain
+JSON), :mod:`.errors` (OpenAI-shaped errors), :mod:`.server` (uvicorn, SIGTERM / Ctrl-C).
 """
 
 from .app import ServeSettings, create_app

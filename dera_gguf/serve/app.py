@@ -32,15 +32,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from ..errors import Stopped
-from ..sampling import Sampling
+from ..sampling.settings import Sampling
 from .catalog import Asked, Catalog
 from .choices import check_several, run_choices
 from .engine_call import engine_call
 from .errors import ApiError, install_handlers
+from .parallel import fits_a_slot, submit
 from .plan import plan
 from .prompts import merge_answers, several_prompts
 from .schema import ChatRequest, CompletionRequest, call_kwargs, counted, given
-from .slots import fits_a_slot, submit
 from .stream import SHUTTING_DOWN, EventResponse, EventStream, start_stream
 from .tokenizer import install_tokenizer_routes
 from .wire import Answer

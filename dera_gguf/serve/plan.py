@@ -20,8 +20,8 @@ from .. import checks
 from ..batch.sequence import Sequence
 from ..blend import mixing_weights
 from ..errors import ContextFullError
-from ..samplers import new_chain
-from ..sampling import Sampling
+from ..sampling.chains import new_chain
+from ..sampling.settings import Sampling
 from .catalog import Asked
 from .errors import ApiError
 from .logprobs import LogprobShape, pieces_of

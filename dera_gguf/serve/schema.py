@@ -7,7 +7,7 @@ name, type and range check) with three changes:
   misspelt ``temprature`` would quietly sample at the default);
 * ``lam`` (a number, or a list with one per aligned model) and ``stream_options`` are added;
 * the defaults are not theirs: a field the request leaves out gets the paper's sampling
-  settings (:class:`~dera_gguf.sampling.Sampling`, as in dera-chat), not
+  settings (:class:`~dera_gguf.sampling.settings.Sampling`, as in dera-chat), not
   llama-cpp-python's (temperature 0.8, top-k 40, min-p 0.05, repeat penalty 1.1).
 """
 
@@ -22,8 +22,8 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from ..engine import MODES
-from ..sampling import Sampling
+from ..runtime.pair import MODES
+from ..sampling.settings import Sampling
 from .errors import ApiError
 
 LAM_FIELD = Field(

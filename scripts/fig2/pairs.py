@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from dera_gguf.errors import DeRaError
 from dera_gguf.eval import EvalPair
-from dera_gguf.registry import load_registry
+from dera_gguf.pairs.registry import load_registry
 
 BASE_PAIR = "smollm2-demo"
 BASE_BETA = 0.1

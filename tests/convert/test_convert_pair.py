@@ -109,7 +109,7 @@ def test_end_to_end_offline(tmp_path, hf_home, monkeypatch):
     assert entry["dpo"] == shipped["dpo"] and entry["draft"] == shipped["draft"]  # the same training, the same drafter
 
     # the registered pair resolves from the user's models.toml, relative to its folder
-    from dera_gguf.registry import load_registry
+    from dera_gguf.pairs.registry import load_registry
 
     monkeypatch.setenv("DERA_HOME", str(home))
     registry = load_registry()
@@ -212,7 +212,7 @@ def test_pair_check_rejects_different_templates(tmp_path, mistral_ckpt, converte
 
 
 def test_write_pair_entry_updates_in_place(tmp_path):
-    from dera_gguf.registry_write import path_source, write_pair_entry
+    from dera_gguf.pairs.entries import path_source, write_pair_entry
 
     toml = tmp_path / "models.toml"
     toml.write_text('[pairs.zephyr-7b]  # the paper\nbeta = 0.5\nnote = "keep"\n\n[pairs.next]\nbeta = 1.0\n')
@@ -233,7 +233,7 @@ def test_write_pair_entry_updates_in_place(tmp_path):
 
 def test_a_models_toml_it_cannot_update_is_refused_and_left_as_it_was(tmp_path):
     from dera_gguf.errors import DeRaError
-    from dera_gguf.registry_write import write_pair_entry
+    from dera_gguf.pairs.entries import write_pair_entry
 
     toml = tmp_path / "models.toml"
     broken = '[pairs.other]\nreference = { path = "a.gguf" \n'  # unclosed inline table

@@ -1,23 +1,23 @@
 """A small drafter: llama.cpp's usual speculative decoding, a small GGUF of the pair's family drafting.
 
 The drafter is a third llama.cpp context, on a model whose vocabulary may draft for the pair's by
-llama.cpp's rule (:mod:`dera_gguf.draft_vocab`, checked before any weights load), made with the pair's
+llama.cpp's rule (:mod:`dera_gguf.speculation.vocab`, checked before any weights load), made with the pair's
 n_ctx, context settings and offloading. That rule lets the two vocabularies differ in size: a text
 holding a token past the drafter's vocabulary is not drafted for (the drafter cannot read it), and a
 draft ends before a token past the pair's (the pair could not verify it).
 
-It drafts greedily (:func:`~dera_gguf.drafts.greedy_draft`) on the whole thread plan, alone, before
+It drafts greedily (:func:`~dera_gguf.speculation.sources.greedy_draft`) on the whole thread plan, alone, before
 the pair verifies the draft in one batch per model exactly as any other draft
-(:mod:`dera_gguf.speculative`): outputs stay those without drafts. Its KV cache follows
+(:mod:`dera_gguf.speculation.verify`): outputs stay those without drafts. Its KV cache follows
 the text (what it holds of the text is kept), so a draft decodes only the tokens new since its
 previous draft and the draft itself.
 
-Its steps are timed as their own kind (the kind names the drafter's file, :mod:`dera_gguf.costs`)
-and how often its drafts pass is learned from the drafts it makes (:mod:`dera_gguf.pacing`): like
+Its steps are timed as their own kind (the kind names the drafter's file, :mod:`dera_gguf.speculation.costs`)
+and how often its drafts pass is learned from the drafts it makes (:mod:`dera_gguf.speculation.pace`): like
 any model draft, a fresh engine drafts only once its measurements say a draft pays. A draft after
 steps that did not draft first catches the drafter up with the text they added (a new reply: its
 whole prompt); that time is the pause's cost, not the draft's, so it is left out of what a draft
-step costs and paid from the exploration budget (:meth:`~dera_gguf.pacing.Pace.record`).
+step costs and paid from the exploration budget (:meth:`~dera_gguf.speculation.pace.Pace.record`).
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
-from . import checks
-from .contexts import Context
-from .draft_vocab import check_draft_vocabulary
-from .drafts import EMPTY, greedy_draft
-from .errors import DeRaError
-from .models import PairModels
+from .. import checks
+from ..errors import DeRaError
+from ..runtime.contexts import Context
+from ..runtime.weights import PairModels
+from .sources import EMPTY, greedy_draft
+from .vocab import check_draft_vocabulary
 
 
 def check_draft_model(path: Any, reference: str, verbose: bool = False) -> str:
     """The checked path of a draft model: a GGUF model (not a LoRA adapter) whose vocabulary may draft for the
-    pair's by llama.cpp's rule (:mod:`dera_gguf.draft_vocab`)."""
+    pair's by llama.cpp's rule (:mod:`dera_gguf.speculation.vocab`)."""
     path = checks.check_gguf_file(path, "draft model")
     if checks.gguf_general_type(path) == "adapter":
         raise DeRaError(

@@ -11,8 +11,8 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from . import checks
-from .errors import DeRaError
+from .. import checks
+from ..errors import DeRaError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, List, Sequence, Tuple
 from llama_cpp import Llama, llama_chat_format
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .errors import DeRaError
+from ..errors import DeRaError
 
 
 def completion_tokens(llm: Llama, prompt: str) -> List[int]:

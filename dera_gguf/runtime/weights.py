@@ -3,7 +3,7 @@
 A pair is a reference GGUF and one or more aligned models, each a full GGUF or a LoRA
 adapter GGUF (``general.type = adapter``) applied on the reference. Both fronts,
 :class:`~dera_gguf.DeRaLlama` and :class:`~dera_gguf.eval.EvalPair`, check and load
-their models here and get their :class:`~dera_gguf.contexts.Context` objects from here.
+their models here and get their :class:`~dera_gguf.runtime.contexts.Context` objects from here.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import llama_cpp
 from llama_cpp import _internals as internals
 
-from . import checks
+from .. import checks
+from ..errors import DeRaError
 from .contexts import Context
-from .errors import DeRaError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -152,8 +152,8 @@ class PairModels:
         return context
 
     def draft_context(self, path: str, context_params, n_batch: int) -> Context:
-        """A new context on the draft model ``path`` (:mod:`dera_gguf.drafter`), loaded with the pair's model
-        parameters (offloading); a file of the pair is not loaded twice."""
+        """A new context on the draft model ``path`` (:mod:`dera_gguf.speculation.small_model`), loaded with
+        the pair's model parameters (offloading); a file of the pair is not loaded twice."""
         return self._new_context(f"draft model {path}", self.model(path, "draft model"), context_params, n_batch, 1)
 
     def _new_context(self, name: str, model: internals.LlamaModel, context_params, n_batch: int, n_seq: int):

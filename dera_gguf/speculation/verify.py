@@ -4,7 +4,7 @@ llama-cpp-python's ``generate()`` already verifies drafts (its ``draft_model`` h
 decodes the last token and the drafted ones in one batch (DeRa: in every active model,
 then blended row by row), samples each row with the call's own sampler chain, and keeps
 drafted tokens only up to the first one the sampler did not pick; the caches are trimmed
-past it (DeRa's other contexts follow on their next decode, :mod:`dera_gguf.contexts`).
+past it (DeRa's other contexts follow on their next decode, :mod:`dera_gguf.runtime.contexts`).
 Every kept token is the one the sampler chain picked at its row, one sampler draw per
 emitted token, so the output is the one decoding without drafts gives, token for token
 and seed for seed, for greedy and sampled decoding and every sampler setting, wherever
@@ -13,10 +13,10 @@ a row verified in a batch can differ in the last bits from the same row decoded 
 Drafts here are deterministic, so this sample-and-compare rule is exact; the accept /
 resample rule of Leviathan et al. is only needed for drafts that are themselves sampled.
 
-Drafts come from prompt lookup or from one of the pair's own models (:mod:`dera_gguf.drafts`).
+Drafts come from prompt lookup or from one of the pair's own models (:mod:`dera_gguf.speculation.sources`).
 Whether a step drafts, and how much, is decided from how often each kind of draft passes and
 what a verified batch costs on this machine, measured as the engine runs
-(:mod:`dera_gguf.pacing`, :mod:`dera_gguf.costs`): a draft is made only when it is expected
+(:mod:`dera_gguf.speculation.pace`, :mod:`dera_gguf.speculation.costs`): a draft is made only when it is expected
 to emit more tokens per second than a plain step.
 """
 
@@ -29,10 +29,10 @@ from typing import Any, Callable, Hashable, Optional
 import numpy as np
 from llama_cpp.llama_speculative import LlamaDraftModel
 
+from ..errors import DeRaError
 from .costs import StepCosts, step_costs
-from .drafts import EMPTY, ModelDraft, NgramIndex, NgramLookup, from_draft_model, largest_weight
-from .errors import DeRaError
-from .pacing import Pace
+from .pace import Pace
+from .sources import EMPTY, ModelDraft, NgramIndex, NgramLookup, from_draft_model, largest_weight
 
 __all__ = [
     "EMPTY",
@@ -107,7 +107,7 @@ class Gate:
 class SpeculationStats:
     """Counts over the life of the engine: drafts (each verified in one batch), drafted tokens, and
     of the drafted tokens whose fate is known (the next draft call sees it), how many passed;
-    ``probes``: drafts made to time a batch size not measured yet (:mod:`dera_gguf.pacing`)."""
+    ``probes``: drafts made to time a batch size not measured yet (:mod:`dera_gguf.speculation.pace`)."""
 
     verifications: int = 0
     drafted: int = 0
@@ -143,14 +143,14 @@ class Speculation(LlamaDraftModel):
 
     Args:
         source: ``source(ids, n)`` returns at most n drafted tokens (deterministic); with
-            ``propose(ids, n) -> (draft, kind)`` it drafts for free (:mod:`dera_gguf.drafts`).
+            ``propose(ids, n) -> (draft, kind)`` it drafts for free (:mod:`dera_gguf.speculation.sources`).
         room: ``room(n)``: the most tokens a draft may have when the text so far has n tokens (the
             decode batch holds the draft with the tokens not yet decoded: the last one, any sent ones).
         gate: the size rule when the pace is untimed.
-        pace: what this engine learned about drafting, and its decisions (:class:`~dera_gguf.pacing.Pace`).
+        pace: what this engine learned about drafting, and its decisions (:class:`~dera_gguf.speculation.pace.Pace`).
         key: ``key()`` names what a step's cost depends on now (the models that decode, the
             thread plan, offloading); steps are timed into this process's table for that key and
-            the source (:mod:`dera_gguf.costs`). None: one table for every step.
+            the source (:mod:`dera_gguf.speculation.costs`). None: one table for every step.
         trail: ``trail()`` is the :class:`Trail` of the generation a draft is made for (one that
             :meth:`new_text` made), or None; None (or no ``trail``): the speculation's own, which
             :meth:`restart` renews.

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from .errors import DeRaError
+from ..errors import DeRaError
 
 if sys.version_info >= (3, 11):
     import tomllib

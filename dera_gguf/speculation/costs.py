@@ -11,7 +11,7 @@ one-row step's seconds and, for each batch size that was verified, its cost in o
 The table lives as long as the process: a second engine, or the next request of a server,
 starts from what the first one measured. A batch size never verified is priced as dear as it
 could be (:func:`ratio_at`): past the largest measured size, one whole step per extra row, a cost
-at which no draft pays, so drafting at a new size is a probe (:mod:`dera_gguf.pacing`), never a
+at which no draft pays, so drafting at a new size is a probe (:mod:`dera_gguf.speculation.pace`), never a
 bet on a constant.
 """
 

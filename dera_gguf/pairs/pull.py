@@ -2,10 +2,10 @@
 
 What will be fetched and how big is said before anything starts; free disk is checked
 first; an interrupted download continues where it stopped on the next pull
-(:mod:`dera_gguf.hub`); the pair is ready only once both files' headers have been opened
+(:mod:`dera_gguf.pairs.downloads`); the pair is ready only once both files' headers have been opened
 and their vocabularies compared token by token. A pair's drafter (models.toml's ``draft``)
 is fetched when asked for, and checked whenever it is there: its vocabulary against the
-pair's by llama.cpp's rule for drafters (:mod:`dera_gguf.draft_vocab`).
+pair's by llama.cpp's rule for drafters (:mod:`dera_gguf.speculation.vocab`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from . import hub
-from .errors import DeRaError
+from ..errors import DeRaError
+from . import downloads as hub
 from .registry import Pair, Source, load_registry
 
 Say = Callable[[str], None]
@@ -88,7 +88,7 @@ def pull(name: str, models: Optional[os.PathLike] = None, say: Say = print, draf
 
     ``draft``: True also downloads the pair's drafter, False leaves it alone, None checks it
     when it is there (and says how to get it when it is not). Returns the checked
-    :class:`~dera_gguf.models.PairFiles`. A DeRaError says what is wrong (unknown pair, no
+    :class:`~dera_gguf.runtime.weights.PairFiles`. A DeRaError says what is wrong (unknown pair, no
     network, not enough disk, files that do not form a pair, a drafter that cannot draft for
     it); a KeyboardInterrupt leaves the downloaded part for the next pull to continue.
     """
@@ -114,7 +114,7 @@ def pull(name: str, models: Optional[os.PathLike] = None, say: Say = print, draf
 
 def check_pair(pair: Pair, say: Say = print):
     """Open both files' headers and compare them (vocabulary token by token, adapters, templates)."""
-    from .models import PairFiles
+    from ..runtime.weights import PairFiles
 
     reference, aligned = pair.resolve()
     say(f"checking {pair.name}: vocabularies, adapters, chat templates")
@@ -127,7 +127,7 @@ def check_pair(pair: Pair, say: Say = print):
 def check_drafter(pair: Pair, reference: str, say: Say = print) -> Optional[str]:
     """Check the pair's drafter when it is on disk (its vocabulary by llama.cpp's rule for drafters);
     say how to get it when it is not. Returns its path, or None."""
-    from .drafter import check_draft_model
+    from ..speculation.small_model import check_draft_model
 
     path = pair.draft.cached_path()
     if path is None:

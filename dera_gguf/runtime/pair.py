@@ -18,13 +18,13 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 import llama_cpp
 import numpy as np
 
-from . import speculative as spec
-from .blend import Lam, mixing_weights
+from ..blend import Lam, mixing_weights
+from ..errors import DeRaError
+from ..speculation import verify as spec
+from ..speculation.small_model import Drafter, SmallDraft
 from .contexts import Context, KnownRows, Lockstep, SavedSequence
-from .drafter import Drafter, SmallDraft
-from .errors import DeRaError
-from .models import PairFiles, PairModels
 from .threads import ThreadPlan, physical_cores
+from .weights import PairFiles, PairModels
 
 MODES = ("blend", "weights")
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama.cpp
@@ -228,7 +228,7 @@ class PairRuntime:
         before_batch: Callable[[], None] = lambda: None,
     ) -> Context:
         """Decode ``tokens`` after ``prefix`` in sequence 0 of the contexts ``realign`` weighs; blend their
-        rows (:meth:`~dera_gguf.contexts.Lockstep.eval`). Returns the context whose logits buffer holds
+        rows (:meth:`~dera_gguf.runtime.contexts.Lockstep.eval`). Returns the context whose logits buffer holds
         the blend. Rows a model draft left behind serve this decode only."""
         weights = self.prepare(realign)
         return self._lockstep.eval(prefix, tokens, weights, scores, n_rows, before_batch, self._take_known())
@@ -281,7 +281,7 @@ class PairRuntime:
     # ------------------------------------------------------------ states
 
     def save(self) -> tuple:
-        """Every context's sequence 0 (:meth:`~dera_gguf.contexts.Context.save`), reference first."""
+        """Every context's sequence 0 (:meth:`~dera_gguf.runtime.contexts.Context.save`), reference first."""
         return tuple(context.save() for context in self.contexts)
 
     def restore(self, saved: Sequence[SavedSequence]) -> None:
@@ -307,9 +307,9 @@ class PairRuntime:
         ``realign()``: the realignment of the call a draft is made for (it names the step's cost,
         :meth:`cost_key`, and the context a ``"model"`` draft uses, :meth:`drafting_context`);
         ``settings``: what else a step's cost depends on (offloading, attention), part of :meth:`cost_key`;
-        ``drafter``: a small drafter (:mod:`dera_gguf.drafter`), which a ``"model"`` draft uses instead of
-        the pair's own models; ``trail()``: what the speculation follows of that call's text
-        (:class:`~dera_gguf.speculative.Trail`)."""
+        ``drafter``: a small drafter (:mod:`dera_gguf.speculation.small_model`), which a ``"model"`` draft
+        uses instead of the pair's own models; ``trail()``: what the speculation follows of that call's text
+        (:class:`~dera_gguf.speculation.verify.Trail`)."""
         run = lambda context, work: self.threads.run([context], work)
         if kind is None:
             source = None

@@ -21,7 +21,7 @@ import asyncio
 from typing import Any, Callable, Optional
 
 from ..batch.slots import Job, Slots
-from ..state import SharedRAMCache
+from ..runtime.states import SharedRAMCache
 from .plan import Plan
 from .schema import Request, unbatchable
 from .stream import END
@@ -32,7 +32,7 @@ PROMPT_CHUNK = 128  # prompt tokens a joining request decodes per step beside th
 def pair_slots(llm: Any, n_slots: int) -> Slots:
     """``n_slots`` slots on the DeRaLlama's weights and settings, sharing one more n_ctx of KV cache:
     each slot holds n_ctx / n_slots positions, laid out as in a context of its own. The engine's
-    prompt cache, when it is a :class:`~dera_gguf.state.SharedRAMCache`, is the slots' too."""
+    prompt cache, when it is a :class:`~dera_gguf.runtime.states.SharedRAMCache`, is the slots' too."""
     runtime = llm.sequences(n_slots, llm.context_size, unified=False)
     cache = llm.cache if isinstance(llm.cache, SharedRAMCache) else None  # (one the slots may use beside it)
     return Slots(runtime, llm.context_size // n_slots, llm.is_eog, PROMPT_CHUNK, cache, llm.state_owner)

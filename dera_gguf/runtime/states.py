@@ -3,7 +3,7 @@
 :class:`PairState` is a ``llama_cpp.LlamaState``, so llama-cpp-python's prompt caches
 (``LlamaRAMCache``, ``LlamaDiskCache``) hold it, count its bytes and pickle it as they do
 a plain Llama's. Each context's KV cells and positions come from llama.cpp's sequence
-state API (:meth:`~dera_gguf.contexts.Context.save`); scores are kept only where
+state API (:meth:`~dera_gguf.runtime.contexts.Context.save`); scores are kept only where
 ``logits_all`` keeps them, and only for the saved tokens. No KV cache depends on lam, so
 a state saved at one lam serves every lam and mode.
 
@@ -29,8 +29,8 @@ import numpy as np
 from llama_cpp.llama import LlamaState
 from llama_cpp.llama_cache import LlamaRAMCache
 
+from ..errors import DeRaError
 from .contexts import SavedSequence
-from .errors import DeRaError
 
 FORMAT = "dera-gguf state 1"
 _EDGE = 1 << 20  # bytes read from each end of a file for its fingerprint

@@ -16,7 +16,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from .sampling import Sampling
+from .settings import Sampling
 
 
 def new_chain(

@@ -1,11 +1,11 @@
 """Where drafts come from: prompt lookup (free) and a model's greedy tokens (a decode per token): one of
-the pair's own models here, a small drafter of its own in :mod:`dera_gguf.drafter`.
+the pair's own models here, a small drafter of its own in :mod:`dera_gguf.speculation.small_model`.
 
 A draft source is ``source(ids, n)``: at most ``n`` tokens to follow ``ids`` (the text so far,
 its last token sampled but not decoded yet), deterministic, so that verifying them by sampling
-each row and comparing is exact (:mod:`dera_gguf.speculative`). A source that drafts for free
+each row and comparing is exact (:mod:`dera_gguf.speculation.verify`). A source that drafts for free
 also has ``propose(ids, n)`` returning ``(draft, kind)``: the speculation then asks it at every
-step, drafts or not, to learn how often each kind of draft would pass (:mod:`dera_gguf.pacing`).
+step, drafts or not, to learn how often each kind of draft would pass (:mod:`dera_gguf.speculation.pace`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from llama_cpp.llama_speculative import LlamaDraftModel
 
-from .contexts import KnownRows
+from ..runtime.contexts import KnownRows
 
 EMPTY = np.zeros(0, dtype=np.intc)
 

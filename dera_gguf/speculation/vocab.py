@@ -1,7 +1,7 @@
 """Which small model may draft for a pair: llama.cpp's compatibility rule for speculative decoding.
 
 A drafter only proposes token ids; the pair verifies every one of them, so answers never depend on
-the drafter (:mod:`dera_gguf.speculative`). What its vocabulary must share with the pair's is what
+the drafter (:mod:`dera_gguf.speculation.verify`). What its vocabulary must share with the pair's is what
 makes its ids mean the pair's tokens, so that its drafts can pass. The rule is the one llama.cpp's
 speculative decoding applies (``common_speculative_are_compatible`` in ``common/speculative.cpp``):
 
@@ -15,7 +15,7 @@ token (Llama-3.2-1B-Instruct's EOS is ``<|eot_id|>``, Tulu 3's ``<|end_of_text|>
 EOS to a prompt), or its converter padded the vocabulary to another size, or its first few control
 tokens are named otherwise. The pair's own two models must agree far more closely, token for token
 (:func:`dera_gguf.checks.check_vocabularies`): their logits are blended. The ids one vocabulary has and
-the other lacks are dealt with where drafts are made (:class:`dera_gguf.drafter.SmallDraft`).
+the other lacks are dealt with where drafts are made (:class:`dera_gguf.speculation.small_model.SmallDraft`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Optional
 
 import llama_cpp
 
-from . import checks
-from .errors import DeRaError
+from .. import checks
+from ..errors import DeRaError
 
 MAX_SIZE_DIFFERENCE = 128  # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
 FIRST_COMPARED = 5  # llama.cpp's SPEC_VOCAB_CHECK_START_TOKEN_ID: lower ids are control tokens named freely

@@ -15,7 +15,7 @@ from typing import FrozenSet, Optional
 
 import llama_cpp
 
-from .errors import DeRaError
+from ..errors import DeRaError
 
 SPACE = "\u2581"  # how a SentencePiece vocabulary writes a space
 

@@ -13,12 +13,12 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .blend import Lam
+from ..blend import Lam
+from ..errors import DecodeError
+from ..speculation.verify import Trail
 from .contexts import Context
-from .engine import Realign
-from .errors import DecodeError
-from .models import PairFiles
-from .speculative import Trail
+from .pair import Realign
+from .weights import PairFiles
 
 _DONE = object()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import DeRaError
+from ..errors import DeRaError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -3,7 +3,7 @@
 A draft of d tokens, each passing with probability a once the ones before it passed, makes
 its step emit ``1 + a + ... + a^d`` tokens on average (:func:`expected_tokens`), for the cost
 of a (d + 1)-row step, measured on this machine in one-row steps
-(:class:`~dera_gguf.costs.StepCosts`). A draft is made only when its expected tokens per unit
+(:class:`~dera_gguf.speculation.costs.StepCosts`). A draft is made only when its expected tokens per unit
 of cost beat a plain step's one token per step by a margin (:func:`best_draft`), at the size
 that gives the most.
 
@@ -61,7 +61,7 @@ def best_draft(
 
 def probe_cost(drafted: int) -> float:
     """The most a probe of ``drafted`` tokens at a batch size never measured costs beyond plain steps, in
-    one-row steps: the step priced at :data:`~dera_gguf.costs.UNMEASURED_ROW` per extra row, and only
+    one-row steps: the step priced at :data:`~dera_gguf.speculation.costs.UNMEASURED_ROW` per extra row, and only
     the one token every step emits (nothing drafted passing)."""
     return UNMEASURED_ROW * drafted
 
@@ -148,7 +148,7 @@ class Pace:
         """(tokens to draft, whether that is a probe) for a draft of ``kind`` of at most ``longest`` tokens.
 
         A probe has ``probe_size`` tokens: the largest batch is measured, and a smaller size costs no
-        more than it (:func:`~dera_gguf.costs.ratio_at`) until measured itself. ``watched``: whether
+        more than it (:func:`~dera_gguf.speculation.costs.ratio_at`) until measured itself. ``watched``: whether
         this kind's acceptance is learned without drafting (prompt lookup); if not, probes learn it too.
         """
         rate = self.acceptance.rate(kind)

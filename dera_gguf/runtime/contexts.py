@@ -27,8 +27,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from .blend import blend_logits
-from .errors import ContextFullError, DecodeError, DeRaError
+from ..blend import blend_logits
+from ..errors import ContextFullError, DecodeError, DeRaError
 from .threads import ThreadPlan
 
 

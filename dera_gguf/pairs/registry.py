@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from . import hub
-from .blend import Lam, normalize_lam
-from .errors import DeRaError
+from ..blend import Lam, normalize_lam
+from ..errors import DeRaError
+from . import downloads as hub
 from .home import model_home, user_models_toml
 
 if sys.version_info >= (3, 11):
@@ -44,7 +44,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PACKAGED = Path(__file__).with_name("models.toml")
+PACKAGED = Path(__file__).parent.parent / "models.toml"  # shipped with the package (dera_gguf/models.toml)
 _SOURCE_KEYS = {"path", "repo", "package", "file", "revision", "size", "checkpoint", "make", "pip"}
 _PAIR_KEYS = {
     *("reference", "aligned", "beta", "dpo", "description", "license", "make", "lam"),
