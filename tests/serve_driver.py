@@ -22,6 +22,21 @@ from chat_driver import ROOT
 START_TIMEOUT = 60.0  # seconds for the process to answer /v1/models (imports and model loads)
 
 
+def tiny_pair(folder: Path) -> List[Path]:
+    """A reference and an aligned tiny random llama (seeds 1 and 2, printable vocabulary) in ``folder``."""
+    from test_chat import printable_vocab
+    from tiny_models import write_tiny_llama
+
+    return [write_tiny_llama(folder / f"{n}.gguf", seed=s, vocab=printable_vocab()) for n, s in [("r", 1), ("a", 2)]]
+
+
+def pair_toml(folder: Path, paths: List[Path], name: str = "tiny") -> Path:
+    """A models.toml in ``folder`` naming the pair ``paths`` (reference, aligned) ``name``."""
+    toml = folder / "models.toml"
+    toml.write_text(f'[pairs.{name}]\nreference = {{ path = "{paths[0]}" }}\naligned = [{{ path = "{paths[1]}" }}]\n')
+    return toml
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,9 +33,7 @@ import httpx
 import pytest
 import reference as R
 from chat_driver import cli_env
-from serve_driver import ServerProcess, free_port
-from test_chat import printable_vocab
-from tiny_models import write_tiny_llama
+from serve_driver import ServerProcess, free_port, pair_toml, tiny_pair
 
 from dera_gguf import DeRaLlama
 
@@ -64,8 +62,7 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lm_eval_models")
-    return [write_tiny_llama(folder / f"{n}.gguf", seed=s, vocab=printable_vocab()) for n, s in [("r", 1), ("a", 2)]]
+    return tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +79,7 @@ def tasks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dera(tmp_path_factory, paths):
     """dera-serve at --lam 0 and at --lam 1, with llama-cpp-python's server's default repeat penalty."""
-    toml = tmp_path_factory.mktemp("lm_eval") / "models.toml"
-    toml.write_text(f'[pairs.tiny]\nreference = {{ path = "{paths[0]}" }}\naligned = [{{ path = "{paths[1]}" }}]\n')
+    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
     servers = {}
     for lam in ("0", "1"):
         args = ["--pair", "tiny", "--lam", lam, "--n-ctx", "512", "--logprobs", "--max-tokens", str(MAX_TOKENS)]

@@ -18,9 +18,8 @@ import openai
 import pytest
 import reference as R
 from chat_driver import cli_env
-from serve_driver import ServerProcess, sse_json
-from test_chat import _chat_prompt_tokens, printable_vocab
-from tiny_models import write_tiny_llama
+from serve_driver import ServerProcess, pair_toml, sse_json, tiny_pair
+from test_chat import _chat_prompt_tokens
 
 from dera_gguf import DeRaLlama
 
@@ -33,14 +32,12 @@ PROMPT = "tell me about the sun"
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("client_models")
-    return [write_tiny_llama(folder / f"{n}.gguf", seed=s, vocab=printable_vocab()) for n, s in [("r", 1), ("a", 2)]]
+    return tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module", params=["4", "1"], ids=["slots", "one-at-a-time"])
 def server(tmp_path_factory, paths, request):
-    toml = tmp_path_factory.mktemp("clients") / "models.toml"
-    toml.write_text(f'[pairs.tiny]\nreference = {{ path = "{paths[0]}" }}\naligned = [{{ path = "{paths[1]}" }}]\n')
+    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
     args = ["--pair", "tiny", "--n-ctx", "512", "--max-tokens", str(CAP), "--logprobs", "--parallel", request.param]
     proc = ServerProcess(args, cli_env(toml), tmp_path_factory.mktemp("log") / "server.log")
     yield proc

@@ -17,9 +17,7 @@ import pytest
 from chat_driver import cli_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_driver import ServerProcess
-from test_chat import printable_vocab
-from tiny_models import write_tiny_llama
+from serve_driver import ServerProcess, pair_toml, tiny_pair
 
 from dera_gguf import DeRaLlama
 
@@ -180,23 +178,21 @@ def bodies(fields: dict, required: tuple):
     good = st.fixed_dictionaries(
         {k: fields[k] for k in required}, optional={k: v for k, v in fields.items() if k not in required}
     )
-    odd_names = sorted(set(ODD) & set(fields))
-    odd = st.dictionaries(st.sampled_from(odd_names), st.nothing(), max_size=0) | st.lists(
-        st.sampled_from(odd_names), max_size=2, unique=True
-    ).flatmap(lambda names: st.fixed_dictionaries({n: ODD[n] for n in names}))
+    names = sorted(set(ODD) & set(fields))
+    odd = st.lists(st.sampled_from(names), max_size=2, unique=True).flatmap(
+        lambda chosen: st.fixed_dictionaries({n: ODD[n] for n in chosen})
+    )
     return st.builds(lambda g, o: {**g, **o}, good, odd)
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fuzz_models")
-    return [write_tiny_llama(folder / f"{n}.gguf", seed=s, vocab=printable_vocab()) for n, s in [("r", 1), ("a", 2)]]
+    return tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module", params=["4", "1"], ids=["slots", "one-at-a-time"])
 def server(tmp_path_factory, paths, request):
-    toml = tmp_path_factory.mktemp("fuzz") / "models.toml"
-    toml.write_text(f'[pairs.tiny]\nreference = {{ path = "{paths[0]}" }}\naligned = [{{ path = "{paths[1]}" }}]\n')
+    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
     args = ["--pair", "tiny", "--n-ctx", "256", "--max-tokens", str(CAP), "--logprobs", "--parallel", request.param]
     proc = ServerProcess(args, cli_env(toml), tmp_path_factory.mktemp("log") / "server.log")
     yield proc
