@@ -221,11 +221,13 @@ def _max_tokens(body: Request, cap: int) -> int:
 
 
 def _one_prompt(prompt: Union[str, List[int], List[str], List[List[int]]]) -> Union[str, List[int]]:
-    """The prompt of a request with one (several are split before: :mod:`.prompts`)."""
+    """The prompt of a request with one (several are split before: :mod:`.prompts`); never empty."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) > 1:
             raise ApiError(400, f"one prompt per call, got a list of {len(prompt)}", "prompt")
-        return prompt[0]
+        prompt = prompt[0]
+    if not len(prompt):
+        raise ApiError(400, "prompt is empty: give some text (or token ids) to continue", "prompt")
     return prompt
 
 
