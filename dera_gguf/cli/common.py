@@ -319,3 +319,25 @@ def reports_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def sweep_spec(models: ModelFlags):
+    """The pair to sweep, checked once: loaded by this process, or by each Ray worker with --ray."""
+    from ..eval.models import PairSpec
+
+    chosen = models.choose()
+    template = chosen.pair.chat_template if chosen.pair else None
+    if chosen.pair is not None and chosen.pair.chat_format and not template:
+        raise DeRaError(
+            f"pair {chosen.pair.name!r} names a chat_format ({chosen.pair.chat_format}); dera-eval renders chats "
+            "with Jinja templates: give the pair a chat_template in models.toml, or use prompt rows"
+        )
+    return PairSpec.check(
+        chosen.reference,
+        chosen.aligned,
+        models.n_ctx,
+        models.n_gpu_layers,
+        models.threads,
+        verbose=models.verbose,
+        chat_template=template,
+    )

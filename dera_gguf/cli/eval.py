@@ -28,7 +28,9 @@ from .common import (
     reports_errors,
     sampling_options,
     speculative_option,
+    sweep_spec,
 )
+from .eval_harness import harness
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
 
@@ -88,28 +90,6 @@ def take(flags: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
 
 def _names(cls) -> list:
     return [f.name for f in fields(cls)]
-
-
-def sweep_spec(models: ModelFlags):
-    """The pair to sweep, checked once: loaded by this process, or by each Ray worker with --ray."""
-    from ..eval.models import PairSpec
-
-    chosen = models.choose()
-    template = chosen.pair.chat_template if chosen.pair else None
-    if chosen.pair is not None and chosen.pair.chat_format and not template:
-        raise DeRaError(
-            f"pair {chosen.pair.name!r} names a chat_format ({chosen.pair.chat_format}); dera-eval renders chats "
-            "with Jinja templates: give the pair a chat_template in models.toml, or use prompt rows"
-        )
-    return PairSpec.check(
-        chosen.reference,
-        chosen.aligned,
-        models.n_ctx,
-        models.n_gpu_layers,
-        models.threads,
-        verbose=models.verbose,
-        chat_template=template,
-    )
 
 
 @dataclass(frozen=True)
@@ -284,6 +264,8 @@ def generate(**flags):
     if extra["speculative"]:
         click.echo(drafts_report(result.records), err=True)
 
+
+main.add_command(harness)
 
 if __name__ == "__main__":
     main()

@@ -8,8 +8,11 @@ from typing import Any, Dict, List, Optional, Sequence
 PLOT_HINT = "pip install 'dera-gguf[plot]'"
 
 
-def plot_sweep(summary: List[Dict[str, Any]], metrics: Sequence[str], path: str, title: str = "") -> Optional[str]:
-    """Draw the sweep into ``path``; return None, or a message saying why there is no plot."""
+def plot_sweep(
+    summary: List[Dict[str, Any]], metrics: Sequence[str], path: str, title: str = "", beta: Optional[float] = None
+) -> Optional[str]:
+    """Draw the sweep into ``path``; return None, or a message saying why there is no plot.
+    With ``beta`` (the pair's KL strength), a top axis gives β/λ, the strength each λ realigns to."""
     try:
         import matplotlib
 
@@ -26,6 +29,8 @@ def plot_sweep(summary: List[Dict[str, Any]], metrics: Sequence[str], path: str,
         ax.set_xlabel("λ")
         ax.set_title(metric, fontsize=10)
         ax.grid(alpha=0.3)
+        if beta is not None:
+            _beta_axis(ax, lams, beta)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -34,3 +39,13 @@ def plot_sweep(summary: List[Dict[str, Any]], metrics: Sequence[str], path: str,
     plt.close(fig)
     os.replace(tmp, path)
     return None
+
+
+def _beta_axis(ax, lams: Sequence[float], beta: float) -> None:
+    """A top axis labelling each λ > 0 with β/λ."""
+    top = ax.twiny()
+    top.set_xlim(ax.get_xlim())
+    ticks = [lam for lam in lams if lam > 0]
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{beta / lam:.3g}" for lam in ticks], fontsize=7)
+    top.set_xlabel("β/λ", fontsize=8)

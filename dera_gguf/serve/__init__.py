@@ -9,9 +9,9 @@ aliases, what a request asks), :mod:`.schema` (request bodies, call arguments, w
 honours), :mod:`.plan` (what a batched request decodes), :mod:`.shapes` (OpenAI shapes of
 batched answers), :mod:`.choices` (several choices), :mod:`.parallel` (answers on slots),
 :mod:`.engine_call` and :mod:`.echo` (one answer on the engine), :mod:`.logprobs`,
-:mod:`.prompts` (several prompts in one request), :mod:`.text` (a choice's text and stop
-strings), :mod:`.tokenizer` (tokenizer routes), :mod:`.stream` (SSE), :mod:`.wire` (plain
-JSON), :mod:`.errors` (OpenAI-shaped errors), :mod:`.server` (uvicorn, SIGTERM / Ctrl-C).
+:mod:`.prompts` (several prompts in one request), :mod:`.tokenizer` (tokenizer routes),
+:mod:`.stream` (SSE), :mod:`.wire` (plain JSON), :mod:`.errors` (OpenAI-shaped errors),
+:mod:`.server` (uvicorn, SIGTERM / Ctrl-C).
 """
 
 from .app import ServeSettings, create_app

@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 
 from .. import checks
 from ..batch.sequence import Sequence
+from ..batch.text import ChoiceText
 from ..blend import mixing_weights
 from ..errors import ContextFullError
 from ..sampling.chains import new_chain
@@ -27,7 +28,6 @@ from .errors import ApiError
 from .logprobs import LogprobShape, pieces_of
 from .schema import ChatRequest, Request, check_logit_bias, given
 from .shapes import Shape
-from .text import ChoiceText
 
 
 @dataclass

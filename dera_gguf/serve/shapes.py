@@ -1,7 +1,7 @@
 """OpenAI's shapes of answers decoded in a batch (several choices, a slot's answer): whole or streamed.
 
 A choice is a :class:`~dera_gguf.batch.sequence.Sequence` and its text
-(:class:`~dera_gguf.serve.text.ChoiceText`); each choice says at which λ it was answered.
+(:class:`~dera_gguf.batch.text.ChoiceText`); each choice says at which λ it was answered.
 A stream sends one chunk per choice and step with news (a chat's first chunk per choice
 carries the role) and, with ``stream_options.include_usage``, a closing usage chunk.
 """
@@ -13,10 +13,10 @@ import uuid
 from typing import Any, Iterator, List, Optional
 
 from ..batch.sequence import Sequence
+from ..batch.text import ChoiceText
 from .catalog import Asked
 from .logprobs import LogprobShape
 from .schema import ChatRequest, Request
-from .text import ChoiceText
 
 
 class Shape:
