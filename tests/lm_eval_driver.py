@@ -49,15 +49,20 @@ def paths(tmp_path_factory):
     return tiny_pair(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tasks")
-    for name, (stem, rows, body) in TASKS.items():
+def write_tasks(folder: Path, tasks: dict = TASKS) -> Path:
+    """Each task's data (JSONL) and YAML in ``folder`` (lm-eval's ``--include_path``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (stem, rows, body) in tasks.items():
         data = folder / f"{stem}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
         (folder / f"{name}.yaml").write_text(head + body)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 @pytest.fixture(scope="module")

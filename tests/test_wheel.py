@@ -117,3 +117,18 @@ def test_the_main_command_works_from_another_folder(installed, tmp_path):
         assert helped.returncode == 0, (command, helped.stderr)
     listed = run_installed(installed, tmp_path, "dera-pairs")
     assert "site-packages/dera_gguf/models.toml" in listed.stdout and str(ROOT) not in listed.stdout
+
+
+def test_dera_eval_harness_runs_from_the_installed_wheel(installed, tmp_path):
+    """lm-evaluation-harness tasks over a λ sweep, the command of the installed package, outside the checkout."""
+    from lm_eval_driver import TASKS, write_tasks
+    from serve_driver import tiny_pair
+
+    paths = tiny_pair(tmp_path)
+    tasks = write_tasks(tmp_path / "tasks", {"t_mc": TASKS["t_mc"]})
+    env_args = ["--ref", str(paths[0]), "--aligned", str(paths[1]), "--n-ctx", "512", "--tasks", "t_mc"]
+    env_args += ["--include-path", str(tasks), "--lams", "0,1", "--out", str(tmp_path / "run")]
+    done = run_installed(installed, tmp_path, "dera-eval", "harness", *env_args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "best lam for t_mc by acc,none" in done.stdout
+    assert (tmp_path / "run" / "summary.json").exists() and list((tmp_path / "run" / "lam-1").rglob("results_*.json"))
