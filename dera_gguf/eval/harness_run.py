@@ -19,6 +19,7 @@ import glob
 import io
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -55,8 +56,12 @@ def harness(
     log: Callable[[str], None] = lambda line: None,
 ) -> HarnessResult:
     """Run lm-eval ``tasks`` at every λ of ``lams`` on ``pair`` (an :class:`EvalPair` or a :class:`PairSpec`);
-    see the module docstring for what ``out_dir`` receives. ``beta``: the pair's KL strength, for β/λ."""
-    from lm_eval import simple_evaluate
+    see the module docstring for what ``out_dir`` receives. ``beta``: the pair's KL strength, for β/λ.
+
+    The tasks are loaded once (lm-eval's ``TaskManager``), then each λ is one call of lm-eval's
+    ``evaluate`` (its request building and grouping, few-shot prompts, metrics), with lm-eval's
+    request cache around the model: what ``simple_evaluate`` does per call, without re-reading the
+    tasks and the environment for every λ."""
     from lm_eval.tasks import TaskManager
 
     lams = [float(x) for x in lams]
@@ -69,9 +74,11 @@ def harness(
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise DeRaError(f"lm-eval knows no task {unknown[0]!r}: check --tasks (and --include-path for your own)")
+    loaded = _load_tasks(manager, tasks, num_fewshot)
     opened = isinstance(pair, PairSpec)
     pair = EvalPair.from_spec(pair) if opened else pair
     sweep = SweepModels(pair, lams)
+    about = _about(sweep, batch_size, limit)
     result = HarnessResult()
     try:
         for i, lam in enumerate(lams):
@@ -81,24 +88,7 @@ def harness(
                 result.results[lam] = _read(done)
                 continue
             log(f"λ {format_lam(lam)}: evaluating {', '.join(tasks)}")
-            tracker = _tracker(out_dir, lam)
-            results = simple_evaluate(
-                model=sweep.at(i),
-                tasks=list(tasks),
-                num_fewshot=num_fewshot,
-                limit=limit,
-                batch_size=batch_size,
-                task_manager=manager,
-                apply_chat_template=apply_chat_template,
-                use_cache=os.path.join(out_dir, "cache", f"lam-{format_lam(lam)}") if out_dir else None,
-                log_samples=out_dir is not None,
-                evaluation_tracker=tracker,
-            )
-            samples = results.pop("samples", None) if results else None
-            if tracker is not None:
-                tracker.save_results_aggregated(results=results, samples=samples)
-                for task in results["configs"]:
-                    tracker.save_results_samples(task_name=task, samples=samples[task])
+            results = _evaluate(sweep.at(i), loaded, out_dir, lam, limit, apply_chat_template, about)
             result.results[lam] = results
     finally:
         sweep.close()
@@ -109,6 +99,62 @@ def harness(
     if out_dir is not None:
         write_outputs(out_dir, result, beta)
     return result
+
+
+def _load_tasks(manager, tasks: Sequence[str], num_fewshot: Optional[int]) -> dict:
+    """lm-eval's tasks, with the few-shot count asked for (where a task does not fix 0), as simple_evaluate sets it."""
+    loaded = manager.load(list(tasks))
+    for task in loaded["tasks"].values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+    return loaded
+
+
+def _about(sweep: SweepModels, batch_size: int, limit: Optional[float]) -> dict:
+    """What lm-eval's results file says of the run besides the results (read once for every λ)."""
+    from lm_eval.loggers.utils import add_env_info, get_git_commit_hash
+
+    about = {"config": {"model": "dera-gguf", "model_args": sweep.name, "batch_size": batch_size, "limit": limit}}
+    about["git_hash"] = get_git_commit_hash()
+    add_env_info(about)
+    return about
+
+
+def _evaluate(lm, loaded: dict, out_dir: Optional[str], lam: float, limit, apply_chat_template: bool, about: dict):
+    """One λ: lm-eval's evaluate on ``lm`` (behind its request cache), its results and samples saved."""
+    import random
+
+    import numpy as np
+    from lm_eval.api.model import CachingLM
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    random.seed(DEFAULT_RANDOM_SEED)  # as simple_evaluate seeds every run: the same few-shot picks at every λ
+    np.random.seed(DEFAULT_OTHER_SEED)
+    for task in loaded["tasks"].values():
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    model = lm
+    if out_dir is not None:
+        model = CachingLM(lm, os.path.join(out_dir, "cache", f"lam-{format_lam(lam)}") + ".db")
+    tracker = _tracker(out_dir, lam)
+    if tracker is not None:
+        template = lm.chat_template(apply_chat_template) if apply_chat_template else None
+        model_args = f"{about['config']['model_args']},lam={format_lam(lam)}"
+        tracker.general_config_tracker.log_experiment_args("dera-gguf", model_args, None, template, False)
+    started = time.time()
+    results = evaluate(lm=model, task_dict=loaded, limit=limit, log_samples=out_dir is not None,
+                       apply_chat_template=apply_chat_template)  # fmt: skip
+    results.update(json.loads(json.dumps(about)))
+    results["config"]["lam"] = lam
+    results["date"] = started
+    samples = results.pop("samples", None)
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"]:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    return results
 
 
 def _settings(pair, tasks, num_fewshot, limit, include_path, apply_chat_template) -> dict:
