@@ -19,8 +19,15 @@ At lam 0 and 1 a single model decodes and its logits are left untouched, so outp
 equal those of plain ``llama_cpp.Llama`` on that model exactly. What each context
 holds is read from llama.cpp at every call (:mod:`dera_gguf.runtime.contexts`), so whatever
 llama-cpp-python does to its own context (it trims it inside ``generate``), the next
-call is exact. This leans on llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``, ``input_ids``,
-``scores``); pyproject.toml pins the release line the tests cover.
+call is exact. This leans on llama-cpp-python internals (``_ctx``, ``_batch``, ``n_tokens``,
+``input_ids``, ``scores``); pyproject.toml pins the release line the tests cover.
+
+Why one sequence here does not run on the batch generator (:mod:`dera_gguf.batch`), which every
+path with several sequences shares: llama-cpp-python's own ``generate()`` drives this loop (its
+prompt cache, stop strings, grammars, logits processors, draft-model hook, its sampler chain with
+its seed), and drawing from llama.cpp's chain on the context's own logits buffer is what makes
+outputs equal plain llama-cpp-python's at λ 0 and 1, seed for seed. The methods under "for fronts
+decoding apart" give the batch paths what they need of this engine (its prompt rules, its weights).
 """
 
 from __future__ import annotations

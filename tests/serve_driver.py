@@ -37,6 +37,17 @@ def pair_toml(folder: Path, paths: List[Path], name: str = "tiny") -> Path:
     return toml
 
 
+def tiny_server(tmp_path_factory, paths: List[Path], *args: str):
+    """dera-serve (a :class:`ServerProcess`) on the tiny pair ``paths``, named ``tiny``, with ``args``;
+    a generator for a pytest fixture: stopped with SIGTERM after, its exit status checked."""
+    from chat_driver import cli_env
+
+    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
+    proc = ServerProcess(["--pair", "tiny", *args], cli_env(toml), tmp_path_factory.mktemp("log") / "server.log")
+    yield proc
+    assert proc.stop(signal.SIGTERM) == 0, proc.log()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

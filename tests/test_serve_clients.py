@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 
 import numpy as np
 import openai
 import pytest
 import reference as R
-from chat_driver import cli_env
-from serve_driver import ServerProcess, pair_toml, sse_json, tiny_pair
+from serve_driver import sse_json, tiny_pair, tiny_server
 from test_chat import _chat_prompt_tokens
 
 from dera_gguf import DeRaLlama
@@ -37,11 +35,8 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["4", "1"], ids=["slots", "one-at-a-time"])
 def server(tmp_path_factory, paths, request):
-    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
-    args = ["--pair", "tiny", "--n-ctx", "512", "--max-tokens", str(CAP), "--logprobs", "--parallel", request.param]
-    proc = ServerProcess(args, cli_env(toml), tmp_path_factory.mktemp("log") / "server.log")
-    yield proc
-    assert proc.stop(signal.SIGTERM) == 0, proc.log()
+    args = ["--n-ctx", "512", "--max-tokens", str(CAP), "--logprobs", "--parallel", request.param]
+    yield from tiny_server(tmp_path_factory, paths, *args)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,12 @@ a DeRaLlama of the test's own does, so nothing it went through changed what it s
 from __future__ import annotations
 
 import json
-import signal
 
 import httpx
 import pytest
-from chat_driver import cli_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_driver import ServerProcess, pair_toml, tiny_pair
+from serve_driver import tiny_pair, tiny_server
 
 from dera_gguf import DeRaLlama
 
@@ -192,11 +190,8 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["4", "1"], ids=["slots", "one-at-a-time"])
 def server(tmp_path_factory, paths, request):
-    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
-    args = ["--pair", "tiny", "--n-ctx", "256", "--max-tokens", str(CAP), "--logprobs", "--parallel", request.param]
-    proc = ServerProcess(args, cli_env(toml), tmp_path_factory.mktemp("log") / "server.log")
-    yield proc
-    assert proc.stop(signal.SIGTERM) == 0, proc.log()
+    args = ["--n-ctx", "256", "--max-tokens", str(CAP), "--logprobs", "--parallel", request.param]
+    yield from tiny_server(tmp_path_factory, paths, *args)
 
 
 def answered_without_server_error(http: httpx.Client, route: str, body: dict) -> None:
