@@ -250,10 +250,10 @@ class DeRaLlama(Llama):
         """The tokens ``create_completion(prompt)`` decodes (:func:`~dera_gguf.runtime.prompts.completion_tokens`)."""
         return completion_tokens(self, prompt)
 
-    def chat_prompt(self, messages: list, stop: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
-        """The prompt tokens and stop strings ``create_chat_completion(messages, stop=stop)`` uses
-        (:func:`~dera_gguf.runtime.prompts.chat_tokens`)."""
-        return chat_tokens(self, messages, stop)
+    def chat_prompt(self, messages: list, stop: Sequence[str] = (), **context: Any) -> Tuple[List[int], List[str]]:
+        """The prompt tokens and stop strings ``create_chat_completion(messages, stop=stop, **context)`` uses
+        (``context``: tools and the like; :func:`~dera_gguf.runtime.prompts.chat_tokens`)."""
+        return chat_tokens(self, messages, stop, **context)
 
     def sequences(self, n_seq: int, n_ctx: int, unified: bool = True) -> PairRuntime:
         """New contexts of the pair for ``n_seq`` sequences (``n_ctx`` KV cells in all), on this engine's

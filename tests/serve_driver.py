@@ -30,19 +30,23 @@ def tiny_pair(folder: Path) -> List[Path]:
     return [write_tiny_llama(folder / f"{n}.gguf", seed=s, vocab=printable_vocab()) for n, s in [("r", 1), ("a", 2)]]
 
 
-def pair_toml(folder: Path, paths: List[Path], name: str = "tiny") -> Path:
-    """A models.toml in ``folder`` naming the pair ``paths`` (reference, aligned) ``name``."""
+def pair_toml(folder: Path, paths: List[Path], name: str = "tiny", template: Optional[str] = None) -> Path:
+    """A models.toml in ``folder`` naming the pair ``paths`` (reference, aligned) ``name`` (with its own
+    chat ``template`` if given)."""
     toml = folder / "models.toml"
-    toml.write_text(f'[pairs.{name}]\nreference = {{ path = "{paths[0]}" }}\naligned = [{{ path = "{paths[1]}" }}]\n')
+    entry = f'[pairs.{name}]\nreference = {{ path = "{paths[0]}" }}\naligned = [{{ path = "{paths[1]}" }}]\n'
+    if template is not None:
+        entry += f"chat_template = '''{template}'''\n"
+    toml.write_text(entry)
     return toml
 
 
-def tiny_server(tmp_path_factory, paths: List[Path], *args: str):
+def tiny_server(tmp_path_factory, paths: List[Path], *args: str, template: Optional[str] = None):
     """dera-serve (a :class:`ServerProcess`) on the tiny pair ``paths``, named ``tiny``, with ``args``;
     a generator for a pytest fixture: stopped with SIGTERM after, its exit status checked."""
     from chat_driver import cli_env
 
-    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths)
+    toml = pair_toml(tmp_path_factory.mktemp("pairs"), paths, template=template)
     proc = ServerProcess(["--pair", "tiny", *args], cli_env(toml), tmp_path_factory.mktemp("log") / "server.log")
     yield proc
     assert proc.stop(signal.SIGTERM) == 0, proc.log()

@@ -323,3 +323,34 @@ def test_llm_cli_talks_to_dera_serve_as_an_openai_model(server, engine, tmp_path
     assert done.returncode == 0, done.stderr
     expected = engine.create_chat_completion(HELLO, lam=1.5, max_tokens=12, **GREEDY)["choices"][0]["message"]
     assert done.stdout.strip() == expected["content"].strip()
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools: {% for t in tools %}{{ t['function']['name'] }} {% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.fixture(scope="module")
+def tools_server(tmp_path_factory, paths):
+    """Slots (--parallel 2) on a pair whose chat template shows the tools, as Open WebUI's requests carry them."""
+    yield from tiny_server(tmp_path_factory, paths, "--n-ctx", "512", "--max-tokens", str(CAP), "--parallel", "2",
+                           template=TOOLS_TEMPLATE)  # fmt: skip
+
+
+def test_tools_the_template_shows_are_answered_as_the_engine_answers(tools_server, paths):
+    """A request with tools and no tool to call is free text: on a slot it is the engine's answer for the
+    prompt its template renders with the tools (which differs from the one without)."""
+    engine = DeRaLlama(str(paths[0]), str(paths[1]), n_ctx=512, chat_template=TOOLS_TEMPLATE, verbose=False)
+    settings = dict(GREEDY, max_tokens=12)
+    with tools_server.http() as http:
+        got = [
+            http.post("/v1/chat/completions", json=dict(model="tiny@1.5", messages=HELLO, **extra, **settings)).json()
+            for extra in ({"tools": [TOOL]}, {"tools": [TOOL], "tool_choice": "auto"}, {})
+        ]
+    with_tools = engine.create_chat_completion(HELLO, lam=1.5, tools=[TOOL], **settings)["choices"][0]["message"]
+    without = engine.create_chat_completion(HELLO, lam=1.5, **settings)["choices"][0]["message"]
+    assert with_tools["content"] != without["content"]  # the tools reach the prompt: a mix-up shows
+    assert [g["choices"][0]["message"]["content"] for g in got] == [with_tools["content"]] * 2 + [without["content"]]

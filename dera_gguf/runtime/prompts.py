@@ -50,17 +50,21 @@ class _Recorder:
         raise _Captured(kwargs)
 
 
-def chat_tokens(llm: Llama, messages: list, stop: Sequence[str] = ()) -> Tuple[List[int], List[str]]:
-    """The prompt tokens and stop strings of ``create_chat_completion(messages, stop=stop)``: the chat
-    handler it would use renders them (its template, its own stop strings added)."""
+def chat_tokens(llm: Llama, messages: list, stop: Sequence[str] = (), **context: Any) -> Tuple[List[int], List[str]]:
+    """The prompt tokens and stop strings of ``create_chat_completion(messages, stop=stop, **context)``: the
+    chat handler it would use renders them (its template, its own stop strings added). ``context``: what
+    else the template sees (``tools``, ``tool_choice``, ``functions``, ``function_call``); a call the
+    handler would constrain (a grammar: a tool it must call) is refused, as its answer is not free text."""
     handler = (
         llm.chat_handler
         or llm._chat_handlers.get(llm.chat_format)
         or llama_chat_format.get_chat_completion_handler(llm.chat_format)
     )
     try:
-        handler(llama=_Recorder(llm), messages=messages, stop=list(stop))
+        handler(llama=_Recorder(llm), messages=messages, stop=list(stop), **context)
     except _Captured as call:
+        if call.kwargs.get("grammar") is not None:
+            raise DeRaError("the chat handler constrains this answer (a grammar, e.g. a tool it must call)") from None
         stops = call.kwargs.get("stop") or []
         prompt = call.kwargs["prompt"]
         tokens = list(prompt) if isinstance(prompt, list) else completion_tokens(llm, prompt)

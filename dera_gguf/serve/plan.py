@@ -26,7 +26,7 @@ from ..sampling.settings import Sampling
 from .catalog import Asked
 from .errors import ApiError
 from .logprobs import LogprobShape, pieces_of
-from .schema import ChatRequest, Request, check_logit_bias, given
+from .schema import TEMPLATE_CONTEXT, ChatRequest, Request, check_logit_bias, given
 from .shapes import Shape
 
 
@@ -78,7 +78,8 @@ def prompt_and_stops(llm: Any, body: Request, kwargs: dict) -> tuple:
     stop = kwargs.get("stop") or []
     stop = [stop] if isinstance(stop, str) else list(stop)
     if isinstance(body, ChatRequest):
-        return llm.chat_prompt(kwargs["messages"], stop)
+        context = {k: kwargs[k] for k in TEMPLATE_CONTEXT if kwargs.get(k) is not None}
+        return llm.chat_prompt(kwargs["messages"], stop, **context)
     prompt = kwargs["prompt"]
     if isinstance(prompt, list):
         checks.check_prompt(prompt, llm.n_vocab(), llm.context_size, llm.tokenize)

@@ -63,11 +63,13 @@ SERVER_FIELDS = {
 # in NEUTRAL it honours only at their neutral values (else the answer takes the engine, or a 400).
 BATCHED = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"}
 BATCHED |= {"max_tokens", "seed", "stop", "stream", "messages", "prompt", "mirostat_tau", "mirostat_eta"}
-BATCHED |= {"logprobs", "top_logprobs"}
+BATCHED |= {"logprobs", "top_logprobs", "tools", "functions"}
 NEUTRAL = {"mirostat_mode": (None, 0), "min_tokens": (None, 0), "echo": (None, False), "best_of": (None, 1)}
-NEUTRAL.update({name: (None,) for name in ("grammar", "suffix")})
+NEUTRAL.update({name: (None,) for name in ("grammar", "suffix", "response_format")})
 NEUTRAL["logit_bias_type"] = (None, "input_ids")  # (token ids; text keys are for one answer)
-NEUTRAL.update({name: (None,) for name in ("functions", "function_call", "tools", "tool_choice", "response_format")})
+# Tools the template shows the model are free text to decode; a tool the model must call is a grammar.
+NEUTRAL.update({name: (None, "auto", "none") for name in ("tool_choice", "function_call")})
+TEMPLATE_CONTEXT = ("tools", "tool_choice", "functions", "function_call")  # what a chat template sees besides messages
 
 
 class StreamOptions(BaseModel):
