@@ -114,11 +114,10 @@ def _load_tasks(manager, tasks: Sequence[str], num_fewshot: Optional[int]) -> di
 
 def _about(sweep: SweepModels, batch_size: int, limit: Optional[float]) -> dict:
     """What lm-eval's results file says of the run besides the results (read once for every λ)."""
-    from lm_eval.loggers.utils import add_env_info, get_git_commit_hash
+    from lm_eval.loggers.utils import add_env_info
 
     about = {"config": {"model": "dera-gguf", "model_args": sweep.name, "batch_size": batch_size, "limit": limit}}
-    about["git_hash"] = get_git_commit_hash()
-    add_env_info(about)
+    add_env_info(about)  # (no git hash: lm-eval would read the current folder's, not dera-gguf's)
     return about
 
 
