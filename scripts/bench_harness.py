@@ -2,12 +2,12 @@
 
     python scripts/bench_harness.py [--rounds 2] [--docs 40] [--gen-docs 6] [--lams 11]
 
-Two tasks written here (local JSON data and task YAMLs in a temporary folder): a multiple-choice
-task (log-likelihoods: questions built from scripts/bench_prompts/held_out.jsonl's prompts, four
-choices each) and a generation task (greedy, up to 48 tokens, on held-out prompts the speculation
-tuning never saw). Each is run through :func:`dera_gguf.eval.harness_run.harness` on the demo pair
-(smollm2-demo, loaded once) at one λ (1.5) and at ``--lams`` values spread over [0, 2], in
-alternating order round by round so that machine noise hits both alike; medians are reported.
+Two tasks written here (local JSON data and task YAMLs in a temporary folder) from the demo pair's
+training prompts (dera_gguf/data/demo_prompts.jsonl): a multiple-choice task (log-likelihoods, four
+choices each) and a generation task (greedy, up to 48 tokens). Each is run through
+:func:`dera_gguf.eval.harness_run.harness` on the demo pair (smollm2-demo, loaded once) at one λ
+(1.5) and at ``--lams`` values spread over [0, 2], in alternating order round by round so that
+machine noise hits both alike; medians are reported.
 
 Targets (issue 31): an 11-λ sweep of a log-likelihood task costs at most 1.3x one λ's run; an
 11-λ generation sweep costs less than 11 single runs.
@@ -33,9 +33,8 @@ CHOICES = ["yes", "no", "maybe", "it depends"]
 
 
 def write_tasks(folder: Path, n_docs: int, n_gen: int) -> None:
-    prompts = [
-        json.loads(line)["prompt"] for line in (HERE / "bench_prompts" / "held_out.jsonl").read_text().splitlines()
-    ]
+    lines = (HERE.parent / "dera_gguf" / "data" / "demo_prompts.jsonl").read_text().splitlines()
+    prompts = [row["prompt"] for row in map(json.loads, lines) if row["split"] == "train"]
     mc = [{"question": p, "choices": CHOICES, "answer": i % len(CHOICES)} for i, p in enumerate(prompts * 4)][:n_docs]
     gen = [{"question": p, "answer": ""} for p in prompts[:n_gen]]
     for name, rows in (("mc", mc), ("gen", gen)):
