@@ -357,8 +357,10 @@ def generate(
         **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
     lams = [float(x) for x in lams]
-    if judge is not None:
+    if judge is not None and any(b not in lams for b in judge.baselines):  # (in order, if the sweep's lams are)
+        ordered = lams == sorted(lams)
         lams += [b for b in judge.baselines if b not in lams]
+        lams = sorted(lams) if ordered else lams
     conversations = any(row.turns is not None and len(row.turns) > 1 for row in data.rows)
     task = GenerateTask(len(lams), samples, params, seed, reward, mode, speculative, conversations)
     judging = Judging(judge, data.rows, out_dir) if judge is not None else None

@@ -7,8 +7,10 @@ are there, so the judge works while the pair still generates; each reply is writ
 the grade or verdict read from it, its status) the moment it arrives. A later run with the same
 folder asks only the questions without a reply: a reply without a grade is kept (at temperature 0
 the judge would say the same again), a request that failed is asked again. The settings that make
-a judge (kind, address, model, reply length, prompt text) are hashed into every key and recorded in
-``judges.json``: another prompt or model judges the same samples anew, and the samples are reused.
+a judge (kind, model name, reply length, prompt text) are hashed into every key and recorded in
+``judges.json`` (with the address last used): another prompt or model name judges the same samples
+anew, and the samples are reused. The address is not part of it, so a local judge restarted on
+another port goes on where it was; give a local model a name of its own (``--judge-model``).
 """
 
 from __future__ import annotations
@@ -97,10 +99,10 @@ class Judge:
         return JudgePrompt.load(self.kind, self.prompt)
 
     def identity(self, prompt_text: str) -> Dict[str, Any]:
-        """What makes this judge's replies what they are (the key and the pace do not)."""
+        """What makes this judge's replies what they are: its kind, model name, reply length and prompt. Not
+        where it is (a local server restarted on another port is the same judge), nor the key or the pace."""
         return {
             "kind": self.kind,
-            "url": self.url.rstrip("/"),
             "model": self.model,
             "temperature": 0,
             "max_tokens": self.max_tokens,
@@ -124,7 +126,7 @@ class Judge:
         fields = (
             ["judge_status"] if self.kind == "single" else [f"judge_status_vs_{lam_name(b)}" for b in self.baselines]
         )
-        present = lambda r: [r[f] for f in fields if f in r]  # noqa: E731 (a baseline's own samples lack it)
+        present = lambda r: [r[f] for f in fields if f in r]  # (a baseline's own samples have none)
         return {
             "judged": lambda r: bool(present(r)) and all(s == OK for s in present(r)),
             "judge_failed": lambda r: any(s == "failed" for s in present(r)),
@@ -166,7 +168,8 @@ class Judging:
         """Read the judgments of earlier runs in the run folder (made by then) and record this judge there."""
         if self.out_dir is not None:
             self.store = ResultStore(os.path.join(self.out_dir, JUDGMENTS_FILE), ("key",))
-            record_judge(os.path.join(self.out_dir, JUDGES_FILE), self.hash, self.identity)
+            seen = {**self.identity, "url": self.judge.url}
+            record_judge(os.path.join(self.out_dir, JUDGES_FILE), self.hash, seen)
 
     # ------------------------------------------------------------ asking
 
@@ -324,18 +327,19 @@ class Judging:
         )
         if failed:
             errors = sum(j["status"] == ERROR for j in failed)
-            first = next(j for j in failed)
-            why = first["error"] or f"no {'grade' if self.judge.kind == 'single' else 'verdict'} in: {first['reply']!r}"
+            what = "grade" if self.judge.kind == "single" else "verdict"
+            first = failed[0]
+            why = first["error"] or f"no {what} in: {first['reply']!r}"
             line += (
-                f"; {len(failed) - errors} repl(ies) without a "
-                f"{'grade' if self.judge.kind == 'single' else 'verdict'}, {errors} failed request(s) "
+                f"; {len(failed) - errors} without a {what}, {errors} without a reply "
                 f"(asked again by the next run); first: {why[:200]}"
             )
         return line
 
 
 def record_judge(path: str, judge_hash: str, identity: Dict[str, Any]) -> None:
-    """Add this judge's settings to ``judges.json`` (hash -> settings): what each key's hash stands for."""
+    """Add this judge's settings to ``judges.json`` (hash -> settings and address): what each key's hash
+    stands for."""
     known: Dict[str, Any] = {}
     if os.path.exists(path):
         try:
