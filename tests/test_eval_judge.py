@@ -240,6 +240,31 @@ def test_each_turn_equals_plain_llamas_on_the_whole_conversation(printable, tmp_
     assert len(answers) > 1  # the λ values answer differently: the test can tell them apart
 
 
+def test_turns_in_weight_space_mode_equal_the_adapted_model(printable, tmp_path):
+    """--mode weights: each λ's conversation runs on the reference with the adapter at scale λ, turn by turn."""
+    from tiny_models import write_tiny_lora
+
+    adapter = write_tiny_lora(tmp_path / "adapter.gguf", seed=9)
+    turns = ["hello world, tell me", "and the sun"]
+    data = write_jsonl(tmp_path / "p.jsonl", [{"turns": turns}])
+    greedy = SamplingParams(temperature=0.0, max_tokens=10)
+    with EvalPair(printable[0], adapter, n_ctx=256, n_threads=1) as pair:
+        result = generate(pair, data, [0.5, 2.0], params=greedy, mode="weights")
+    ref = R.plain(printable[0], n_threads=1, n_threads_batch=1)
+    for record in result.records:
+        adapted = R.plain(
+            printable[0], lora_path=str(adapter), lora_scale=record["lam"], n_threads=1, n_threads_batch=1
+        )
+        messages = []
+        for t, user in enumerate(turns):
+            messages.append({"role": "user", "content": user})
+            prompt = ref.tokenize(chatml(messages).encode(), add_bos=True, special=True)
+            tokens, _ = plain_greedy((ref, adapted), prompt, 1.0, greedy.max_tokens)
+            assert record["turn_tokens"][t] == tokens
+            messages.append({"role": "assistant", "content": record["responses"][t]})
+    assert result.records[0]["turn_tokens"] != result.records[1]["turn_tokens"]
+
+
 def test_single_judge_end_to_end(printable, judge_server, smollm2_path, tmp_path):
     proxy = RecordingProxy(judge_server.url)
     prompt_file = tmp_path / "judge.txt"
