@@ -240,6 +240,24 @@ def test_each_turn_equals_plain_llamas_on_the_whole_conversation(printable, tmp_
     assert len(answers) > 1  # the λ values answer differently: the test can tell them apart
 
 
+def test_turns_sample_alike_in_any_batch_and_with_lookup_drafts(printable, tmp_path):
+    """A conversation's sampled turns do not depend on the other λ decoded beside it (each turn's chain is
+    seeded on its own), and prompt lookup drafts change no greedy token."""
+    data = write_jsonl(tmp_path / "p.jsonl", [{"turns": ["hello world, tell me hello world", "again", "more"]}])
+    sampled = SamplingParams(temperature=0.8, max_tokens=16)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    turns = lambda result: {(r["lam"], r["sample"]): r["turn_tokens"] for r in result.records}
+    with EvalPair(*printable, n_ctx=640, n_threads=1) as pair:
+        both = turns(generate(pair, data, [0.5, 1.5], params=sampled, samples=2, seed=3))
+        alone = turns(generate(pair, data, [1.5], params=sampled, samples=2, seed=3))
+        plain = generate(pair, data, [0.0, 0.5, 1.0, 2.0], params=greedy)
+        drafted = generate(pair, data, [0.0, 0.5, 1.0, 2.0], params=greedy, speculative="lookup")
+    assert len(alone) == 2 and all(both[key] == tokens for key, tokens in alone.items())
+    assert both[(1.5, 0)] != both[(1.5, 1)]
+    assert turns(plain) == turns(drafted) and len(turns(plain)) == 4
+    assert sum(r["drafted"] for r in drafted.records) > 0
+
+
 def test_turns_in_weight_space_mode_equal_the_adapted_model(printable, tmp_path):
     """--mode weights: each λ's conversation runs on the reference with the adapter at scale λ, turn by turn."""
     from tiny_models import write_tiny_lora
@@ -379,7 +397,7 @@ def test_pairwise_resumes_after_a_kill_without_asking_twice(printable, judge_ser
     # the same command again asks nothing; another prompt asks every question anew, generating nothing
     again = RecordingProxy(judge_server.url)
     _, stderr = finished(dera_eval(pairwise_args(printable, data, out, again, prompt_file)))
-    assert again.forwarded == [] and "0 request(s) answered now" in stderr
+    assert again.forwarded == [] and "0 question(s) asked now" in stderr
     other = tmp_path / "other.txt"
     other.write_text(OTHER_PAIRWISE_PROMPT)
     _, stderr = finished(dera_eval(pairwise_args(printable, data, out, again, other)))
@@ -436,7 +454,7 @@ def test_a_failing_judge_marks_samples_and_the_sweep_finishes(pair, tmp_path):
 
     result = generate(pair, data, lams, params=greedy, out_dir=out, judge=judge)  # nothing left to ask
     flaky.close()
-    assert len(flaky.arrivals) == 6 * 2 and "0 request(s) answered now, 6 reused" in result.judge_report
+    assert len(flaky.arrivals) == 6 * 2 and "0 question(s) asked now, 6 answered by earlier runs" in result.judge_report
 
 
 def test_hub_dataset_rows_online_then_offline(printable, tmp_path):

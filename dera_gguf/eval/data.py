@@ -188,11 +188,13 @@ def numbered_objects(paths: List[str]) -> Iterator[Tuple[int, Any, Optional[str]
 
 
 def parquet_rows(path: str) -> List[Dict[str, Any]]:
-    """A parquet file's rows as dicts (pyarrow reads it: ``pip install pyarrow``)."""
+    """A parquet file's rows as dicts (pyarrow reads it: the ``parquet`` extra)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DeRaError(f"{path} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
+        raise DeRaError(
+            f"{path} is a parquet file: reading it needs pyarrow (pip install 'dera-gguf[parquet]')"
+        ) from None
     return pq.read_table(path).to_pylist()
 
 

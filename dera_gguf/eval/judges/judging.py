@@ -163,6 +163,7 @@ class Judging:
         self.done: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         self.lock = threading.Lock()  # the store's file
         self.threads: List[threading.Thread] = []
+        self.stored: Dict[tuple, Dict[str, Any]] = {}  # the judgments as annotate() read them
 
     def open(self) -> None:
         """Read the judgments of earlier runs in the run folder (made by then) and record this judge there."""
@@ -283,6 +284,8 @@ class Judging:
 
     def annotate(self, records: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         """Copies of ``records`` with the judge's outcome of each (:mod:`.questions`), from the stored replies."""
+        with self.lock:  # (a pool thread of an interrupted run may still be writing one)
+            self.stored = dict(self.store.records)
         index = {(r["row"], float(r["lam"]), r["sample"]): r for r in records}
         index.update({k: v for k, v in self.samples.items() if k not in index})
         out = []
@@ -310,20 +313,24 @@ class Judging:
             about["lam"] = float(record["lam"])
         else:
             about["lam_a"], about["lam_b"] = lams
-        return self.judgment(key_of(self.hash, about))
+        return self._stored_judgment(key_of(self.hash, about))
 
     def judgment(self, key: str) -> Optional[Dict[str, Any]]:
         """The stored judgment of the question ``key`` (the latest), if any."""
         return self.store.records.get((key,))
 
+    def _stored_judgment(self, key: str) -> Optional[Dict[str, Any]]:
+        return self.stored.get((key,))
+
     def report(self) -> str:
         """How the judging went: replies of this run, those reused, and the failures (the first one's reason)."""
-        mine = [j for j in self.store.records.values() if j["judge"] == self.hash]
+        with self.lock:
+            mine = [j for j in self.store.records.values() if j["judge"] == self.hash]
         asked = [j for j in mine if j["key"] in self.asked]
         failed = [j for j in mine if j["status"] != OK]
         line = (
-            f"judge {self.hash} ({self.judge.kind}, {self.judge.model}): {len(asked)} request(s) answered now, "
-            f"{len(mine) - len(asked)} reused from earlier runs"
+            f"judge {self.hash} ({self.judge.kind}, {self.judge.model}): {len(asked)} question(s) asked now, "
+            f"{len(mine) - len(asked)} answered by earlier runs"
         )
         if failed:
             errors = sum(j["status"] == ERROR for j in failed)
