@@ -457,6 +457,23 @@ def test_a_failing_judge_marks_samples_and_the_sweep_finishes(pair, tmp_path):
     assert len(flaky.arrivals) == 6 * 2 and "0 question(s) asked now, 6 answered by earlier runs" in result.judge_report
 
 
+def test_a_judge_too_slow_times_out_and_the_sweep_finishes(pair, tmp_path):
+    import time
+
+    def slow(prompt, n):
+        time.sleep(1.5)
+        return 200, completion("Rating: 9")
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello world, tell me"}])
+    judge_server = ScriptedJudge(slow)
+    judge = Judge("single", judge_server.url, "m", retries=1, backoff=0.01, timeout=0.3)
+    result = generate(pair, data, [0.0, 1.0], params=SamplingParams(temperature=0.0, max_tokens=4), judge=judge)
+    judge_server.close()
+    assert result.computed == 2 and len(judge_server.arrivals) == 2 * 2
+    assert [(e["judged"], e["judge_failed"]) for e in result.summary] == [(0, 1), (0, 1)]
+    assert "no answer within 0.3 s" in result.judge_report
+
+
 def test_hub_dataset_rows_online_then_offline(printable, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -507,12 +524,15 @@ def test_hub_dataset_rows_online_then_offline(printable, tmp_path):
 def test_judge_flags_are_checked_before_anything_runs(tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", ROWS)
     base = ["--ref", "r.gguf", "--aligned", "a.gguf", "--prompts", data, "--out", tmp_path / "o"]
+    (tmp_path / "bad.txt").write_text("Grade {answer} please ({question_a} is not ours)")
+    bad = ["--judge-prompt", tmp_path / "bad.txt"]
     cases = [
         (["--judge", "single"], "--judge-model"),
         (["--judge", "pairwise", "--judge-model", "m"], "--baseline-lam"),
         (["--judge-model", "m"], "add --judge single"),
         (["--judge", "single", "--judge-model", "m", "--judge-key-env", "NO_SUCH_VAR_X"], "NO_SUCH_VAR_X"),
         (["--judge", "single", "--judge-model", "m", "--judge-url", "localhost:8080"], "--judge-url"),
+        (["--judge", "single", "--judge-model", "m", *bad], "lacks {question}"),
     ]
     for extra, message in cases:
         done = subprocess.run(

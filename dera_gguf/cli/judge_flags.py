@@ -117,7 +117,7 @@ class JudgeFlags:
             raise DeRaError("--judge pairwise needs --baseline-lam (e.g. 0 for the SFT model, 1 for the aligned one)")
         if self.judge == "single" and self.baseline_lam:
             raise DeRaError("--baseline-lam is for --judge pairwise; --judge single grades each answer alone")
-        return Judge(
+        judge = Judge(
             self.judge,
             url=self.judge_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_URL,
             model=self.judge_model,
@@ -130,6 +130,8 @@ class JudgeFlags:
             timeout=self.judge_timeout,
             max_tokens=self.judge_max_tokens,
         )
+        judge.load_prompt()  # a prompt file without its placeholders is refused now, before anything runs
+        return judge
 
     def key(self) -> Optional[str]:
         """The API key from the environment: --judge-key-env's variable (which must be set), or OPENAI_API_KEY."""
