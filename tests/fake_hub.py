@@ -3,12 +3,15 @@
 It answers ``HEAD`` and ``GET /{org}/{name}/resolve/{revision}/{file}`` as the hub does for an
 LFS file (``X-Repo-Commit``, a sha256 ``ETag``, ``Content-Length``, HTTP ranges), and the hub's
 error codes for unknown repos, files and gated repos, so huggingface_hub talks to it through
-``HF_ENDPOINT`` exactly as to the real hub. Nothing leaves the machine.
+``HF_ENDPOINT`` exactly as to the real hub. Nothing leaves the machine. Each repository is also
+served as a dataset (``/datasets/{org}/{name}/resolve/...``), with the API calls that
+``snapshot_download`` makes first: the revision's commit and the file tree.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -17,7 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Tuple
 
 COMMIT = "c0ffee" + "0" * 34
-_PATH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_PATH = re.compile(r"^/(?:datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_API = re.compile(r"^/api/(?:models|datasets)/(?P<repo>[^/]+/[^/]+)/(?P<what>revision|tree)/(?P<rev>[^/]+)")
 
 
 @dataclass
@@ -64,8 +68,11 @@ class FakeHub:
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()}))
-        match = _PATH.match(handler.path.split("?")[0])
         repos = {repo for repo, _ in self.files}
+        api = _API.match(handler.path.split("?")[0])
+        if api is not None:
+            return self._api(handler, api, repos)
+        match = _PATH.match(handler.path.split("?")[0])
         if match is None or match["repo"] not in repos:
             return _error(handler, 404, "RepoNotFound")
         if match["repo"] in self.gated:
@@ -85,6 +92,25 @@ class FakeHub:
         handler.end_headers()
         if body:
             self._send(handler, data[start:])
+
+    def _api(self, handler: BaseHTTPRequestHandler, match: re.Match, repos: set) -> None:
+        """A repository's revision (its commit, its files) or its file tree, as the hub's API answers them."""
+        if match["repo"] not in repos:
+            return _error(handler, 404, "RepoNotFound")
+        files = sorted((f, data) for (repo, f), data in self.files.items() if repo == match["repo"])
+        if match["what"] == "revision":
+            answer = {"id": match["repo"], "sha": COMMIT, "siblings": [{"rfilename": f} for f, _ in files]}
+        else:
+            answer = [
+                {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": f}
+                for f, data in files
+            ]
+        body = json.dumps(answer).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
     def _send(self, handler: BaseHTTPRequestHandler, data: bytes) -> None:
         try:

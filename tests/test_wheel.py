@@ -31,6 +31,9 @@ for pair in registry.pairs.values():
             assert package not in source.local_path().parents, (pair.name, source.local_path())
         hint = source.hint(pair)
         assert hint.startswith(("dera-pull ", "pip install ")) and "scripts/" not in hint, (pair.name, hint)
+from dera_gguf.eval.judges import default_prompt  # the judge prompts ship in the package's data
+
+assert "{answer}" in default_prompt("single") and "{answer_b}" in default_prompt("pairwise")
 print("ok", package)
 """
 

@@ -47,7 +47,7 @@ class BatchGenerator:
 
     def join(self, seq: Sequence, slot: int, keep: int) -> None:
         """Run ``seq`` in ``slot``, whose KV cache holds the first ``keep`` tokens of its prompt."""
-        seq.slot, seq.pending = slot, [int(t) for t in seq.prompt[keep:]]
+        seq.slot, seq.reused, seq.pending = slot, keep, [int(t) for t in seq.prompt[keep:]]
         self.running[slot] = seq
 
     def start_shared(self, prompt: Tokens[int], seqs: List[Sequence]) -> None:

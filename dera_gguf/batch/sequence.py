@@ -4,7 +4,7 @@ Set by whoever starts it: the mixing weights, the sampler chain (seeded on its o
 draw does not depend on its neighbours in the batch), the bias, how many log-probs to keep,
 the stop rule and the budget; optionally a list that collects the KL to the reference per
 token (dera-eval) and a draft source (prompt lookup). Set as it runs: the slot (its sequence
-id in the pair's contexts), the prompt tokens still to decode, the tokens drawn, their
+id in the pair's contexts), the prompt tokens its slot held and those still to decode, the tokens drawn, their
 log-probs, and why it finished. Where it stands in the KV cache is read from llama.cpp.
 """
 
@@ -51,6 +51,7 @@ class Sequence:
     drafts: Optional["LookupDrafts"] = None
     prompt: Tokens[int] = ()
     slot: int = -1
+    reused: int = 0  # the first prompt tokens its slot held when it joined (not decoded again)
     pending: List[int] = field(default_factory=list)
     tokens: List[int] = field(default_factory=list)
     scored: List[Scored] = field(default_factory=list)

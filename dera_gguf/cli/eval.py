@@ -2,6 +2,8 @@
 
     dera-eval score --ref sft.gguf --aligned dpo.gguf --data prefs.jsonl --lams 0,0.5,1,1.5,2 --out runs/s
     dera-eval generate --pair zephyr --prompts prompts.jsonl --lams 0,1,2 --out runs/g --reward length
+    dera-eval generate --pair zephyr --prompts hf:HuggingFaceH4/mt_bench_prompts --out runs/mt \
+        --judge single --judge-url http://127.0.0.1:8080/v1 --judge-model local
 
 Both write DIR/summary.json, DIR/summary.csv and DIR/sweep.png, print the best λ, and
 resume an interrupted run with the same --out.
@@ -31,6 +33,7 @@ from .common import (
     sweep_spec,
 )
 from .eval_harness import harness
+from .judge_flags import JudgeFlags, judge_options
 
 DEFAULT_LAMS = "0,0.2,0.4,0.6,0.8,1,1.2,1.4,1.6,1.8,2"
 
@@ -150,11 +153,16 @@ class ProgressBar:
 
     def __init__(self):
         self.bar = None
+        self.label = ""
 
     def __call__(self, label: str, done: int, total: int) -> None:
+        if self.bar is not None and (label != self.label or total != self.bar.length):
+            self.bar.__exit__(None, None, None)  # the next stage (judging), or more of it to wait for
+            self.bar = None
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True)
             self.bar.__enter__()
+            self.label = label
         self.bar.update(done - self.bar.pos)
 
     def __enter__(self) -> "ProgressBar":
@@ -178,12 +186,18 @@ def report(result, metric: str, maximize, metrics, n_listed: int) -> None:
         click.echo(result.skipped_report(n_listed), err=True)
     if result.reused:
         click.echo(f"resumed: reused {result.reused} finished result(s) from {result.out_dir}", err=True)
+    if result.judge_report:
+        click.echo(result.judge_report, err=True)
     names = list(metrics)
-    click.echo("lam\tn\t" + "\t".join(names))
+    counts = [c for c in ("judged", "judge_failed") if result.summary and c in result.summary[0]]
+    click.echo("lam\tn\t" + "".join(f"{c}\t" for c in counts) + "\t".join(names))
     for e in result.summary:
         cells = ["-" if e[m] is None else f"{e[m]:.4g}±{e[m + '_stderr'] or 0:.2g}" for m in names]
-        click.echo(f"{e['lam']:g}\t{e['n']}\t" + "\t".join(cells))
+        click.echo(f"{e['lam']:g}\t{e['n']}\t" + "".join(f"{e[c]}\t" for c in counts) + "\t".join(cells))
     click.echo(f"wrote {os.path.join(result.out_dir, 'summary.json')} and summary.csv")
+    if result.by_category:
+        click.echo(category_table(result.by_category, metric))
+        click.echo(f"wrote {os.path.join(result.out_dir, 'summary_by_category.json')} and .csv")
     if result.plot_message:
         click.echo(result.plot_message, err=True)
     else:
@@ -193,6 +207,16 @@ def report(result, metric: str, maximize, metrics, n_listed: int) -> None:
         click.echo(f"no results for {metric}: no best lam", err=True)
     else:
         click.echo(f"best lam by {metric}: {best['lam']:g} ({metric} = {best[metric]:.4g})")
+
+
+def category_table(by_category, metric: str) -> str:
+    """``metric`` per category (rows) and λ (columns)."""
+    lams = list(dict.fromkeys(e["lam"] for e in by_category))
+    lines = [f"{metric} by category\t" + "\t".join(f"{lam:g}" for lam in lams)]
+    for category in dict.fromkeys(e["category"] for e in by_category):
+        values = {e["lam"]: e.get(metric) for e in by_category if e["category"] == category}
+        lines.append(category + "\t" + "\t".join("-" if values[lam] is None else f"{values[lam]:.3g}" for lam in lams))
+    return "\n".join(lines)
 
 
 def drafts_report(records) -> str:
@@ -224,9 +248,13 @@ def score(**flags):
     sweep.run(run, flags.pop("models"), data_path, "score", SCORE_METRICS)
 
 
-@main.command(short_help="Sample per λ: length, reward and KL to the reference.")
+@main.command(short_help="Sample per λ: length, reward and KL to the reference; an LLM judge's grades.")
 @model_options(several_aligned=False)
-@rows_option("--prompts", 'prompts.jsonl: {"prompt"} or {"messages"} per line.')
+@rows_option(
+    "--prompts",
+    'prompts.jsonl: {"prompt"}, {"messages"} or {"turns": [...]} per line (optional "category"); or '
+    "hf:DATASET[:SPLIT] or hf:DATASET:FILE.jsonl, a dataset on the Hugging Face hub.",
+)
 @sweep_options
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="Responses per prompt and λ.")
 @click.option(
@@ -239,19 +267,30 @@ def score(**flags):
 @click.option("--lmin", type=click.IntRange(min=0), default=20, show_default=True, help="Length reward: min tokens.")
 @click.option("--lmax", type=click.IntRange(min=0), default=60, show_default=True, help="Length reward: max tokens.")
 @sampling_options(sweep=True)
-@max_tokens_option("New tokens per response.")
-@click.option("--metric", default="mean_reward", show_default=True, help="Metric that picks the best λ.")
+@max_tokens_option("New tokens per response (per turn).")
+@click.option(
+    "--metric",
+    default=None,
+    help="Metric that picks the best λ [default: the judge's (mean_rating, win_rate_vs_<first baseline>), "
+    "else mean_reward].",
+)
 @speculative_option(
     "lookup",
     gate="Drafts are sized by how much of each response's earlier drafts passed, not by timing: a run repeats itself.",
 )
+@judge_options
 @reports_errors
 def generate(**flags):
-    """Sample at every λ; length, reward and KL to the reference per λ (seed 0 unless --seed)."""
+    """Sample at every λ; length, reward and KL to the reference per λ (seed 0 unless --seed); with --judge,
+    an LLM judge's grades or win rates per λ (and per category)."""
     from ..eval import GENERATE_METRICS, load_reward
     from ..eval import generate as run
 
-    sweep = SweepFlags(**take(flags, _names(SweepFlags))).checked(GENERATE_METRICS)
+    judge = JudgeFlags(**take(flags, _names(JudgeFlags))).to_judge()
+    metrics = {**(judge.metrics() if judge else {}), **GENERATE_METRICS}
+    if flags["metric"] is None:
+        flags["metric"] = next(iter(metrics))
+    sweep = SweepFlags(**take(flags, _names(SweepFlags))).checked(metrics)
     reward = load_reward(flags.pop("reward_spec"), flags.pop("lmin"), flags.pop("lmax"))
     params = Sampling(**take(flags, ["temperature", "top_k", "top_p", "min_p", "max_tokens"]))
     extra = take(flags, ["samples", "speculative"])
@@ -259,7 +298,7 @@ def generate(**flags):
     models = flags.pop("models")
     seed = 0 if models.seed is None else models.seed
     result = sweep.run(
-        run, models, data_path, "generate", GENERATE_METRICS, params=params, seed=seed, reward=reward, **extra
+        run, models, data_path, "generate", metrics, params=params, seed=seed, reward=reward, judge=judge, **extra
     )
     if extra["speculative"]:
         click.echo(drafts_report(result.records), err=True)

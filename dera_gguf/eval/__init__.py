@@ -12,6 +12,7 @@ sweep resumes where it stopped.
 from ..sampling.settings import Sampling
 from .data import Dataset, read_rows
 from .generate import generate
+from .judges import Judge
 from .models import EvalPair, PairSpec
 from .rewards import LengthReward, load_reward
 from .runner import SweepResult
@@ -25,6 +26,7 @@ __all__ = [
     "PairSpec",
     "score",
     "generate",
+    "Judge",
     "Sampling",
     "SamplingParams",
     "LengthReward",

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 from typing import Sequence as Tokens
 
 import numpy as np
 
 from ..batch.sequence import LookupDrafts, Sequence
-from ..batch.together import decode_together
+from ..batch.together import continue_in_slots, decode_together
 from ..blend import mixing_weights
 from ..errors import DeRaError
 from ..runtime.pair import Realign, check_mode
@@ -27,6 +27,7 @@ from .batch import ParallelSequences
 from .chains import check_sweep_sampling, new_chain, recorded, sequence_seed
 from .data import Dataset, Row, RowProblem, read_rows
 from .executors import row_executor
+from .judges import Judge, Judging
 from .models import EvalPair, PairSpec
 from .rewards import LengthReward, describe_reward, reward_of
 from .runner import Progress, SweepResult, run_sweep
@@ -96,47 +97,31 @@ def generate_row(
     mode: str = "blend",
     speculative: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
-    """One record per (λ, sample) of this prompt.
+    """One record per (λ, sample) of this prompt (of this conversation, for a row of ``turns``).
 
     Blend mode decodes every (λ, sample) together; weight-space mode one batch per λ (the
     adapter's scale is per context), each sampled from the adapted model alone. With
     ``speculative="lookup"`` the records also count the drafted tokens and those that passed.
     """
+    if row.turns is not None:
+        return Conversation(pair, decoder, row, params, speculative).records(lams, samples, seed, reward, mode)
     prompt_text = pair.prompt_text(row.prompt, row.messages)
-    prompt = pair.tokenize(prompt_text)
-    if not prompt:
-        raise RowProblem("the prompt has no tokens (and the model adds no BOS): nothing to condition on")
-    if len(prompt) + params.max_tokens > pair.n_ctx:
-        raise RowProblem(
-            f"the prompt is {len(prompt)} tokens: with max {params.max_tokens} new tokens it needs "
-            f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens"
-        )
+    prompt = checked_prompt(pair, prompt_text, params)
     # matches of 2 tokens or more: in a batch of many sequences a drafted token that fails costs a
     # batch entry, and one-token matches fail most often
     lookup = NgramIndex(prompt, min_ngram=2) if speculative == "lookup" else None
     jobs = [
         new_sample(lam, s, sequence_seed(seed, row.id, float(lam), s), params) for lam in lams for s in range(samples)
     ]
-    if mode == "blend":
-        decode_batch(pair, decoder, prompt, jobs, params.max_tokens, lookup)
-    else:
-        for lam in lams:
-            weights = np.array(decoder.runtime.prepare(Realign(mixing_weights(lam), "weights")))
-            group = [job for job in jobs if job.lam == float(lam)]
-            for job in group:
-                job.weights = weights
-            decode_batch(pair, decoder, prompt, group, params.max_tokens, lookup)
+    for group in realigned_groups(decoder, jobs, mode):
+        decode_batch(pair, decoder, prompt, group, params.max_tokens, lookup)
     records = []
     for job in jobs:
         response = pair.detokenize(job.tokens)
         where = f"line {row.line} (lam {job.lam})"
         records.append(
             {
-                "row": row.id,
-                "line": row.line,
-                "lam": job.lam,
-                "sample": job.sample,
-                "seed": job.seed,
+                **record_head(row, job),
                 "prompt": prompt_text,
                 "response": response,
                 "tokens": job.tokens,
@@ -151,6 +136,128 @@ def generate_row(
     return records
 
 
+def checked_prompt(pair: EvalPair, prompt_text: str, params: Sampling) -> List[int]:
+    """The prompt's tokens, refused (a :class:`RowProblem`) when empty or too long for n_ctx with its answer."""
+    prompt = pair.tokenize(prompt_text)
+    if not prompt:
+        raise RowProblem("the prompt has no tokens (and the model adds no BOS): nothing to condition on")
+    if len(prompt) + params.max_tokens > pair.n_ctx:
+        raise RowProblem(
+            f"the prompt is {len(prompt)} tokens: with max {params.max_tokens} new tokens it needs "
+            f"more than n_ctx {pair.n_ctx}; raise --n-ctx or lower --max-tokens"
+        )
+    return prompt
+
+
+def record_head(row: Row, job: Sample) -> Dict[str, Any]:
+    """The fields that identify a record: row, line, λ, sample, seed (and the row's category, if any)."""
+    head = {"row": row.id, "line": row.line, "lam": job.lam, "sample": job.sample, "seed": job.seed}
+    return {**head, "category": row.category} if row.category is not None else head
+
+
+def realigned_groups(decoder: ParallelSequences, jobs: List[Sample], mode: str) -> Iterator[List[Sample]]:
+    """The jobs in the groups that decode together, the contexts set up for each: all of them in blend
+    mode; one λ at a time in weight-space mode (its adapter scale, the aligned context's weights)."""
+    if mode == "blend":
+        yield jobs
+        return
+    for lam in dict.fromkeys(job.lam for job in jobs):
+        weights = np.array(decoder.runtime.prepare(Realign(mixing_weights(lam), "weights")))
+        group = [job for job in jobs if job.lam == lam]
+        for job in group:
+            job.weights = weights
+        yield group
+
+
+class Conversation:
+    """A row of ``turns`` answered turn after turn at every (λ, sample), each in one conversation of its own.
+
+    The first turn is one prompt shared by every sequence (:func:`decode_batch`); then each sequence's
+    next prompt is the chat template over its own history and the next user message, continued in the
+    slot that holds that history (:func:`~dera_gguf.batch.together.continue_in_slots`), which keeps the
+    longest prefix of the new prompt it holds: what the template wrote of the earlier turns, as the
+    sequence decoded them.
+    """
+
+    def __init__(
+        self, pair: EvalPair, decoder: ParallelSequences, row: Row, params: Sampling, speculative: Optional[str]
+    ):
+        self.pair, self.decoder, self.row, self.params = pair, decoder, row, params
+        self.speculative = speculative
+
+    def records(self, lams: Tokens[float], samples: int, seed: int, reward, mode: str) -> List[Dict[str, Any]]:
+        firsts = [
+            new_sample(lam, s, sequence_seed(seed, self.row.id, float(lam), s), self.params)
+            for lam in lams
+            for s in range(samples)
+        ]
+        turns: Dict[int, List[Sample]] = {id(job): [] for job in firsts}  # each conversation's answers
+        for group in realigned_groups(self.decoder, firsts, mode):
+            self._answer(group, turns, seed)
+        return [self._record(job, turns[id(job)], reward, mode) for job in firsts]
+
+    def _answer(self, group: List[Sample], turns: Dict[int, List[Sample]], seed: int) -> None:
+        """Every turn of the group's conversations, the first shared, the next ones in their own slots."""
+        first = self._messages([], 0)
+        prompt = checked_prompt(self.pair, self.pair.render_chat(first), self.params)
+        lookup = NgramIndex(prompt, min_ngram=2) if self.speculative == "lookup" else None
+        decode_batch(self.pair, self.decoder, prompt, group, self.params.max_tokens, lookup)
+        for job in group:
+            turns[id(job)].append(job)
+        for t in range(1, len(self.row.turns)):
+            nexts = []
+            for job in group:
+                text = self.pair.render_chat(self._messages(turns[id(job)], t))
+                seq = new_sample(
+                    job.lam, job.sample, sequence_seed(seed, f"{self.row.id}#{t}", job.lam, job.sample), self.params
+                )
+                seq.weights, seq.prompt, seq.slot = job.weights, checked_prompt(self.pair, text, self.params), job.slot
+                if self.speculative == "lookup":
+                    seq.drafts = LookupDrafts(NgramIndex(seq.prompt, min_ngram=2))
+                turns[id(job)].append(seq)
+                nexts.append(seq)
+            for _ in continue_in_slots(self.decoder.runtime, nexts, self.pair.is_eog):
+                pass
+
+    def _messages(self, answered: List[Sample], t: int) -> List[Dict[str, str]]:
+        """The chat up to user turn ``t``: the earlier turns with this conversation's answers."""
+        messages = []
+        for user, answer in zip(self.row.turns[:t], answered):
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": self._text(answer)}]
+        return messages + [{"role": "user", "content": self.row.turns[t]}]
+
+    def _text(self, answer: Sample) -> str:
+        return self.pair.detokenize(answer.tokens)
+
+    def _record(self, job: Sample, answers: List[Sample], reward, mode: str) -> Dict[str, Any]:
+        """The conversation's record: each turn's answer, tokens, finish and reused prompt; length and KL over
+        all answers; the reward of the last answer (after the whole conversation as its prompt)."""
+        responses = [self._text(a) for a in answers]
+        kl = [k for a in answers for k in a.kl]
+        last_prompt = self.pair.render_chat(self._messages(answers[:-1], len(answers) - 1))
+        where = f"line {self.row.line} (lam {job.lam}, turn {len(answers)})"
+        record = {
+            **record_head(self.row, job),
+            "prompt": last_prompt,
+            "response": responses[-1],
+            "tokens": answers[-1].tokens,
+            "length_tokens": sum(len(a.tokens) for a in answers),
+            "finish_reason": answers[-1].finish,
+            "kl_sum": float(np.sum(kl)),
+            "kl_mean": float(np.mean(kl)),
+            "reward": reward_of(reward, last_prompt, responses[-1], len(answers[-1].tokens), where),
+            "turns": list(self.row.turns),
+            "responses": responses,
+            "turn_tokens": [a.tokens for a in answers],
+            "finish_reasons": [a.finish for a in answers],
+            "reused_tokens": [a.reused for a in answers],
+        }
+        if self.speculative == "lookup":
+            record["drafted"] = sum(a.drafted for a in answers)
+            record["accepted"] = sum(a.accepted for a in answers)
+        return record
+
+
 @dataclass(frozen=True)
 class GenerateTask:
     """What a process needs to generate rows on its own pair (sent to Ray workers)."""
@@ -162,11 +269,16 @@ class GenerateTask:
     reward: Any
     mode: str = "blend"
     speculative: Optional[str] = None
+    conversations: bool = False  # rows of several turns: each sequence may come to hold n_ctx tokens of its own
 
     def open(self, pair: EvalPair) -> RowWork:
-        """``work(row, lams) -> records`` on ``pair``, decoding up to every λ of the sweep at once."""
+        """``work(row, lams) -> records`` on ``pair``, decoding up to every λ of the sweep at once.
+
+        The KV cache holds one prompt and every sequence's answer; with conversations, every
+        sequence's whole conversation (n_ctx cells each: size --n-ctx to the longest one)."""
         n_seq = self.n_lams * self.samples
-        decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * self.params.max_tokens)
+        own = pair.n_ctx if self.conversations else self.params.max_tokens
+        decoder = ParallelSequences(pair, n_seq=n_seq, n_extra=(n_seq - 1) * own)
 
         def work(row, todo):
             return generate_row(
@@ -196,6 +308,7 @@ def generate(
     workers: Optional[int] = None,
     log: Optional[Callable[[str], None]] = None,
     speculative: Optional[str] = None,
+    judge: Optional[Judge] = None,
 ) -> SweepResult:
     """Sample ``samples`` responses per prompt and λ; summarize length, reward and KL per λ.
 
@@ -218,6 +331,11 @@ def generate(
             samples are the same (up to llama.cpp's batch-shape rounding), in fewer steps where
             responses copy their prompt. Drafts are sized by how many of a sequence's last draft
             passed, not by timing, so a run repeats itself exactly.
+        judge: a :class:`~dera_gguf.eval.judges.Judge` that grades every answer, or compares it with the
+            answer at its baseline λ (added to ``lams`` if missing), while the sweep runs; its replies
+            go to judgments.jsonl, its outcomes into the summary (``mean_rating`` or
+            ``win_rate_vs_<λ>`` / ``tie_rate_vs_<λ>`` / ``loss_rate_vs_<λ>``, and the counts ``judged``
+            and ``judge_failed``).
     """
     if speculative not in (None, "lookup"):
         raise DeRaError(f"speculative must be None or 'lookup' for generate (drafts per sequence), got {speculative!r}")
@@ -238,11 +356,18 @@ def generate(
         "reward": describe_reward(reward),
         **({"mode": mode} if mode != "blend" else {}),  # (runs from before modes existed resume as blend)
     }
-    task = GenerateTask(len(lams), samples, params, seed, reward, mode, speculative)
+    lams = [float(x) for x in lams]
+    if judge is not None and any(b not in lams for b in judge.baselines):  # (in order, if the sweep's lams are)
+        ordered = lams == sorted(lams)
+        lams += [b for b in judge.baselines if b not in lams]
+        lams = sorted(lams) if ordered else lams
+    conversations = any(row.turns is not None and len(row.turns) > 1 for row in data.rows)
+    task = GenerateTask(len(lams), samples, params, seed, reward, mode, speculative, conversations)
+    judging = Judging(judge, data.rows, out_dir) if judge is not None else None
     with row_executor(pair, task, ray, workers, log) as execute:
         return run_sweep(
             data,
-            [float(x) for x in lams],
+            lams,
             per_lam=samples,
             metrics=GENERATE_METRICS,
             results_name=SAMPLES_FILE,
@@ -251,4 +376,5 @@ def generate(
             progress=progress,
             label="generating",
             execute=execute,
+            judging=judging,
         )

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..errors import DeRaError
 from .store import atomic_write
@@ -39,10 +39,17 @@ def mean_stderr(values: Sequence[float]) -> tuple[Optional[float], Optional[floa
     return mean, math.sqrt(var / n)
 
 
+Counts = Mapping[str, Callable[[Mapping[str, Any]], bool]]  # name -> which records it counts
+
+
 def summarize(
-    records: Sequence[Mapping[str, Any]], lams: Sequence[float], metrics: Mapping[str, tuple]
+    records: Sequence[Mapping[str, Any]],
+    lams: Sequence[float],
+    metrics: Mapping[str, tuple],
+    counts: Optional[Counts] = None,
 ) -> List[Dict[str, Any]]:
-    """One object per λ: ``lam``, ``n`` and each metric with ``<metric>_stderr``."""
+    """One object per λ: ``lam``, ``n``, each count and each metric with ``<metric>_stderr``; a metric
+    averages the records that have its field (a judge's grade is missing where it failed)."""
     by_lam: Dict[float, List[Mapping[str, Any]]] = {float(lam): [] for lam in lams}
     for r in records:
         if float(r["lam"]) in by_lam:
@@ -51,20 +58,41 @@ def summarize(
     for lam in lams:
         group = by_lam[float(lam)]
         entry: Dict[str, Any] = {"lam": float(lam), "n": len(group)}
+        for name, counted in (counts or {}).items():
+            entry[name] = sum(1 for r in group if counted(r))
         for name, (field, _) in metrics.items():
-            entry[name], entry[f"{name}_stderr"] = mean_stderr([float(r[field]) for r in group])
+            values = [float(r[field]) for r in group if r.get(field) is not None]
+            entry[name], entry[f"{name}_stderr"] = mean_stderr(values)
         out.append(entry)
     return out
 
 
-def write_summary(out_dir: str, summary: List[Dict[str, Any]]) -> None:
-    """summary.json and summary.csv, each replaced atomically."""
-    atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+def summarize_by_category(
+    records: Sequence[Mapping[str, Any]],
+    lams: Sequence[float],
+    metrics: Mapping[str, tuple],
+    counts: Optional[Counts] = None,
+) -> List[Dict[str, Any]]:
+    """One object per (category, λ), as :func:`summarize`, for rows with a ``category`` (those without one
+    under ``"(none)"``); empty when no record has a category."""
+    if not any(r.get("category") is not None for r in records):
+        return []
+    categories = sorted({r.get("category") or "(none)" for r in records})
+    out = []
+    for category in categories:
+        mine = [r for r in records if (r.get("category") or "(none)") == category]
+        out += [{"category": category, **entry} for entry in summarize(mine, lams, metrics, counts)]
+    return out
+
+
+def write_summary(out_dir: str, summary: List[Dict[str, Any]], name: str = "summary") -> None:
+    """NAME.json and NAME.csv (summary.json, summary.csv), each replaced atomically."""
+    atomic_write(os.path.join(out_dir, f"{name}.json"), json.dumps(summary, indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(summary[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in summary)
-    atomic_write(os.path.join(out_dir, "summary.csv"), buf.getvalue())
+    atomic_write(os.path.join(out_dir, f"{name}.csv"), buf.getvalue())
 
 
 def best_lam(
