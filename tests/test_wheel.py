@@ -135,3 +135,28 @@ def test_dera_eval_harness_runs_from_the_installed_wheel(installed, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "best lam for t_mc by acc,none" in done.stdout
     assert (tmp_path / "run" / "summary.json").exists() and list((tmp_path / "run" / "lam-1").rglob("results_*.json"))
+
+
+def test_dera_eval_generate_with_a_judge_runs_from_the_installed_wheel(installed, tmp_path):
+    """A λ sweep graded by an LLM judge (a local OpenAI-compatible endpoint that grades every answer 7),
+    the command of the installed package, outside the checkout."""
+    import json
+
+    from judge_driver import ScriptedJudge, completion
+    from serve_driver import tiny_pair
+
+    paths = tiny_pair(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello world", "the cat")))
+    judge = ScriptedJudge(lambda prompt, n: (200, completion("Rating: 7")))
+    try:
+        args = ["generate", "--ref", str(paths[0]), "--aligned", str(paths[1]), "--n-ctx", "256"]
+        args += ["--prompts", str(prompts), "--lams", "0,1", "--max-tokens", "6", "--out", str(tmp_path / "run")]
+        args += ["--judge", "single", "--judge-url", judge.url, "--judge-model", "scripted", "--no-progress"]
+        done = run_installed(installed, tmp_path, "dera-eval", *args)
+    finally:
+        judge.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(e["lam"], e["mean_rating"], e["judged"]) for e in summary] == [(0.0, 7.0, 2), (1.0, 7.0, 2)]
+    assert len(judge.arrivals) == 4  # one question per answer
