@@ -188,3 +188,23 @@ def test_an_unknown_task_is_a_clear_error(tmp_path, paths, tasks):
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert unknown.returncode != 0 and "no_such_task" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_tasks_shared_out_to_ray_workers_give_the_one_process_figures(tmp_path, paths, tasks, swept):
+    """--ray --workers 2 on a local Ray runtime: each worker runs every λ of its tasks; the summary equals
+    the one-process run's, and each shard keeps lm-eval's own results per λ."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray-run"
+    args = ["--ref", str(paths[0]), "--aligned", str(paths[1]), "--n-ctx", "512", "--tasks", NAMES, "--threads", "1"]
+    args += ["--include-path", str(tasks), "--lams", ",".join(str(x) for x in LAMS), "--out", str(out)]
+    env = {**cli_env(), **offline_env(tmp_path), "RAY_ADDRESS": ""}
+    command = [sys.executable, "-m", "dera_gguf.cli.eval", "harness", *args, "--ray", "--workers", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    key = lambda r: (r["task"], r["metric"], r["lam"])
+    alone = sorted(json.loads((swept[0] / "summary.json").read_text()), key=key)
+    shared = sorted(json.loads((out / "summary.json").read_text()), key=key)
+    assert [key(r) for r in shared] == [key(r) for r in alone]
+    assert [r["value"] for r in shared] == pytest.approx([r["value"] for r in alone], abs=ATOL)
+    shards = sorted(p.name for p in (out / "shards").iterdir())
+    assert shards == ["0-of-2", "1-of-2"] and all(list((out / "shards" / s).rglob("results_*.json")) for s in shards)

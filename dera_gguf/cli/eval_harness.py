@@ -29,6 +29,17 @@ HINT = "pip install 'dera-gguf[harness]' (lm-evaluation-harness)"
 @click.option("--apply-chat-template", is_flag=True, help="Render prompts with the pair's chat template.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="lm-eval's batch size.")
 @click.option("--beta", type=float, default=None, help="The pair's KL strength for the β/λ axis [default: its β].")
+@click.option(
+    "--ray",
+    "ray",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Share the tasks out to Ray workers, each running every λ of its tasks: alone, a local Ray runtime; "
+    "'auto' or ray://HOST:PORT, a cluster (pip install 'dera-gguf[cluster]').",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray workers (default: from the cluster).")
 @reports_errors
 def harness(models: ModelFlags, tasks, lams, out_dir, include_path, num_fewshot, limit, apply_chat_template, **rest):
     """Run lm-evaluation-harness tasks at every λ: lm-eval's results per λ, summary.json/csv, sweep.png.
@@ -40,25 +51,22 @@ def harness(models: ModelFlags, tasks, lams, out_dir, include_path, num_fewshot,
         from ..eval.harness_run import harness as run
     except ImportError as e:
         raise DeRaError(f"dera-eval harness needs lm-evaluation-harness ({e}): {HINT}") from None
+    if rest["ray"] is None and rest["workers"] is not None:
+        raise DeRaError("--workers shares tasks out to Ray workers: add --ray (or --ray auto for a cluster)")
     values = [float(x) for x in parse_lams(lams)]
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     spec = sweep_spec(models)
     chosen = models.choose()
     beta = rest["beta"] if rest["beta"] is not None else (chosen.pair.beta if chosen.pair else None)
     log = lambda line: click.echo(line, err=True)
-    result = run(
-        spec,
-        values,
-        names,
-        out_dir,
-        num_fewshot,
-        limit,
-        include_path,
-        apply_chat_template,
-        rest["batch_size"],
-        beta,
-        log,
-    )
+    settings = dict(num_fewshot=num_fewshot, limit=limit, include_path=include_path, beta=beta, log=log)
+    settings.update(apply_chat_template=apply_chat_template, batch_size=rest["batch_size"])
+    if rest["ray"] is not None:
+        from ..eval.harness_ray import harness_on_ray
+
+        result = harness_on_ray(spec, values, names, out_dir, ray=rest["ray"], workers=rest["workers"], **settings)
+    else:
+        result = run(spec, values, names, out_dir, **settings)
     click.echo("task\tmetric\t" + "\t".join(f"λ {format_lam(x)}" for x in values))
     rows = {}
     for row in result.summary:
