@@ -22,8 +22,7 @@ the weights, as a real pair does), and every file is loaded by llama.cpp once. W
 (the same with the 0.5B drafting), for dera-serve and ``bench_serve.py``:
 
     DERA_MODELS=OUT_DIR/models.toml python scripts/bench_serve.py --pair qwen-coder
-    python scripts/bench_decode.py --model OUT_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \\
-        --aligned OUT_DIR/qwen2.5-coder-1.5b-instruct.requantized-q8_0.gguf --draft OUT_DIR/qwen2.5-coder-0.5b-instruct.gguf
+    python scripts/bench_decode.py --pairs qwen [--draft OUT_DIR/qwen2.5-coder-0.5b-instruct.gguf]
 """
 
 from __future__ import annotations
