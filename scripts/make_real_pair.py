@@ -109,13 +109,18 @@ def check_loads(path: Path) -> str:
         llm.close()
 
 
+def pair_files(out: Path = CACHE / "qwen-coder") -> tuple:
+    """(reference, aligned, drafter) paths, assembled and requantized first where missing."""
+    out.mkdir(parents=True, exist_ok=True)
+    reference, drafter = assemble(out, REFERENCE), assemble(out, DRAFTER)
+    return reference, requantize(out, reference), drafter
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, nargs="?", default=CACHE / "qwen-coder")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    reference, drafter = assemble(args.out, REFERENCE), assemble(args.out, DRAFTER)
-    aligned = requantize(args.out, reference)
+    reference, aligned, drafter = pair_files(args.out)
     for path in (reference, aligned, drafter):
         print(f"{path} ({path.stat().st_size / 1e9:.2f} GB): {check_loads(path)}")
     toml = args.out / "models.toml"
