@@ -25,7 +25,7 @@ from pathlib import Path
 import llama_cpp
 from bench_decode import CACHE, package_file
 
-SIZES = (1, 2, 3, 5, 9, 17)
+SIZES = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 17)
 
 
 class Decoder:

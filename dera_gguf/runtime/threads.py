@@ -14,6 +14,7 @@ in parallel. The logits are the same under either plan.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ def _cpuinfo_cores(text: str) -> int:
         elif key == "core id":
             pairs.add((package, value.strip()))
     return len(pairs)
+
+
+_CHOOSING = threading.Lock()  # plans that share measurements may run in two threads (a server's engine and slots)
 
 
 class PlanChoice:
@@ -123,12 +127,15 @@ class ThreadPlan:
             return self._run(contexts, work, False)
         if not (self.measured and rows > 0):
             return self._run(contexts, work, self.concurrent)
-        choice = self.choices.get((len(contexts), size_class(rows)))
-        if choice is None:
-            choice = self.choices.setdefault((len(contexts), size_class(rows)), PlanChoice(self.concurrent))
-        plan, start = choice.pick(), time.perf_counter()
+        with _CHOOSING:
+            choice = self.choices.get((len(contexts), size_class(rows)))
+            if choice is None:
+                choice = self.choices.setdefault((len(contexts), size_class(rows)), PlanChoice(self.concurrent))
+            plan = choice.pick()
+        start = time.perf_counter()
         self._run(contexts, work, plan)
-        choice.record(plan, time.perf_counter() - start, rows)
+        with _CHOOSING:
+            choice.record(plan, time.perf_counter() - start, rows)
 
     def _run(self, contexts: Sequence, work: Callable, parallel: bool) -> None:
         parallel = parallel and len(contexts) > 1
@@ -147,8 +154,9 @@ class ThreadPlan:
             _wait_all(futures)  # nothing may touch a context while its decode runs
 
     def copy(self) -> "ThreadPlan":
-        """The same plan for other contexts (its own measurements and decode threads)."""
-        return ThreadPlan(self.n_threads, self.n_threads_batch, self.concurrent, self.measured)
+        """The same plan for other contexts of the same models (several sequences): its own decode threads, and
+        the same measurements (those contexts' decodes cost what these contexts' do)."""
+        return ThreadPlan(self.n_threads, self.n_threads_batch, self.concurrent, self.measured, choices=self.choices)
 
     def chosen(self) -> Dict[tuple, tuple]:
         """What was measured: (contexts, batch size class) -> (plan in use, "concurrent" per-row seconds,
