@@ -44,10 +44,12 @@ from pathlib import Path
 from typing import Dict, List
 
 import llama_cpp
+import numpy as np
 
 from dera_gguf import DeRaLlama
 from dera_gguf.convert.quantize import quantize_gguf
 from dera_gguf.speculation import costs
+from dera_gguf.speculation.sources import NgramLookup
 
 PROMPTS = Path(__file__).parent / "bench_prompts"
 SPLITS = ("tuning", "held_out")
@@ -267,9 +269,10 @@ def report_pair(pair: str, results: list, prompts: List[dict], args) -> dict:
         tables[f"lam={lam}"] = category_report(results, prompts, names + [f"lam={lam}"], f"lam={lam}")
         title = f"[{pair}] lam {lam}: speculative / no drafts (same tokens: as without drafts)"
         print_table(title, tables[f"lam={lam}"])
-    if 1.0 in args.lams and args.threads:
-        tables["plain"] = category_report(results, prompts, ["lam=1.0", plain], plain)
-        print_table(f"[{pair}] DeRa lam 1 / plain llama-cpp-python {plain}", tables["plain"])
+    for lam in args.lams if args.threads else []:
+        key = "plain" if lam == 1.0 else f"plain lam={lam}"  # ("plain": lam 1's, as before)
+        tables[key] = category_report(results, prompts, [f"lam={lam}", plain], plain)
+        print_table(f"[{pair}] DeRa lam {lam:g} / plain llama-cpp-python {plain}", tables[key])
     return tables
 
 
@@ -315,6 +318,46 @@ def report_fresh(pair: str, rows: list, args, kind: str = "lookup") -> dict:
     return out
 
 
+def hindsight(prompt: List[int], reply: List[int], cost) -> float:
+    """One-row steps a reply takes when prompt lookup drafts, knowing which drafted tokens pass: at each step
+    the lookup's draft is cut to the tokens that pass, and made only where its step (``cost(k)`` one-row
+    steps for k rows) costs less than those tokens one by one. No pace can do better with these drafts."""
+    text = np.array(list(prompt) + list(reply), dtype=np.intc)
+    lookup, pos, steps = NgramLookup(), len(prompt) + 1, 0.0  # timed from the first token, as run()
+    while pos < len(text):
+        draft, _ = lookup.propose(text[:pos], 8)
+        got = text[pos : pos + len(draft)]
+        ok = int(np.cumprod(draft[: len(got)] == got).sum()) if len(draft) else 0
+        if ok and cost(1 + ok) < 1 + ok:
+            steps, pos = steps + cost(1 + ok), pos + ok + 1
+        else:
+            steps, pos = steps + 1.0, pos + 1
+    return steps
+
+
+def report_bound(pair: str, results: list, token_lists: list, prompts: List[dict], args) -> dict:
+    """Per category, the best prompt lookup could give on the replies without drafts (each lam's last round):
+    their one-row steps without drafts over those with hindsight drafting (:func:`hindsight`) at --bound-costs."""
+    table = {1: 1.0, **{int(k): float(v) for k, v in (x.split(":") for x in args.bound_costs.split(","))}}
+    sizes = sorted(table)
+    cost = lambda k: float(np.interp(k, sizes, [table[x] for x in sizes])) if k <= sizes[-1] else k  # noqa: E731
+    out = {}
+    print(f"\n[{pair}] hindsight bound of lookup drafts (k-row step costs {args.bound_costs}): plain / best steps")
+    for lam in args.lams:
+        replies = results[-1][f"lam={lam}"]
+        steps = [(len(r[1]) - 1, hindsight(t, r[1], cost)) for t, r in zip(token_lists, replies)]
+        groups = {
+            c: [i for i, p in enumerate(prompts) if p["category"] == c]
+            for c in dict.fromkeys(p["category"] for p in prompts)
+        }
+        groups["open-ended"] = [i for i, p in enumerate(prompts) if p["category"] in OPEN]
+        groups["copy-heavy"] = [i for i, p in enumerate(prompts) if p["category"] not in OPEN]
+        bound = {g: sum(steps[i][0] for i in idx) / sum(steps[i][1] for i in idx) for g, idx in groups.items() if idx}
+        out[f"lam={lam}"] = bound
+        print(f"  lam {lam}: " + "  ".join(f"{g} x{b:.3f}" for g, b in bound.items()))
+    return out
+
+
 def report_raw(prefix: str, prompts: List[dict], args) -> None:
     """The report of an earlier run from its raw measurements (the same --split, --pairs, --lams)."""
     for pair in args.pairs.split(","):
@@ -341,6 +384,12 @@ def main() -> None:
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
     parser.add_argument(
         "--draft", default=None, help="also a small drafter: this GGUF (draft_model_path=); 'qwen': the 0.5B"
+    )
+    parser.add_argument(
+        "--bound-costs",
+        default=None,
+        help="k:cost,... (k-row step costs in one-row steps, e.g. from bench_verify.py --pair): also report the "
+        "hindsight bound of lookup drafting on the replies without drafts",
     )
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--no-flash-attn", action="store_true")
@@ -374,6 +423,9 @@ def main() -> None:
         if args.json:  # the raw measurements first: a report can be made again from them
             Path(args.json + f".{pair}.raw").write_text(json.dumps(results))
         report[pair] = {"tables": report_pair(pair, results, prompts, args), "costs": report_costs(pair)}
+        if args.bound_costs:
+            token_lists = [chat_tokens(next(iter(llms.values())), p["prompt"]) for p in prompts]
+            report[pair]["bound"] = report_bound(pair, results, token_lists, prompts, args)
         for llm in llms.values():
             llm.close()
         if args.fresh:
