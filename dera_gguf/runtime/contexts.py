@@ -274,8 +274,7 @@ class Lockstep:
             if target is not None:
                 return target
         contexts = [c for c, _ in active]
-        behind = [c for c in contexts if c.keep_prefix(prefix) < len(prefix)]
-        self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
+        self._catch_up(contexts, prefix)
         first_row = 0 if scores is not None else len(tokens) - n_rows
         for start in range(0, len(tokens), self.n_batch):
             before_batch()
@@ -283,13 +282,19 @@ class Lockstep:
             end = start + len(chunk)
             n_out = max(1, end - max(first_row, start))
             self.threads.run(
-                contexts, lambda c, chunk=chunk, at=len(prefix) + start, k=n_out: c.decode_run(chunk, at, k)
+                contexts, lambda c, chunk=chunk, at=len(prefix) + start, k=n_out: c.decode_run(chunk, at, k), len(chunk)
             )
             if end > first_row:
                 rows = _blend_rows(active, n_out)
                 if scores is not None:
                     scores[end - n_out : end] = rows
         return active[0][0]
+
+    def _catch_up(self, contexts: Sequence[Context], prefix: np.ndarray) -> None:
+        """Make every one of ``contexts`` hold ``prefix`` (those behind decode what they lack, at the same time)."""
+        lacking = {c: len(prefix) - c.keep_prefix(prefix) for c in contexts}
+        behind = [c for c in contexts if lacking[c] > 0]
+        self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch), max(lacking.values(), default=0))
 
     def _verify(self, prefix, tokens: List[int], active: List[tuple], known: "KnownRows", scores, before_batch):
         """Decode a draft's batch in every active context but the one that drafted it: that one holds
@@ -305,8 +310,7 @@ class Lockstep:
         if have < 1:
             return None  # (its cache now holds at most the prefix: the usual path catches it up)
         drafter.truncate(start + have)
-        behind = [c for c in others if c.keep_prefix(prefix) < len(prefix)]
-        self.threads.run(behind, lambda c: c.catch_up(prefix, self.n_batch))
+        self._catch_up(others, prefix)
         before_batch()
         rest = tokens[have:]
 
@@ -316,7 +320,7 @@ class Lockstep:
             elif rest:
                 c.decode_run(rest, start + have, len(rest))
 
-        self.threads.run([c for c, _ in active], work)
+        self.threads.run([c for c, _ in active], work, len(tokens))
         drafted = known.rows[:have]
         if rest:
             drafted = np.concatenate([drafted, drafter.rows(len(rest))])

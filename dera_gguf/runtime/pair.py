@@ -94,15 +94,18 @@ def thread_plan(
     ``n_threads`` defaults to the physical cores (llama-cpp-python's default, half the logical
     CPUs, and llama.cpp's, 4, misjudge machines with hyper-threads or few cores),
     ``n_threads_batch`` to the logical CPUs.
-    ``concurrent=None``: the contexts decode at the same time on a CPU with 2 threads or more
-    (one token's decode of a small model does not use every core), one after the other when
-    offloaded to a GPU (there the overlap is unmeasured). The logits are the same either way.
+    ``concurrent=None``: on a CPU with 2 threads or more, whichever of the two plans (at the same time,
+    each on its share; one after the other, each on all threads) the runtime measures to be faster for
+    each batch size (:class:`~dera_gguf.runtime.threads.PlanChoice`; at the same time first), and one
+    after the other when offloaded to a GPU (there the overlap is unmeasured). True or False: that
+    plan always. The logits are the same either way.
     """
     n_threads = n_threads or physical_cores()
+    measured = False
     if concurrent is None:
         offloaded = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
-        concurrent = not offloaded and n_threads >= 2
-    return ThreadPlan(n_threads, n_threads_batch or os.cpu_count() or 1, bool(concurrent))
+        concurrent = measured = not offloaded and n_threads >= 2
+    return ThreadPlan(n_threads, n_threads_batch or os.cpu_count() or 1, bool(concurrent), measured)
 
 
 def sequence_params(context_params, n_ctx: int, n_seq: int, unified: bool = True):
@@ -194,8 +197,7 @@ class PairRuntime:
         params = sequence_params(context_params, n_ctx, n_seq, unified)
         members = range(len(models.files.aligned) + 1)
         contexts = [models.context(m, params, params.n_batch, n_seq) for m in members]
-        plan = ThreadPlan(threads.n_threads, threads.n_threads_batch, threads.concurrent)
-        return cls(models, contexts, params.n_batch, plan, owned=contexts)
+        return cls(models, contexts, params.n_batch, threads.copy(), owned=contexts)
 
     # ----------------------------------------------------------- realignment
 
@@ -261,7 +263,7 @@ class PairRuntime:
             if n_out:
                 rows[m] = context.rows(n_out)
 
-        self.threads.run(active, decode)
+        self.threads.run(active, decode, max((len(b.tokens) for b in batches if b is not None), default=0))
         return rows
 
     def share_sequence(self, src: int, dst: int) -> None:
@@ -331,7 +333,7 @@ class PairRuntime:
         active = "weights" if realign.mode == "weights" else tuple(w != 0.0 for w in realign.weights)
         files = (self.files.reference, *self.files.aligned)
         plan = self.threads
-        return files, active, (plan.n_threads, plan.n_threads_batch, plan.concurrent), settings
+        return files, active, (plan.n_threads, plan.n_threads_batch, plan.concurrent, plan.measured), settings
 
     def drafting_context(self, realign: Realign) -> Optional[Context]:
         """The context that drafts for a model draft under ``realign``: the one with the largest weight

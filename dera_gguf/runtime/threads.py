@@ -1,17 +1,24 @@
 """How many CPU threads each context gets, and running the contexts' decodes at the same time.
 
 On a CPU, two contexts that decode one after the other, each on all cores, cost twice one
-model; the same two decoding at the same time, each on its share of the cores, cost less
-(one token's decode does not scale to all cores on small models). ``ctypes`` releases the
-GIL during ``llama_decode``, so plain Python threads run the contexts in parallel.
+model; the same two decoding at the same time, each on its share of the cores, may cost less
+(one token's decode of a small model does not scale to all cores) or the same (a large model's
+decodes both wait on memory), and a batch of many rows may scale better on all cores. Which
+plan is faster depends on the machine, the models, the batch and the load, so by default the
+plan is chosen by measurement (:class:`PlanChoice`): per number of contexts and batch size,
+both plans are timed, and the faster one runs, the slower one retried now and then.
+``ctypes`` releases the GIL during ``llama_decode``, so plain Python threads run the contexts
+in parallel. The logits are the same under either plan.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import llama_cpp
 
@@ -44,6 +51,55 @@ def _cpuinfo_cores(text: str) -> int:
     return len(pairs)
 
 
+_CHOOSING = threading.Lock()  # plans that share measurements may run in two threads (a server's engine and slots)
+
+
+class PlanChoice:
+    """Which of two plans (concurrent: True, one after the other: False) runs a kind of decode, by timing both.
+
+    Each plan is first timed ``trials`` times, in turn (the first timing of each left out: a context's
+    first decode of a shape builds its graph); then the plan with the lower running average of seconds
+    per row runs. The other is timed again after ``recheck`` runs, and after twice as many each time it is
+    still slower (up to ``most``; back to ``recheck`` when it wins), so a choice follows a change in the
+    machine's load and exploring costs little.
+    """
+
+    def __init__(self, first: bool, trials: int = 3, recheck: int = 16, most: int = 1024, weight: float = 0.25):
+        self.trials, self.recheck, self.most, self.weight = trials, recheck, most, weight
+        self.seconds: Dict[bool, Optional[float]] = {first: None, not first: None}  # per row, running averages
+        self.timed: Dict[bool, int] = {first: 0, not first: 0}
+        self.first, self._interval, self._until, self._exploring = first, recheck, recheck, False
+
+    @property
+    def best(self) -> bool:
+        """The plan with the lower average so far (the first plan until both are measured)."""
+        a, b = self.seconds[True], self.seconds[False]
+        if a is None or b is None:
+            return self.first
+        return a <= b
+
+    def pick(self) -> bool:
+        """The plan to run next."""
+        if min(self.timed.values()) <= self.trials:  # the trials (and the left-out first runs), in turn
+            return min(self.timed, key=lambda plan: (self.timed[plan], plan != self.first))
+        if self._until <= 0:
+            self._exploring = True
+            return not self.best
+        self._until -= 1
+        return self.best
+
+    def record(self, plan: bool, seconds: float, rows: int) -> None:
+        """A run of ``plan`` (the latest :meth:`pick`) took ``seconds`` for ``rows`` rows per context."""
+        self.timed[plan] += 1
+        if self.timed[plan] > 1:  # the first run of a plan (graph building) is left out
+            per_row, old, n = seconds / max(1, rows), self.seconds[plan], self.timed[plan] - 1
+            self.seconds[plan] = per_row if old is None else old + max(self.weight, 1.0 / n) * (per_row - old)
+        if self._exploring:
+            self._exploring = False
+            self._interval = self.recheck if plan == self.best else min(self.most, 2 * self._interval)
+            self._until = self._interval
+
+
 @dataclass
 class ThreadPlan:
     """Threads for the contexts of a pair, and whether their decodes run at the same time.
@@ -51,17 +107,38 @@ class ThreadPlan:
     Args:
         n_threads: threads for one-token decodes, in all.
         n_threads_batch: threads for prompt batches, in all.
-        concurrent: decode the active contexts in parallel, the threads split among them.
+        concurrent: decode the active contexts in parallel, the threads split among them (with
+            ``measured``: the plan tried first).
+        measured: choose between the two plans by timing them (:class:`PlanChoice`), per number of
+            contexts and batch size, for runs that name their rows.
     """
 
     n_threads: int
     n_threads_batch: int
     concurrent: bool
+    measured: bool = False
     _pool: Optional[ThreadPoolExecutor] = field(default=None, repr=False)
+    choices: Dict[tuple, PlanChoice] = field(default_factory=dict, repr=False)
 
-    def run(self, contexts: Sequence, work: Callable) -> None:
-        """``work(context)`` for every context: in parallel when concurrent, each on its share of threads."""
-        parallel = self.concurrent and len(contexts) > 1
+    def run(self, contexts: Sequence, work: Callable, rows: int = 0) -> None:
+        """``work(context)`` for every context: in parallel when concurrent, each on its share of threads.
+        ``rows``: how many tokens each context decodes in it (0: unknown; the plan is then not measured)."""
+        if len(contexts) < 2:
+            return self._run(contexts, work, False)
+        if not (self.measured and rows > 0):
+            return self._run(contexts, work, self.concurrent)
+        with _CHOOSING:
+            choice = self.choices.get((len(contexts), size_class(rows)))
+            if choice is None:
+                choice = self.choices.setdefault((len(contexts), size_class(rows)), PlanChoice(self.concurrent))
+            plan = choice.pick()
+        start = time.perf_counter()
+        self._run(contexts, work, plan)
+        with _CHOOSING:
+            choice.record(plan, time.perf_counter() - start, rows)
+
+    def _run(self, contexts: Sequence, work: Callable, parallel: bool) -> None:
+        parallel = parallel and len(contexts) > 1
         share = len(contexts) if parallel else 1
         for context in contexts:
             n, n_batch = max(1, self.n_threads // share), max(1, self.n_threads_batch // share)
@@ -76,6 +153,16 @@ class ThreadPlan:
         finally:
             _wait_all(futures)  # nothing may touch a context while its decode runs
 
+    def copy(self) -> "ThreadPlan":
+        """The same plan for other contexts of the same models (several sequences): its own decode threads, and
+        the same measurements (those contexts' decodes cost what these contexts' do)."""
+        return ThreadPlan(self.n_threads, self.n_threads_batch, self.concurrent, self.measured, choices=self.choices)
+
+    def chosen(self) -> Dict[tuple, tuple]:
+        """What was measured: (contexts, batch size class) -> (plan in use, "concurrent" per-row seconds,
+        "sequential" per-row seconds)."""
+        return {k: (c.best, c.seconds[True], c.seconds[False]) for k, c in sorted(self.choices.items())}
+
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=7, thread_name_prefix="dera-decode")
@@ -85,6 +172,11 @@ class ThreadPlan:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def size_class(rows: int) -> int:
+    """The batch size a measurement counts for: 1, 2, then powers of two (3-4 -> 4, 5-8 -> 8, ...), at most 256."""
+    return min(256, 1 << max(0, rows - 1).bit_length())
 
 
 def _wait_all(futures: List) -> None:
