@@ -361,7 +361,11 @@ def report_bound(pair: str, results: list, token_lists: list, prompts: List[dict
 def report_raw(prefix: str, prompts: List[dict], args) -> None:
     """The report of an earlier run from its raw measurements (the same --split, --pairs, --lams)."""
     for pair in args.pairs.split(","):
-        report_pair(pair, json.loads(Path(f"{prefix}.{pair}.raw").read_text()), prompts, args)
+        results = json.loads(Path(f"{prefix}.{pair}.raw").read_text())
+        report_pair(pair, results, prompts, args)
+        if args.bound_costs:  # the prompts' tokens from the reference's vocabulary alone
+            vocab = llama_cpp.Llama(model_path=str(pair_files(pair, args)[0]), vocab_only=True, verbose=False)
+            report_bound(pair, results, [chat_tokens(vocab, p["prompt"]) for p in prompts], prompts, args)
         rows = Path(f"{prefix}.{pair}.fresh.raw")
         if rows.is_file():
             for kind in ("lookup", "drafter"):
