@@ -4,11 +4,10 @@ runs, the slower one is retried ever more rarely, and a change in costs is follo
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from dera_gguf.runtime.threads import PlanChoice, ThreadPlan, size_class
+from dera_gguf import DeRaLlama
+from dera_gguf.runtime.threads import PlanChoice, size_class
 
 
 def drive(choice: PlanChoice, cost: dict, runs: int, rows: int = 1) -> list:
@@ -27,10 +26,10 @@ def test_the_faster_plan_runs_once_both_are_timed(first, faster):
     choice = PlanChoice(first)
     cost = {faster: 1.0, not faster: 1.5}
     picked = drive(choice, cost, 2000)
-    assert picked[:2] == [first, not first]  # in turn while trying both
+    assert picked[:8] == [first] * 4 + [not first] * 4  # each plan in a block while trying both
     assert choice.best == faster
     slower = picked[8:].count(not faster)
-    assert 0 < slower <= 12  # retried with intervals doubling from 16 runs: 16, 32, ..., 1024
+    assert 0 < slower <= 2 * 12  # retried (two runs) with intervals doubling from 16 runs: 16, 32, ..., 1024
     assert picked[-100:].count(faster) >= 99
 
 
@@ -42,13 +41,29 @@ def test_exploring_costs_at_most_a_few_percent():
     assert spent / (5000 * cost[False]) < 1.01
 
 
-def test_the_first_run_of_each_plan_is_left_out():
+def test_a_run_right_after_a_switch_of_plan_is_left_out():
     choice = PlanChoice(True)
-    choice.record(True, 100.0, 1)  # a graph being built
-    choice.record(False, 2.0, 1)
+    choice.record(True, 100.0, 1)  # the first run: a graph being built
     choice.record(True, 1.0, 1)
+    choice.record(False, 7.0, 1)  # the other plan's threads waking up
     choice.record(False, 2.0, 1)
+    choice.record(True, 9.0, 1)  # and back
     assert choice.seconds == {True: 1.0, False: 2.0}
+    assert choice.timed == {True: 1, False: 1}
+
+
+def test_a_switch_penalty_does_not_keep_the_slower_plan():
+    """Each switch costs the plan switched to a slow first run: it is the warm costs that decide."""
+    choice = PlanChoice(True)
+    last, picked = None, []
+    for _ in range(600):
+        plan = choice.pick()
+        warm = {True: 1.2, False: 1.0}[plan]  # one after the other is the faster plan
+        choice.record(plan, warm + (0.5 if plan != last else 0.0), 1)
+        last = plan
+        picked.append(plan)
+    assert choice.best is False
+    assert picked[-100:].count(False) >= 97
 
 
 def test_a_change_in_costs_is_followed():
@@ -71,31 +86,22 @@ def test_size_classes():
     assert [size_class(n) for n in (1, 2, 3, 4, 5, 8, 9, 17, 300)] == [1, 2, 4, 4, 8, 8, 16, 32, 256]
 
 
-class FakeContext:
-    def __init__(self):
-        self.ctx = SimpleNamespace(ctx=None)
-        self.done = 0
-
-
-def test_a_measured_plan_runs_every_context_and_times_runs_that_name_their_rows(monkeypatch):
-    threads = []
-    monkeypatch.setattr("llama_cpp.llama_set_n_threads", lambda ctx, n, n_batch: threads.append(n))
-    plan = ThreadPlan(2, 2, True, measured=True)
-    contexts = [FakeContext(), FakeContext()]
-
-    def work(context):
-        context.done += 1
-
+def test_an_engine_times_both_plans_on_its_own_decodes_and_its_sequences_share_them(ref_path, aligned_path):
+    """A real pair with the default plan (measured on a CPU with 2 threads or more): its one-row steps have
+    both plans timed after a reply, and a several-sequence runtime of it reads the same measurements."""
+    llm = DeRaLlama(str(ref_path), str(aligned_path), lam=1.5, n_ctx=256, n_threads=2, verbose=False)
     try:
-        for _ in range(10):
-            plan.run(contexts, work, rows=5)
-        plan.run(contexts, work)  # rows unknown: the default plan, not timed
-        plan.run(contexts[:1], work, rows=5)  # one context: nothing to choose
+        plan = llm.runtime.threads
+        assert plan.measured
+        eos = llm.token_eos()
+        llm.create_completion("the sun and the rain", max_tokens=24, temperature=0.0, logit_bias={eos: -100.0})
+        one_row = plan.choices[(2, 1)]
+        assert min(one_row.timed.values()) >= one_row.trials  # both plans counted
+        assert all(seconds > 0 for seconds in one_row.seconds.values())
+        runtime = llm.sequences(2, 64)
+        try:
+            assert runtime.threads.choices is plan.choices and runtime.threads is not plan
+        finally:
+            runtime.close()
     finally:
-        plan.close()
-    assert [c.done for c in contexts] == [12, 11]
-    assert list(plan.chosen()) == [(2, 8)]
-    assert sum(plan.choices[(2, 8)].timed.values()) == 10
-    assert set(threads[:4]) == {1, 2}  # both plans tried first: one thread each at once, two one after the other
-    twin = plan.copy()  # other contexts of the same models: the same measurements, its own decode threads
-    assert twin.choices is plan.choices and twin.measured
+        llm.close()

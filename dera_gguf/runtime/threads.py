@@ -57,18 +57,24 @@ _CHOOSING = threading.Lock()  # plans that share measurements may run in two thr
 class PlanChoice:
     """Which of two plans (concurrent: True, one after the other: False) runs a kind of decode, by timing both.
 
-    Each plan is first timed ``trials`` times, in turn (the first timing of each left out: a context's
-    first decode of a shape builds its graph); then the plan with the lower running average of seconds
-    per row runs. The other is timed again after ``recheck`` runs, and after twice as many each time it is
-    still slower (up to ``most``; back to ``recheck`` when it wins), so a choice follows a change in the
-    machine's load and exploring costs little.
+    A run is timed only when the run before it used the same plan: the first run after a switch pays
+    for the switch (the other plan's threads waking, a context's first decode of a shape building its
+    graph), and counting it would favour whichever plan is running. So each plan is first run
+    ``trials + 1`` times in a row (the first uncounted), then the plan with the lower running average
+    of seconds per row runs. The other is tried again (two runs in a row, the second counted) after
+    ``recheck`` runs, and after twice as many each time it is still slower (up to ``most``; back to
+    ``recheck`` when it wins), so a choice follows a change in the machine's load and exploring costs
+    little.
     """
 
     def __init__(self, first: bool, trials: int = 3, recheck: int = 16, most: int = 1024, weight: float = 0.25):
         self.trials, self.recheck, self.most, self.weight = trials, recheck, most, weight
         self.seconds: Dict[bool, Optional[float]] = {first: None, not first: None}  # per row, running averages
-        self.timed: Dict[bool, int] = {first: 0, not first: 0}
-        self.first, self._interval, self._until, self._exploring = first, recheck, recheck, False
+        self.timed: Dict[bool, int] = {first: 0, not first: 0}  # counted runs
+        self.first, self._interval, self._until = first, recheck, recheck
+        self._last: Optional[bool] = None  # the plan of the latest run
+        self._block: Optional[bool] = None  # a plan being run several times in a row to be timed
+        self._left = 0  # runs of it still to come
 
     @property
     def best(self) -> bool:
@@ -80,24 +86,34 @@ class PlanChoice:
 
     def pick(self) -> bool:
         """The plan to run next."""
-        if min(self.timed.values()) <= self.trials:  # the trials (and the left-out first runs), in turn
-            return min(self.timed, key=lambda plan: (self.timed[plan], plan != self.first))
+        if self._left:
+            return self._block
+        for plan in (self.first, not self.first):  # the trials: each plan in a block of its own
+            if self.timed[plan] < self.trials:
+                return self._run_in_a_row(plan, self.trials - self.timed[plan] + (plan != self._last))
         if self._until <= 0:
-            self._exploring = True
-            return not self.best
+            return self._run_in_a_row(not self.best, 2)
         self._until -= 1
         return self.best
 
+    def _run_in_a_row(self, plan: bool, runs: int) -> bool:
+        self._block, self._left = plan, runs
+        return plan
+
     def record(self, plan: bool, seconds: float, rows: int) -> None:
         """A run of ``plan`` (the latest :meth:`pick`) took ``seconds`` for ``rows`` rows per context."""
-        self.timed[plan] += 1
-        if self.timed[plan] > 1:  # the first run of a plan (graph building) is left out
-            per_row, old, n = seconds / max(1, rows), self.seconds[plan], self.timed[plan] - 1
-            self.seconds[plan] = per_row if old is None else old + max(self.weight, 1.0 / n) * (per_row - old)
-        if self._exploring:
-            self._exploring = False
-            self._interval = self.recheck if plan == self.best else min(self.most, 2 * self._interval)
-            self._until = self._interval
+        if plan == self._last:
+            per_row, old = seconds / max(1, rows), self.seconds[plan]
+            self.timed[plan] += 1
+            self.seconds[plan] = (
+                per_row if old is None else old + max(self.weight, 1.0 / self.timed[plan]) * (per_row - old)
+            )
+        self._last = plan
+        if self._left and plan == self._block:
+            self._left -= 1
+            if not self._left and min(self.timed.values()) >= self.trials:  # a retry of the other plan ended
+                self._interval = self.recheck if plan == self.best else min(self.most, 2 * self._interval)
+                self._until = self._interval
 
 
 @dataclass
