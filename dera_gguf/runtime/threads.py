@@ -14,11 +14,13 @@ in parallel. The logits are the same under either plan.
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import llama_cpp
 
@@ -59,17 +61,36 @@ class PlanChoice:
 
     A run is timed only when the run before it used the same plan: the first run after a switch pays
     for the switch (the other plan's threads waking, a context's first decode of a shape building its
-    graph), and counting it would favour whichever plan is running. So each plan is first run
-    ``trials + 1`` times in a row (the first uncounted), then the plan with the lower running average
-    of seconds per row runs. The other is tried again (two runs in a row, the second counted) after
-    ``recheck`` runs, and after twice as many each time it is still slower (up to ``most``; back to
-    ``recheck`` when it wins), so a choice follows a change in the machine's load and exploring costs
-    little.
+    graph), and counting it would favour whichever plan is running. Each plan's cost is the median
+    seconds per row of its last ``window`` timed runs (one slow step on a shared machine does not
+    decide). So each plan is first run ``trials + 1`` times in a row (the first uncounted), then the
+    cheaper one runs. The other is tried again (``retry`` runs in a row, the first uncounted) after
+    ``recheck`` runs, and after twice as many each time it is still dearer: up to ``near`` runs while
+    the two are within ``close`` of each other (a wrong choice there is cheap to retry and easy to
+    make), up to ``most`` when it is far dearer (retrying it is then the cost). So a choice follows a
+    change in the machine's load and exploring costs about 1 %.
     """
 
-    def __init__(self, first: bool, trials: int = 3, recheck: int = 16, most: int = 1024, weight: float = 0.25):
-        self.trials, self.recheck, self.most, self.weight = trials, recheck, most, weight
-        self.seconds: Dict[bool, Optional[float]] = {first: None, not first: None}  # per row, running averages
+    def __init__(
+        self,
+        first: bool,
+        trials: int = 5,
+        recheck: int = 16,
+        near: int = 64,
+        most: int = 1024,
+        close: float = 0.15,
+        retry: int = 3,
+        window: int = 7,
+    ):
+        self.trials, self.recheck, self.near, self.most, self.close, self.retry = (
+            trials,
+            recheck,
+            near,
+            most,
+            close,
+            retry,
+        )
+        self.samples: Dict[bool, Deque[float]] = {first: deque(maxlen=window), not first: deque(maxlen=window)}
         self.timed: Dict[bool, int] = {first: 0, not first: 0}  # counted runs
         self.first, self._interval, self._until = first, recheck, recheck
         self._last: Optional[bool] = None  # the plan of the latest run
@@ -77,8 +98,13 @@ class PlanChoice:
         self._left = 0  # runs of it still to come
 
     @property
+    def seconds(self) -> Dict[bool, Optional[float]]:
+        """Each plan's cost: the median seconds per row of its latest timed runs (None before any)."""
+        return {plan: statistics.median(runs) if runs else None for plan, runs in self.samples.items()}
+
+    @property
     def best(self) -> bool:
-        """The plan with the lower average so far (the first plan until both are measured)."""
+        """The cheaper plan so far (the first plan until both are measured)."""
         a, b = self.seconds[True], self.seconds[False]
         if a is None or b is None:
             return self.first
@@ -92,7 +118,7 @@ class PlanChoice:
             if self.timed[plan] < self.trials:
                 return self._run_in_a_row(plan, self.trials - self.timed[plan] + (plan != self._last))
         if self._until <= 0:
-            return self._run_in_a_row(not self.best, 2)
+            return self._run_in_a_row(not self.best, self.retry)
         self._until -= 1
         return self.best
 
@@ -103,17 +129,20 @@ class PlanChoice:
     def record(self, plan: bool, seconds: float, rows: int) -> None:
         """A run of ``plan`` (the latest :meth:`pick`) took ``seconds`` for ``rows`` rows per context."""
         if plan == self._last:
-            per_row, old = seconds / max(1, rows), self.seconds[plan]
+            self.samples[plan].append(seconds / max(1, rows))
             self.timed[plan] += 1
-            self.seconds[plan] = (
-                per_row if old is None else old + max(self.weight, 1.0 / self.timed[plan]) * (per_row - old)
-            )
         self._last = plan
         if self._left and plan == self._block:
             self._left -= 1
             if not self._left and min(self.timed.values()) >= self.trials:  # a retry of the other plan ended
-                self._interval = self.recheck if plan == self.best else min(self.most, 2 * self._interval)
-                self._until = self._interval
+                self._until = self._interval = self._next_interval(plan)
+
+    def _next_interval(self, retried: bool) -> int:
+        if retried == self.best:
+            return self.recheck
+        costs = self.seconds
+        dearer = costs[retried] / max(costs[not retried], 1e-12) - 1.0
+        return min(self.near if dearer < self.close else self.most, 2 * self._interval)
 
 
 @dataclass
