@@ -33,12 +33,15 @@ def test_the_faster_plan_runs_once_both_are_timed(first, faster):
     assert picked[-100:].count(faster) >= 99
 
 
-def test_exploring_costs_at_most_a_few_percent():
+@pytest.mark.parametrize("slower, bound", [(1.1, 1.01), (1.5, 1.01), (3.0, 1.03)])
+def test_exploring_costs_at_most_a_few_percent(slower, bound):
+    """Retrying the dearer plan costs about 1 % of the time (3 % where it is three times as slow: an
+    overloaded machine's threads), well under the issue's 3 % for the plan as a whole."""
     choice = PlanChoice(True)
-    cost = {True: 3.0, False: 1.0}  # the first plan three times slower (an overloaded machine's threads)
+    cost = {True: slower, False: 1.0}  # the first plan the slower
     drive(choice, cost, 5000)
     spent = sum(cost[p] for p in drive(choice, cost, 5000))
-    assert spent / (5000 * cost[False]) < 1.01
+    assert spent / (5000 * cost[False]) < bound
 
 
 def test_a_run_right_after_a_switch_of_plan_is_left_out():
@@ -67,7 +70,7 @@ def test_plans_close_in_cost_are_retried_often_and_far_ones_rarely():
     near_picked = drive(near, {True: 1.0, False: 1.1}, 3000)
     far_picked = drive(far, {True: 1.0, False: 3.0}, 3000)
     assert near_picked[-1000:].count(False) >= 3 * 1000 // 70  # every 64 runs at most
-    assert far_picked[-1000:].count(False) <= 3  # once in 1024 runs at most
+    assert far_picked[-1000:].count(False) <= 3 * (1000 // 256 + 1)  # once in 256 runs at most
 
 
 def test_a_switch_penalty_does_not_keep_the_slower_plan():
@@ -123,3 +126,13 @@ def test_an_engine_times_both_plans_on_its_own_decodes_and_its_sequences_share_t
             runtime.close()
     finally:
         llm.close()
+
+
+def test_a_plan_slowed_for_a_while_comes_back_once_it_is_faster():
+    """Times of the plan not running date from an earlier load: a retry judges it on its own runs."""
+    choice = PlanChoice(True)
+    drive(choice, {True: 1.0, False: 2.5}, 400)  # one after the other slowed by another process
+    assert choice.best is True
+    picked = drive(choice, {True: 1.0, False: 0.8}, 600)  # the other process has ended
+    assert choice.best is False
+    assert picked[-100:].count(False) >= 94

@@ -61,14 +61,14 @@ class PlanChoice:
 
     A run is timed only when the run before it used the same plan: the first run after a switch pays
     for the switch (the other plan's threads waking, a context's first decode of a shape building its
-    graph), and counting it would favour whichever plan is running. Each plan's cost is the median
-    seconds per row of its last ``window`` timed runs (one slow step on a shared machine does not
-    decide). So each plan is first run ``trials + 1`` times in a row (the first uncounted), then the
-    cheaper one runs. The other is tried again (``retry`` runs in a row, the first uncounted) after
-    ``recheck`` runs, and after twice as many each time it is still dearer: up to ``near`` runs while
-    the two are within ``close`` of each other (a wrong choice there is cheap to retry and easy to
-    make), up to ``most`` when it is far dearer (retrying it is then the cost). So a choice follows a
-    change in the machine's load and exploring costs about 1 %.
+    graph), and counting it would favour whichever plan is running. A plan's cost is the median
+    seconds per row of its latest ``window`` timed runs, so one slow step on a shared machine does not
+    decide. Each plan is first run ``trials + 1`` times in a row (the first uncounted); then the
+    cheaper one runs, and the other is tried again after ``recheck`` runs: ``retry`` runs in a row,
+    the first uncounted, its cost then from those runs alone (its older ones may date from another
+    load on the machine). Each time it is still dearer the next try waits twice as long, up to
+    ``near`` runs while the two are within ``close`` of each other and ``most`` when far apart; when
+    it wins it runs. A choice so follows a change in the machine's load, and exploring costs about 1 %.
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class PlanChoice:
         trials: int = 5,
         recheck: int = 16,
         near: int = 64,
-        most: int = 1024,
+        most: int = 256,
         close: float = 0.15,
         retry: int = 3,
         window: int = 7,
@@ -118,7 +118,9 @@ class PlanChoice:
             if self.timed[plan] < self.trials:
                 return self._run_in_a_row(plan, self.trials - self.timed[plan] + (plan != self._last))
         if self._until <= 0:
-            return self._run_in_a_row(not self.best, self.retry)
+            other = not self.best
+            self.samples[other].clear()  # its cost from this try alone
+            return self._run_in_a_row(other, self.retry)
         self._until -= 1
         return self.best
 
