@@ -82,14 +82,8 @@ class PlanChoice:
         retry: int = 3,
         window: int = 7,
     ):
-        self.trials, self.recheck, self.near, self.most, self.close, self.retry = (
-            trials,
-            recheck,
-            near,
-            most,
-            close,
-            retry,
-        )
+        self.trials, self.recheck, self.retry = trials, recheck, retry
+        self.near, self.most, self.close = near, most, close
         self.samples: Dict[bool, Deque[float]] = {first: deque(maxlen=window), not first: deque(maxlen=window)}
         self.timed: Dict[bool, int] = {first: 0, not first: 0}  # counted runs
         self.first, self._interval, self._until = first, recheck, recheck
